@@ -1,0 +1,844 @@
+//! The configuration file: the TOML schema of DESIGN.md with its defaults, parsing with
+//! unknown keys rejected, and validation whose messages name the offending key.
+//!
+//! Everything downstream takes a validated [`Config`]; nothing else reads the file.
+
+mod units;
+
+use std::collections::BTreeSet;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use chrono::{DateTime, FixedOffset};
+use serde::Deserialize;
+
+pub use units::{parse_duration, parse_size, ByteSize, HumanDuration};
+
+/// The exit code `gpulink check` uses for an invalid configuration (sysexits EX_CONFIG).
+pub const EX_CONFIG: i32 = 78;
+
+/// KMS refuses `Encrypt` plaintext over this many bytes.
+pub const KMS_DIRECT_MAX_PLAINTEXT: usize = 4096;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read configuration file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{path}: invalid `{key}`: {message}")]
+    Invalid {
+        path: PathBuf,
+        key: String,
+        message: String,
+    },
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub listen: Listen,
+    #[serde(default)]
+    pub admin: Admin,
+    #[serde(default)]
+    pub log: Log,
+    pub tenant: Tenant,
+    pub kms: Kms,
+    #[serde(default)]
+    pub upstream: Upstream,
+    #[serde(default)]
+    pub health: Health,
+    #[serde(default)]
+    pub outlier: Outlier,
+    #[serde(default)]
+    pub retry: Retry,
+    #[serde(default)]
+    pub regions: Vec<Region>,
+    #[serde(default)]
+    pub migration: Migration,
+    #[serde(default)]
+    pub rollback: Option<Rollback>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Listen {
+    pub address: SocketAddr,
+    pub max_body: ByteSize,
+    pub max_connections: usize,
+    pub drain_delay: HumanDuration,
+    pub shutdown_grace: HumanDuration,
+}
+
+impl Default for Listen {
+    fn default() -> Self {
+        Self {
+            address: SocketAddr::from(([127, 0, 0, 1], 8000)),
+            max_body: ByteSize(10_000_000),
+            max_connections: 10_000,
+            drain_delay: HumanDuration::from_secs(2),
+            shutdown_grace: HumanDuration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Admin {
+    pub address: SocketAddr,
+}
+
+impl Default for Admin {
+    fn default() -> Self {
+        Self {
+            address: SocketAddr::from(([127, 0, 0, 1], 9901)),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Default, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Log {
+    pub format: LogFormat,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tenant {
+    pub id: String,
+    pub model_pool: String,
+    #[serde(default)]
+    pub model_pools: Vec<String>,
+}
+
+impl Tenant {
+    pub fn allows_pool(&self, pool: &str) -> bool {
+        self.model_pools.iter().any(|p| p == pool)
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Default, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum SealFormat {
+    KmsDirect,
+    AwsEsdk,
+    #[default]
+    Auto,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Default, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ContextMode {
+    #[default]
+    Tenant,
+    None,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Kms {
+    pub key_id: String,
+    pub region: String,
+    #[serde(default)]
+    pub format: SealFormat,
+    #[serde(default)]
+    pub context: ContextMode,
+    #[serde(default = "Kms::default_timeout")]
+    pub timeout: HumanDuration,
+    #[serde(default)]
+    pub endpoint_url: Option<String>,
+    #[serde(default)]
+    pub cache: KeyCache,
+}
+
+impl Kms {
+    fn default_timeout() -> HumanDuration {
+        HumanDuration::from_secs(3)
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KeyCache {
+    pub max_age: HumanDuration,
+    pub max_messages: u64,
+    pub max_bytes: ByteSize,
+}
+
+impl Default for KeyCache {
+    fn default() -> Self {
+        Self {
+            max_age: HumanDuration::from_secs(300),
+            max_messages: 100_000,
+            max_bytes: ByteSize(10 * 1024 * 1024 * 1024),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Upstream {
+    pub server_name: Option<String>,
+    pub ca_file: Option<PathBuf>,
+    pub max_body: ByteSize,
+    pub connect_timeout: HumanDuration,
+    pub request_timeout: HumanDuration,
+    pub idle_timeout: HumanDuration,
+    pub pool_idle_timeout: HumanDuration,
+}
+
+impl Default for Upstream {
+    fn default() -> Self {
+        Self {
+            server_name: None,
+            ca_file: None,
+            max_body: ByteSize(10_000_000),
+            connect_timeout: HumanDuration::from_secs(2),
+            request_timeout: HumanDuration::from_secs(30),
+            idle_timeout: HumanDuration::from_secs(60),
+            pool_idle_timeout: HumanDuration::from_secs(90),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Health {
+    pub port: u16,
+    pub path: String,
+    pub interval: HumanDuration,
+    pub timeout: HumanDuration,
+    pub healthy_threshold: u32,
+    pub unhealthy_threshold: u32,
+    pub max_staleness: HumanDuration,
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Self {
+            port: 8080,
+            path: "/health".into(),
+            interval: HumanDuration::from_secs(2),
+            timeout: HumanDuration::from_secs(1),
+            healthy_threshold: 2,
+            unhealthy_threshold: 2,
+            max_staleness: HumanDuration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Outlier {
+    pub consecutive_failures: u32,
+    pub base_ejection: HumanDuration,
+    pub max_ejection: HumanDuration,
+    pub max_ejected_percent: u32,
+}
+
+impl Default for Outlier {
+    fn default() -> Self {
+        Self {
+            consecutive_failures: 5,
+            base_ejection: HumanDuration::from_secs(10),
+            max_ejection: HumanDuration::from_secs(300),
+            max_ejected_percent: 50,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Retry {
+    pub max_attempts: u32,
+    pub budget_percent: u32,
+    pub min_per_second: u32,
+}
+
+impl Default for Retry {
+    fn default() -> Self {
+        Self {
+            max_attempts: 3,
+            budget_percent: 20,
+            min_per_second: 10,
+        }
+    }
+}
+
+/// One endpoint as written in the file: `"host[:port]"` or a table.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum EndpointSpec {
+    Address(String),
+    Table(EndpointTable),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointTable {
+    pub address: String,
+    #[serde(default)]
+    pub server_name: Option<String>,
+    #[serde(default)]
+    pub health_port: Option<u16>,
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+}
+
+impl EndpointSpec {
+    fn table(&self) -> EndpointTable {
+        match self {
+            EndpointSpec::Address(address) => EndpointTable {
+                address: address.clone(),
+                server_name: None,
+                health_port: None,
+                ca_file: None,
+            },
+            EndpointSpec::Table(t) => t.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Region {
+    pub name: String,
+    #[serde(default)]
+    pub privatelink: Vec<EndpointSpec>,
+    #[serde(default)]
+    pub public: Vec<EndpointSpec>,
+    #[serde(default)]
+    pub privatelink_dns: Option<String>,
+    #[serde(default = "Region::default_dns_refresh")]
+    pub dns_refresh: HumanDuration,
+}
+
+impl Region {
+    fn default_dns_refresh() -> HumanDuration {
+        HumanDuration::from_secs(30)
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Default, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Phase {
+    Public,
+    Canary,
+    #[default]
+    Privatelink,
+    PrivatelinkOnly,
+}
+
+impl Phase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Public => "public",
+            Phase::Canary => "canary",
+            Phase::Privatelink => "privatelink",
+            Phase::PrivatelinkOnly => "privatelink-only",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Migration {
+    pub phase: Phase,
+    pub canary_percent: u32,
+    pub public_fallback_until: Option<DateTime<FixedOffset>>,
+}
+
+impl Default for Migration {
+    fn default() -> Self {
+        Self {
+            phase: Phase::Privatelink,
+            canary_percent: 10,
+            public_fallback_until: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Rollback {
+    pub window: HumanDuration,
+    pub min_requests: u64,
+    pub max_error_rate: f64,
+    pub max_p99: HumanDuration,
+    pub cooldown: HumanDuration,
+}
+
+impl Default for Rollback {
+    fn default() -> Self {
+        Self {
+            window: HumanDuration::from_secs(60),
+            min_requests: 100,
+            max_error_rate: 0.05,
+            max_p99: HumanDuration::from_secs(2),
+            cooldown: HumanDuration::from_secs(600),
+        }
+    }
+}
+
+/// Whether an endpoint is a PrivateLink ENI or a public endpoint of the cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum RouteKind {
+    Privatelink,
+    Public,
+}
+
+impl RouteKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RouteKind::Privatelink => "privatelink",
+            RouteKind::Public => "public",
+        }
+    }
+}
+
+/// An endpoint with every default applied: what the upstream layer dials and checks.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct EndpointConfig {
+    pub region: String,
+    pub kind: RouteKind,
+    /// Host as written (an IP address or a DNS name).
+    pub host: String,
+    pub port: u16,
+    /// The name the certificate is verified against; also Host / `:authority`.
+    pub server_name: String,
+    pub health_port: u16,
+    pub ca_file: Option<PathBuf>,
+}
+
+impl EndpointConfig {
+    /// `host:port` as dialed, for logs, headers and metrics.
+    pub fn authority(&self) -> String {
+        match self.host.parse::<IpAddr>() {
+            Ok(IpAddr::V6(ip)) => format!("[{ip}]:{}", self.port),
+            _ => format!("{}:{}", self.host, self.port),
+        }
+    }
+}
+
+impl Config {
+    /// Reads, parses and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_toml(&text, path)
+    }
+
+    /// Parses and validates configuration text; `path` only labels messages.
+    pub fn from_toml(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let mut config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: describe_toml_error(&e),
+        })?;
+        config.apply_defaults();
+        config
+            .validate()
+            .map_err(|(key, message)| ConfigError::Invalid {
+                path: path.to_owned(),
+                key,
+                message,
+            })?;
+        Ok(config)
+    }
+
+    fn apply_defaults(&mut self) {
+        if self.tenant.model_pools.is_empty() {
+            self.tenant.model_pools = vec![self.tenant.model_pool.clone()];
+        }
+    }
+
+    fn validate(&self) -> Result<(), (String, String)> {
+        let bad = |key: &str, message: String| Err((key.to_string(), message));
+        if self.tenant.id.trim().is_empty() {
+            return bad("tenant.id", "must not be empty".into());
+        }
+        for (key, value) in [
+            ("tenant.id", &self.tenant.id),
+            ("tenant.model_pool", &self.tenant.model_pool),
+        ] {
+            if http::HeaderValue::from_str(value).is_err() {
+                return bad(
+                    key,
+                    format!("`{value}` cannot be sent as an HTTP header value"),
+                );
+            }
+        }
+        if !self.tenant.allows_pool(&self.tenant.model_pool) {
+            return bad(
+                "tenant.model_pools",
+                format!("must include the default pool `{}`", self.tenant.model_pool),
+            );
+        }
+        if self.kms.key_id.trim().is_empty() {
+            return bad(
+                "kms.key_id",
+                "must name a KMS key (an ARN, key id or alias)".into(),
+            );
+        }
+        if self.kms.region.trim().is_empty() {
+            return bad(
+                "kms.region",
+                "must name an AWS region such as us-east-1".into(),
+            );
+        }
+        if self.kms.format == SealFormat::AwsEsdk {
+            return bad(
+                "kms.format",
+                "`aws-esdk` is not available in this build yet; use `kms-direct` or `auto` \
+                 (bodies over 4096 bytes are then refused with 413)"
+                    .into(),
+            );
+        }
+        if let Some(url) = &self.kms.endpoint_url {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return bad(
+                    "kms.endpoint_url",
+                    format!("`{url}` must start with http:// or https://"),
+                );
+            }
+        }
+        if self.kms.timeout.get().is_zero() {
+            return bad("kms.timeout", "must be greater than zero".into());
+        }
+        if self.listen.max_body.bytes() == 0 {
+            return bad("listen.max_body", "must be greater than zero".into());
+        }
+        if self.listen.max_connections == 0 {
+            return bad("listen.max_connections", "must be greater than zero".into());
+        }
+        if self.upstream.max_body.bytes() == 0 {
+            return bad("upstream.max_body", "must be greater than zero".into());
+        }
+        for (key, d) in [
+            ("upstream.connect_timeout", self.upstream.connect_timeout),
+            ("upstream.request_timeout", self.upstream.request_timeout),
+            ("upstream.idle_timeout", self.upstream.idle_timeout),
+            (
+                "upstream.pool_idle_timeout",
+                self.upstream.pool_idle_timeout,
+            ),
+            ("health.interval", self.health.interval),
+            ("health.timeout", self.health.timeout),
+            ("health.max_staleness", self.health.max_staleness),
+        ] {
+            if d.get().is_zero() {
+                return bad(key, "must be greater than zero".into());
+            }
+        }
+        if self.upstream.pool_idle_timeout.get().as_secs() >= 350 {
+            return bad(
+                "upstream.pool_idle_timeout",
+                "must be under 350s, the NLB's idle timeout, or pooled connections die silently"
+                    .into(),
+            );
+        }
+        if let Some(ca) = &self.upstream.ca_file {
+            check_readable("upstream.ca_file", ca)?;
+        }
+        if !self.health.path.starts_with('/') {
+            return bad("health.path", "must start with `/`".into());
+        }
+        if self.health.healthy_threshold == 0 || self.health.unhealthy_threshold == 0 {
+            return bad(
+                "health.healthy_threshold",
+                "thresholds must be at least 1".into(),
+            );
+        }
+        if self.outlier.max_ejected_percent > 100 {
+            return bad(
+                "outlier.max_ejected_percent",
+                "must be between 0 and 100".into(),
+            );
+        }
+        if self.retry.max_attempts == 0 {
+            return bad(
+                "retry.max_attempts",
+                "must be at least 1 (the first try counts)".into(),
+            );
+        }
+        if self.migration.canary_percent > 100 {
+            return bad(
+                "migration.canary_percent",
+                "must be between 0 and 100".into(),
+            );
+        }
+        if let Some(rollback) = &self.rollback {
+            if !(0.0..=1.0).contains(&rollback.max_error_rate) {
+                return bad("rollback.max_error_rate", "must be between 0 and 1".into());
+            }
+        }
+        if self.regions.is_empty() {
+            return bad(
+                "regions",
+                "at least one [[regions]] entry is required".into(),
+            );
+        }
+        let mut names = BTreeSet::new();
+        for (i, region) in self.regions.iter().enumerate() {
+            if region.name.trim().is_empty() {
+                return bad(&format!("regions[{i}].name"), "must not be empty".into());
+            }
+            if !names.insert(region.name.as_str()) {
+                return bad(
+                    &format!("regions[{i}].name"),
+                    format!("region `{}` appears twice", region.name),
+                );
+            }
+            if region.privatelink_dns.is_some() {
+                return bad(
+                    &format!("regions[{i}].privatelink_dns"),
+                    "DNS discovery is not available in this build yet; list the ENI addresses in `privatelink`".into(),
+                );
+            }
+        }
+        let endpoints = self.endpoints()?;
+        let has_privatelink = endpoints.iter().any(|e| e.kind == RouteKind::Privatelink);
+        let has_public = endpoints.iter().any(|e| e.kind == RouteKind::Public);
+        match self.migration.phase {
+            Phase::Public if !has_public => {
+                return bad(
+                    "migration.phase",
+                    "phase `public` needs at least one `public` endpoint".into(),
+                )
+            }
+            Phase::Canary if !(has_public && has_privatelink) => {
+                return bad(
+                    "migration.phase",
+                    "phase `canary` needs both `privatelink` and `public` endpoints".into(),
+                )
+            }
+            Phase::Privatelink | Phase::PrivatelinkOnly if !has_privatelink => {
+                return bad(
+                    "migration.phase",
+                    format!(
+                        "phase `{}` needs at least one `privatelink` endpoint",
+                        self.migration.phase.as_str()
+                    ),
+                )
+            }
+            _ => {}
+        }
+        let mut seen = BTreeSet::new();
+        for e in &endpoints {
+            if !seen.insert((e.host.clone(), e.port)) {
+                return bad(
+                    "regions",
+                    format!("endpoint `{}` is listed twice", e.authority()),
+                );
+            }
+            if let Some(ca) = &e.ca_file {
+                check_readable("regions.ca_file", ca)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Every endpoint with defaults applied, in tier-relevant config order.
+    pub fn endpoints(&self) -> Result<Vec<EndpointConfig>, (String, String)> {
+        let mut out = Vec::new();
+        for (i, region) in self.regions.iter().enumerate() {
+            for (kind, list, field) in [
+                (RouteKind::Privatelink, &region.privatelink, "privatelink"),
+                (RouteKind::Public, &region.public, "public"),
+            ] {
+                for (j, spec) in list.iter().enumerate() {
+                    let key = format!("regions[{i}].{field}[{j}]");
+                    let table = spec.table();
+                    let (host, port) =
+                        split_host_port(&table.address).map_err(|m| (key.clone(), m))?;
+                    let server_name = match (&table.server_name, host.parse::<IpAddr>()) {
+                        (Some(name), _) => name.clone(),
+                        (None, Err(_)) => host.clone(),
+                        (None, Ok(_)) => self.upstream.server_name.clone().ok_or_else(|| {
+                            (
+                                key.clone(),
+                                format!(
+                                    "`{host}` is an IP address, so gpulink needs the TLS name to verify: \
+                                     set `upstream.server_name` or `server_name` in this entry"
+                                ),
+                            )
+                        })?,
+                    };
+                    if rustls_pki_types::ServerName::try_from(server_name.as_str()).is_err() {
+                        return Err((
+                            key,
+                            format!("`{server_name}` is not a valid TLS server name"),
+                        ));
+                    }
+                    out.push(EndpointConfig {
+                        region: region.name.clone(),
+                        kind,
+                        host,
+                        port,
+                        server_name,
+                        health_port: table.health_port.unwrap_or(self.health.port),
+                        ca_file: table.ca_file.clone(),
+                    });
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The first region is the local one.
+    pub fn local_region(&self) -> &str {
+        self.regions.first().map(|r| r.name.as_str()).unwrap_or("")
+    }
+}
+
+fn check_readable(key: &str, path: &Path) -> Result<(), (String, String)> {
+    std::fs::metadata(path).map(|_| ()).map_err(|e| {
+        (
+            key.to_string(),
+            format!("cannot read `{}`: {e}", path.display()),
+        )
+    })
+}
+
+/// Splits `host[:port]` (IPv6 as `[::1]:443`); the port defaults to 443.
+pub fn split_host_port(address: &str) -> Result<(String, u16), String> {
+    let address = address.trim();
+    if address.is_empty() {
+        return Err("an endpoint address must not be empty".into());
+    }
+    if let Ok(ip) = address.parse::<IpAddr>() {
+        return Ok((ip.to_string(), 443));
+    }
+    if let Ok(sa) = address.parse::<SocketAddr>() {
+        return Ok((sa.ip().to_string(), sa.port()));
+    }
+    if address.contains("://") || address.contains('/') {
+        return Err(format!(
+            "`{address}` must be host[:port], without a scheme or path"
+        ));
+    }
+    match address.rsplit_once(':') {
+        Some((host, port)) => {
+            let port = port
+                .parse::<u16>()
+                .map_err(|_| format!("`{address}` has an invalid port"))?;
+            Ok((host.to_string(), port))
+        }
+        None => Ok((address.to_string(), 443)),
+    }
+}
+
+/// toml's messages carry a snippet with line and column; keep them, they point at the key.
+fn describe_toml_error(e: &toml::de::Error) -> String {
+    e.to_string().trim_end().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+        [tenant]
+        id = "tenant-123"
+        model_pool = "model-a"
+        [kms]
+        key_id = "arn:aws:kms:us-east-1:111122223333:key/k"
+        region = "us-east-1"
+        [upstream]
+        server_name = "gpu.internal"
+        [[regions]]
+        name = "us-east-1"
+        privatelink = ["10.34.10.50", "10.34.11.50:8443", { address = "10.34.12.50", server_name = "eni.internal", health_port = 9090 }]
+        public = ["gpu.us-east-1.example.com"]
+    "#;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::from_toml(text, Path::new("test.toml"))
+    }
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!(c.listen.address.to_string(), "127.0.0.1:8000");
+        assert_eq!(c.listen.max_body.bytes(), 10_000_000);
+        assert_eq!(c.tenant.model_pools, vec!["model-a".to_string()]);
+        assert_eq!(c.migration.phase, Phase::Privatelink);
+        assert_eq!(c.kms.format, SealFormat::Auto);
+        let eps = c.endpoints().unwrap();
+        assert_eq!(eps.len(), 4);
+        assert_eq!(eps[0].port, 443);
+        assert_eq!(eps[0].server_name, "gpu.internal");
+        assert_eq!(eps[0].health_port, 8080);
+        assert_eq!(eps[1].port, 8443);
+        assert_eq!(eps[2].server_name, "eni.internal");
+        assert_eq!(eps[2].health_port, 9090);
+        assert_eq!(eps[3].kind, RouteKind::Public);
+        assert_eq!(eps[3].server_name, "gpu.us-east-1.example.com");
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let text = MINIMAL.replace("[upstream]", "[upstream]\nconect_timeout = \"2s\"");
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(err.contains("conect_timeout"), "{err}");
+    }
+
+    #[test]
+    fn bad_duration_is_named() {
+        let text = MINIMAL.replace(
+            "[upstream]",
+            "[upstream]\nconnect_timeout = \"2 fortnights\"",
+        );
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(err.contains("connect_timeout"), "{err}");
+    }
+
+    #[test]
+    fn ip_endpoint_needs_a_server_name() {
+        let text = MINIMAL.replace("server_name = \"gpu.internal\"", "");
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(err.contains("regions[0].privatelink[0]"), "{err}");
+    }
+
+    #[test]
+    fn default_pool_must_be_allowed() {
+        let text = MINIMAL.replace(
+            "model_pool = \"model-a\"",
+            "model_pool = \"model-a\"\nmodel_pools = [\"model-b\"]",
+        );
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(err.contains("tenant.model_pools"), "{err}");
+    }
+
+    #[test]
+    fn host_port_split() {
+        assert_eq!(
+            split_host_port("10.0.0.1").unwrap(),
+            ("10.0.0.1".into(), 443)
+        );
+        assert_eq!(
+            split_host_port("10.0.0.1:8443").unwrap(),
+            ("10.0.0.1".into(), 8443)
+        );
+        assert_eq!(split_host_port("[::1]:8443").unwrap(), ("::1".into(), 8443));
+        assert_eq!(
+            split_host_port("a.example.com").unwrap(),
+            ("a.example.com".into(), 443)
+        );
+        assert!(split_host_port("https://a.example.com").is_err());
+        assert!(split_host_port("a:b").is_err());
+    }
+}

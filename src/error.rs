@@ -1,0 +1,90 @@
+//! The errors gpulink answers the app with. Each has a stable `code` and HTTP status
+//! (the contract in DESIGN.md) and a message the app's operator can act on. They are
+//! always sent as `{"error": {"code": "...", "message": "..."}}`.
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Response, StatusCode};
+
+use crate::body::{ProxyBody, ProxyBodyExt};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("method {0} is not allowed; send the inference request with POST")]
+    MethodNotAllowed(http::Method),
+    #[error("the body is not valid JSON: {0}")]
+    InvalidJson(String),
+    #[error("X-Model-Pool `{0}` is not one of this tenant's model pools")]
+    ModelPoolNotAllowed(String),
+    #[error("{0}")]
+    BodyTooLarge(String),
+    #[error("the request body could not be read: {0}")]
+    BadRequestBody(String),
+    #[error("encryption failed, nothing was sent: {0}")]
+    KmsUnavailable(String),
+    #[error("{0}")]
+    NoEndpoint(String),
+    #[error("{0}")]
+    UpstreamConnect(String),
+    #[error("{0}")]
+    UpstreamTimeout(String),
+}
+
+impl ProxyError {
+    pub fn code(&self) -> &'static str {
+        match self {
+            ProxyError::MethodNotAllowed(_) => "method_not_allowed",
+            ProxyError::InvalidJson(_) => "invalid_json",
+            ProxyError::ModelPoolNotAllowed(_) => "model_pool_not_allowed",
+            ProxyError::BodyTooLarge(_) => "body_too_large",
+            ProxyError::BadRequestBody(_) => "bad_request",
+            ProxyError::KmsUnavailable(_) => "kms_unavailable",
+            ProxyError::NoEndpoint(_) => "no_endpoint",
+            ProxyError::UpstreamConnect(_) => "upstream_connect",
+            ProxyError::UpstreamTimeout(_) => "upstream_timeout",
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            ProxyError::InvalidJson(_)
+            | ProxyError::ModelPoolNotAllowed(_)
+            | ProxyError::BadRequestBody(_) => StatusCode::BAD_REQUEST,
+            ProxyError::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::KmsUnavailable(_) | ProxyError::NoEndpoint(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            ProxyError::UpstreamConnect(_) => StatusCode::BAD_GATEWAY,
+            ProxyError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    /// The JSON error response; `request_id` is echoed so the app can correlate logs.
+    pub fn into_response(self, request_id: Option<&HeaderValue>) -> Response<ProxyBody> {
+        json_error(self.status(), self.code(), &self.to_string(), request_id)
+    }
+}
+
+/// Builds `{"error": {"code", "message"}}` with the given status.
+pub fn json_error(
+    status: StatusCode,
+    code: &str,
+    message: &str,
+    request_id: Option<&HeaderValue>,
+) -> Response<ProxyBody> {
+    let body = serde_json::json!({ "error": { "code": code, "message": message } });
+    let mut response = Response::new(ProxyBody::full(Bytes::from(body.to_string())));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    if status == StatusCode::METHOD_NOT_ALLOWED {
+        headers.insert(header::ALLOW, HeaderValue::from_static("POST"));
+    }
+    if let Some(id) = request_id {
+        headers.insert(crate::headers::X_REQUEST_ID, id.clone());
+    }
+    response
+}

@@ -1,0 +1,357 @@
+//! A request's journey, from the app's plain JSON to the cluster's answer. This is the
+//! one place that tells it, phase by phase:
+//!
+//! 1. **Ingress**: POST only; the app's `X-Model-Pool` checked; body bounded by
+//!    `listen.max_body` and proven to be JSON; inbound identity headers dropped.
+//! 2. **Seal**: KMS (or the development key provider) encrypts the body under the
+//!    tenant's context. Any failure is a 503 and nothing leaves the host.
+//! 3. **Route**: the migration phase orders the tiers; the balancer picks the healthiest
+//!    endpoint of the first tier that has one.
+//! 4. **Send** over the endpoint's pooled TLS connection, with the tenant headers.
+//! 5. **Retry** only when the cluster cannot have started the request (the connection
+//!    was never established), on a different endpoint.
+//! 6. **Relay** the answer as a stream, bounded by `upstream.idle_timeout` per silence.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use tracing::Instrument;
+
+use crate::body::{IdleTimeoutBody, ProxyBody};
+use crate::error::ProxyError;
+use crate::headers::{self, X_GPULINK_ENDPOINT, X_GPULINK_ROUTE, X_MODEL_POOL, X_REQUEST_ID};
+use crate::ingress::{self, BodyError};
+use crate::proxy::{Generation, Proxy};
+use crate::seal::{SealError, Sealed};
+use crate::upstream::{ConnectedPeer, Endpoint};
+
+/// Serves one app request. Never fails: every error becomes a JSON answer.
+pub async fn handle(proxy: Arc<Proxy>, request: Request<Incoming>) -> Response<ProxyBody> {
+    let generation = proxy.current();
+    let request_id = request_id_for(request.headers());
+    let span = tracing::info_span!(
+        "request",
+        id = %request_id.to_str().unwrap_or("-"),
+        path = %request.uri().path(),
+    );
+    let started = Instant::now();
+    let result = journey(&generation, request, &request_id)
+        .instrument(span.clone())
+        .await;
+    let _enter = span.enter();
+    match result {
+        Ok(response) => {
+            tracing::info!(
+                status = response.status().as_u16(),
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "relayed"
+            );
+            response
+        }
+        Err(error) => {
+            let status = error.status();
+            if status.is_server_error() {
+                tracing::warn!(status = status.as_u16(), code = error.code(), %error, "request failed");
+            } else {
+                tracing::info!(status = status.as_u16(), code = error.code(), %error, "request refused");
+            }
+            error.into_response(Some(&request_id))
+        }
+    }
+}
+
+async fn journey(
+    generation: &Generation,
+    request: Request<Incoming>,
+    request_id: &HeaderValue,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    let config = &generation.config;
+    let (mut parts, mut body) = request.into_parts();
+
+    // 1. Ingress. Every refusal here happens before KMS or the cluster see anything.
+    if parts.method != Method::POST {
+        ingress::drain_in_background(body);
+        return Err(ProxyError::MethodNotAllowed(parts.method));
+    }
+    let model_pool = match parts.headers.get(X_MODEL_POOL) {
+        None => config.tenant.model_pool.clone(),
+        Some(value) => {
+            let pool = value.to_str().unwrap_or("").to_string();
+            if !config.tenant.allows_pool(&pool) {
+                ingress::drain_in_background(body);
+                return Err(ProxyError::ModelPoolNotAllowed(
+                    String::from_utf8_lossy(value.as_bytes()).into_owned(),
+                ));
+            }
+            pool
+        }
+    };
+    let limit = usize::try_from(config.listen.max_body.bytes()).unwrap_or(usize::MAX);
+    let declared_len = content_length(&parts.headers);
+    let expects_continue = parts
+        .headers
+        .get(header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    if declared_len.is_some_and(|n| n > limit as u64) {
+        // A client waiting for `100 Continue` has not sent the body: nothing to drain.
+        if !expects_continue {
+            ingress::drain_in_background(body);
+        }
+        return Err(too_large(limit));
+    }
+    let plaintext = match ingress::read_body(&mut body, limit, declared_len).await {
+        Ok(bytes) => bytes,
+        Err(BodyError::TooLarge { limit }) => {
+            ingress::drain_in_background(body);
+            return Err(too_large(limit));
+        }
+        Err(BodyError::Read(message)) => return Err(ProxyError::BadRequestBody(message)),
+    };
+    if let Err(error) = serde_json::from_slice::<serde::de::IgnoredAny>(&plaintext) {
+        // serde_json's message gives line and column, never the content.
+        return Err(ProxyError::InvalidJson(error.to_string()));
+    }
+    headers::sanitize_inbound(&mut parts.headers);
+
+    // 2. Seal. Fail closed.
+    let sealed = generation
+        .sealer
+        .seal(&plaintext, &model_pool)
+        .await
+        .map_err(|error| match error {
+            SealError::TooLarge { .. } => ProxyError::BodyTooLarge(error.to_string()),
+            SealError::Key(key_error) => ProxyError::KmsUnavailable(key_error.to_string()),
+        })?;
+    drop(plaintext);
+    let upstream_headers = upstream_headers(
+        parts.headers,
+        &sealed,
+        &config.tenant.id,
+        &model_pool,
+        request_id,
+    )?;
+    let path = parts
+        .uri
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_string();
+
+    // 3-5. Route, send, retry only when safe.
+    let plan = generation
+        .routes
+        .plan(chrono::Utc::now(), &mut rand::thread_rng());
+    let max_attempts = config.retry.max_attempts.max(1) as usize;
+    let mut tried: Vec<Arc<Endpoint>> = Vec::with_capacity(max_attempts);
+    let mut last_error: Option<ProxyError> = None;
+    while tried.len() < max_attempts {
+        let Some(endpoint) = plan.select(&tried, &mut rand::thread_rng()) else {
+            break;
+        };
+        tried.push(endpoint.clone());
+        match send(
+            generation,
+            &endpoint,
+            &path,
+            &upstream_headers,
+            &sealed.body,
+        )
+        .await
+        {
+            Ok(response) => return Ok(relay(generation, &endpoint, response, request_id)),
+            Err(Attempt::Retryable(error)) => {
+                tracing::warn!(endpoint = %endpoint.authority, %error, "connect failed; the request was not sent, trying another endpoint");
+                last_error = Some(error);
+            }
+            Err(Attempt::Final(error)) => return Err(error),
+        }
+    }
+    Err(last_error.unwrap_or_else(|| {
+        ProxyError::NoEndpoint(format!(
+            "no endpoint can serve: every endpoint allowed in phase `{}` is unhealthy{}",
+            generation.routes.phase().as_str(),
+            if plan.is_empty() {
+                " or none is configured"
+            } else {
+                ""
+            }
+        ))
+    }))
+}
+
+fn too_large(limit: usize) -> ProxyError {
+    ProxyError::BodyTooLarge(format!(
+        "the body is larger than listen.max_body ({limit} bytes)"
+    ))
+}
+
+/// How one attempt ended when it did not produce a response.
+enum Attempt {
+    /// The cluster cannot have started the request.
+    Retryable(ProxyError),
+    /// It may have: never replay.
+    Final(ProxyError),
+}
+
+/// A response with headers, and the in-flight guard that must live as long as its body.
+struct Upstream {
+    response: Response<Incoming>,
+    guard: crate::upstream::InFlightGuard,
+}
+
+async fn send(
+    generation: &Generation,
+    endpoint: &Arc<Endpoint>,
+    path: &str,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Result<Upstream, Attempt> {
+    let upstream = &generation.config.upstream;
+    let uri = format!("{}{}", endpoint.origin(), path);
+    let mut request = Request::new(Full::new(body.clone()));
+    *request.method_mut() = Method::POST;
+    *request.uri_mut() = uri.parse().map_err(|_| {
+        Attempt::Final(ProxyError::BadRequestBody(format!("invalid path `{path}`")))
+    })?;
+    *request.headers_mut() = headers.clone();
+
+    let guard = endpoint.start_request();
+    let started = tokio::time::Instant::now();
+    let timeout = upstream.request_timeout.get();
+    match tokio::time::timeout(timeout, endpoint.client().request(request)).await {
+        Ok(Ok(response)) => {
+            let mut latency = started.elapsed();
+            if let Some(peer) = response.extensions().get::<ConnectedPeer>() {
+                if peer.established >= started {
+                    latency = latency.saturating_sub(peer.setup);
+                }
+            }
+            endpoint.record_latency(latency);
+            Ok(Upstream { response, guard })
+        }
+        Ok(Err(error)) if error.is_connect() => {
+            endpoint.record_failure();
+            Err(Attempt::Retryable(ProxyError::UpstreamConnect(format!(
+                "cannot connect to {} ({}): {}",
+                endpoint.authority,
+                endpoint.region(),
+                error_chain(&error)
+            ))))
+        }
+        Ok(Err(error)) => {
+            endpoint.record_failure();
+            Err(Attempt::Final(ProxyError::UpstreamConnect(format!(
+                "the connection to {} failed after the request was sent ({}); not retried because the cluster may have started it",
+                endpoint.authority,
+                error_chain(&error)
+            ))))
+        }
+        Err(_) => {
+            endpoint.record_failure();
+            Err(Attempt::Final(ProxyError::UpstreamTimeout(format!(
+                "{} sent no response headers within {:?} (upstream.request_timeout)",
+                endpoint.authority, timeout
+            ))))
+        }
+    }
+}
+
+/// 6. Relay: the cluster's answer as a stream, with gpulink's headers added.
+fn relay(
+    generation: &Generation,
+    endpoint: &Endpoint,
+    upstream: Upstream,
+    request_id: &HeaderValue,
+) -> Response<ProxyBody> {
+    let Upstream { response, guard } = upstream;
+    let dialed = response
+        .extensions()
+        .get::<ConnectedPeer>()
+        .and_then(|peer| HeaderValue::from_str(&peer.addr.to_string()).ok())
+        .unwrap_or_else(|| endpoint.authority_header.clone());
+    let (mut parts, body) = response.into_parts();
+    headers::strip_hop_by_hop(&mut parts.headers);
+    parts.headers.insert(
+        X_GPULINK_ROUTE,
+        HeaderValue::from_static(endpoint.kind().as_str()),
+    );
+    parts.headers.insert(X_GPULINK_ENDPOINT, dialed);
+    parts.headers.insert(X_REQUEST_ID, request_id.clone());
+    parts.extensions.clear();
+    if parts.status == StatusCode::SWITCHING_PROTOCOLS {
+        parts.status = StatusCode::BAD_GATEWAY;
+    }
+    let idle = generation.config.upstream.idle_timeout.get();
+    // The guard rides in the body so the endpoint counts the request as in flight until
+    // the last byte is relayed.
+    let body = IdleTimeoutBody::new(body, idle)
+        .map_frame(move |frame| {
+            let _in_flight = &guard;
+            frame
+        })
+        .boxed();
+    Response::from_parts(parts, body)
+}
+
+/// The headers the cluster receives: the app's end-to-end headers plus the tenant's.
+fn upstream_headers(
+    mut headers: HeaderMap,
+    sealed: &Sealed,
+    tenant_id: &str,
+    model_pool: &str,
+    request_id: &HeaderValue,
+) -> Result<HeaderMap, ProxyError> {
+    let value = |v: &str| {
+        HeaderValue::from_str(v)
+            .map_err(|_| ProxyError::KmsUnavailable(format!("`{v}` is not a valid header value")))
+    };
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    headers.insert(headers::X_TENANT_ID, value(tenant_id)?);
+    headers.insert(headers::X_KMS_KEY_ID, value(&sealed.key_arn)?);
+    headers.insert(X_MODEL_POOL, value(model_pool)?);
+    headers.insert(
+        headers::X_ENCRYPTION_FORMAT,
+        HeaderValue::from_static(sealed.format),
+    );
+    headers.insert(X_REQUEST_ID, request_id.clone());
+    Ok(headers)
+}
+
+/// The app's `X-Request-ID` when it is 1..=128 visible ASCII characters, else a new UUIDv4.
+fn request_id_for(headers: &HeaderMap) -> HeaderValue {
+    headers
+        .get(X_REQUEST_ID)
+        .filter(|v| headers::valid_request_id(v.as_bytes()))
+        .cloned()
+        .unwrap_or_else(|| {
+            let id = uuid::Uuid::new_v4().hyphenated().to_string();
+            HeaderValue::from_str(&id).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
+        })
+}
+
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+}
+
+/// The error and its causes on one line: hyper's top-level messages alone ("client
+/// error (Connect)") do not tell an operator what happened.
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

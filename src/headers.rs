@@ -1,0 +1,110 @@
+//! Header names of the tenant API and of gpulink itself, and the inbound header hygiene:
+//! tenant identity comes from configuration only, never from the app.
+
+use http::header::{self, HeaderMap, HeaderName};
+
+pub const X_TENANT_ID: HeaderName = HeaderName::from_static("x-tenant-id");
+pub const X_KMS_KEY_ID: HeaderName = HeaderName::from_static("x-kms-key-id");
+pub const X_MODEL_POOL: HeaderName = HeaderName::from_static("x-model-pool");
+pub const X_ENCRYPTION_FORMAT: HeaderName = HeaderName::from_static("x-encryption-format");
+pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub const X_REGION: HeaderName = HeaderName::from_static("x-region");
+pub const X_GPULINK_ROUTE: HeaderName = HeaderName::from_static("x-gpulink-route");
+pub const X_GPULINK_ENDPOINT: HeaderName = HeaderName::from_static("x-gpulink-endpoint");
+
+/// Longest app-supplied request id that is kept (longer ones are replaced).
+pub const MAX_REQUEST_ID_LEN: usize = 128;
+
+/// Hop-by-hop headers (RFC 9110 7.6.1) and their common relatives: they describe one
+/// connection and must not be forwarded.
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+/// Removes hop-by-hop headers, including those the `Connection` header names.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+        headers.remove(name);
+    }
+    headers.remove("proxy-connection");
+}
+
+/// Drops everything the app must not decide: tenant, key, format, gpulink's own headers,
+/// hop-by-hop headers, and the framing and addressing headers gpulink recomputes.
+pub fn sanitize_inbound(headers: &mut HeaderMap) {
+    strip_hop_by_hop(headers);
+    for name in [
+        X_TENANT_ID,
+        X_KMS_KEY_ID,
+        X_ENCRYPTION_FORMAT,
+        header::HOST,
+        header::CONTENT_LENGTH,
+        header::CONTENT_TYPE,
+        header::EXPECT,
+    ] {
+        headers.remove(name);
+    }
+    let gpulink: Vec<HeaderName> = headers
+        .keys()
+        .filter(|k| k.as_str().starts_with("x-gpulink-"))
+        .cloned()
+        .collect();
+    for name in gpulink {
+        headers.remove(name);
+    }
+}
+
+/// An app request id is kept when it is 1..=128 visible ASCII characters.
+pub fn valid_request_id(value: &[u8]) -> bool {
+    !value.is_empty()
+        && value.len() <= MAX_REQUEST_ID_LEN
+        && value.iter().all(|b| b.is_ascii_graphic())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    #[test]
+    fn inbound_identity_and_hop_by_hop_headers_are_dropped() {
+        let mut h = HeaderMap::new();
+        h.insert("x-tenant-id", HeaderValue::from_static("evil"));
+        h.insert("X-KMS-Key-ID", HeaderValue::from_static("evil"));
+        h.insert("x-encryption-format", HeaderValue::from_static("none"));
+        h.insert("x-gpulink-route", HeaderValue::from_static("x"));
+        h.insert("connection", HeaderValue::from_static("close, x-private"));
+        h.insert("x-private", HeaderValue::from_static("1"));
+        h.insert("te", HeaderValue::from_static("trailers"));
+        h.insert("accept", HeaderValue::from_static("text/event-stream"));
+        h.insert("x-model-pool", HeaderValue::from_static("model-a"));
+        sanitize_inbound(&mut h);
+        let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left.len(), 2, "{left:?}");
+        assert!(h.contains_key("accept"));
+        assert!(h.contains_key("x-model-pool"));
+    }
+
+    #[test]
+    fn request_ids() {
+        assert!(valid_request_id(b"abc-123"));
+        assert!(!valid_request_id(b""));
+        assert!(!valid_request_id(b"has space"));
+        assert!(!valid_request_id(&[b'a'; 129]));
+        assert!(valid_request_id(&[b'a'; 128]));
+    }
+}

@@ -1,0 +1,37 @@
+//! gpulink: a sidecar that lets an application reach a private GPU inference cluster over
+//! AWS PrivateLink as if it were a local HTTP service.
+//!
+//! The app POSTs plain JSON to `127.0.0.1`; gpulink seals the body with AWS KMS, adds the
+//! tenant headers, and forwards it over pooled TLS to the healthiest endpoint allowed by
+//! the migration phase, falling back to the cluster's public endpoints when allowed.
+//!
+//! The major components, in the order a request meets them:
+//!
+//! * [`ingress`]: the loopback listener: connection limits, HTTP/1.1 and HTTP/2, graceful
+//!   drain.
+//! * [`forward`]: **the one place that tells a request's journey**: validate, seal, route,
+//!   send with safe retries, relay.
+//! * [`seal`]: KMS (or the development key provider) and the sealed-body formats.
+//! * [`route`]: migration phases and the ordered tiers of endpoints a request may use.
+//! * [`upstream`]: endpoints, TLS, per-endpoint connection pools, active health checks and
+//!   the choice among healthy endpoints.
+//! * [`admin`]: `/live`, `/ready`, `/status` on the admin address.
+//! * [`config`]: the TOML contract and its validation.
+//! * [`sim`]: the cluster simulator used by tests, benchmarks and the demo.
+//! * [`demo`]: `gpulink demo`, the whole journey on loopback without AWS.
+
+pub mod admin;
+pub mod body;
+pub mod config;
+pub mod demo;
+pub mod error;
+pub mod forward;
+pub mod headers;
+pub mod ingress;
+pub mod proxy;
+pub mod route;
+pub mod seal;
+pub mod sim;
+pub mod telemetry;
+pub mod tls;
+pub mod upstream;

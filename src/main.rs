@@ -1,0 +1,139 @@
+//! The `gpulink` command: `run`, `check`, `demo` and `sim`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use gpulink::config::{Config, EX_CONFIG};
+use gpulink::seal::{KeyService, KmsKeys};
+
+#[derive(Parser)]
+#[command(
+    name = "gpulink",
+    version,
+    about = "Sidecar to a private GPU inference cluster over AWS PrivateLink"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the sidecar.
+    Run {
+        #[arg(
+            long,
+            env = "GPULINK_CONFIG",
+            default_value = "/etc/gpulink/gpulink.toml"
+        )]
+        config: PathBuf,
+    },
+    /// Validate a configuration file: exit 0 when valid, 78 (EX_CONFIG) when not.
+    Check {
+        #[arg(
+            long,
+            env = "GPULINK_CONFIG",
+            default_value = "/etc/gpulink/gpulink.toml"
+        )]
+        config: PathBuf,
+    },
+    /// A self-contained scenario on loopback: no AWS account, no network.
+    Demo(gpulink::demo::DemoArgs),
+    /// The cluster simulator: TLS endpoints, health ports and a control API on loopback.
+    Sim(gpulink::sim::SimArgs),
+}
+
+fn main() -> ExitCode {
+    gpulink::tls::install_crypto_provider();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Check { config } => check(&config),
+        command => {
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(error) => {
+                    eprintln!("gpulink: cannot start the async runtime: {error}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            runtime.block_on(async_main(command))
+        }
+    }
+}
+
+fn check(path: &std::path::Path) -> ExitCode {
+    match Config::load(path) {
+        Ok(config) => {
+            let endpoints = config.endpoints().map(|e| e.len()).unwrap_or(0);
+            println!(
+                "{}: valid (phase {}, {} regions, {} endpoints)",
+                path.display(),
+                config.migration.phase.as_str(),
+                config.regions.len(),
+                endpoints
+            );
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("gpulink: {error}");
+            ExitCode::from(EX_CONFIG as u8)
+        }
+    }
+}
+
+async fn async_main(command: Command) -> ExitCode {
+    let result = match command {
+        Command::Run { config } => run(&config).await,
+        Command::Demo(args) => gpulink::demo::run(args).await,
+        Command::Sim(args) => gpulink::sim::run_cli(args)
+            .await
+            .map(|()| ExitCode::SUCCESS),
+        Command::Check { .. } => unreachable!("handled before the runtime starts"),
+    };
+    match result {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("gpulink: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(path: &std::path::Path) -> anyhow::Result<ExitCode> {
+    let config = match Config::load(path) {
+        Ok(c) => c,
+        Err(error) => {
+            eprintln!("gpulink: {error}");
+            return Ok(ExitCode::from(EX_CONFIG as u8));
+        }
+    };
+    gpulink::telemetry::init(config.log.format);
+    let keys = KeyService::Kms(
+        KmsKeys::new(
+            &config.kms.region,
+            config.kms.endpoint_url.as_deref(),
+            config.kms.timeout.get(),
+        )
+        .await,
+    );
+    let handle = gpulink::proxy::start(config, keys).await?;
+    wait_for_shutdown_signal().await?;
+    handle.shutdown().await;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn wait_for_shutdown_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = terminate.recv() => tracing::info!("SIGTERM received"),
+        _ = interrupt.recv() => tracing::info!("SIGINT received"),
+    }
+    Ok(())
+}

@@ -1,0 +1,227 @@
+//! One upstream endpoint (a PrivateLink ENI or a public endpoint): where to dial, which
+//! name to verify, its connection pool, and the live state the balancer reads.
+
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::HeaderValue;
+use http_body_util::Full;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use rustls::pki_types::ServerName;
+use serde::Serialize;
+
+use super::connector::EndpointConnector;
+use crate::config::{EndpointConfig, RouteKind};
+
+pub type PoolClient = Client<EndpointConnector, Full<Bytes>>;
+
+/// What the last active health check said, for `/status` and logs.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct HealthSnapshot {
+    /// `unknown` until the first check, then `healthy` or `unhealthy`.
+    pub state: &'static str,
+    /// Why the last check failed, if it did.
+    pub last_error: Option<String>,
+    /// The region the endpoint reported.
+    pub region: Option<String>,
+    pub checks: u64,
+    pub consecutive_successes: u32,
+    pub consecutive_failures: u32,
+}
+
+pub struct Endpoint {
+    pub config: EndpointConfig,
+    /// `host:port` as configured; the stable identity across reloads.
+    pub authority: String,
+    pub authority_header: HeaderValue,
+    /// `https://server_name:port`: the request URI's scheme and authority, so the pool
+    /// sends the TLS name as Host / `:authority`.
+    origin: String,
+    client: PoolClient,
+    /// Whether active health checks currently admit this endpoint.
+    serving: AtomicBool,
+    /// `available_capacity` from the last good health check; -1 when unknown.
+    capacity: AtomicI64,
+    in_flight: AtomicU64,
+    /// Peak-EWMA of response-header latency.
+    latency: Mutex<PeakEwma>,
+    requests: AtomicU64,
+    failures: AtomicU64,
+    pub(crate) health: Mutex<HealthSnapshot>,
+}
+
+impl Endpoint {
+    pub fn new(
+        config: EndpointConfig,
+        tls: Arc<rustls::ClientConfig>,
+        connect_timeout: Duration,
+        pool_idle_timeout: Duration,
+    ) -> Result<Self, String> {
+        let server_name = ServerName::try_from(config.server_name.clone())
+            .map_err(|e| format!("invalid TLS name `{}`: {e}", config.server_name))?;
+        let connector =
+            EndpointConnector::new(&config.host, config.port, server_name, tls, connect_timeout);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(pool_idle_timeout)
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .build(connector);
+        let authority = config.authority();
+        let authority_header = HeaderValue::from_str(&authority)
+            .map_err(|_| format!("endpoint `{authority}` is not a valid header value"))?;
+        let origin = if config.port == 443 {
+            format!("https://{}", config.server_name)
+        } else {
+            format!("https://{}:{}", config.server_name, config.port)
+        };
+        Ok(Self {
+            config,
+            authority,
+            authority_header,
+            origin,
+            client,
+            serving: AtomicBool::new(true),
+            capacity: AtomicI64::new(-1),
+            in_flight: AtomicU64::new(0),
+            latency: Mutex::new(PeakEwma::default()),
+            requests: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+            health: Mutex::new(HealthSnapshot {
+                state: "unknown",
+                ..HealthSnapshot::default()
+            }),
+        })
+    }
+
+    pub fn kind(&self) -> RouteKind {
+        self.config.kind
+    }
+
+    pub fn region(&self) -> &str {
+        &self.config.region
+    }
+
+    pub fn client(&self) -> &PoolClient {
+        &self.client
+    }
+
+    pub fn origin(&self) -> &str {
+        &self.origin
+    }
+
+    pub fn is_serving(&self) -> bool {
+        self.serving.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn set_serving(&self, serving: bool) {
+        self.serving.store(serving, Ordering::Release);
+    }
+
+    /// `None` until a health check reported a capacity.
+    pub fn capacity(&self) -> Option<u64> {
+        u64::try_from(self.capacity.load(Ordering::Relaxed)).ok()
+    }
+
+    pub(crate) fn set_capacity(&self, capacity: Option<u64>) {
+        let v = capacity.map_or(-1, |c| i64::try_from(c).unwrap_or(i64::MAX));
+        self.capacity.store(v, Ordering::Relaxed);
+    }
+
+    /// Full endpoints (capacity 0) are used only when nothing else can serve.
+    pub fn is_full(&self) -> bool {
+        self.capacity() == Some(0)
+    }
+
+    pub fn in_flight(&self) -> u64 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// The current latency estimate, decayed for the time since the last sample.
+    pub fn latency(&self) -> Option<Duration> {
+        let now = Instant::now();
+        self.latency.lock().ok().and_then(|l| l.estimate(now))
+    }
+
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+    }
+
+    pub fn failures(&self) -> u64 {
+        self.failures.load(Ordering::Relaxed)
+    }
+
+    /// Counts a request as in flight until the returned guard is dropped (which the
+    /// forwarder ties to the end of the response body).
+    pub fn start_request(self: &Arc<Self>) -> InFlightGuard {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        InFlightGuard {
+            endpoint: self.clone(),
+        }
+    }
+
+    pub fn record_failure(&self) {
+        self.failures.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn record_latency(&self, latency: Duration) {
+        if let Ok(mut l) = self.latency.lock() {
+            l.record(latency, Instant::now());
+        }
+    }
+
+    pub fn health_snapshot(&self) -> HealthSnapshot {
+        self.health.lock().map(|h| h.clone()).unwrap_or_default()
+    }
+}
+
+pub struct InFlightGuard {
+    endpoint: Arc<Endpoint>,
+}
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        self.endpoint.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// How fast old latency samples fade (linkerd and tower use 10 s).
+const LATENCY_DECAY: Duration = Duration::from_secs(10);
+
+/// Peak-EWMA (as in linkerd2-proxy and tower's `PeakEwma`): a sample above the estimate
+/// replaces it at once, so a slowdown shows immediately; lower samples pull it down
+/// with a weight that grows with the time since the last sample, and the estimate also
+/// fades while an endpoint gets no traffic, so it is tried again.
+#[derive(Debug, Default)]
+struct PeakEwma {
+    /// Seconds; `None` until the first sample.
+    estimate: Option<(f64, Instant)>,
+}
+
+impl PeakEwma {
+    fn decay(elapsed: Duration) -> f64 {
+        (-elapsed.as_secs_f64() / LATENCY_DECAY.as_secs_f64()).exp()
+    }
+
+    fn record(&mut self, sample: Duration, now: Instant) {
+        let sample = sample.as_secs_f64();
+        let next = match self.estimate {
+            None => sample,
+            Some((old, _)) if sample > old => sample,
+            Some((old, at)) => {
+                let decay = Self::decay(now.saturating_duration_since(at));
+                old * decay + sample * (1.0 - decay)
+            }
+        };
+        self.estimate = Some((next, now));
+    }
+
+    fn estimate(&self, now: Instant) -> Option<Duration> {
+        self.estimate.map(|(value, at)| {
+            Duration::from_secs_f64(value * Self::decay(now.saturating_duration_since(at)))
+        })
+    }
+}

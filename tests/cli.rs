@@ -1,0 +1,91 @@
+//! `gpulink check` against the example configurations and the fixtures: exit 0 for
+//! valid files, 78 (EX_CONFIG) with a message naming the bad key for invalid ones.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn gpulink() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_gpulink"))
+}
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn check(path: &Path) -> (i32, String) {
+    let out = gpulink()
+        .arg("check")
+        .arg("--config")
+        .arg(path)
+        .output()
+        .expect("run gpulink check");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code().unwrap_or(-1), text)
+}
+
+#[test]
+fn valid_configurations_pass() {
+    let mut files = vec![root().join("config/gpulink.example.toml")];
+    for entry in std::fs::read_dir(root().join("tests/fixtures/valid")).expect("fixtures") {
+        files.push(entry.expect("entry").path());
+    }
+    assert!(files.len() >= 3);
+    for file in files {
+        let (code, text) = check(&file);
+        assert_eq!(code, 0, "{}: {text}", file.display());
+        assert!(text.contains("valid"), "{text}");
+    }
+}
+
+#[test]
+fn invalid_configurations_exit_78_naming_the_key() {
+    let cases = [
+        ("unknown_key.toml", "max_bodyy"),
+        ("unknown_section.toml", "tenant2"),
+        ("bad_duration.toml", "interval"),
+        ("bad_size.toml", "max_body"),
+        ("bad_phase.toml", "phase"),
+        ("bad_date.toml", "public_fallback_until"),
+        ("canary_percent.toml", "migration.canary_percent"),
+        ("pool_idle_over_nlb.toml", "upstream.pool_idle_timeout"),
+        ("ip_without_server_name.toml", "regions[0].privatelink[0]"),
+        ("missing_tenant.toml", "tenant"),
+        ("endpoint_with_scheme.toml", "regions[0].privatelink[0]"),
+    ];
+    let dir = root().join("tests/fixtures/invalid");
+    let count = std::fs::read_dir(&dir).expect("fixtures").count();
+    assert_eq!(count, cases.len(), "every invalid fixture has a case here");
+    for (file, key) in cases {
+        let (code, text) = check(&dir.join(file));
+        assert_eq!(code, 78, "{file} should be invalid: {text}");
+        assert!(
+            text.contains(key),
+            "{file}: message should name `{key}`: {text}"
+        );
+    }
+}
+
+#[test]
+fn missing_file_is_a_config_error() {
+    let (code, text) = check(Path::new("/nonexistent/gpulink.toml"));
+    assert_eq!(code, 78);
+    assert!(text.contains("/nonexistent/gpulink.toml"), "{text}");
+}
+
+#[test]
+fn demo_config_is_valid_once_the_ca_is_filled_in() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, "placeholder").expect("write");
+    let text = std::fs::read_to_string(root().join("config/demo.toml"))
+        .expect("demo config")
+        .replace("SIM_CA_FILE", &ca.display().to_string());
+    let path = dir.path().join("demo.toml");
+    std::fs::write(&path, text).expect("write");
+    let (code, text) = check(&path);
+    assert_eq!(code, 0, "{text}");
+}

@@ -1,0 +1,479 @@
+//! Shared test harness: a real KMS-API server (moto), the cluster simulator on a loopback
+//! block of the test's own, a proxy configured for both, and a small HTTP client.
+//!
+//! Every test takes its own `127.<block>.0.0/16` so that tests run in parallel without
+//! sharing a port. moto comes from `GPULINK_TEST_MOTO_URL` (the test script starts one)
+//! or is started here from `.venv` for the duration of the test.
+
+#![allow(dead_code)]
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Once};
+use std::time::Duration;
+
+use bytes::Bytes;
+use gpulink::config::Config;
+use gpulink::proxy::ProxyHandle;
+use gpulink::seal::{KeyService, KmsKeys};
+use gpulink::sim::{Sim, SimConfig, SimEndpointConfig};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+
+static ENV: Once = Once::new();
+
+/// Dummy credentials for moto, set once before any SDK client exists.
+pub fn init() {
+    ENV.call_once(|| {
+        gpulink::tls::install_crypto_provider();
+        for (key, value) in [
+            ("AWS_ACCESS_KEY_ID", "testing"),
+            ("AWS_SECRET_ACCESS_KEY", "testing"),
+            ("AWS_EC2_METADATA_DISABLED", "true"),
+        ] {
+            if std::env::var_os(key).is_none() {
+                std::env::set_var(key, value);
+            }
+        }
+        if std::env::var_os("RUST_LOG").is_some() {
+            gpulink::telemetry::init(gpulink::config::LogFormat::Text);
+        }
+    });
+}
+
+/// A moto server: shared (from the environment) or owned by this test.
+pub struct Moto {
+    pub url: String,
+    child: Option<Child>,
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.child {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn venv_bin(name: &str) -> PathBuf {
+    repo_root().join(".venv/bin").join(name)
+}
+
+impl Moto {
+    pub async fn get() -> Moto {
+        init();
+        if let Ok(url) = std::env::var("GPULINK_TEST_MOTO_URL") {
+            return Moto { url, child: None };
+        }
+        let port = free_port();
+        let child = Command::new(venv_bin("moto_server"))
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("moto_server from .venv (run scripts/test.sh, which installs it)");
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        wait_for_listener(addr, Duration::from_secs(60)).await;
+        Moto {
+            url: format!("http://{addr}"),
+            child: Some(child),
+        }
+    }
+
+    pub async fn keys(&self) -> KmsKeys {
+        KmsKeys::new("us-east-1", Some(&self.url), Duration::from_secs(5)).await
+    }
+
+    /// Creates a fresh symmetric key and returns its ARN.
+    pub async fn create_key(&self) -> String {
+        let keys = self.keys().await;
+        let out = keys
+            .client()
+            .create_key()
+            .description("gpulink test key")
+            .send()
+            .await
+            .expect("CreateKey on moto");
+        out.key_metadata()
+            .and_then(|m| m.arn())
+            .expect("key ARN")
+            .to_string()
+    }
+}
+
+pub fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind port 0");
+    listener.local_addr().expect("local addr").port()
+}
+
+/// Waits until something listens on `addr` (the event is the listener appearing).
+pub async fn wait_for_listener(addr: SocketAddr, limit: Duration) {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "nothing listens on {addr}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The addresses of one test's simulated cluster: three ENIs in the local region, one
+/// in another region, and one public endpoint.
+pub struct Layout {
+    pub block: u8,
+}
+
+impl Layout {
+    pub fn new(block: u8) -> Self {
+        Self { block }
+    }
+    pub fn ip(&self, c: u8, d: u8) -> IpAddr {
+        IpAddr::from([127, self.block, c, d])
+    }
+    pub fn enis(&self) -> [IpAddr; 3] {
+        [self.ip(10, 50), self.ip(11, 50), self.ip(12, 50)]
+    }
+    pub fn remote_eni(&self) -> IpAddr {
+        self.ip(13, 50)
+    }
+    pub fn public(&self) -> IpAddr {
+        self.ip(20, 1)
+    }
+    pub fn sim_config(&self, ca_dir: PathBuf) -> SimConfig {
+        let mut endpoints: Vec<SimEndpointConfig> = self
+            .enis()
+            .iter()
+            .map(|ip| SimEndpointConfig::new(*ip, "us-east-1"))
+            .collect();
+        endpoints.push(SimEndpointConfig::new(self.remote_eni(), "us-west-2"));
+        endpoints.push(SimEndpointConfig::new(self.public(), "us-east-1"));
+        let mut config = SimConfig::default_layout(ca_dir);
+        config.endpoints = endpoints;
+        config.control_addr = SocketAddr::from(([127, self.block, 0, 1], 0));
+        config
+    }
+}
+
+/// What a test changes in the proxy's configuration.
+pub struct ProxyOptions {
+    pub phase: &'static str,
+    pub server_name: &'static str,
+    pub context: &'static str,
+    pub max_body: &'static str,
+    pub with_remote_region: bool,
+    pub fallback_until: Option<&'static str>,
+    pub extra: &'static str,
+    /// Route the proxy's KMS traffic through a [`CountingRelay`].
+    pub count_kms: bool,
+    /// Point the proxy's KMS at this URL instead of moto (e.g. a closed port).
+    pub kms_url: Option<String>,
+}
+
+impl Default for ProxyOptions {
+    fn default() -> Self {
+        Self {
+            phase: "privatelink",
+            server_name: "gpu-cluster.yourcompany.internal",
+            context: "tenant",
+            max_body: "10MB",
+            with_remote_region: false,
+            fallback_until: None,
+            extra: "",
+            count_kms: false,
+            kms_url: None,
+        }
+    }
+}
+
+pub fn proxy_toml(
+    layout: &Layout,
+    kms_url: &str,
+    key_id: &str,
+    ca_file: &std::path::Path,
+    o: &ProxyOptions,
+) -> String {
+    let [a, b, c] = layout.enis();
+    let remote = if o.with_remote_region {
+        format!(
+            "[[regions]]\nname = \"us-west-2\"\nprivatelink = [\"{}:8443\"]\n",
+            layout.remote_eni()
+        )
+    } else {
+        String::new()
+    };
+    let fallback = o
+        .fallback_until
+        .map(|t| format!("public_fallback_until = \"{t}\"\n"))
+        .unwrap_or_default();
+    format!(
+        r#"
+[listen]
+address = "127.0.0.1:0"
+max_body = "{max_body}"
+drain_delay = "0s"
+shutdown_grace = "5s"
+
+[admin]
+address = "127.0.0.1:0"
+
+[tenant]
+id = "tenant-123"
+model_pool = "model-a"
+model_pools = ["model-a", "model-b"]
+
+[kms]
+key_id = "{key_id}"
+region = "us-east-1"
+format = "kms-direct"
+context = "{context}"
+timeout = "3s"
+endpoint_url = "{kms_url}"
+
+[upstream]
+server_name = "{server_name}"
+ca_file = "{ca}"
+connect_timeout = "1s"
+request_timeout = "10s"
+
+[health]
+interval = "200ms"
+timeout = "500ms"
+healthy_threshold = 1
+unhealthy_threshold = 1
+
+[[regions]]
+name = "us-east-1"
+privatelink = ["{a}:8443", "{b}:8443", "{c}:8443"]
+public = [{{ address = "{public}:8443", server_name = "gpu-cluster.public.example.com" }}]
+
+{remote}
+[migration]
+phase = "{phase}"
+{fallback}
+{extra}
+"#,
+        max_body = o.max_body,
+        context = o.context,
+        server_name = o.server_name,
+        ca = ca_file.display(),
+        public = layout.public(),
+        phase = o.phase,
+        extra = o.extra,
+    )
+}
+
+/// One test's world: moto, the simulator, and a proxy between them.
+pub struct World {
+    pub moto: Moto,
+    pub key_arn: String,
+    pub sim: Sim,
+    pub proxy: Option<ProxyHandle>,
+    pub layout: Layout,
+    pub dir: tempfile::TempDir,
+    pub client: Client<HttpConnector, Full<Bytes>>,
+    pub kms_relay: Option<CountingRelay>,
+}
+
+impl World {
+    pub async fn start(block: u8, options: ProxyOptions) -> World {
+        let moto = Moto::get().await;
+        let key_arn = moto.create_key().await;
+        let layout = Layout::new(block);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let sim_keys = KeyService::Kms(moto.keys().await);
+        let sim = Sim::start(layout.sim_config(dir.path().join("ca")), sim_keys)
+            .await
+            .expect("sim starts");
+        let moto_addr: SocketAddr = moto
+            .url
+            .trim_start_matches("http://")
+            .parse()
+            .expect("moto URL is http://ip:port");
+        let kms_relay = if options.count_kms {
+            Some(CountingRelay::start(moto_addr).await)
+        } else {
+            None
+        };
+        let kms_url = match (&options.kms_url, &kms_relay) {
+            (Some(url), _) => url.clone(),
+            (None, Some(relay)) => format!("http://{}", relay.addr),
+            (None, None) => moto.url.clone(),
+        };
+        let text = proxy_toml(&layout, &kms_url, &key_arn, &sim.ca_file(), &options);
+        let config =
+            Config::from_toml(&text, std::path::Path::new("test.toml")).expect("valid config");
+        let proxy_keys = KmsKeys::new("us-east-1", Some(&kms_url), Duration::from_secs(3)).await;
+        let proxy = gpulink::proxy::start(config, KeyService::Kms(proxy_keys))
+            .await
+            .expect("proxy starts");
+        World {
+            moto,
+            key_arn,
+            sim,
+            proxy: Some(proxy),
+            layout,
+            dir,
+            client: Client::builder(TokioExecutor::new()).build_http(),
+            kms_relay,
+        }
+    }
+
+    pub fn proxy(&self) -> &ProxyHandle {
+        self.proxy.as_ref().expect("proxy running")
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.proxy().listen_addr, path)
+    }
+
+    pub async fn post(&self, path: &str, body: &str, headers: &[(&str, &str)]) -> Reply {
+        send(
+            &self.client,
+            "POST",
+            &self.url(path),
+            body.as_bytes().to_vec(),
+            headers,
+        )
+        .await
+    }
+
+    /// Waits until the proxy's health checks agree with `serving` for `ip`.
+    pub async fn wait_serving(&self, ip: IpAddr, serving: bool) {
+        let authority = format!("{ip}:8443");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let generation = self.proxy().proxy().current();
+            let state = generation
+                .endpoints
+                .iter()
+                .find(|e| e.authority == authority)
+                .map(|e| e.is_serving());
+            if state == Some(serving) {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{authority} never became serving={serving}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn requests_at(&self, ip: IpAddr) -> u64 {
+        self.sim.stats(ip).map(|s| s.requests).unwrap_or(0)
+    }
+
+    pub fn total_requests(&self) -> u64 {
+        self.sim.all_stats().iter().map(|s| s.requests).sum()
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(proxy) = self.proxy.take() {
+            proxy.shutdown().await;
+        }
+        self.sim.shutdown().await;
+    }
+}
+
+pub struct Reply {
+    pub status: u16,
+    pub headers: http::HeaderMap,
+    pub body: Bytes,
+}
+
+impl Reply {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+    }
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+    pub fn error_code(&self) -> String {
+        self.json()["error"]["code"]
+            .as_str()
+            .unwrap_or("")
+            .to_string()
+    }
+}
+
+pub async fn send(
+    client: &Client<HttpConnector, Full<Bytes>>,
+    method: &str,
+    url: &str,
+    body: Vec<u8>,
+    headers: &[(&str, &str)],
+) -> Reply {
+    let mut builder = http::Request::builder().method(method).uri(url);
+    for (k, v) in headers {
+        builder = builder.header(*k, *v);
+    }
+    let request = builder.body(Full::new(Bytes::from(body))).expect("request");
+    let response = client.request(request).await.expect("proxy answers");
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes();
+    Reply {
+        status,
+        headers,
+        body,
+    }
+}
+
+/// The guide's example request.
+pub const GUIDE_REQUEST: &str = r#"{"prompt": "Hello", "max_tokens": 50}"#;
+
+pub fn sha256_hex(data: &[u8]) -> String {
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, data);
+    digest.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A TCP relay that counts the connections it accepts: put in front of a server to
+/// prove that nothing reached it.
+pub struct CountingRelay {
+    pub addr: SocketAddr,
+    pub connections: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl CountingRelay {
+    pub async fn start(target: SocketAddr) -> CountingRelay {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let connections = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counter = connections.clone();
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                tokio::spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+            }
+        });
+        CountingRelay { addr, connections }
+    }
+
+    pub fn count(&self) -> u64 {
+        self.connections.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}

@@ -1,0 +1,128 @@
+//! Ingress behaviour seen by real clients: a 413 that ordinary clients read instead of a
+//! reset, HTTP/2 with prior knowledge, and a streamed (server-sent events) answer.
+
+mod common;
+
+use bytes::Bytes;
+use common::*;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_requests_reads_the_413_for_a_huge_body() {
+    let world = World::start(51, ProxyOptions::default()).await;
+    let url = world.url("/inference");
+    // 30 MB, three times listen.max_body: far more than socket buffers hold, so a
+    // server that closed without draining would make `requests` fail with a reset.
+    let script = format!(
+        "import requests\n\
+         r = requests.post('{url}', data=b'{{' + b' ' * 30_000_000 + b'}}', timeout=60)\n\
+         print(r.status_code, r.json()['error']['code'])\n"
+    );
+    let output = tokio::process::Command::new(venv_bin("python"))
+        .arg("-c")
+        .arg(script)
+        .output()
+        .await
+        .expect("run python");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "python failed: {stdout} {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(stdout.trim(), "413 body_too_large");
+    assert_eq!(world.total_requests(), 0);
+    world.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunked_body_over_the_limit_is_413() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let world = World::start(
+        52,
+        ProxyOptions {
+            max_body: "1KB",
+            ..ProxyOptions::default()
+        },
+    )
+    .await;
+    // A chunked body has no Content-Length: the limit is enforced while reading.
+    let mut stream = tokio::net::TcpStream::connect(world.proxy().listen_addr)
+        .await
+        .expect("connect");
+    let mut request = b"POST /inference HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n".to_vec();
+    for _ in 0..8 {
+        request.extend_from_slice(b"200\r\n");
+        request.extend_from_slice(&[b' '; 512]);
+        request.extend_from_slice(b"\r\n");
+    }
+    request.extend_from_slice(b"0\r\n\r\n");
+    stream.write_all(&request).await.expect("write");
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).await.expect("read");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(answer.contains("body_too_large"), "{answer}");
+    assert_eq!(world.total_requests(), 0);
+    world.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_with_prior_knowledge() {
+    let world = World::start(53, ProxyOptions::default()).await;
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http();
+    let reply = send(
+        &client,
+        "POST",
+        &world.url("/inference"),
+        GUIDE_REQUEST.into(),
+        &[],
+    )
+    .await;
+    assert_eq!(
+        reply.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
+    assert_eq!(reply.json()["sha256"], sha256_hex(GUIDE_REQUEST.as_bytes()));
+    world.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_sent_events_are_relayed_as_a_stream() {
+    let world = World::start(54, ProxyOptions::default()).await;
+    let request = http::Request::post(world.url("/inference"))
+        .header("accept", "text/event-stream")
+        .body(Full::new(Bytes::from_static(
+            br#"{"prompt": "Hello", "max_tokens": 5, "stream": true}"#,
+        )))
+        .expect("request");
+    let response = world.client.request(request).await.expect("answer");
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        response
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok()),
+        Some("text/event-stream")
+    );
+    let mut body = response.into_body();
+    let mut frames = 0;
+    let mut text = String::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.expect("frame");
+        if let Some(data) = frame.data_ref() {
+            frames += 1;
+            text.push_str(&String::from_utf8_lossy(data));
+        }
+    }
+    assert!(frames > 1, "the answer arrived as {frames} frame(s)");
+    assert_eq!(text.matches("data: ").count(), 6, "{text}");
+    assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+    world.stop().await;
+}
