@@ -4,7 +4,6 @@
 //! traffic goes as ENIs fail: the remaining ENIs, then the other region, then public.
 
 use std::collections::BTreeMap;
-use std::net::IpAddr;
 use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -43,7 +42,7 @@ struct StepResult {
 }
 
 pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
-    crate::telemetry::init(crate::config::LogFormat::Text);
+    crate::telemetry::init_with_default(crate::config::LogFormat::Text, "warn");
     let scratch = tempfile_dir()?;
     let keys = KeyService::Dev(Arc::new(DevKeys::new()?));
     let sim = Sim::start(SimConfig::default_layout(scratch.clone()), keys.clone())
@@ -61,23 +60,81 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
 
     let client: DemoClient = Client::builder(TokioExecutor::new()).build_http();
     let mut steps = Vec::new();
-    steps.push(step("all ENIs healthy", &client, &proxy, args.requests).await);
+    let phase = |name: &str| -> anyhow::Result<Config> {
+        let text = text.replace("phase = \"privatelink\"", &format!("phase = \"{name}\""));
+        Ok(Config::from_toml(&text, Path::new("config/demo.toml"))?)
+    };
 
-    let eni_a: IpAddr = "127.0.10.50".parse()?;
-    sim.set_state(eni_a, EndpointState::Down).await?;
+    // The guide's phases 1-3: cut over from public to PrivateLink, one reload at a time.
+    println!("cutover: public -> canary 25% -> privatelink (each a configuration reload)");
+    proxy.proxy().reload(phase("public")?).await?;
+    steps.push(
+        step(
+            "phase public (before cutover)",
+            &client,
+            &proxy,
+            args.requests,
+        )
+        .await,
+    );
+    proxy.proxy().reload(phase("canary")?).await?;
+    steps.push(
+        step(
+            "phase canary, 25% PrivateLink",
+            &client,
+            &proxy,
+            args.requests,
+        )
+        .await,
+    );
+    proxy.proxy().reload(phase("privatelink")?).await?;
+    steps.push(step("phase privatelink", &client, &proxy, args.requests).await);
+
+    // Failover: the guide's "if one ENI fails, traffic routes to the others", then AZs
+    // and regions, then the public endpoints inside the fallback window.
+    println!("failover: ENIs go down one by one");
+    sim.set_state("127.0.10.50".parse()?, EndpointState::Down)
+        .await?;
     wait_until_out(&proxy, "127.0.10.50:8443").await?;
     steps.push(step("ENI 127.0.10.50 down", &client, &proxy, args.requests).await);
-
     for ip in ["127.0.11.50", "127.0.12.50"] {
         sim.set_state(ip.parse()?, EndpointState::Down).await?;
         wait_until_out(&proxy, &format!("{ip}:8443")).await?;
     }
     steps.push(step("all us-east-1 ENIs down", &client, &proxy, args.requests).await);
-
     sim.set_state("127.0.13.50".parse()?, EndpointState::Down)
         .await?;
     wait_until_out(&proxy, "127.0.13.50:8443").await?;
     steps.push(step("all PrivateLink ENIs down", &client, &proxy, args.requests).await);
+
+    // Automatic rollback: PrivateLink comes back but slow; its p99 breaches
+    // rollback.max_p99 and traffic moves to public without an operator.
+    println!("rollback: PrivateLink recovers but is slow (p99 over rollback.max_p99)");
+    for ip in ENIS {
+        sim.set_state(ip.parse()?, EndpointState::Slow { delay_ms: 300 })
+            .await?;
+        wait_until_in(&proxy, &format!("{ip}:8443")).await?;
+    }
+    steps.push(step("PrivateLink back, but slow", &client, &proxy, args.requests).await);
+    let generation = proxy.proxy().current();
+    if let Some(breach) = generation.routes.rollback().and_then(|r| r.last_breach()) {
+        println!("  automatic rollback fired: {}", breach.reason);
+    }
+    steps.push(step("after automatic rollback", &client, &proxy, args.requests).await);
+    drop(generation);
+
+    // The instant rollback of the guide's plan: phase public, one reload.
+    proxy.proxy().reload(phase("public")?).await?;
+    steps.push(
+        step(
+            "operator rollback: phase public",
+            &client,
+            &proxy,
+            args.requests,
+        )
+        .await,
+    );
+    println!();
 
     print_table(&steps);
     let stats = sim.all_stats();
@@ -105,20 +162,37 @@ fn tempfile_dir() -> anyhow::Result<std::path::PathBuf> {
     Ok(dir)
 }
 
+/// The simulator's PrivateLink ENIs in the demo layout.
+const ENIS: [&str; 4] = ["127.0.10.50", "127.0.11.50", "127.0.12.50", "127.0.13.50"];
+
+/// Waits until the proxy's health checks admit `authority` again.
+async fn wait_until_in(proxy: &ProxyHandle, authority: &str) -> anyhow::Result<()> {
+    wait_for_serving(proxy, authority, true).await
+}
+
 /// Waits until the proxy's health checks have taken `authority` out of service.
 async fn wait_until_out(proxy: &ProxyHandle, authority: &str) -> anyhow::Result<()> {
+    wait_for_serving(proxy, authority, false).await
+}
+
+async fn wait_for_serving(
+    proxy: &ProxyHandle,
+    authority: &str,
+    serving: bool,
+) -> anyhow::Result<()> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
         let generation = proxy.proxy().current();
-        let out = generation
+        let reached = generation
             .endpoints
             .iter()
-            .any(|e| e.authority == authority && !e.is_serving());
-        if out {
+            .any(|e| e.authority == authority && e.is_serving() == serving);
+        if reached {
             return Ok(());
         }
         if tokio::time::Instant::now() > deadline {
-            anyhow::bail!("the proxy did not notice that {authority} is down within 10s");
+            let what = if serving { "up" } else { "down" };
+            anyhow::bail!("the proxy did not notice that {authority} is {what} within 10s");
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

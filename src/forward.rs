@@ -22,13 +22,16 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use tracing::Instrument;
 
+use crate::body::ProxyBodyExt;
 use crate::body::{IdleTimeoutBody, ProxyBody};
+use crate::config::RouteKind;
 use crate::error::ProxyError;
 use crate::headers::{self, X_GPULINK_ENDPOINT, X_GPULINK_ROUTE, X_MODEL_POOL, X_REQUEST_ID};
 use crate::ingress::{self, BodyError};
+use crate::metrics::{Metrics, ServedBy};
 use crate::proxy::{Generation, Proxy};
 use crate::seal::{SealError, Sealed};
-use crate::upstream::{ConnectedPeer, Endpoint};
+use crate::upstream::{outlier, ConnectedPeer, Endpoint};
 
 /// Serves one app request. Never fails: every error becomes a JSON answer.
 pub async fn handle(proxy: Arc<Proxy>, request: Request<Incoming>) -> Response<ProxyBody> {
@@ -40,9 +43,10 @@ pub async fn handle(proxy: Arc<Proxy>, request: Request<Incoming>) -> Response<P
         path = %request.uri().path(),
     );
     let started = Instant::now();
-    let result = journey(&generation, request, &request_id)
+    let result = journey(&generation, proxy.metrics(), request, &request_id)
         .instrument(span.clone())
         .await;
+    proxy.metrics().request_finished(&result, started.elapsed());
     let _enter = span.enter();
     match result {
         Ok(response) => {
@@ -67,6 +71,7 @@ pub async fn handle(proxy: Arc<Proxy>, request: Request<Incoming>) -> Response<P
 
 async fn journey(
     generation: &Generation,
+    metrics: &Metrics,
     request: Request<Incoming>,
     request_id: &HeaderValue,
 ) -> Result<Response<ProxyBody>, ProxyError> {
@@ -119,14 +124,13 @@ async fn journey(
     headers::sanitize_inbound(&mut parts.headers);
 
     // 2. Seal. Fail closed.
-    let sealed = generation
-        .sealer
-        .seal(&plaintext, &model_pool)
-        .await
-        .map_err(|error| match error {
-            SealError::TooLarge { .. } => ProxyError::BodyTooLarge(error.to_string()),
-            SealError::Key(key_error) => ProxyError::KmsUnavailable(key_error.to_string()),
-        })?;
+    let seal_started = Instant::now();
+    let sealed = generation.sealer.seal(&plaintext, &model_pool).await;
+    metrics.seal_finished(&sealed, seal_started.elapsed());
+    let sealed = sealed.map_err(|error| match error {
+        SealError::TooLarge { .. } => ProxyError::BodyTooLarge(error.to_string()),
+        SealError::Key(key_error) => ProxyError::KmsUnavailable(key_error.to_string()),
+    })?;
     drop(plaintext);
     let upstream_headers = upstream_headers(
         parts.headers,
@@ -142,32 +146,71 @@ async fn journey(
         .to_string();
 
     // 3-5. Route, send, retry only when safe.
-    let plan = generation
-        .routes
-        .plan(chrono::Utc::now(), &mut rand::thread_rng());
+    let now = chrono::Utc::now();
+    let plan = generation.routes.plan(now, &mut generation.chooser.rng());
+    generation.retry_budget.record_request();
     let max_attempts = config.retry.max_attempts.max(1) as usize;
     let mut tried: Vec<Arc<Endpoint>> = Vec::with_capacity(max_attempts);
     let mut last_error: Option<ProxyError> = None;
     while tried.len() < max_attempts {
-        let Some(endpoint) = plan.select(&tried, &mut rand::thread_rng()) else {
+        if !tried.is_empty() && !generation.retry_budget.try_retry() {
+            tracing::warn!("retry budget spent (retry.budget_percent); not retrying");
+            break;
+        }
+        let chosen = plan.select(&tried, &mut generation.chooser.rng());
+        let Some(endpoint) = chosen else {
             break;
         };
         tried.push(endpoint.clone());
-        match send(
+        if tried.len() > 1 {
+            metrics.upstream_retry();
+        }
+        let started = tokio::time::Instant::now();
+        let outcome = send(
             generation,
+            metrics,
             &endpoint,
             &path,
             &upstream_headers,
             &sealed.body,
         )
-        .await
-        {
-            Ok(response) => return Ok(relay(generation, &endpoint, response, request_id)),
-            Err(Attempt::Retryable(error)) => {
-                tracing::warn!(endpoint = %endpoint.authority, %error, "connect failed; the request was not sent, trying another endpoint");
-                last_error = Some(error);
+        .await;
+        let upstream = match outcome {
+            Ok(upstream) => upstream,
+            Err(error) => {
+                settle(generation, &endpoint, now, started, true);
+                match error {
+                    Attempt::Retryable(error) => {
+                        metrics.upstream_connect_failed(&endpoint);
+                        tracing::warn!(endpoint = %endpoint.authority, %error, "the request was not sent; trying another endpoint");
+                        last_error = Some(error);
+                        continue;
+                    }
+                    Attempt::Final(error) => {
+                        metrics.upstream_failed(&endpoint, &error);
+                        return Err(error);
+                    }
+                }
             }
-            Err(Attempt::Final(error)) => return Err(error),
+        };
+        if upstream.response.status() != StatusCode::SERVICE_UNAVAILABLE {
+            let failed = upstream.response.status().is_server_error();
+            settle(generation, &endpoint, now, started, failed);
+            return Ok(relay(&endpoint, upstream, request_id));
+        }
+        match check_no_capacity(upstream).await {
+            Capacity::Refused => {
+                // The cluster did not start the work: safe to go elsewhere.
+                tracing::info!(endpoint = %endpoint.authority, "endpoint has no capacity (503 no_capacity); trying another");
+                last_error = Some(ProxyError::NoEndpoint(format!(
+                    "{} and every other endpoint tried reported no capacity",
+                    endpoint.authority
+                )));
+            }
+            Capacity::Relay(upstream) => {
+                settle(generation, &endpoint, now, started, true);
+                return Ok(relay(&endpoint, upstream, request_id));
+            }
         }
     }
     Err(last_error.unwrap_or_else(|| {
@@ -181,6 +224,89 @@ async fn journey(
             }
         ))
     }))
+}
+
+/// Feeds one attempt's outcome to passive outlier detection and, for PrivateLink, to
+/// the automatic-rollback monitor.
+fn settle(
+    generation: &Generation,
+    endpoint: &Endpoint,
+    now: chrono::DateTime<chrono::Utc>,
+    started: tokio::time::Instant,
+    failed: bool,
+) {
+    if failed {
+        endpoint.record_failure();
+        let tier = generation.routes.tier_members(endpoint);
+        outlier::record_failure(endpoint, tier, &generation.config.outlier);
+    } else {
+        endpoint.outlier.record_success();
+    }
+    if endpoint.kind() == RouteKind::Privatelink {
+        generation
+            .routes
+            .record_privatelink(now, failed, started.elapsed());
+    }
+}
+
+/// How much of a 503 body is read to see whether it is the cluster's `no_capacity`.
+const NO_CAPACITY_PEEK: usize = 64 * 1024;
+
+enum Capacity {
+    /// A 503 whose JSON says `error.code == "no_capacity"`: the work was not started.
+    Refused,
+    /// Any other 503: relayed to the app as the cluster sent it.
+    Relay(Upstream),
+}
+
+async fn check_no_capacity(upstream: Upstream) -> Capacity {
+    let Upstream { response, guard } = upstream;
+    let (parts, mut body) = response.into_parts();
+    let mut buffer = bytes::BytesMut::new();
+    let mut complete = true;
+    while let Some(frame) = body.frame().await {
+        match frame {
+            Ok(frame) => {
+                if let Some(data) = frame.data_ref() {
+                    if buffer.len() + data.len() > NO_CAPACITY_PEEK {
+                        complete = false;
+                        break;
+                    }
+                    buffer.extend_from_slice(data);
+                }
+            }
+            Err(_) => {
+                complete = false;
+                break;
+            }
+        }
+    }
+    let bytes = if complete {
+        buffer.freeze()
+    } else {
+        Bytes::from_static(
+            br#"{"error":{"code":"upstream_error","message":"the cluster answered 503 with an unreadable body"}}"#,
+        )
+    };
+    #[derive(serde::Deserialize)]
+    struct Body {
+        error: Option<ErrorCode>,
+    }
+    #[derive(serde::Deserialize)]
+    struct ErrorCode {
+        code: Option<String>,
+    }
+    let no_capacity = serde_json::from_slice::<Body>(&bytes)
+        .ok()
+        .and_then(|b| b.error)
+        .and_then(|e| e.code)
+        .is_some_and(|code| code == "no_capacity");
+    if no_capacity {
+        Capacity::Refused
+    } else {
+        let response = Response::from_parts(parts, ProxyBody::full(bytes));
+        Capacity::Relay(Upstream { response, guard })
+    }
 }
 
 fn too_large(limit: usize) -> ProxyError {
@@ -199,12 +325,13 @@ enum Attempt {
 
 /// A response with headers, and the in-flight guard that must live as long as its body.
 struct Upstream {
-    response: Response<Incoming>,
+    response: Response<ProxyBody>,
     guard: crate::upstream::InFlightGuard,
 }
 
 async fn send(
     generation: &Generation,
+    metrics: &Metrics,
     endpoint: &Arc<Endpoint>,
     path: &str,
     headers: &HeaderMap,
@@ -231,27 +358,25 @@ async fn send(
                 }
             }
             endpoint.record_latency(latency);
+            metrics.upstream_response(endpoint, latency);
+            let idle = upstream.idle_timeout.get();
+            // The idle bound starts with the body: the first byte may take as long as
+            // the generation needs, each later silence at most `idle_timeout`.
+            let response = response.map(|body| IdleTimeoutBody::new(body, idle).boxed());
             Ok(Upstream { response, guard })
         }
-        Ok(Err(error)) if error.is_connect() => {
-            endpoint.record_failure();
-            Err(Attempt::Retryable(ProxyError::UpstreamConnect(format!(
-                "cannot connect to {} ({}): {}",
-                endpoint.authority,
-                endpoint.region(),
-                error_chain(&error)
-            ))))
-        }
-        Ok(Err(error)) => {
-            endpoint.record_failure();
-            Err(Attempt::Final(ProxyError::UpstreamConnect(format!(
-                "the connection to {} failed after the request was sent ({}); not retried because the cluster may have started it",
-                endpoint.authority,
-                error_chain(&error)
-            ))))
-        }
+        Ok(Err(error)) if never_sent(&error) => Err(Attempt::Retryable(ProxyError::UpstreamConnect(format!(
+            "cannot reach {} ({}): {}",
+            endpoint.authority,
+            endpoint.region(),
+            error_chain(&error)
+        )))),
+        Ok(Err(error)) => Err(Attempt::Final(ProxyError::UpstreamConnect(format!(
+            "the connection to {} failed after the request was sent ({}); not retried because the cluster may have started it",
+            endpoint.authority,
+            error_chain(&error)
+        )))),
         Err(_) => {
-            endpoint.record_failure();
             Err(Attempt::Final(ProxyError::UpstreamTimeout(format!(
                 "{} sent no response headers within {:?} (upstream.request_timeout)",
                 endpoint.authority, timeout
@@ -261,12 +386,7 @@ async fn send(
 }
 
 /// 6. Relay: the cluster's answer as a stream, with gpulink's headers added.
-fn relay(
-    generation: &Generation,
-    endpoint: &Endpoint,
-    upstream: Upstream,
-    request_id: &HeaderValue,
-) -> Response<ProxyBody> {
+fn relay(endpoint: &Endpoint, upstream: Upstream, request_id: &HeaderValue) -> Response<ProxyBody> {
     let Upstream { response, guard } = upstream;
     let dialed = response
         .extensions()
@@ -282,13 +402,13 @@ fn relay(
     parts.headers.insert(X_GPULINK_ENDPOINT, dialed);
     parts.headers.insert(X_REQUEST_ID, request_id.clone());
     parts.extensions.clear();
+    parts.extensions.insert(ServedBy::new(endpoint));
     if parts.status == StatusCode::SWITCHING_PROTOCOLS {
         parts.status = StatusCode::BAD_GATEWAY;
     }
-    let idle = generation.config.upstream.idle_timeout.get();
     // The guard rides in the body so the endpoint counts the request as in flight until
     // the last byte is relayed.
-    let body = IdleTimeoutBody::new(body, idle)
+    let body = body
         .map_frame(move |frame| {
             let _in_flight = &guard;
             frame
@@ -341,6 +461,30 @@ fn content_length(headers: &HeaderMap) -> Option<u64> {
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse().ok())
+}
+
+/// Whether the cluster cannot have seen the request: the connection (TCP or TLS) was
+/// never established, the pooled connection closed before the request was written, or
+/// HTTP/2 refused the stream (RFC 9113 8.7: REFUSED_STREAM means not processed).
+fn never_sent(error: &hyper_util::client::legacy::Error) -> bool {
+    if error.is_connect() {
+        return true;
+    }
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(error);
+    while let Some(cause) = source {
+        if let Some(h2) = cause.downcast_ref::<h2::Error>() {
+            if h2.reason() == Some(h2::Reason::REFUSED_STREAM) {
+                return true;
+            }
+        }
+        if let Some(hyper) = cause.downcast_ref::<hyper::Error>() {
+            if hyper.is_canceled() {
+                return true;
+            }
+        }
+        source = cause.source();
+    }
+    false
 }
 
 /// The error and its causes on one line: hyper's top-level messages alone ("client

@@ -15,7 +15,10 @@
 //! * [`route`]: migration phases and the ordered tiers of endpoints a request may use.
 //! * [`upstream`]: endpoints, TLS, per-endpoint connection pools, active health checks and
 //!   the choice among healthy endpoints.
-//! * [`admin`]: `/live`, `/ready`, `/status` on the admin address.
+//! * [`admin`]: `/live`, `/ready`, `/metrics`, `/status` and the HTML status page on the
+//!   admin address; [`metrics`] holds the Prometheus metrics it exposes.
+//! * [`probe`]: `gpulink probe`, the guide's connectivity test and troubleshooting.
+//! * [`systemd`]: readiness, watchdog and reload notifications for `Type=notify` units.
 //! * [`config`]: the TOML contract and its validation.
 //! * [`sim`]: the cluster simulator used by tests, benchmarks and the demo.
 //! * [`demo`]: `gpulink demo`, the whole journey on loopback without AWS.
@@ -28,10 +31,14 @@ pub mod error;
 pub mod forward;
 pub mod headers;
 pub mod ingress;
+pub mod metrics;
+pub mod probe;
 pub mod proxy;
+pub mod reload;
 pub mod route;
 pub mod seal;
 pub mod sim;
+pub mod systemd;
 pub mod telemetry;
 pub mod tls;
 pub mod upstream;

@@ -1,4 +1,4 @@
-//! The `gpulink` command: `run`, `check`, `demo` and `sim`.
+//! The `gpulink` command: `run`, `check`, `probe`, `demo` and `sim`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -29,6 +29,9 @@ enum Command {
             default_value = "/etc/gpulink/gpulink.toml"
         )]
         config: PathBuf,
+        /// Log format; overrides `log.format` in the configuration.
+        #[arg(long, value_enum, env = "GPULINK_LOG_FORMAT")]
+        log_format: Option<gpulink::telemetry::LogFormatFlag>,
     },
     /// Validate a configuration file: exit 0 when valid, 78 (EX_CONFIG) when not.
     Check {
@@ -39,6 +42,9 @@ enum Command {
         )]
         config: PathBuf,
     },
+    /// Test connectivity to every endpoint (TCP, TLS, /health, latency) and diagnose
+    /// failures: exit 0 when something can serve, 1 when nothing can, 78 for a bad config.
+    Probe(gpulink::probe::ProbeArgs),
     /// A self-contained scenario on loopback: no AWS account, no network.
     Demo(gpulink::demo::DemoArgs),
     /// The cluster simulator: TLS endpoints, health ports and a control API on loopback.
@@ -88,7 +94,8 @@ fn check(path: &std::path::Path) -> ExitCode {
 
 async fn async_main(command: Command) -> ExitCode {
     let result = match command {
-        Command::Run { config } => run(&config).await,
+        Command::Run { config, log_format } => run(&config, log_format).await,
+        Command::Probe(args) => gpulink::probe::run(args).await,
         Command::Demo(args) => gpulink::demo::run(args).await,
         Command::Sim(args) => gpulink::sim::run_cli(args)
             .await
@@ -104,7 +111,10 @@ async fn async_main(command: Command) -> ExitCode {
     }
 }
 
-async fn run(path: &std::path::Path) -> anyhow::Result<ExitCode> {
+async fn run(
+    path: &std::path::Path,
+    log_format: Option<gpulink::telemetry::LogFormatFlag>,
+) -> anyhow::Result<ExitCode> {
     let config = match Config::load(path) {
         Ok(c) => c,
         Err(error) => {
@@ -112,18 +122,30 @@ async fn run(path: &std::path::Path) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::from(EX_CONFIG as u8));
         }
     };
-    gpulink::telemetry::init(config.log.format);
-    let keys = KeyService::Kms(
-        KmsKeys::new(
-            &config.kms.region,
-            config.kms.endpoint_url.as_deref(),
-            config.kms.timeout.get(),
-        )
-        .await,
-    );
+    gpulink::telemetry::init(gpulink::telemetry::effective_format(
+        config.log.format,
+        log_format,
+    ));
+    let keys = KeyService::Kms(KmsKeys::from_config(&config.kms).await);
     let handle = gpulink::proxy::start(config, keys).await?;
+    let stop_reloading = tokio_util::sync::CancellationToken::new();
+    gpulink::reload::spawn(
+        handle.proxy().clone(),
+        path.to_path_buf(),
+        stop_reloading.clone(),
+    )?;
+    // systemd (Type=notify): ready only now that the proxy serves; then watchdog pings.
+    let stop_watchdog = tokio_util::sync::CancellationToken::new();
+    gpulink::systemd::ready(&format!(
+        "serving on {}, admin on {}",
+        handle.listen_addr, handle.admin_addr
+    ));
+    gpulink::systemd::spawn_watchdog(stop_watchdog.clone());
     wait_for_shutdown_signal().await?;
+    gpulink::systemd::stopping();
+    stop_reloading.cancel();
     handle.shutdown().await;
+    stop_watchdog.cancel();
     Ok(ExitCode::SUCCESS)
 }
 

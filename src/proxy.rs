@@ -1,10 +1,11 @@
 //! The running proxy: the current configuration generation (swapped atomically on
-//! reload), the lifecycle flags the admin server reports, and start-up and shutdown in
-//! the order DESIGN.md gives.
+//! reload), the lifecycle flags the admin server reports, and start-up, reload and
+//! shutdown in the order DESIGN.md gives.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::Instant;
 
 use arc_swap::ArcSwap;
@@ -12,9 +13,10 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Config;
-use crate::route::RouteTable;
-use crate::seal::{KeyService, Sealer};
+use crate::config::{Config, ConfigError};
+use crate::route::{Chooser, RetryBudget, RouteTable};
+use crate::seal::{KeyService, KmsKeys, Sealer};
+use crate::upstream::discovery::{self, Resolved};
 use crate::upstream::{self, health, Endpoint};
 
 /// Everything one configuration generation needs to serve a request. A request holds
@@ -25,6 +27,15 @@ pub struct Generation {
     pub endpoints: Vec<Arc<Endpoint>>,
     pub routes: RouteTable,
     pub sealer: Sealer,
+    pub retry_budget: RetryBudget,
+    pub chooser: Chooser,
+    pub loaded_at: chrono::DateTime<chrono::Utc>,
+}
+
+impl Generation {
+    pub fn contains(&self, endpoint: &Arc<Endpoint>) -> bool {
+        self.endpoints.iter().any(|e| Arc::ptr_eq(e, endpoint))
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -41,12 +52,40 @@ pub enum StartError {
     },
 }
 
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Start(#[from] StartError),
+}
+
+/// Knobs for embedding the proxy (tests, the demo); `run` uses the defaults.
+#[derive(Debug, Clone, Default)]
+pub struct StartOptions {
+    /// Seeds canary membership and the balancer's random choices.
+    pub random_seed: Option<u64>,
+}
+
 pub struct Proxy {
     current: ArcSwap<Generation>,
-    keys: KeyService,
+    next_generation: AtomicU64,
+    options: StartOptions,
     ready: AtomicBool,
     draining: AtomicBool,
     started: Instant,
+    reloads_ok: AtomicU64,
+    reloads_failed: AtomicU64,
+    /// One reload at a time: two racing reloads could otherwise publish out of order.
+    reload_lock: tokio::sync::Mutex<()>,
+    /// Addresses found for `privatelink_dns` regions, as of the last resolution.
+    resolved: std::sync::Mutex<Resolved>,
+    /// Wakes background loops that depend on the configuration when it changes.
+    generation_changed: Arc<tokio::sync::Notify>,
+    stop_background: CancellationToken,
+    this: Weak<Proxy>,
+    /// Prometheus metrics; owned here so they outlive every configuration generation.
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl Proxy {
@@ -55,8 +94,8 @@ impl Proxy {
         self.current.load_full()
     }
 
-    pub fn keys(&self) -> &KeyService {
-        &self.keys
+    pub fn keys(&self) -> KeyService {
+        self.current().sealer.keys().clone()
     }
 
     pub fn is_ready(&self) -> bool {
@@ -67,26 +106,219 @@ impl Proxy {
         self.draining.load(Ordering::Acquire)
     }
 
+    pub fn metrics(&self) -> &Arc<crate::metrics::Metrics> {
+        &self.metrics
+    }
+
     pub fn uptime(&self) -> std::time::Duration {
         self.started.elapsed()
     }
+
+    /// Reloads by result: (applied, rejected).
+    pub fn reload_counts(&self) -> (u64, u64) {
+        (
+            self.reloads_ok.load(Ordering::Relaxed),
+            self.reloads_failed.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Reads, validates and applies a configuration file. An invalid file changes
+    /// nothing: the old configuration keeps serving.
+    pub async fn reload_from_file(&self, path: &Path) -> Result<u64, ReloadError> {
+        let result = match Config::load(path) {
+            Ok(config) => self.reload(config).await,
+            Err(error) => Err(ReloadError::Config(error)),
+        };
+        match &result {
+            Ok(generation) => {
+                self.reloads_ok.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(generation, path = %path.display(), "configuration reloaded");
+            }
+            Err(error) => {
+                self.reloads_failed.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(%error, path = %path.display(), "configuration reload rejected; the previous configuration keeps serving");
+            }
+        }
+        result
+    }
+
+    /// Applies a validated configuration. Endpoints whose settings did not change keep
+    /// their health state and pooled connections; new ones get a first health check
+    /// before they can receive traffic.
+    pub async fn reload(&self, config: Config) -> Result<u64, ReloadError> {
+        let _one_at_a_time = self.reload_lock.lock().await;
+        let old = self.current();
+        warn_about_restart_only_changes(&old.config, &config);
+        let keys = keys_for(&old, &config).await?;
+        let resolved = self.resolve_new_names(&config).await;
+        let number = self.next_generation.fetch_add(1, Ordering::Relaxed);
+        let generation =
+            build_generation(number, config, keys, Some(&old), &self.options, &resolved)?;
+        let fresh: Vec<Arc<Endpoint>> = generation
+            .endpoints
+            .iter()
+            .filter(|e| !old.contains(e))
+            .cloned()
+            .collect();
+        health::first_round(&fresh, &generation.config.health).await;
+        let generation = Arc::new(generation);
+        self.current.store(generation.clone());
+        self.generation_changed.notify_waiters();
+        for endpoint in fresh {
+            self.spawn_health_checker(endpoint);
+        }
+        let (kept, total) = (
+            generation
+                .endpoints
+                .iter()
+                .filter(|e| old.contains(e))
+                .count(),
+            generation.endpoints.len(),
+        );
+        tracing::info!(
+            generation = generation.number,
+            phase = generation.routes.phase().as_str(),
+            endpoints = total,
+            kept,
+            "new configuration generation in service"
+        );
+        Ok(generation.number)
+    }
+
+    /// The resolved addresses for `config`'s DNS regions: those already known, and a
+    /// first resolution for names not seen before.
+    async fn resolve_new_names(&self, config: &Config) -> Resolved {
+        let known = self.resolved.lock().map(|r| r.clone()).unwrap_or_default();
+        let mut resolved = Resolved::new();
+        for dns in config.dns_discovery() {
+            let ips = match known.get(&dns.region) {
+                Some(ips) => ips.clone(),
+                None => resolve_logged(&dns).await.unwrap_or_default(),
+            };
+            resolved.insert(dns.region.clone(), ips);
+        }
+        if let Ok(mut r) = self.resolved.lock() {
+            *r = resolved.clone();
+        }
+        resolved
+    }
+
+    /// Re-resolves every `privatelink_dns` name when due and, when an address set
+    /// changed, builds a new generation from the same configuration (unchanged
+    /// addresses keep their endpoints).
+    async fn rediscover(&self, due: &[crate::config::DnsDiscovery]) {
+        let mut changed = false;
+        for dns in due {
+            let Some(ips) = resolve_logged(dns).await else {
+                continue; // keep the last known addresses
+            };
+            if let Ok(mut resolved) = self.resolved.lock() {
+                if resolved.get(&dns.region) != Some(&ips) {
+                    tracing::info!(region = %dns.region, name = %dns.host, addresses = ?ips, "PrivateLink DNS answer changed");
+                    resolved.insert(dns.region.clone(), ips);
+                    changed = true;
+                }
+            }
+        }
+        if changed {
+            let config = (*self.current().config).clone();
+            if let Err(error) = self.reload(config).await {
+                tracing::error!(%error, "could not apply the new PrivateLink addresses");
+            }
+        }
+    }
+
+    /// Checks one endpoint every `health.interval` (read afresh each round, so a reload
+    /// that changes it takes effect) until the endpoint leaves the configuration.
+    fn spawn_health_checker(&self, endpoint: Arc<Endpoint>) {
+        let proxy = self.this.clone();
+        let stop = self.stop_background.clone();
+        tokio::spawn(async move {
+            loop {
+                let Some(settings) = proxy.upgrade().and_then(|p| {
+                    let generation = p.current();
+                    generation
+                        .contains(&endpoint)
+                        .then(|| generation.config.health.clone())
+                }) else {
+                    return;
+                };
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(settings.interval.get()) => {}
+                }
+                let result = tokio::select! {
+                    _ = stop.cancelled() => return,
+                    result = health::check(&endpoint.config.host, endpoint.config.health_port, &settings) => result,
+                };
+                health::record(&endpoint, &result, &settings);
+            }
+        });
+    }
 }
 
-/// Builds the endpoints, routes and sealer of one configuration.
+fn warn_about_restart_only_changes(old: &Config, new: &Config) {
+    for (key, changed) in [
+        ("listen.address", old.listen.address != new.listen.address),
+        ("admin.address", old.admin.address != new.admin.address),
+        (
+            "listen.max_connections",
+            old.listen.max_connections != new.listen.max_connections,
+        ),
+        ("log.format", old.log.format != new.log.format),
+    ] {
+        if changed {
+            tracing::warn!(
+                key,
+                "this setting changes only on restart; the rest of the reload applies"
+            );
+        }
+    }
+}
+
+/// The key service for a new configuration: the current one unless the KMS client
+/// settings changed.
+async fn keys_for(old: &Generation, config: &Config) -> Result<KeyService, StartError> {
+    let current = old.sealer.keys().clone();
+    let same = old.config.kms.region == config.kms.region
+        && old.config.kms.endpoint_url == config.kms.endpoint_url
+        && old.config.kms.timeout == config.kms.timeout;
+    if same || current.is_development() {
+        return Ok(current);
+    }
+    let keys = KeyService::Kms(KmsKeys::from_config(&config.kms).await);
+    keys.check_credentials().await?;
+    Ok(keys)
+}
+
+/// Builds the endpoints, routes and sealer of one configuration, reusing endpoints from
+/// `reusable` whose settings are unchanged.
 fn build_generation(
     number: u64,
     config: Config,
-    keys: &KeyService,
+    keys: KeyService,
+    previous: Option<&Generation>,
+    options: &StartOptions,
+    resolved: &Resolved,
 ) -> Result<Generation, StartError> {
-    let endpoints = upstream::build_endpoints(&config)?;
+    let reusable = previous.map_or(&[][..], |p| p.endpoints.as_slice());
+    let endpoints = upstream::build_endpoints(&config, reusable, resolved)?;
     let routes = RouteTable::new(&config, &endpoints);
-    let sealer = Sealer::new(&config, keys.clone());
+    // The data-key cache survives a reload that keeps the key and its limits: a reload
+    // must not cost a KMS call or reset the counters.
+    let sealer = match previous {
+        Some(p) => Sealer::after_reload(&p.sealer, &config, keys),
+        None => Sealer::new(&config, keys),
+    };
     Ok(Generation {
         number,
+        retry_budget: RetryBudget::new(&config.retry),
+        chooser: Chooser::new(options.random_seed),
         config: Arc::new(config),
         endpoints,
         routes,
         sealer,
+        loaded_at: chrono::Utc::now(),
     })
 }
 
@@ -96,7 +328,6 @@ pub struct ProxyHandle {
     pub admin_addr: SocketAddr,
     proxy: Arc<Proxy>,
     stop_accepting: CancellationToken,
-    stop_background: CancellationToken,
     ingress: JoinHandle<()>,
 }
 
@@ -118,53 +349,67 @@ impl ProxyHandle {
         tokio::time::sleep(drain_delay).await;
         self.stop_accepting.cancel();
         let _ = self.ingress.await;
-        self.stop_background.cancel();
+        self.proxy.stop_background.cancel();
         tracing::info!("shutdown complete");
     }
 }
 
 /// Starts the proxy: credentials, endpoints, a first health round, then the listeners.
 pub async fn start(config: Config, keys: KeyService) -> Result<ProxyHandle, StartError> {
+    start_with(config, keys, StartOptions::default()).await
+}
+
+pub async fn start_with(
+    config: Config,
+    keys: KeyService,
+    options: StartOptions,
+) -> Result<ProxyHandle, StartError> {
     keys.check_credentials().await?;
-    let generation = Arc::new(build_generation(1, config, &keys)?);
-    let proxy = Arc::new(Proxy {
+    let mut resolved = Resolved::new();
+    for dns in config.dns_discovery() {
+        let ips = resolve_logged(&dns).await.unwrap_or_default();
+        resolved.insert(dns.region.clone(), ips);
+    }
+    let generation = Arc::new(build_generation(
+        1, config, keys, None, &options, &resolved,
+    )?);
+    let stop_background = CancellationToken::new();
+    let proxy = Arc::new_cyclic(|this| Proxy {
         current: ArcSwap::new(generation.clone()),
-        keys,
+        next_generation: AtomicU64::new(2),
+        options,
         ready: AtomicBool::new(false),
         draining: AtomicBool::new(false),
         started: Instant::now(),
+        reloads_ok: AtomicU64::new(0),
+        reloads_failed: AtomicU64::new(0),
+        reload_lock: tokio::sync::Mutex::new(()),
+        resolved: std::sync::Mutex::new(resolved),
+        generation_changed: Arc::new(tokio::sync::Notify::new()),
+        stop_background: stop_background.clone(),
+        this: this.clone(),
+        metrics: Arc::new(crate::metrics::Metrics::new()),
     });
     let config = generation.config.clone();
 
-    let listener = TcpListener::bind(config.listen.address)
-        .await
-        .map_err(|source| StartError::Bind {
-            key: "listen.address",
-            address: config.listen.address,
+    let bind = |key: &'static str, address: SocketAddr| async move {
+        let listener = TcpListener::bind(address)
+            .await
+            .map_err(|source| StartError::Bind {
+                key,
+                address,
+                source,
+            })?;
+        let local = listener.local_addr().map_err(|source| StartError::Bind {
+            key,
+            address,
             source,
         })?;
-    let admin_listener = TcpListener::bind(config.admin.address)
-        .await
-        .map_err(|source| StartError::Bind {
-            key: "admin.address",
-            address: config.admin.address,
-            source,
-        })?;
-    let listen_addr = listener.local_addr().map_err(|source| StartError::Bind {
-        key: "listen.address",
-        address: config.listen.address,
-        source,
-    })?;
-    let admin_addr = admin_listener
-        .local_addr()
-        .map_err(|source| StartError::Bind {
-            key: "admin.address",
-            address: config.admin.address,
-            source,
-        })?;
+        Ok::<_, StartError>((listener, local))
+    };
+    let (listener, listen_addr) = bind("listen.address", config.listen.address).await?;
+    let (admin_listener, admin_addr) = bind("admin.address", config.admin.address).await?;
 
-    let stop_accepting = CancellationToken::new();
-    let stop_background = CancellationToken::new();
     tokio::spawn(crate::admin::serve(
         admin_listener,
         proxy.clone(),
@@ -172,12 +417,20 @@ pub async fn start(config: Config, keys: KeyService) -> Result<ProxyHandle, Star
     ));
 
     health::first_round(&generation.endpoints, &config.health).await;
-    health::spawn_checkers(
-        &generation.endpoints,
-        &config.health,
-        stop_background.clone(),
-    );
+    for endpoint in &generation.endpoints {
+        proxy.spawn_health_checker(endpoint.clone());
+    }
 
+    tokio::spawn(rediscover_periodically(
+        Arc::downgrade(&proxy),
+        stop_background.clone(),
+    ));
+    tokio::spawn(watch_fallback_window(
+        Arc::downgrade(&proxy),
+        stop_background.clone(),
+    ));
+
+    let stop_accepting = CancellationToken::new();
     let ingress = tokio::spawn(crate::ingress::serve(
         listener,
         proxy.clone(),
@@ -203,7 +456,102 @@ pub async fn start(config: Config, keys: KeyService) -> Result<ProxyHandle, Star
         admin_addr,
         proxy,
         stop_accepting,
-        stop_background,
         ingress,
     })
+}
+
+/// Tells the operator, in the log, when the public fallback window is about to close
+/// (hourly during its last day) and when it has closed (once per generation): after
+/// that, phase `privatelink` never uses public, and the rollback plan is gone.
+async fn watch_fallback_window(proxy: Weak<Proxy>, stop: CancellationToken) {
+    use crate::route::WindowNotice;
+    const EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+    const HOURLY: std::time::Duration = std::time::Duration::from_secs(3600);
+    let mut last_warning: Option<Instant> = None;
+    let mut closed_told_for = 0;
+    loop {
+        let Some(generation) = proxy.upgrade().map(|p| p.current()) else {
+            return;
+        };
+        match generation.routes.fallback_window_notice(chrono::Utc::now()) {
+            Some(WindowNotice::Closing(until, left))
+                if last_warning.is_none_or(|t| t.elapsed() >= HOURLY) =>
+            {
+                tracing::warn!(
+                    public_fallback_until = %until.to_rfc3339(),
+                    hours_left = left.num_minutes() as f64 / 60.0,
+                    "the public fallback window closes soon: after it, phase `privatelink` never falls back to public; extend migration.public_fallback_until to keep the rollback plan"
+                );
+                last_warning = Some(Instant::now());
+            }
+            Some(WindowNotice::Closed(until)) if closed_told_for != generation.number => {
+                tracing::warn!(
+                    public_fallback_until = %until.to_rfc3339(),
+                    "the public fallback window has closed: public endpoints are no longer used"
+                );
+                closed_told_for = generation.number;
+            }
+            _ => {}
+        }
+        drop(generation);
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(EVERY) => {}
+        }
+    }
+}
+
+async fn resolve_logged(dns: &crate::config::DnsDiscovery) -> Option<Vec<std::net::IpAddr>> {
+    match discovery::resolve(dns).await {
+        Ok(ips) => Some(ips),
+        Err(error) => {
+            tracing::warn!(region = %dns.region, %error, "PrivateLink DNS discovery failed; keeping the last known addresses");
+            None
+        }
+    }
+}
+
+/// Re-resolves each `privatelink_dns` name every `dns_refresh` of its region (read from
+/// the current configuration each round, so reloads take effect).
+async fn rediscover_periodically(proxy: Weak<Proxy>, stop: CancellationToken) {
+    let mut last: std::collections::BTreeMap<String, Instant> = Default::default();
+    loop {
+        let Some(proxy_now) = proxy.upgrade() else {
+            return;
+        };
+        // Registered before the configuration is read, so a reload in between still
+        // wakes this loop.
+        let changed = proxy_now.generation_changed.clone();
+        let notified = changed.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        let regions = proxy_now.current().config.dns_discovery();
+        let due: Vec<_> = regions
+            .iter()
+            .filter(|d| last.get(&d.region).is_none_or(|t| t.elapsed() >= d.refresh))
+            .cloned()
+            .collect();
+        if !due.is_empty() {
+            for d in &due {
+                last.insert(d.region.clone(), Instant::now());
+            }
+            proxy_now.rediscover(&due).await;
+        }
+        let next = regions
+            .iter()
+            .map(|d| {
+                last.get(&d.region)
+                    .map_or(d.refresh, |t| d.refresh.saturating_sub(t.elapsed()))
+            })
+            .min()
+            .unwrap_or(std::time::Duration::from_secs(3600))
+            .max(std::time::Duration::from_millis(100));
+        drop(proxy_now);
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(next) => {}
+            // A reload may add a DNS region or change its refresh interval.
+            _ = notified => {}
+        }
+    }
 }

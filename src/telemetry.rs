@@ -1,4 +1,9 @@
-//! Logging set-up: `RUST_LOG`-style filtering (default `info`), human or JSON lines.
+//! Logging set-up: `RUST_LOG`-style filtering (default `info`), human or JSON lines on
+//! stderr (journald and container runtimes collect stderr). The format comes from
+//! `log.format`, overridden by `gpulink run --log-format`.
+//!
+//! Every app request runs inside one `request` span carrying its request id (see
+//! [`crate::forward`]), so every line about a request, in either format, names it.
 //! What is logged never includes bodies, keys or ciphertext: only ids, sizes, addresses
 //! and outcomes.
 
@@ -6,9 +11,39 @@ use tracing_subscriber::EnvFilter;
 
 use crate::config::LogFormat;
 
+/// `--log-format`: overrides `log.format` from the configuration.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormatFlag {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, with the current span's fields (the request id).
+    Json,
+}
+
+impl From<LogFormatFlag> for LogFormat {
+    fn from(flag: LogFormatFlag) -> Self {
+        match flag {
+            LogFormatFlag::Text => LogFormat::Text,
+            LogFormatFlag::Json => LogFormat::Json,
+        }
+    }
+}
+
+/// The format in force: the flag when given, else the configuration's.
+pub fn effective_format(configured: LogFormat, flag: Option<LogFormatFlag>) -> LogFormat {
+    flag.map_or(configured, LogFormat::from)
+}
+
 /// Installs the global subscriber once; later calls are ignored (tests start many proxies).
 pub fn init(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    init_with_default(format, "info");
+}
+
+/// As [`init`], with another filter when `RUST_LOG` is unset (the demo prints its own
+/// report and keeps the log to warnings).
+pub fn init_with_default(format: LogFormat, default_filter: &str) {
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -17,7 +52,26 @@ pub fn init(format: LogFormat) {
             .json()
             .flatten_event(true)
             .with_current_span(true)
+            .with_span_list(false)
             .try_init(),
         LogFormat::Text => builder.try_init(),
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_flag_overrides_the_configuration() {
+        assert_eq!(effective_format(LogFormat::Text, None), LogFormat::Text);
+        assert_eq!(
+            effective_format(LogFormat::Text, Some(LogFormatFlag::Json)),
+            LogFormat::Json
+        );
+        assert_eq!(
+            effective_format(LogFormat::Json, Some(LogFormatFlag::Text)),
+            LogFormat::Text
+        );
+    }
 }

@@ -55,6 +55,10 @@ fn invalid_configurations_exit_78_naming_the_key() {
         ("ip_without_server_name.toml", "regions[0].privatelink[0]"),
         ("missing_tenant.toml", "tenant"),
         ("endpoint_with_scheme.toml", "regions[0].privatelink[0]"),
+        ("dns_and_list.toml", "regions[0].privatelink_dns"),
+        ("esdk_alias_key.toml", "kms.key_id"),
+        ("auto_key_other_region.toml", "kms.key_id"),
+        ("cache_zero_messages.toml", "kms.cache.max_messages"),
     ];
     let dir = root().join("tests/fixtures/invalid");
     let count = std::fs::read_dir(&dir).expect("fixtures").count();

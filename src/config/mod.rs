@@ -138,6 +138,17 @@ pub enum SealFormat {
     Auto,
 }
 
+impl SealFormat {
+    /// The name as written in the file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SealFormat::KmsDirect => "kms-direct",
+            SealFormat::AwsEsdk => "aws-esdk",
+            SealFormat::Auto => "auto",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, Deserialize, Default, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum ContextMode {
@@ -408,6 +419,33 @@ impl RouteKind {
     }
 }
 
+/// A region's PrivateLink ENIs given as a DNS name: every address it resolves to is an
+/// endpoint, re-resolved every `refresh`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DnsDiscovery {
+    pub region: String,
+    pub host: String,
+    pub port: u16,
+    pub server_name: String,
+    pub health_port: u16,
+    pub refresh: std::time::Duration,
+}
+
+impl DnsDiscovery {
+    /// The endpoint for one resolved address.
+    pub fn endpoint(&self, ip: IpAddr) -> EndpointConfig {
+        EndpointConfig {
+            region: self.region.clone(),
+            kind: RouteKind::Privatelink,
+            host: ip.to_string(),
+            port: self.port,
+            server_name: self.server_name.clone(),
+            health_port: self.health_port,
+            ca_file: None,
+        }
+    }
+}
+
 /// An endpoint with every default applied: what the upstream layer dials and checks.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct EndpointConfig {
@@ -499,13 +537,38 @@ impl Config {
                 "must name an AWS region such as us-east-1".into(),
             );
         }
-        if self.kms.format == SealFormat::AwsEsdk {
+        if self.kms.format != SealFormat::KmsDirect {
+            // Decided: require the key ARN rather than resolving an alias at start. The
+            // ESDK header's provider info is the key ARN, and official decryptors in
+            // strict mode only open data keys whose provider info equals a key ARN they
+            // are configured with; an ARN in the file is what the cluster team configures
+            // too, and `check` can verify it offline.
+            if let Err(message) = check_key_arn(&self.kms.key_id, &self.kms.region) {
+                return bad(
+                    "kms.key_id",
+                    format!(
+                        "{message}. With kms.format = \"{}\" gpulink writes the key ARN into \
+                         every AWS Encryption SDK message, and the cluster's decryptor (any \
+                         official ESDK in strict mode) only opens messages whose key ARN \
+                         matches the one it is configured with, so an alias or bare key id \
+                         is not accepted here; find the ARN with `aws kms describe-key \
+                         --key-id <alias or id>`",
+                        self.kms.format.as_str()
+                    ),
+                );
+            }
+        }
+        if self.kms.cache.max_age.get().is_zero() {
+            return bad("kms.cache.max_age", "must be greater than zero".into());
+        }
+        if self.kms.cache.max_messages == 0 {
             return bad(
-                "kms.format",
-                "`aws-esdk` is not available in this build yet; use `kms-direct` or `auto` \
-                 (bodies over 4096 bytes are then refused with 413)"
-                    .into(),
+                "kms.cache.max_messages",
+                "must be at least 1 (messages sealed under one data key)".into(),
             );
+        }
+        if self.kms.cache.max_bytes.bytes() == 0 {
+            return bad("kms.cache.max_bytes", "must be greater than zero".into());
         }
         if let Some(url) = &self.kms.endpoint_url {
             if !(url.starts_with("http://") || url.starts_with("https://")) {
@@ -602,15 +665,35 @@ impl Config {
                     format!("region `{}` appears twice", region.name),
                 );
             }
-            if region.privatelink_dns.is_some() {
-                return bad(
-                    &format!("regions[{i}].privatelink_dns"),
-                    "DNS discovery is not available in this build yet; list the ENI addresses in `privatelink`".into(),
-                );
+            if let Some(name) = &region.privatelink_dns {
+                let key = format!("regions[{i}].privatelink_dns");
+                if !region.privatelink.is_empty() {
+                    return bad(
+                        &key,
+                        "give either `privatelink` (a list of ENI addresses) or `privatelink_dns`, not both".into(),
+                    );
+                }
+                let (host, _) = split_host_port(name).map_err(|m| (key.clone(), m))?;
+                if host.parse::<IpAddr>().is_ok() {
+                    return bad(
+                        &key,
+                        format!("`{host}` is an address; put addresses in `privatelink`"),
+                    );
+                }
+                if rustls_pki_types::ServerName::try_from(self.dns_server_name(&host)).is_err() {
+                    return bad(&key, format!("`{host}` is not a valid DNS name"));
+                }
+                if region.dns_refresh.get() < std::time::Duration::from_secs(1) {
+                    return bad(
+                        &format!("regions[{i}].dns_refresh"),
+                        "must be at least 1s".into(),
+                    );
+                }
             }
         }
         let endpoints = self.endpoints()?;
-        let has_privatelink = endpoints.iter().any(|e| e.kind == RouteKind::Privatelink);
+        let has_privatelink = endpoints.iter().any(|e| e.kind == RouteKind::Privatelink)
+            || self.regions.iter().any(|r| r.privatelink_dns.is_some());
         let has_public = endpoints.iter().any(|e| e.kind == RouteKind::Public);
         match self.migration.phase {
             Phase::Public if !has_public => {
@@ -698,10 +781,77 @@ impl Config {
         Ok(out)
     }
 
+    /// The regions whose PrivateLink ENIs are discovered through DNS.
+    pub fn dns_discovery(&self) -> Vec<DnsDiscovery> {
+        self.regions
+            .iter()
+            .filter_map(|region| {
+                let name = region.privatelink_dns.as_ref()?;
+                let (host, port) = split_host_port(name).ok()?;
+                Some(DnsDiscovery {
+                    region: region.name.clone(),
+                    server_name: self.dns_server_name(&host),
+                    host,
+                    port,
+                    health_port: self.health.port,
+                    refresh: region.dns_refresh.get(),
+                })
+            })
+            .collect()
+    }
+
+    /// The TLS name for endpoints found through DNS: `upstream.server_name` when set (the
+    /// VPC endpoint's own DNS name is rarely in the cluster's certificate), else the name.
+    fn dns_server_name(&self, host: &str) -> String {
+        self.upstream
+            .server_name
+            .clone()
+            .unwrap_or_else(|| host.to_string())
+    }
+
     /// The first region is the local one.
     pub fn local_region(&self) -> &str {
         self.regions.first().map(|r| r.name.as_str()).unwrap_or("")
     }
+}
+
+/// Checks that `key_id` is a KMS key ARN, `arn:PARTITION:kms:REGION:ACCOUNT:key/ID`, in
+/// `region` (KMS only serves a key in its own region).
+pub fn check_key_arn(key_id: &str, region: &str) -> Result<(), String> {
+    let not_arn = || {
+        format!(
+            "`{key_id}` is not a KMS key ARN (arn:aws:kms:REGION:ACCOUNT:key/KEY-ID; \
+             aliases and bare key ids are refused)"
+        )
+    };
+    let parts: Vec<&str> = key_id.splitn(6, ':').collect();
+    let [arn, partition, service, key_region, account, resource] = parts[..] else {
+        return Err(not_arn());
+    };
+    let Some(id) = resource.strip_prefix("key/") else {
+        return Err(not_arn());
+    };
+    let id_ok = !id.is_empty()
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    if arn != "arn"
+        || !partition.starts_with("aws")
+        || service != "kms"
+        || key_region.is_empty()
+        || account.len() != 12
+        || !account.chars().all(|c| c.is_ascii_digit())
+        || !id_ok
+    {
+        return Err(not_arn());
+    }
+    if key_region != region {
+        return Err(format!(
+            "the key `{key_id}` is in region `{key_region}` but kms.region is `{region}`; \
+             KMS serves a key only in its own region"
+        ));
+    }
+    Ok(())
 }
 
 fn check_readable(key: &str, path: &Path) -> Result<(), (String, String)> {
@@ -821,6 +971,75 @@ mod tests {
         );
         let err = parse(&text).unwrap_err().to_string();
         assert!(err.contains("tenant.model_pools"), "{err}");
+    }
+
+    #[test]
+    fn envelope_formats_need_a_key_arn_in_the_kms_region() {
+        // MINIMAL uses the default format, auto, with an ARN: valid.
+        assert_eq!(parse(MINIMAL).unwrap().kms.format, SealFormat::Auto);
+        for (key_id, format, why) in [
+            ("alias/gpulink", "auto", "not a KMS key ARN"),
+            (
+                "1234abcd-12ab-34cd-56ef-1234567890ab",
+                "aws-esdk",
+                "not a KMS key ARN",
+            ),
+            (
+                "arn:aws:kms:us-east-1:111122223333:alias/gpulink",
+                "aws-esdk",
+                "not a KMS key ARN",
+            ),
+            (
+                "arn:aws:kms:us-east-1:1111:key/k",
+                "auto",
+                "not a KMS key ARN",
+            ),
+            (
+                "arn:aws:kms:eu-west-1:111122223333:key/k",
+                "auto",
+                "eu-west-1",
+            ),
+        ] {
+            let text = MINIMAL
+                .replace("arn:aws:kms:us-east-1:111122223333:key/k", key_id)
+                .replace(
+                    "region = \"us-east-1\"\n",
+                    &format!("region = \"us-east-1\"\nformat = \"{format}\"\n"),
+                );
+            let err = parse(&text).unwrap_err().to_string();
+            assert!(
+                err.contains("kms.key_id") && err.contains(why),
+                "{key_id}: {err}"
+            );
+            assert!(err.contains("describe-key"), "{err}");
+        }
+        // kms-direct accepts an alias: KMS Encrypt resolves it.
+        let text = MINIMAL
+            .replace("arn:aws:kms:us-east-1:111122223333:key/k", "alias/gpulink")
+            .replace(
+                "region = \"us-east-1\"\n",
+                "region = \"us-east-1\"\nformat = \"kms-direct\"\n",
+            );
+        parse(&text).unwrap();
+        // Other partitions and multi-Region keys are ARNs too.
+        assert!(check_key_arn(
+            "arn:aws-cn:kms:cn-north-1:111122223333:key/mrk-1a2b",
+            "cn-north-1"
+        )
+        .is_ok());
+    }
+
+    #[test]
+    fn cache_limits_must_be_positive() {
+        for (line, key) in [
+            ("max_age = \"0s\"", "kms.cache.max_age"),
+            ("max_messages = 0", "kms.cache.max_messages"),
+            ("max_bytes = \"0B\"", "kms.cache.max_bytes"),
+        ] {
+            let text = MINIMAL.replace("[upstream]", &format!("[kms.cache]\n{line}\n[upstream]"));
+            let err = parse(&text).unwrap_err().to_string();
+            assert!(err.contains(key), "{err}");
+        }
     }
 
     #[test]

@@ -57,7 +57,7 @@ pub type EncryptionContext = BTreeMap<String, String>;
 
 /// Every way sealing or opening a message can fail. None of them carry key material or
 /// plaintext.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum EsdkError {
     #[error("message is truncated: it ends inside the {0}")]

@@ -1,20 +1,30 @@
 //! Where data keys and ciphertexts come from: AWS KMS in production, or an in-process
 //! development key provider that stands in for KMS in `gpulink demo` (and that
 //! `gpulink run` refuses).
+//!
+//! Every KMS call has a deadline (`kms.timeout`, retries included), is retried by the SDK
+//! with exponential backoff on throttling and transient errors, and is counted in
+//! [`KeyStats`] (calls, errors, latency) for the metrics.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, NONCE_LEN};
 use aws_lc_rs::rand::{SecureRandom, SystemRandom};
 use aws_sdk_kms::primitives::Blob;
+use aws_sdk_kms::types::DataKeySpec;
+use zeroize::{Zeroize, Zeroizing};
+
+use super::esdk::EsdkError;
 
 /// The encryption context, serialised by KMS in key order.
 pub type EncryptionContext = BTreeMap<String, String>;
 
 /// Why a key operation failed. Messages never contain key material or plaintext.
-#[derive(Debug, thiserror::Error)]
+/// `Clone` because one failed data-key fetch answers every request that waited for it.
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum KeyError {
     #[error("KMS call timed out after {0:?}")]
     Timeout(Duration),
@@ -29,6 +39,90 @@ pub enum KeyError {
     Open,
     #[error("cannot resolve AWS credentials for KMS: {0}")]
     Credentials(String),
+    #[error(
+        "KMS GenerateDataKey returned a {0}-byte plaintext key where AES_256 gives 32 bytes; \
+         refusing to use it"
+    )]
+    BadDataKey(usize),
+    /// Sealing or opening the AWS Encryption SDK message failed (not a KMS failure, but
+    /// it fails closed the same way).
+    #[error("AWS Encryption SDK message: {0}")]
+    Envelope(#[from] EsdkError),
+    /// The development key provider was switched off to stand for a KMS outage.
+    #[error("the development key provider is switched off (simulated KMS outage)")]
+    Unavailable,
+}
+
+/// A fresh data key from `GenerateDataKey` (AES_256). The plaintext is zeroized when the
+/// last holder drops it; it never appears in `Debug` output or logs.
+pub struct DataKey {
+    pub plaintext: Zeroizing<[u8; 32]>,
+    /// The `CiphertextBlob`: the data key encrypted under the KMS key and the context.
+    pub ciphertext: Vec<u8>,
+    /// The `KeyId` KMS reports: always the key ARN, even when called with an alias.
+    pub key_arn: String,
+}
+
+impl std::fmt::Debug for DataKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DataKey")
+            .field("plaintext", &"<redacted>")
+            .field("ciphertext_len", &self.ciphertext.len())
+            .field("key_arn", &self.key_arn)
+            .finish()
+    }
+}
+
+/// Counters of one key operation (plain atomics: read by `/status` and the metrics).
+#[derive(Debug, Default)]
+pub struct OperationStats {
+    calls: AtomicU64,
+    errors: AtomicU64,
+    latency_micros: AtomicU64,
+}
+
+impl OperationStats {
+    /// Calls made (successful or not).
+    pub fn calls(&self) -> u64 {
+        self.calls.load(Ordering::Relaxed)
+    }
+    /// Calls that failed (timeouts included).
+    pub fn errors(&self) -> u64 {
+        self.errors.load(Ordering::Relaxed)
+    }
+    /// Sum of the calls' durations, in microseconds (divide by `calls` for the mean).
+    pub fn latency_micros_total(&self) -> u64 {
+        self.latency_micros.load(Ordering::Relaxed)
+    }
+
+    fn record<T>(&self, started: Instant, result: &Result<T, KeyError>) {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        self.latency_micros.fetch_add(micros, Ordering::Relaxed);
+        if result.is_err() {
+            self.errors.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Counters per KMS operation, shared by every clone of one key service (so they survive
+/// configuration reloads).
+#[derive(Debug, Default)]
+pub struct KeyStats {
+    pub encrypt: OperationStats,
+    pub generate_data_key: OperationStats,
+    pub decrypt: OperationStats,
+}
+
+impl KeyStats {
+    /// Calls of every operation.
+    pub fn calls(&self) -> u64 {
+        self.encrypt.calls() + self.generate_data_key.calls() + self.decrypt.calls()
+    }
+    /// Failed calls of every operation.
+    pub fn errors(&self) -> u64 {
+        self.encrypt.errors() + self.generate_data_key.errors() + self.decrypt.errors()
+    }
 }
 
 /// The result of sealing with the key service directly.
@@ -58,21 +152,53 @@ impl KeyService {
         plaintext: &[u8],
         context: &EncryptionContext,
     ) -> Result<Encrypted, KeyError> {
-        match self {
+        let started = Instant::now();
+        let result = match self {
             KeyService::Kms(kms) => kms.encrypt(key_id, plaintext, context).await,
             KeyService::Dev(dev) => dev.encrypt(plaintext, context),
-        }
+        };
+        self.stats().encrypt.record(started, &result);
+        result
     }
 
-    /// KMS `Decrypt`: opens a ciphertext made by [`KeyService::encrypt`] with the same context.
+    /// KMS `Decrypt`: opens a ciphertext made by [`KeyService::encrypt`] or
+    /// [`KeyService::generate_data_key`] with the same context.
     pub async fn decrypt(
         &self,
         ciphertext: &[u8],
         context: &EncryptionContext,
     ) -> Result<Vec<u8>, KeyError> {
-        match self {
+        let started = Instant::now();
+        let result = match self {
             KeyService::Kms(kms) => kms.decrypt(ciphertext, context).await,
             KeyService::Dev(dev) => dev.decrypt(ciphertext, context),
+        };
+        self.stats().decrypt.record(started, &result);
+        result
+    }
+
+    /// KMS `GenerateDataKey` (AES_256) under `key_id`, bound to `context`: a fresh data
+    /// key in plaintext and encrypted. The development provider makes a random key and
+    /// encrypts it with its own key, so that [`KeyService::decrypt`] opens it.
+    pub async fn generate_data_key(
+        &self,
+        key_id: &str,
+        context: &EncryptionContext,
+    ) -> Result<DataKey, KeyError> {
+        let started = Instant::now();
+        let result = match self {
+            KeyService::Kms(kms) => kms.generate_data_key(key_id, context).await,
+            KeyService::Dev(dev) => dev.generate_data_key(context),
+        };
+        self.stats().generate_data_key.record(started, &result);
+        result
+    }
+
+    /// Call counters, shared by every clone of this key service.
+    pub fn stats(&self) -> &KeyStats {
+        match self {
+            KeyService::Kms(kms) => &kms.stats,
+            KeyService::Dev(dev) => &dev.stats,
         }
     }
 
@@ -92,19 +218,34 @@ pub struct KmsKeys {
     client: aws_sdk_kms::Client,
     credentials: Option<aws_credential_types::provider::SharedCredentialsProvider>,
     timeout: Duration,
+    stats: Arc<KeyStats>,
 }
+
+/// Attempts per KMS call (the first included). The SDK's standard retry mode backs off
+/// exponentially with jitter and also retries throttling (`ThrottlingException`); every
+/// attempt together stays inside `kms.timeout`.
+const KMS_MAX_ATTEMPTS: u32 = 3;
 
 impl KmsKeys {
     /// Builds a client from the standard credential chain. The endpoint comes from
     /// `endpoint_url`, else `AWS_ENDPOINT_URL_KMS`/`AWS_ENDPOINT_URL`, else real KMS.
+    /// The client `[kms]` describes.
+    pub async fn from_config(kms: &crate::config::Kms) -> Self {
+        Self::new(&kms.region, kms.endpoint_url.as_deref(), kms.timeout.get()).await
+    }
+
     pub async fn new(region: &str, endpoint_url: Option<&str>, timeout: Duration) -> Self {
         let timeouts = aws_config::timeout::TimeoutConfig::builder()
             .operation_timeout(timeout)
             .connect_timeout(timeout.min(Duration::from_secs(2)))
             .build();
+        let retry = aws_config::retry::RetryConfig::standard()
+            .with_max_attempts(KMS_MAX_ATTEMPTS)
+            .with_initial_backoff(Duration::from_millis(50));
         let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest())
             .region(aws_config::Region::new(region.to_string()))
-            .timeout_config(timeouts);
+            .timeout_config(timeouts)
+            .retry_config(retry);
         if let Some(url) = endpoint_url {
             loader = loader.endpoint_url(url);
         }
@@ -114,6 +255,7 @@ impl KmsKeys {
             client,
             credentials: sdk_config.credentials_provider(),
             timeout,
+            stats: Arc::new(KeyStats::default()),
         }
     }
 
@@ -182,6 +324,48 @@ impl KmsKeys {
         })
     }
 
+    async fn generate_data_key(
+        &self,
+        key_id: &str,
+        context: &EncryptionContext,
+    ) -> Result<DataKey, KeyError> {
+        let mut request = self
+            .client
+            .generate_data_key()
+            .key_id(key_id)
+            .key_spec(DataKeySpec::Aes256);
+        if !context.is_empty() {
+            request = request.set_encryption_context(Some(context.clone().into_iter().collect()));
+        }
+        let output = self
+            .bounded("GenerateDataKey", async {
+                request.send().await.map_err(|e| short_sdk_error(&e))
+            })
+            .await?;
+        let missing = |field: &str| KeyError::Kms {
+            operation: "GenerateDataKey",
+            message: format!("the response carried no {field}"),
+        };
+        let mut plaintext_blob = output
+            .plaintext
+            .ok_or_else(|| missing("Plaintext"))?
+            .into_inner();
+        let plaintext = data_key_array(&plaintext_blob);
+        plaintext_blob.zeroize();
+        let plaintext = plaintext?;
+        let ciphertext = output
+            .ciphertext_blob
+            .ok_or_else(|| missing("CiphertextBlob"))?
+            .into_inner();
+        // The ESDK's provider info must be the key ARN; KMS always reports it here.
+        let key_arn = output.key_id.ok_or_else(|| missing("KeyId"))?;
+        Ok(DataKey {
+            plaintext,
+            ciphertext,
+            key_arn,
+        })
+    }
+
     async fn decrypt(
         &self,
         ciphertext: &[u8],
@@ -200,6 +384,16 @@ impl KmsKeys {
     }
 }
 
+/// Copies a 32-byte data key into zeroizing storage; anything else is refused.
+fn data_key_array(bytes: &[u8]) -> Result<Zeroizing<[u8; 32]>, KeyError> {
+    let mut key = Zeroizing::new([0u8; 32]);
+    if bytes.len() != key.len() {
+        return Err(KeyError::BadDataKey(bytes.len()));
+    }
+    key.copy_from_slice(bytes);
+    Ok(key)
+}
+
 /// The SDK's full error chain, which names the service error code (e.g. `InvalidCiphertextException`).
 fn short_sdk_error<E: std::error::Error>(e: &E) -> String {
     aws_sdk_kms::error::DisplayErrorContext(e).to_string()
@@ -211,6 +405,9 @@ fn short_sdk_error<E: std::error::Error>(e: &E) -> String {
 pub struct DevKeys {
     key: LessSafeKey,
     rng: SystemRandom,
+    stats: KeyStats,
+    /// When set, every operation fails as KMS would during an outage (tests and demos).
+    unavailable: AtomicBool,
 }
 
 /// Marks development ciphertexts so they are never mistaken for KMS ones.
@@ -226,6 +423,39 @@ impl DevKeys {
         Ok(Self {
             key: LessSafeKey::new(key),
             rng,
+            stats: KeyStats::default(),
+            unavailable: AtomicBool::new(false),
+        })
+    }
+
+    /// Switches the provider off (`true`) or back on, to stand for a KMS outage: while
+    /// off, every operation fails with [`KeyError::Unavailable`].
+    pub fn set_unavailable(&self, unavailable: bool) {
+        self.unavailable.store(unavailable, Ordering::SeqCst);
+    }
+
+    fn check_available(&self) -> Result<(), KeyError> {
+        if self.unavailable.load(Ordering::SeqCst) {
+            Err(KeyError::Unavailable)
+        } else {
+            Ok(())
+        }
+    }
+
+    fn generate_data_key(&self, context: &EncryptionContext) -> Result<DataKey, KeyError> {
+        self.check_available()?;
+        let mut plaintext = Zeroizing::new([0u8; 32]);
+        self.rng
+            .fill(plaintext.as_mut())
+            .map_err(|_| KeyError::Kms {
+                operation: "GenerateDataKey",
+                message: "the system random number generator failed".into(),
+            })?;
+        let sealed = self.encrypt(plaintext.as_ref(), context)?;
+        Ok(DataKey {
+            plaintext,
+            ciphertext: sealed.ciphertext,
+            key_arn: sealed.key_arn,
         })
     }
 
@@ -238,6 +468,7 @@ impl DevKeys {
         plaintext: &[u8],
         context: &EncryptionContext,
     ) -> Result<Encrypted, KeyError> {
+        self.check_available()?;
         let mut nonce = [0u8; NONCE_LEN];
         self.rng.fill(&mut nonce).map_err(|_| KeyError::Open)?;
         let mut out = Vec::with_capacity(DEV_MAGIC.len() + NONCE_LEN + plaintext.len() + 16);
@@ -261,6 +492,7 @@ impl DevKeys {
     }
 
     fn decrypt(&self, ciphertext: &[u8], context: &EncryptionContext) -> Result<Vec<u8>, KeyError> {
+        self.check_available()?;
         let start = DEV_MAGIC.len() + NONCE_LEN;
         if ciphertext.len() < start + 16 || &ciphertext[..DEV_MAGIC.len()] != DEV_MAGIC {
             return Err(KeyError::Open);

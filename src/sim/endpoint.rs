@@ -14,6 +14,7 @@ use std::time::Duration;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{watch, Mutex};
 use tokio::task::{JoinHandle, JoinSet};
@@ -77,7 +78,7 @@ pub(crate) struct Endpoint {
     serving: Mutex<Option<Serving>>,
 }
 
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 enum Port {
     Inference,
     Health,
@@ -284,8 +285,14 @@ pub(crate) fn listen(addr: SocketAddr) -> Result<TcpListener, SimError> {
     socket.listen(LISTEN_BACKLOG).map_err(bind_error)
 }
 
-/// Accepts until `stop` or the simulator's shutdown, then closes the listener and aborts
-/// every connection it accepted (and waits for them, so `down` is in effect on return).
+/// How long `down` lets requests already being served finish before cutting them.
+const DOWN_GRACE: Duration = Duration::from_secs(30);
+
+/// Accepts until `stop` or the simulator's shutdown, then closes the listener. Inference
+/// connections are shut down gracefully, as an ENI that goes away does: idle ones close
+/// at once (HTTP/2 says GOAWAY), requests already being served finish. Whatever is left
+/// after the grace, and every health connection, is aborted; `down` is in effect on
+/// return.
 async fn accept_loop(
     listener: TcpListener,
     port: Port,
@@ -295,6 +302,7 @@ async fn accept_loop(
 ) {
     let mut shutdown = shared.shutdown.subscribe();
     let mut connections = JoinSet::new();
+    let graceful = GracefulShutdown::new();
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -302,9 +310,10 @@ async fn accept_loop(
                     let _ = stream.set_nodelay(true);
                     let shared = shared.clone();
                     let endpoint = endpoint.clone();
+                    let watcher = graceful.watcher();
                     connections.spawn(async move {
                         match port {
-                            Port::Inference => serve_inference(stream, shared, endpoint).await,
+                            Port::Inference => serve_inference(stream, shared, endpoint, watcher).await,
                             Port::Health => serve_health(stream, endpoint).await,
                         }
                     });
@@ -322,6 +331,10 @@ async fn accept_loop(
         }
     }
     drop(listener);
+    let simulator_stopping = *shared.shutdown.borrow();
+    if port == Port::Inference && !simulator_stopping {
+        let _ = tokio::time::timeout(DOWN_GRACE, graceful.shutdown()).await;
+    }
     connections.shutdown().await;
 }
 
@@ -331,7 +344,12 @@ pub(crate) async fn raised(flag: &mut watch::Receiver<bool>) {
     let _ = flag.wait_for(|raised| *raised).await.map(|_| ());
 }
 
-async fn serve_inference(stream: TcpStream, shared: Arc<Shared>, endpoint: Arc<Endpoint>) {
+async fn serve_inference(
+    stream: TcpStream,
+    shared: Arc<Shared>,
+    endpoint: Arc<Endpoint>,
+    watcher: Watcher,
+) {
     let tls = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, shared.tls.accept(stream)).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(error)) => {
@@ -343,7 +361,10 @@ async fn serve_inference(stream: TcpStream, shared: Arc<Shared>, endpoint: Arc<E
     let service =
         service_fn(move |request| inference::handle(shared.clone(), endpoint.clone(), request));
     let builder = auto::Builder::new(TokioExecutor::new());
-    if let Err(error) = builder.serve_connection(TokioIo::new(tls), service).await {
+    let connection = builder
+        .serve_connection(TokioIo::new(tls), service)
+        .into_owned();
+    if let Err(error) = watcher.watch(connection).await {
         tracing::debug!(%error, "inference connection ended with an error");
     }
 }

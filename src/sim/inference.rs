@@ -8,8 +8,10 @@
 //! (a leak is a leak whatever the state), and `full` refuses before the request counts
 //! as delivered, because the proxy is allowed to retry it.
 
+use std::collections::{HashMap, VecDeque};
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -26,7 +28,11 @@ use crate::body::{BoxError, ProxyBody};
 use crate::headers::{
     X_ENCRYPTION_FORMAT, X_KMS_KEY_ID, X_MODEL_POOL, X_REGION, X_REQUEST_ID, X_TENANT_ID,
 };
-use crate::seal::{EncryptionContext, KeyService, FORMAT_AWS_ESDK, FORMAT_KMS_DIRECT};
+use crate::seal::esdk;
+use crate::seal::{
+    EncryptionContext, KeyService, FORMAT_AWS_ESDK, FORMAT_KMS_DIRECT, PROVIDER_ID_AWS_KMS,
+};
+use zeroize::Zeroizing;
 
 /// The canned model output.
 const OUTPUT: &str = "Hello from the simulated cluster";
@@ -76,6 +82,7 @@ pub(crate) async fn handle(
         }
         Err(error) => return Err(Hangup::Body(error.to_string())),
     };
+    shared.capture.keep(&body);
 
     // An unsealed body is the leak the tests look for, so it is counted in every state.
     let plaintext = serde_json::from_slice::<serde::de::IgnoredAny>(&body).is_ok();
@@ -84,10 +91,10 @@ pub(crate) async fn handle(
         tracing::warn!(endpoint = %endpoint.config.ip, "received an unsealed JSON body");
     }
 
-    // Read again: the state may have changed while the body arrived.
+    // Read again: the state may have changed while the body arrived. A request already
+    // being served when the endpoint goes down is finished, as a draining ENI does.
     match endpoint.state() {
         EndpointState::Blackhole => return hold(&shared, &endpoint, request_id.as_deref()).await,
-        EndpointState::Down => return Err(Hangup::Down),
         EndpointState::Full => {
             return Ok(error_response(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -134,14 +141,23 @@ pub(crate) async fn handle(
         let mut context = EncryptionContext::new();
         context.insert("tenant_id".into(), tenant.to_string());
         context.insert("model_pool".into(), model_pool.to_string());
-        match open(&shared.keys, format, &body, &context).await {
+        match open(
+            &shared.keys,
+            &shared.data_keys,
+            format,
+            key_id,
+            &body,
+            &context,
+        )
+        .await
+        {
             Ok(opened) => Some(opened),
             Err(OpenError::UnsupportedFormat) => {
                 return Ok(error_response(
                     StatusCode::BAD_REQUEST,
                     "unsupported_format",
                     &format!(
-                        "X-Encryption-Format `{format}` is not supported here; use {FORMAT_KMS_DIRECT}"
+                        "X-Encryption-Format `{format}` is not supported here; use {FORMAT_KMS_DIRECT} or {FORMAT_AWS_ESDK}"
                     ),
                 ));
             }
@@ -257,13 +273,15 @@ struct Opened {
 /// Opens a sealed body by its `X-Encryption-Format`.
 async fn open(
     keys: &KeyService,
+    data_keys: &OpenedDataKeys,
     format: &str,
+    key_id: &str,
     body: &[u8],
     context: &EncryptionContext,
 ) -> Result<Opened, OpenError> {
     match format {
         FORMAT_KMS_DIRECT => open_kms_direct(keys, body, context).await,
-        FORMAT_AWS_ESDK => open_esdk(keys, body, context).await,
+        FORMAT_AWS_ESDK => open_esdk(keys, data_keys, key_id, body, context).await,
         _ => Err(OpenError::UnsupportedFormat),
     }
 }
@@ -293,16 +311,142 @@ async fn open_kms_direct(
     }
 }
 
-/// The slot for AWS Encryption SDK v2 messages. Opening one means: parse the header,
-/// check that its stored encryption context carries `context`, `Decrypt` the data key
-/// with KMS under the stored context, verify the key commitment and the frames (see
-/// `src/seal/esdk.rs` when it lands). Until then the format is refused.
+/// Opens an AWS Encryption SDK v2 message as the cluster's decryptor does:
+///
+/// 1. parse the header; its encryption context must equal the one the tenant headers
+///    give (or be empty, the proxy's `kms.context = "none"`);
+/// 2. take the `aws-kms` encrypted data keys whose provider info is the request's
+///    `X-KMS-Key-ID`, as an official ESDK in strict mode only uses its configured key ARN;
+/// 3. KMS `Decrypt` the data key under the header's context (or take it from the cache
+///    of data keys already opened);
+/// 4. verify the key commitment, the header and every frame while decrypting.
 async fn open_esdk(
-    _keys: &KeyService,
-    _body: &[u8],
-    _context: &EncryptionContext,
+    keys: &KeyService,
+    data_keys: &OpenedDataKeys,
+    key_id: &str,
+    body: &[u8],
+    context: &EncryptionContext,
 ) -> Result<Opened, OpenError> {
-    Err(OpenError::UnsupportedFormat)
+    let header = esdk::parse_header(body).map_err(|error| {
+        tracing::debug!(%error, "an aws-esdk body has no valid header");
+        OpenError::Decrypt
+    })?;
+    let context_none = if header.context == *context {
+        false
+    } else if header.context.is_empty() {
+        true
+    } else {
+        tracing::debug!("an aws-esdk body's encryption context differs from the tenant headers");
+        return Err(OpenError::Decrypt);
+    };
+    let candidates = header.edks.iter().filter(|edk| {
+        edk.provider_id == PROVIDER_ID_AWS_KMS && edk.provider_info == key_id.as_bytes()
+    });
+    for edk in candidates {
+        let data_key = match data_keys.get(&edk.ciphertext, &header.context) {
+            Some(data_key) => data_key,
+            None => match keys.decrypt(&edk.ciphertext, &header.context).await {
+                Ok(plaintext) => {
+                    let plaintext = Zeroizing::new(plaintext);
+                    let Ok(bytes) = <[u8; 32]>::try_from(plaintext.as_slice()) else {
+                        tracing::debug!("an aws-esdk data key is not 32 bytes");
+                        continue;
+                    };
+                    let data_key = Arc::new(Zeroizing::new(bytes));
+                    data_keys.insert(&edk.ciphertext, &header.context, data_key.clone());
+                    data_key
+                }
+                Err(error) => {
+                    tracing::debug!(%error, "an aws-esdk data key did not open");
+                    continue;
+                }
+            },
+        };
+        return match esdk::decrypt(&data_key, &header, body) {
+            Ok(plaintext) => Ok(Opened {
+                plaintext,
+                context_none,
+            }),
+            Err(error) => {
+                tracing::debug!(%error, "an aws-esdk body did not open");
+                Err(OpenError::Decrypt)
+            }
+        };
+    }
+    tracing::debug!("no aws-kms data key in the message could be opened with the request's key");
+    Err(OpenError::Decrypt)
+}
+
+/// Most data keys [`OpenedDataKeys`] remembers; the oldest is forgotten first. The proxy
+/// uses one data key per context for many requests, so a few are plenty.
+const MAX_OPENED_DATA_KEYS: usize = 1024;
+
+/// Data keys the simulator has opened through KMS, by encrypted data key and context
+/// (the context is part of the key because KMS binds it: the same EDK under another
+/// context must not open). Keys are zeroized when forgotten.
+#[derive(Default)]
+pub(crate) struct OpenedDataKeys {
+    inner: Mutex<OpenedInner>,
+}
+
+type OpenedKey = (Vec<u8>, EncryptionContext);
+
+#[derive(Default)]
+struct OpenedInner {
+    keys: HashMap<OpenedKey, Arc<Zeroizing<[u8; 32]>>>,
+    order: VecDeque<OpenedKey>,
+}
+
+impl OpenedDataKeys {
+    fn get(&self, edk: &[u8], context: &EncryptionContext) -> Option<Arc<Zeroizing<[u8; 32]>>> {
+        let inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        // A clone of the lookup key is cheap next to a KMS call; the map holds few keys.
+        inner.keys.get(&(edk.to_vec(), context.clone())).cloned()
+    }
+
+    fn insert(&self, edk: &[u8], context: &EncryptionContext, key: Arc<Zeroizing<[u8; 32]>>) {
+        let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        let id = (edk.to_vec(), context.clone());
+        if inner.keys.insert(id.clone(), key).is_none() {
+            inner.order.push_back(id);
+        }
+        while inner.order.len() > MAX_OPENED_DATA_KEYS {
+            if let Some(oldest) = inner.order.pop_front() {
+                inner.keys.remove(&oldest);
+            }
+        }
+    }
+}
+
+/// The opt-in test hook behind [`super::Sim::capture_bodies`]: off by default, so a
+/// simulator never holds on to bodies unless a test asks it to.
+#[derive(Default)]
+pub(crate) struct BodyCapture {
+    on: AtomicBool,
+    last: Mutex<Option<Bytes>>,
+}
+
+impl BodyCapture {
+    pub(crate) fn set(&self, on: bool) {
+        self.on.store(on, Ordering::SeqCst);
+        if !on {
+            *self.last.lock().unwrap_or_else(PoisonError::into_inner) = None;
+        }
+    }
+
+    pub(crate) fn last(&self) -> Option<Bytes> {
+        self.last
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn keep(&self, body: &Bytes) {
+        if self.on.load(Ordering::SeqCst) {
+            // A reference-counted handle: the body is not copied.
+            *self.last.lock().unwrap_or_else(PoisonError::into_inner) = Some(body.clone());
+        }
+    }
 }
 
 /// What a successful answer reports about the request.

@@ -223,6 +223,11 @@ pub(crate) struct Shared {
     by_ip: HashMap<IpAddr, Arc<Endpoint>>,
     pub(crate) keys: KeyService,
     pub(crate) skip_open: bool,
+    /// Data keys of `aws-esdk` bodies already opened through KMS, so that the simulator
+    /// makes one KMS call per data key, not per request.
+    pub(crate) data_keys: inference::OpenedDataKeys,
+    /// Test hook: keep the last inference body received (see [`Sim::capture_bodies`]).
+    pub(crate) capture: inference::BodyCapture,
     pub(crate) tls: tokio_rustls::TlsAcceptor,
     /// Deliveries per `X-Request-ID`, across all endpoints.
     deliveries: Mutex<HashMap<String, u64>>,
@@ -328,6 +333,8 @@ impl Sim {
             by_ip,
             keys,
             skip_open: config.skip_open,
+            data_keys: inference::OpenedDataKeys::default(),
+            capture: inference::BodyCapture::default(),
             tls: tokio_rustls::TlsAcceptor::from(server_config),
             deliveries: Mutex::new(HashMap::new()),
             shutdown,
@@ -407,6 +414,18 @@ impl Sim {
     /// so a request held by a blackhole counts too.
     pub fn deliveries(&self, request_id: &str) -> u64 {
         self.shared.deliveries(request_id)
+    }
+
+    /// Test hook, off by default: while on, the simulator keeps the last inference body
+    /// it received, byte for byte as it arrived, for [`Sim::last_body`]. Lets a test hand
+    /// exactly what the proxy sent to another decryptor (or tamper with it).
+    pub fn capture_bodies(&self, on: bool) {
+        self.shared.capture.set(on);
+    }
+
+    /// The last inference body received while [`Sim::capture_bodies`] was on.
+    pub fn last_body(&self) -> Option<bytes::Bytes> {
+        self.shared.capture.last()
     }
 
     /// Zeroes every counter (except the in-flight gauges) and forgets delivered ids.

@@ -42,7 +42,9 @@ pub struct Endpoint {
     origin: String,
     client: PoolClient,
     /// Whether active health checks currently admit this endpoint.
-    serving: AtomicBool,
+    healthy: AtomicBool,
+    /// Passive outlier detection: failures in a row, and the ejection in force.
+    pub(crate) outlier: super::outlier::OutlierState,
     /// `available_capacity` from the last good health check; -1 when unknown.
     capacity: AtomicI64,
     in_flight: AtomicU64,
@@ -51,15 +53,17 @@ pub struct Endpoint {
     requests: AtomicU64,
     failures: AtomicU64,
     pub(crate) health: Mutex<HealthSnapshot>,
+    settings: super::ConnectionSettings,
 }
 
 impl Endpoint {
     pub fn new(
         config: EndpointConfig,
         tls: Arc<rustls::ClientConfig>,
-        connect_timeout: Duration,
-        pool_idle_timeout: Duration,
+        settings: super::ConnectionSettings,
     ) -> Result<Self, String> {
+        let (connect_timeout, pool_idle_timeout) =
+            (settings.connect_timeout, settings.pool_idle_timeout);
         let server_name = ServerName::try_from(config.server_name.clone())
             .map_err(|e| format!("invalid TLS name `{}`: {e}", config.server_name))?;
         let connector =
@@ -83,17 +87,23 @@ impl Endpoint {
             authority_header,
             origin,
             client,
-            serving: AtomicBool::new(true),
+            healthy: AtomicBool::new(true),
+            outlier: super::outlier::OutlierState::default(),
             capacity: AtomicI64::new(-1),
             in_flight: AtomicU64::new(0),
             latency: Mutex::new(PeakEwma::default()),
             requests: AtomicU64::new(0),
             failures: AtomicU64::new(0),
+            settings,
             health: Mutex::new(HealthSnapshot {
                 state: "unknown",
                 ..HealthSnapshot::default()
             }),
         })
+    }
+
+    pub fn connection_settings(&self) -> &super::ConnectionSettings {
+        &self.settings
     }
 
     pub fn kind(&self) -> RouteKind {
@@ -112,12 +122,18 @@ impl Endpoint {
         &self.origin
     }
 
+    /// Whether new requests may go here: admitted by health checks and not ejected.
     pub fn is_serving(&self) -> bool {
-        self.serving.load(Ordering::Acquire)
+        self.is_healthy() && !self.outlier.is_ejected()
     }
 
-    pub(crate) fn set_serving(&self, serving: bool) {
-        self.serving.store(serving, Ordering::Release);
+    /// What the active health checks say, ignoring passive ejection.
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn set_healthy(&self, healthy: bool) {
+        self.healthy.store(healthy, Ordering::Release);
     }
 
     /// `None` until a health check reported a capacity.

@@ -153,6 +153,10 @@ pub fn record(endpoint: &Endpoint, result: &Result<HealthOk, HealthError>, setti
             h.last_error = None;
             h.region = ok.document.region.clone();
             endpoint.set_capacity(ok.document.available_capacity);
+            // A passing check re-admits an endpoint that passive detection ejected.
+            if endpoint.outlier.readmit() {
+                tracing::info!(endpoint = %endpoint.authority, "health check passed; ejected endpoint re-admitted");
+            }
             if h.state != "healthy"
                 && (first || h.consecutive_successes >= settings.healthy_threshold)
             {
@@ -160,7 +164,7 @@ pub fn record(endpoint: &Endpoint, result: &Result<HealthOk, HealthError>, setti
                     tracing::info!(endpoint = %endpoint.authority, region = endpoint.region(), "endpoint is healthy again");
                 }
                 h.state = "healthy";
-                endpoint.set_serving(true);
+                endpoint.set_healthy(true);
             }
         }
         Err(error) => {
@@ -172,7 +176,7 @@ pub fn record(endpoint: &Endpoint, result: &Result<HealthOk, HealthError>, setti
             {
                 tracing::warn!(endpoint = %endpoint.authority, region = endpoint.region(), %error, "endpoint is unhealthy; no new requests go to it");
                 h.state = "unhealthy";
-                endpoint.set_serving(false);
+                endpoint.set_healthy(false);
             }
         }
     }

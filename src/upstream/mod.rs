@@ -3,8 +3,10 @@
 
 pub mod balance;
 pub mod connector;
+pub mod discovery;
 pub mod endpoint;
 pub mod health;
+pub mod outlier;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -16,15 +18,34 @@ pub use endpoint::{Endpoint, InFlightGuard};
 use crate::config::Config;
 use crate::tls::{client_config, TlsError};
 
-/// Builds every endpoint of a configuration, sharing one TLS client configuration per
-/// distinct set of trusted CA files.
-pub fn build_endpoints(config: &Config) -> Result<Vec<Arc<Endpoint>>, UpstreamError> {
-    let endpoint_configs = config
+/// Builds every endpoint of a configuration (with the addresses DNS discovery found for
+/// `privatelink_dns` regions), sharing one TLS client configuration per distinct set of
+/// trusted CA files. An endpoint in `reusable` with identical settings (and the same
+/// connection settings) is kept as it is, with its health and its pool.
+pub fn build_endpoints(
+    config: &Config,
+    reusable: &[Arc<Endpoint>],
+    resolved: &discovery::Resolved,
+) -> Result<Vec<Arc<Endpoint>>, UpstreamError> {
+    let mut endpoint_configs = config
         .endpoints()
         .map_err(|(key, message)| UpstreamError::Config(format!("{key}: {message}")))?;
+    for dns in config.dns_discovery() {
+        for ip in resolved.get(&dns.region).into_iter().flatten() {
+            endpoint_configs.push(dns.endpoint(*ip));
+        }
+    }
     let mut tls_by_ca: BTreeMap<Vec<PathBuf>, Arc<rustls::ClientConfig>> = BTreeMap::new();
     let mut endpoints = Vec::with_capacity(endpoint_configs.len());
+    let settings = connection_settings(config);
     for ec in endpoint_configs {
+        if let Some(same) = reusable
+            .iter()
+            .find(|e| e.config == ec && *e.connection_settings() == settings)
+        {
+            endpoints.push(same.clone());
+            continue;
+        }
         let cas: Vec<PathBuf> = config
             .upstream
             .ca_file
@@ -41,13 +62,8 @@ pub fn build_endpoints(config: &Config) -> Result<Vec<Arc<Endpoint>>, UpstreamEr
                 tls
             }
         };
-        let endpoint = Endpoint::new(
-            ec,
-            tls,
-            config.upstream.connect_timeout.get(),
-            config.upstream.pool_idle_timeout.get(),
-        )
-        .map_err(UpstreamError::Config)?;
+        let endpoint =
+            Endpoint::new(ec, tls, connection_settings(config)).map_err(UpstreamError::Config)?;
         endpoints.push(Arc::new(endpoint));
     }
     Ok(endpoints)
@@ -59,4 +75,20 @@ pub enum UpstreamError {
     Config(String),
     #[error(transparent)]
     Tls(#[from] TlsError),
+}
+
+/// The global settings baked into an endpoint's pool: a change means a new endpoint.
+pub(crate) fn connection_settings(config: &Config) -> ConnectionSettings {
+    ConnectionSettings {
+        connect_timeout: config.upstream.connect_timeout.get(),
+        pool_idle_timeout: config.upstream.pool_idle_timeout.get(),
+        ca_file: config.upstream.ca_file.clone(),
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectionSettings {
+    pub connect_timeout: std::time::Duration,
+    pub pool_idle_timeout: std::time::Duration,
+    pub ca_file: Option<PathBuf>,
 }

@@ -179,6 +179,10 @@ pub struct ProxyOptions {
     pub count_kms: bool,
     /// Point the proxy's KMS at this URL instead of moto (e.g. a closed port).
     pub kms_url: Option<String>,
+    /// `kms.format`: kms-direct (the default here), aws-esdk or auto.
+    pub format: &'static str,
+    pub request_timeout: &'static str,
+    pub health_interval: &'static str,
 }
 
 impl Default for ProxyOptions {
@@ -193,6 +197,9 @@ impl Default for ProxyOptions {
             extra: "",
             count_kms: false,
             kms_url: None,
+            format: "kms-direct",
+            request_timeout: "10s",
+            health_interval: "200ms",
         }
     }
 }
@@ -236,7 +243,7 @@ model_pools = ["model-a", "model-b"]
 [kms]
 key_id = "{key_id}"
 region = "us-east-1"
-format = "kms-direct"
+format = "{format}"
 context = "{context}"
 timeout = "3s"
 endpoint_url = "{kms_url}"
@@ -245,10 +252,10 @@ endpoint_url = "{kms_url}"
 server_name = "{server_name}"
 ca_file = "{ca}"
 connect_timeout = "1s"
-request_timeout = "10s"
+request_timeout = "{request_timeout}"
 
 [health]
-interval = "200ms"
+interval = "{health_interval}"
 timeout = "500ms"
 healthy_threshold = 1
 unhealthy_threshold = 1
@@ -265,12 +272,15 @@ phase = "{phase}"
 {extra}
 "#,
         max_body = o.max_body,
+        format = o.format,
         context = o.context,
         server_name = o.server_name,
         ca = ca_file.display(),
         public = layout.public(),
         phase = o.phase,
         extra = o.extra,
+        request_timeout = o.request_timeout,
+        health_interval = o.health_interval,
     )
 }
 
@@ -315,7 +325,10 @@ impl World {
         let config =
             Config::from_toml(&text, std::path::Path::new("test.toml")).expect("valid config");
         let proxy_keys = KmsKeys::new("us-east-1", Some(&kms_url), Duration::from_secs(3)).await;
-        let proxy = gpulink::proxy::start(config, KeyService::Kms(proxy_keys))
+        let options = gpulink::proxy::StartOptions {
+            random_seed: Some(u64::from(block)),
+        };
+        let proxy = gpulink::proxy::start_with(config, KeyService::Kms(proxy_keys), options)
             .await
             .expect("proxy starts");
         World {

@@ -1,0 +1,95 @@
+//! What triggers a configuration reload: SIGHUP, and changes in the configuration
+//! file's directory. The directory, not the file, is watched because Kubernetes updates
+//! a mounted ConfigMap by swapping a symlink, which a watch on the file never sees.
+//! Bursts of events are debounced, and a file whose content did not change is not
+//! reloaded.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use notify::{RecursiveMode, Watcher};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::proxy::Proxy;
+
+/// Editors and ConfigMap swaps write in several steps; wait for the burst to end.
+const DEBOUNCE: Duration = Duration::from_millis(250);
+
+#[derive(Debug, thiserror::Error)]
+pub enum WatchError {
+    #[error("cannot watch {path} for configuration changes: {source}")]
+    Watch {
+        path: PathBuf,
+        source: notify::Error,
+    },
+    #[error("cannot listen for SIGHUP: {0}")]
+    Signal(std::io::Error),
+}
+
+/// Reloads `path` into `proxy` on SIGHUP and on file changes until `stop` is cancelled.
+pub fn spawn(proxy: Arc<Proxy>, path: PathBuf, stop: CancellationToken) -> Result<(), WatchError> {
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .map_err(WatchError::Signal)?;
+    let (changed_tx, mut changed) = mpsc::channel::<()>(1);
+    let directory = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+        .to_path_buf();
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        if event.is_ok() {
+            // A full channel already holds a pending "changed": nothing is lost.
+            let _ = changed_tx.try_send(());
+        }
+    })
+    .map_err(|source| WatchError::Watch {
+        path: directory.clone(),
+        source,
+    })?;
+    watcher
+        .watch(&directory, RecursiveMode::NonRecursive)
+        .map_err(|source| WatchError::Watch {
+            path: directory.clone(),
+            source,
+        })?;
+
+    tokio::spawn(async move {
+        // The watcher stops when dropped; it lives as long as this task.
+        let _watcher = watcher;
+        let mut last = std::fs::read(&path).ok();
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = hangup.recv() => {
+                    tracing::info!(path = %path.display(), "SIGHUP: reloading the configuration");
+                    reload_notifying_systemd(&proxy, &path).await;
+                    last = std::fs::read(&path).ok();
+                }
+                Some(()) = changed.recv() => {
+                    tokio::time::sleep(DEBOUNCE).await;
+                    while changed.try_recv().is_ok() {}
+                    let now = std::fs::read(&path).ok();
+                    if now.is_some() && now != last {
+                        tracing::info!(path = %path.display(), "configuration file changed: reloading");
+                        reload_notifying_systemd(&proxy, &path).await;
+                        last = now;
+                    }
+                }
+            }
+        }
+    });
+    Ok(())
+}
+
+/// Reloads, telling systemd (`Type=notify`) that a reload is under way, so that
+/// `systemctl reload` returns when it is done.
+async fn reload_notifying_systemd(proxy: &Proxy, path: &Path) {
+    crate::systemd::reloading();
+    let status = match proxy.reload_from_file(path).await {
+        Ok(generation) => format!("serving configuration generation {generation}"),
+        Err(_) => "reload rejected; previous configuration still serving".to_string(),
+    };
+    crate::systemd::reloaded(&status);
+}

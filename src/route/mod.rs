@@ -1,0 +1,419 @@
+//! Routing policy: which endpoints a request may use, in which order. The migration phase
+//! (the guide's cutover and rollback plan) turns into an ordered list of tiers: local
+//! PrivateLink, other regions' PrivateLink, local public, other regions' public. Also the
+//! policies that decide over many requests: the retry budget and automatic rollback.
+
+pub mod budget;
+pub mod rollback;
+
+use std::sync::{Arc, Mutex};
+
+use chrono::{DateTime, FixedOffset, Utc};
+use rand::rngs::StdRng;
+use rand::{Rng, RngCore, SeedableRng};
+
+use crate::config::{Config, Phase, RouteKind};
+use crate::upstream::{balance, Endpoint};
+pub use budget::RetryBudget;
+pub use rollback::{Breach, RollbackMonitor};
+
+/// The randomness behind canary membership and power-of-two choices: the thread's RNG,
+/// or a seeded one so tests can replay a sequence of choices.
+pub enum Chooser {
+    Thread,
+    Seeded(Box<Mutex<StdRng>>),
+}
+
+impl Chooser {
+    pub fn new(seed: Option<u64>) -> Self {
+        match seed {
+            Some(seed) => Chooser::Seeded(Box::new(Mutex::new(StdRng::seed_from_u64(seed)))),
+            None => Chooser::Thread,
+        }
+    }
+
+    /// An RNG to use within one statement (it is not `Send`; never hold it across
+    /// an `.await`).
+    pub fn rng(&self) -> ChooserRng<'_> {
+        match self {
+            Chooser::Seeded(rng) => match rng.lock() {
+                Ok(guard) => ChooserRng::Seeded(guard),
+                Err(_) => ChooserRng::Thread(rand::thread_rng()),
+            },
+            Chooser::Thread => ChooserRng::Thread(rand::thread_rng()),
+        }
+    }
+}
+
+pub enum ChooserRng<'a> {
+    Thread(rand::rngs::ThreadRng),
+    Seeded(std::sync::MutexGuard<'a, StdRng>),
+}
+
+impl RngCore for ChooserRng<'_> {
+    fn next_u32(&mut self) -> u32 {
+        match self {
+            ChooserRng::Thread(r) => r.next_u32(),
+            ChooserRng::Seeded(r) => r.next_u32(),
+        }
+    }
+    fn next_u64(&mut self) -> u64 {
+        match self {
+            ChooserRng::Thread(r) => r.next_u64(),
+            ChooserRng::Seeded(r) => r.next_u64(),
+        }
+    }
+    fn fill_bytes(&mut self, dest: &mut [u8]) {
+        match self {
+            ChooserRng::Thread(r) => r.fill_bytes(dest),
+            ChooserRng::Seeded(r) => r.fill_bytes(dest),
+        }
+    }
+    fn try_fill_bytes(&mut self, dest: &mut [u8]) -> Result<(), rand::Error> {
+        match self {
+            ChooserRng::Thread(r) => r.try_fill_bytes(dest),
+            ChooserRng::Seeded(r) => r.try_fill_bytes(dest),
+        }
+    }
+}
+
+/// The state of the public fallback window worth telling an operator about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WindowNotice {
+    /// Closes at the given time, this much from now.
+    Closing(DateTime<FixedOffset>, chrono::TimeDelta),
+    Closed(DateTime<FixedOffset>),
+}
+
+/// Endpoints of one kind in one region.
+pub struct Tier {
+    pub kind: RouteKind,
+    pub region: String,
+    pub endpoints: Vec<Arc<Endpoint>>,
+}
+
+/// The tiers of one configuration generation, precomputed so the request path only
+/// filters and picks.
+pub struct RouteTable {
+    phase: Phase,
+    canary_percent: u32,
+    public_fallback_until: Option<DateTime<FixedOffset>>,
+    privatelink: Vec<Tier>,
+    public: Vec<Tier>,
+    rollback: Option<RollbackMonitor>,
+}
+
+/// The tiers one request may use, in order.
+pub struct Plan<'a> {
+    tiers: Vec<&'a Tier>,
+}
+
+impl RouteTable {
+    pub fn new(config: &Config, endpoints: &[Arc<Endpoint>]) -> Self {
+        // Config order of regions puts the local region first, as the tiers require.
+        let tiers_of = |kind: RouteKind| -> Vec<Tier> {
+            config
+                .regions
+                .iter()
+                .map(|region| Tier {
+                    kind,
+                    region: region.name.clone(),
+                    endpoints: endpoints
+                        .iter()
+                        .filter(|e| e.kind() == kind && e.region() == region.name)
+                        .cloned()
+                        .collect(),
+                })
+                .filter(|tier| !tier.endpoints.is_empty())
+                .collect()
+        };
+        Self {
+            phase: config.migration.phase,
+            canary_percent: config.migration.canary_percent,
+            public_fallback_until: config.migration.public_fallback_until,
+            privatelink: tiers_of(RouteKind::Privatelink),
+            public: tiers_of(RouteKind::Public),
+            rollback: config.rollback.clone().map(RollbackMonitor::new),
+        }
+    }
+
+    /// The endpoints sharing `endpoint`'s tier (same route kind and region).
+    pub fn tier_members(&self, endpoint: &Endpoint) -> &[Arc<Endpoint>] {
+        self.privatelink
+            .iter()
+            .chain(self.public.iter())
+            .find(|t| t.kind == endpoint.kind() && t.region == endpoint.region())
+            .map_or(&[], |t| t.endpoints.as_slice())
+    }
+
+    pub fn rollback(&self) -> Option<&RollbackMonitor> {
+        self.rollback.as_ref()
+    }
+
+    /// Whether automatic rollback may act now: configured, phase `canary`, or phase
+    /// `privatelink` inside the public fallback window; never `privatelink-only`.
+    pub fn rollback_allowed(&self, now: DateTime<Utc>) -> bool {
+        self.rollback.is_some()
+            && !self.public.is_empty()
+            && match self.phase {
+                Phase::Canary => true,
+                Phase::Privatelink => self.public_fallback_open(now),
+                Phase::Public | Phase::PrivatelinkOnly => false,
+            }
+    }
+
+    /// What an operator should hear about the public fallback window at `now`: a
+    /// warning during its last day, a notice once it has closed.
+    pub fn fallback_window_notice(&self, now: DateTime<Utc>) -> Option<WindowNotice> {
+        if self.phase != Phase::Privatelink || self.public.is_empty() {
+            return None;
+        }
+        let until = self.public_fallback_until?;
+        let left = until.signed_duration_since(now);
+        if left <= chrono::TimeDelta::zero() {
+            Some(WindowNotice::Closed(until))
+        } else if left <= chrono::TimeDelta::hours(24) {
+            Some(WindowNotice::Closing(until, left))
+        } else {
+            None
+        }
+    }
+
+    /// Whether traffic is rolled back to public right now.
+    pub fn is_rolled_back(&self, now: DateTime<Utc>) -> bool {
+        self.rollback_allowed(now) && self.rollback.as_ref().is_some_and(|r| r.is_rolled_back())
+    }
+
+    /// Feeds one PrivateLink outcome to the rollback monitor (when rollback may act).
+    pub fn record_privatelink(
+        &self,
+        now: DateTime<Utc>,
+        error: bool,
+        latency: std::time::Duration,
+    ) {
+        if !self.rollback_allowed(now) {
+            return;
+        }
+        if let Some(breach) = self
+            .rollback
+            .as_ref()
+            .and_then(|r| r.record(error, latency))
+        {
+            tracing::error!(
+                requests = breach.requests,
+                error_rate = breach.error_rate,
+                p99_ms = breach.p99_ms,
+                "automatic rollback: {}; traffic moves to public until the cool-down ends or the configuration is reloaded",
+                breach.reason
+            );
+        }
+    }
+
+    pub fn phase(&self) -> Phase {
+        self.phase
+    }
+
+    /// Whether falling back to public is still allowed in phase `privatelink`. Without a
+    /// `public_fallback_until` the fallback stays allowed for as long as public endpoints
+    /// are configured (the guide keeps them for a week as the rollback plan).
+    pub fn public_fallback_open(&self, now: DateTime<Utc>) -> bool {
+        self.public_fallback_until.is_none_or(|until| now < until)
+    }
+
+    /// The tiers for one request. `rng` decides canary membership.
+    pub fn plan<R: Rng + ?Sized>(&self, now: DateTime<Utc>, rng: &mut R) -> Plan<'_> {
+        let privatelink = self.privatelink.iter();
+        let public = self.public.iter();
+        let tiers: Vec<&Tier> = match self.phase {
+            Phase::Public => public.collect(),
+            // Rolled back: public first; PrivateLink stays as the fallback, since
+            // failing requests outright would be worse than a degraded PrivateLink.
+            Phase::Canary | Phase::Privatelink if self.is_rolled_back(now) => {
+                public.chain(privatelink).collect()
+            }
+            Phase::Canary => {
+                if rng.gen_range(0..100) < self.canary_percent {
+                    privatelink.chain(public).collect()
+                } else {
+                    public.collect()
+                }
+            }
+            Phase::Privatelink => {
+                if self.public_fallback_open(now) {
+                    privatelink.chain(public).collect()
+                } else {
+                    privatelink.collect()
+                }
+            }
+            Phase::PrivatelinkOnly => privatelink.collect(),
+        };
+        Plan { tiers }
+    }
+}
+
+impl Plan<'_> {
+    /// The best endpoint not in `tried`: the first tier with a serving endpoint that has
+    /// capacity wins; full endpoints are used only when no tier has any other.
+    pub fn select<R: Rng + ?Sized>(
+        &self,
+        tried: &[Arc<Endpoint>],
+        rng: &mut R,
+    ) -> Option<Arc<Endpoint>> {
+        let usable =
+            |e: &&Arc<Endpoint>| e.is_serving() && !tried.iter().any(|t| Arc::ptr_eq(t, e));
+        for tier in &self.tiers {
+            let candidates: Vec<&Arc<Endpoint>> = tier
+                .endpoints
+                .iter()
+                .filter(usable)
+                .filter(|e| !e.is_full())
+                .collect();
+            if let Some(e) = balance::pick(&candidates, rng) {
+                return Some(e.clone());
+            }
+        }
+        for tier in &self.tiers {
+            let candidates: Vec<&Arc<Endpoint>> = tier.endpoints.iter().filter(usable).collect();
+            if let Some(e) = balance::pick(&candidates, rng) {
+                return Some(e.clone());
+            }
+        }
+        None
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tiers.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn table(phase: &str, extra: &str) -> (RouteTable, Vec<Arc<Endpoint>>) {
+        crate::tls::install_crypto_provider();
+        let text = format!(
+            r#"
+            [tenant]
+            id = "t"
+            model_pool = "m"
+            [kms]
+            key_id = "arn:aws:kms:us-east-1:111122223333:key/k"
+            region = "us-east-1"
+            format = "kms-direct"
+            [upstream]
+            server_name = "gpu.internal"
+            [[regions]]
+            name = "us-east-1"
+            privatelink = ["10.0.0.1", "10.0.0.2"]
+            public = ["public.example.com"]
+            [[regions]]
+            name = "us-west-2"
+            privatelink = ["10.1.0.1"]
+            [migration]
+            phase = "{phase}"
+            canary_percent = 25
+            {extra}
+            "#
+        );
+        let config = Config::from_toml(&text, Path::new("t.toml")).expect("config");
+        let endpoints =
+            crate::upstream::build_endpoints(&config, &[], &Default::default()).expect("endpoints");
+        (RouteTable::new(&config, &endpoints), endpoints)
+    }
+
+    fn first_choice(table: &RouteTable, rng: &mut StdRng) -> Option<Arc<Endpoint>> {
+        table.plan(Utc::now(), rng).select(&[], rng)
+    }
+
+    #[test]
+    fn tiers_are_local_privatelink_then_remote_then_public() {
+        let (t, endpoints) = table("privatelink", "");
+        let mut rng = StdRng::seed_from_u64(1);
+        let kinds = |e: &Arc<Endpoint>| (e.kind(), e.region().to_string());
+        let first = first_choice(&t, &mut rng).expect("endpoint");
+        assert_eq!(kinds(&first), (RouteKind::Privatelink, "us-east-1".into()));
+        for e in &endpoints[..2] {
+            e.set_healthy(false);
+        }
+        let second = first_choice(&t, &mut rng).expect("endpoint");
+        assert_eq!(kinds(&second), (RouteKind::Privatelink, "us-west-2".into()));
+        endpoints[3].set_healthy(false);
+        let third = first_choice(&t, &mut rng).expect("endpoint");
+        assert_eq!(third.kind(), RouteKind::Public);
+    }
+
+    #[test]
+    fn full_endpoints_come_last() {
+        let (t, endpoints) = table("privatelink", "");
+        endpoints[0].set_capacity(Some(0));
+        endpoints[1].set_capacity(Some(0));
+        let mut rng = StdRng::seed_from_u64(2);
+        for _ in 0..20 {
+            let e = first_choice(&t, &mut rng).expect("endpoint");
+            assert_eq!(e.region(), "us-west-2");
+        }
+    }
+
+    #[test]
+    fn canary_sends_about_its_share_to_privatelink() {
+        let (t, _) = table("canary", "");
+        let mut rng = StdRng::seed_from_u64(3);
+        let privatelink = (0..4000)
+            .filter(|_| {
+                first_choice(&t, &mut rng).is_some_and(|e| e.kind() == RouteKind::Privatelink)
+            })
+            .count();
+        assert!((800..1200).contains(&privatelink), "{privatelink} of 4000");
+    }
+
+    #[test]
+    fn fallback_window() {
+        let (open, _) = table(
+            "privatelink",
+            "public_fallback_until = \"2999-01-01T00:00:00Z\"",
+        );
+        assert!(open.public_fallback_open(Utc::now()));
+        assert_eq!(open.fallback_window_notice(Utc::now()), None);
+        let (closed, endpoints) = table(
+            "privatelink",
+            "public_fallback_until = \"2000-01-01T00:00:00+02:00\"",
+        );
+        assert!(!closed.public_fallback_open(Utc::now()));
+        assert!(matches!(
+            closed.fallback_window_notice(Utc::now()),
+            Some(WindowNotice::Closed(_))
+        ));
+        for e in endpoints
+            .iter()
+            .filter(|e| e.kind() == RouteKind::Privatelink)
+        {
+            e.set_healthy(false);
+        }
+        let mut rng = StdRng::seed_from_u64(4);
+        assert!(first_choice(&closed, &mut rng).is_none());
+        let soon = (Utc::now() + chrono::TimeDelta::hours(3)).to_rfc3339();
+        let (closing, _) = table(
+            "privatelink",
+            &format!("public_fallback_until = \"{soon}\""),
+        );
+        assert!(matches!(
+            closing.fallback_window_notice(Utc::now()),
+            Some(WindowNotice::Closing(..))
+        ));
+    }
+
+    #[test]
+    fn privatelink_only_never_uses_public() {
+        let (t, endpoints) = table("privatelink-only", "");
+        for e in endpoints
+            .iter()
+            .filter(|e| e.kind() == RouteKind::Privatelink)
+        {
+            e.set_healthy(false);
+        }
+        let mut rng = StdRng::seed_from_u64(5);
+        assert!(first_choice(&t, &mut rng).is_none());
+    }
+}

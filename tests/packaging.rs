@@ -1,0 +1,443 @@
+//! Packaging checked without the tools this machine lacks: the systemd unit (verified by
+//! `systemd-analyze` where it exists), the Dockerfile (statically: no Docker engine
+//! here), the Kubernetes manifests (against the Kubernetes schemas, offline, with
+//! PyPI `kubernetes-validate`), the `cargo deb` metadata and the Grafana dashboard.
+//! Nothing here listens on the network.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn read(path: &str) -> String {
+    std::fs::read_to_string(root().join(path)).unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+fn venv_bin(name: &str) -> PathBuf {
+    root().join(".venv/bin").join(name)
+}
+
+fn which(program: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join(program))
+            .find(|candidate| candidate.is_file())
+    })
+}
+
+/// `key=value` lines of one section of a unit file (repeated keys kept in order).
+fn unit_directives(unit: &str) -> Vec<(String, String)> {
+    unit.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#') && !l.starts_with('['))
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect()
+}
+
+#[test]
+fn systemd_unit_is_hardened_notify_and_reloadable() {
+    let unit = read("packaging/systemd/gpulink.service");
+    let directives = unit_directives(&unit);
+    let value = |key: &str| -> Vec<&str> {
+        directives
+            .iter()
+            .filter(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+            .collect()
+    };
+    for (key, expected) in [
+        ("Type", "notify"),
+        ("DynamicUser", "yes"),
+        ("ProtectSystem", "strict"),
+        ("ProtectHome", "yes"),
+        ("PrivateTmp", "yes"),
+        ("NoNewPrivileges", "yes"),
+        ("CapabilityBoundingSet", ""),
+        ("RestrictAddressFamilies", "AF_INET AF_INET6 AF_UNIX"),
+        ("MemoryDenyWriteExecute", "yes"),
+        ("LockPersonality", "yes"),
+        ("ExecReload", "/bin/kill -HUP $MAINPID"),
+        ("ConfigurationDirectory", "gpulink"),
+        (
+            "ExecStart",
+            "/usr/bin/gpulink run --config /etc/gpulink/gpulink.toml",
+        ),
+    ] {
+        assert!(
+            value(key).contains(&expected),
+            "{key}={expected} missing; found {:?}",
+            value(key)
+        );
+    }
+    assert!(value("SystemCallFilter").contains(&"@system-service"));
+    assert!(
+        !value("WatchdogSec").is_empty(),
+        "the watchdog needs WatchdogSec="
+    );
+}
+
+#[test]
+fn systemd_unit_passes_systemd_analyze_verify() {
+    let Some(analyze) = which("systemd-analyze") else {
+        println!(
+            "skipped: systemd-analyze is not installed (apt-get install systemd to run this check)"
+        );
+        return;
+    };
+    // verify insists that ExecStart's binary exists: point it at the one cargo built.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let unit_path = dir.path().join("gpulink.service");
+    let unit = read("packaging/systemd/gpulink.service")
+        .replace("/usr/bin/gpulink", env!("CARGO_BIN_EXE_gpulink"));
+    std::fs::write(&unit_path, unit).expect("write unit");
+    let output = Command::new(&analyze)
+        .arg("verify")
+        .arg(&unit_path)
+        .output()
+        .expect("systemd-analyze runs");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    // Warnings about the unit itself (unknown keys, bad values) are failures too;
+    // lines about the host's other units are not ours.
+    let ours: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("gpulink.service"))
+        .collect();
+    assert!(
+        output.status.success() && ours.is_empty(),
+        "systemd-analyze verify failed:\n{stderr}"
+    );
+
+    // The sandbox, as systemd scores it (0 = locked down, 10 = exposed).
+    let security = Command::new(&analyze)
+        .args(["security", "--offline=true", "--no-pager"])
+        .arg(&unit_path)
+        .output()
+        .expect("systemd-analyze security runs");
+    let text = String::from_utf8_lossy(&security.stdout).into_owned()
+        + &String::from_utf8_lossy(&security.stderr);
+    match text
+        .split("Overall exposure level for gpulink.service:")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse::<f64>().ok())
+    {
+        Some(exposure) => assert!(exposure <= 2.0, "exposure {exposure}:\n{text}"),
+        None => println!("skipped the exposure score: this systemd-analyze has no --offline"),
+    }
+}
+
+/// Dockerfile instructions with line continuations joined.
+fn instructions(dockerfile: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut current = String::new();
+    for line in dockerfile.lines() {
+        let trimmed = line.trim();
+        if trimmed.starts_with('#') || (trimmed.is_empty() && current.is_empty()) {
+            continue;
+        }
+        if let Some(body) = trimmed.strip_suffix('\\') {
+            current.push_str(body);
+            current.push(' ');
+            continue;
+        }
+        current.push_str(trimmed);
+        if let Some((word, rest)) = current.trim().split_once(char::is_whitespace) {
+            out.push((word.to_ascii_uppercase(), rest.trim().to_string()));
+        }
+        current.clear();
+    }
+    out
+}
+
+#[test]
+fn dockerfile_is_multi_stage_non_root_and_ships_the_release_binary() {
+    let dockerfile = read("packaging/docker/Dockerfile");
+    let steps = instructions(&dockerfile);
+    let froms: Vec<(usize, &str)> = steps
+        .iter()
+        .enumerate()
+        .filter(|(_, (w, _))| w == "FROM")
+        .map(|(i, (_, rest))| (i, rest.as_str()))
+        .collect();
+    assert!(froms.len() >= 2, "multi-stage: {froms:?}");
+    let (build_index, build_from) = froms[0];
+    let stage_name = build_from
+        .split_whitespace()
+        .skip_while(|w| !w.eq_ignore_ascii_case("AS"))
+        .nth(1)
+        .expect("the build stage is named");
+    let (final_index, final_from) = *froms.last().expect("final stage");
+    let build: Vec<&(String, String)> = steps[build_index..final_index].iter().collect();
+    let runtime: Vec<&(String, String)> = steps[final_index..].iter().collect();
+
+    // The build stage builds exactly what `cargo build --release` produces.
+    assert!(build
+        .iter()
+        .any(|(w, r)| w == "RUN" && r.contains("cargo build --release") && r.contains("--locked")));
+    let manifest: toml::Value = toml::from_str(&read("Cargo.toml")).expect("Cargo.toml");
+    let bin = manifest["bin"][0]["name"].as_str().expect("bin name");
+    let artifact = format!("target/release/{bin}");
+    let copy = runtime
+        .iter()
+        .find(|(w, r)| w == "COPY" && r.contains(&format!("--from={stage_name}")))
+        .unwrap_or_else(|| panic!("the final stage copies from `{stage_name}`"));
+    let copy_args: Vec<&str> = copy.1.split_whitespace().collect();
+    assert!(
+        copy_args.iter().any(|a| a.ends_with(&artifact)),
+        "COPY must take {artifact}: {copy:?}"
+    );
+    let installed = *copy_args.last().expect("COPY destination");
+
+    // Non-root, with CA certificates, entrypoint on the copied binary, no HEALTHCHECK.
+    let user = runtime
+        .iter()
+        .rev()
+        .find(|(w, _)| w == "USER")
+        .map(|(_, r)| r.as_str())
+        .expect("USER in the final stage");
+    let user_name = user.split(':').next().unwrap_or(user);
+    assert!(
+        !matches!(user_name, "root" | "0" | ""),
+        "runs as root: {user}"
+    );
+    let has_ca = final_from.contains("distroless")
+        || runtime
+            .iter()
+            .any(|(w, r)| w == "RUN" && r.contains("ca-certificates"));
+    assert!(
+        has_ca,
+        "the final image needs CA certificates: {final_from}"
+    );
+    let entrypoint = runtime
+        .iter()
+        .find(|(w, _)| w == "ENTRYPOINT")
+        .expect("ENTRYPOINT");
+    assert!(
+        entrypoint.1.contains(installed),
+        "{entrypoint:?} vs {installed}"
+    );
+    assert!(!steps.iter().any(|(w, _)| w == "HEALTHCHECK"));
+
+    // The builder's Rust is at least the crate's rust-version.
+    let needed = manifest["package"]["rust-version"]
+        .as_str()
+        .expect("rust-version");
+    let arg = steps
+        .iter()
+        .find(|(w, r)| w == "ARG" && r.starts_with("RUST_VERSION="))
+        .map(|(_, r)| r.trim_start_matches("RUST_VERSION="))
+        .expect("ARG RUST_VERSION");
+    let version = |v: &str| -> Vec<u32> { v.split('.').filter_map(|p| p.parse().ok()).collect() };
+    assert!(version(arg) >= version(needed), "rust {arg} < {needed}");
+    // The build context leaves out what the image never needs.
+    let ignore = read(".dockerignore");
+    assert!(ignore.lines().any(|l| l.trim() == "target"));
+}
+
+/// The manifests as JSON, through PyYAML (installed with kubernetes-validate).
+fn manifests(path: &Path) -> Vec<serde_json::Value> {
+    let output = Command::new(venv_bin("python"))
+        .args([
+            "-c",
+            "import json, sys, yaml; print(json.dumps([d for d in yaml.safe_load_all(open(sys.argv[1])) if d]))",
+        ])
+        .arg(path)
+        .output()
+        .expect(".venv/bin/python (run scripts/test.sh)");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).expect("JSON")
+}
+
+fn kubernetes_validate(path: &Path, version: &str) -> std::process::Output {
+    let validator = venv_bin("kubernetes-validate");
+    assert!(
+        validator.exists(),
+        "{} is missing: run scripts/test.sh (tests/requirements.txt pins it)",
+        validator.display()
+    );
+    Command::new(validator)
+        .args(["--strict", "--quiet", "-k", version])
+        .arg(path)
+        .output()
+        .expect("kubernetes-validate runs")
+}
+
+#[test]
+fn kubernetes_manifests_validate_against_the_schemas() {
+    let dir = root().join("packaging/kubernetes");
+    let files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .expect("packaging/kubernetes")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "yaml" || x == "yml"))
+        .collect();
+    assert!(!files.is_empty());
+    // 1.29: the first release with native sidecars on by default; and the newest known.
+    for version in ["1.29.0", "1.37.0"] {
+        for file in &files {
+            let output = kubernetes_validate(file, version);
+            assert!(
+                output.status.success(),
+                "{} is not valid for Kubernetes {version}:\n{}{}",
+                file.display(),
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+    }
+
+    // The validator is not a no-op: a misspelt field fails strict validation.
+    let sidecar = dir.join("gpulink-sidecar.yaml");
+    let text = std::fs::read_to_string(&sidecar).expect("sidecar manifest");
+    let broken_dir = tempfile::tempdir().expect("tempdir");
+    let broken = broken_dir.path().join("broken.yaml");
+    std::fs::write(&broken, text.replace("readinessProbe:", "readynessProbe:")).expect("write");
+    assert!(!kubernetes_validate(&broken, "1.37.0").status.success());
+
+    // What the sidecar pattern needs, beyond the schema.
+    let docs = manifests(&sidecar);
+    let kind = |k: &str| docs.iter().find(|d| d["kind"] == k).cloned();
+    let account = kind("ServiceAccount").expect("ServiceAccount");
+    assert!(
+        account["metadata"]["annotations"]["eks.amazonaws.com/role-arn"]
+            .as_str()
+            .is_some_and(|arn| arn.starts_with("arn:aws:iam::"))
+    );
+    let deployment = kind("Deployment").expect("Deployment");
+    let pod = &deployment["spec"]["template"]["spec"];
+    assert_eq!(pod["serviceAccountName"], account["metadata"]["name"]);
+    let sidecar_container = pod["initContainers"]
+        .as_array()
+        .and_then(|all| all.iter().find(|c| c["name"] == "gpulink"))
+        .expect("gpulink init container");
+    assert_eq!(sidecar_container["restartPolicy"], "Always");
+    let admin_port = sidecar_container["ports"][0]["name"].clone();
+    assert_eq!(
+        sidecar_container["readinessProbe"]["httpGet"]["path"],
+        "/ready"
+    );
+    assert_eq!(
+        sidecar_container["readinessProbe"]["httpGet"]["port"],
+        admin_port
+    );
+    assert_eq!(
+        sidecar_container["livenessProbe"]["httpGet"]["path"],
+        "/live"
+    );
+    assert_eq!(
+        sidecar_container["livenessProbe"]["httpGet"]["port"],
+        admin_port
+    );
+    assert_eq!(sidecar_container["securityContext"]["runAsUser"], 65532);
+    let mount = &sidecar_container["volumeMounts"][0];
+    assert!(
+        mount["subPath"].is_null(),
+        "a subPath mount never sees ConfigMap updates"
+    );
+    assert_eq!(mount["mountPath"], "/etc/gpulink");
+    let volume = pod["volumes"]
+        .as_array()
+        .and_then(|all| all.iter().find(|v| v["name"] == mount["name"]))
+        .expect("config volume");
+    let config_map = kind("ConfigMap").expect("ConfigMap");
+    assert_eq!(volume["configMap"]["name"], config_map["metadata"]["name"]);
+
+    // The configuration it ships is one gpulink accepts, and it keeps the app port on
+    // loopback while the probes can reach the admin port.
+    let toml_text = config_map["data"]["gpulink.toml"]
+        .as_str()
+        .expect("gpulink.toml in the ConfigMap");
+    let config_path = broken_dir.path().join("gpulink.toml");
+    std::fs::write(&config_path, toml_text).expect("write");
+    let check = Command::new(env!("CARGO_BIN_EXE_gpulink"))
+        .args(["check", "--config"])
+        .arg(&config_path)
+        .output()
+        .expect("gpulink check");
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    let config = gpulink::config::Config::load(&config_path).expect("valid");
+    assert!(config.listen.address.ip().is_loopback());
+    assert!(config.admin.address.ip().is_unspecified());
+    assert_eq!(config.admin.address.port(), 9901);
+}
+
+#[test]
+fn deb_metadata_installs_unit_and_conffile_without_starting() {
+    let manifest: toml::Value = toml::from_str(&read("Cargo.toml")).expect("Cargo.toml");
+    let deb = &manifest["package"]["metadata"]["deb"];
+    let conf_files: Vec<&str> = deb["conf-files"]
+        .as_array()
+        .expect("conf-files")
+        .iter()
+        .filter_map(|v| v.as_str())
+        .collect();
+    assert!(conf_files.contains(&"/etc/gpulink/gpulink.toml"));
+    let assets = deb["assets"].as_array().expect("assets");
+    let mut targets = Vec::new();
+    for asset in assets {
+        let source = asset[0].as_str().expect("source");
+        let target = asset[1].as_str().expect("target");
+        targets.push(target.to_string());
+        if !source.starts_with("target/") {
+            assert!(root().join(source).exists(), "asset {source} is missing");
+        }
+    }
+    assert!(targets.iter().any(|t| t == "etc/gpulink/gpulink.toml"));
+    assert!(targets.iter().any(|t| t.starts_with("usr/bin")));
+    let units = &deb["systemd-units"];
+    assert_eq!(units["enable"].as_bool(), Some(false));
+    assert_eq!(units["start"].as_bool(), Some(false));
+    let unit_dir = units["unit-scripts"].as_str().expect("unit-scripts");
+    assert!(root().join(unit_dir).join("gpulink.service").exists());
+    // The conffile is the example configuration, which must be valid as shipped.
+    let check = Command::new(env!("CARGO_BIN_EXE_gpulink"))
+        .args(["check", "--config"])
+        .arg(root().join("config/gpulink.example.toml"))
+        .output()
+        .expect("gpulink check");
+    assert!(check.status.success());
+}
+
+#[test]
+fn grafana_dashboard_compares_routes_and_covers_kms_and_cache() {
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&read("packaging/grafana/gpulink.json")).expect("valid JSON");
+    assert!(dashboard["uid"].as_str().is_some_and(|u| !u.is_empty()));
+    let text = dashboard.to_string();
+    for needle in [
+        "histogram_quantile(0.50, sum by (route, le)",
+        "histogram_quantile(0.99, sum by (route, le)",
+        "gpulink_upstream_timeouts_total",
+        "gpulink_endpoint_healthy",
+        "gpulink_endpoint_capacity",
+        "gpulink_kms_calls_total",
+        "gpulink_key_cache_hits_total",
+    ] {
+        assert!(text.contains(needle), "the dashboard lacks {needle}");
+    }
+    // Panels do not overlap and every query has a datasource.
+    let panels = dashboard["panels"].as_array().expect("panels");
+    let mut ids = std::collections::BTreeSet::new();
+    for panel in panels {
+        assert!(
+            ids.insert(panel["id"].as_u64().expect("id")),
+            "duplicate id"
+        );
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            assert!(target["expr"]
+                .as_str()
+                .is_some_and(|e| e.contains("gpulink_")));
+            assert!(!target["datasource"].is_null());
+        }
+    }
+}

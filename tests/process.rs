@@ -1,0 +1,575 @@
+//! gpulink as operators run it: the real binaries (`gpulink sim`, `gpulink run`) as
+//! separate processes, with moto as KMS. Reload by SIGHUP and by file change under load,
+//! and graceful shutdown on SIGTERM with requests in flight.
+
+mod common;
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+
+struct Guard(Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn signal(child: &Child, name: &str) {
+    let status = Command::new("kill")
+        .arg(format!("-{name}"))
+        .arg(child.id().to_string())
+        .status()
+        .expect("kill");
+    assert!(status.success());
+}
+
+/// A simulated cluster (`gpulink sim`) on `127.<block>.x.y` and a proxy (`gpulink run`)
+/// configured for it.
+struct Processes {
+    sim: Guard,
+    proxy: Option<Guard>,
+    layout: Layout,
+    control: SocketAddr,
+    listen: SocketAddr,
+    admin: SocketAddr,
+    config_path: PathBuf,
+    moto: Moto,
+    key_arn: String,
+    ca_file: PathBuf,
+    _dir: tempfile::TempDir,
+    client: hyper_util::client::legacy::Client<
+        hyper_util::client::legacy::connect::HttpConnector,
+        http_body_util::Full<bytes::Bytes>,
+    >,
+}
+
+impl Processes {
+    async fn start(block: u8, phase: &str, extra: &str) -> Processes {
+        Self::launch(block, phase, extra, None).await
+    }
+
+    /// With `hosts`, the proxy runs in a mount namespace of its own whose /etc/hosts is
+    /// that file, so the test controls what the system resolver answers.
+    async fn launch(block: u8, phase: &str, extra: &str, hosts: Option<&Path>) -> Processes {
+        let moto = Moto::get().await;
+        let key_arn = moto.create_key().await;
+        let layout = Layout::new(block);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let control = SocketAddr::from(([127, block, 0, 1], 9950));
+        let mut sim = Command::new(env!("CARGO_BIN_EXE_gpulink"));
+        sim.arg("sim")
+            .arg("--ca-dir")
+            .arg(dir.path().join("ca"))
+            .arg("--control")
+            .arg(control.to_string())
+            .arg("--kms-endpoint-url")
+            .arg(&moto.url);
+        for ip in layout.enis() {
+            sim.arg("--endpoint").arg(format!("{ip}=us-east-1"));
+        }
+        sim.arg("--endpoint")
+            .arg(format!("{}=us-east-1:public", layout.public()));
+        let sim = Guard(
+            sim.stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("gpulink sim"),
+        );
+        wait_for_listener(control, Duration::from_secs(30)).await;
+        let ca_file = dir.path().join("ca/ca.pem");
+
+        let listen = SocketAddr::from(([127, block, 0, 2], 8000));
+        let admin = SocketAddr::from(([127, block, 0, 2], 9901));
+        let config_dir = dir.path().join("config");
+        std::fs::create_dir_all(&config_dir).expect("config dir");
+        let config_path = config_dir.join("gpulink.toml");
+        let mut processes = Processes {
+            sim,
+            proxy: None,
+            layout,
+            control,
+            listen,
+            admin,
+            config_path,
+            moto,
+            key_arn,
+            ca_file,
+            _dir: dir,
+            client: hyper_util::client::legacy::Client::builder(
+                hyper_util::rt::TokioExecutor::new(),
+            )
+            .build_http(),
+        };
+        processes.write_config(phase, extra);
+        let mut proxy = match hosts {
+            None => Command::new(env!("CARGO_BIN_EXE_gpulink")),
+            Some(hosts) => {
+                let mut c = Command::new("unshare");
+                c.args(["--mount", "--propagation", "private", "sh", "-c"])
+                    .arg(format!(
+                        "mount --bind '{}' /etc/hosts && exec '{}' \"$@\"",
+                        hosts.display(),
+                        env!("CARGO_BIN_EXE_gpulink")
+                    ))
+                    .arg("gpulink");
+                c
+            }
+        };
+        let proxy = proxy
+            .arg("run")
+            .arg("--config")
+            .arg(&processes.config_path)
+            .env(
+                "RUST_LOG",
+                std::env::var("GPULINK_TEST_PROXY_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("gpulink run");
+        processes.proxy = Some(Guard(proxy));
+        processes.wait_ready().await;
+        processes
+    }
+
+    fn config_text(&self, phase: &str, extra: &str) -> String {
+        let options = ProxyOptions {
+            phase: Box::leak(phase.to_string().into_boxed_str()),
+            extra: Box::leak(extra.to_string().into_boxed_str()),
+            ..ProxyOptions::default()
+        };
+        proxy_toml(
+            &self.layout,
+            &self.moto.url,
+            &self.key_arn,
+            &self.ca_file,
+            &options,
+        )
+        .replace(
+            "address = \"127.0.0.1:0\"\nmax_body",
+            &format!("address = \"{}\"\nmax_body", self.listen),
+        )
+        .replace(
+            "[admin]\naddress = \"127.0.0.1:0\"",
+            &format!("[admin]\naddress = \"{}\"", self.admin),
+        )
+        .replace("drain_delay = \"0s\"", "drain_delay = \"500ms\"")
+    }
+
+    fn write_config(&self, phase: &str, extra: &str) {
+        write_atomically(&self.config_path, &self.config_text(phase, extra));
+    }
+
+    fn proxy(&self) -> &Child {
+        &self.proxy.as_ref().expect("proxy").0
+    }
+
+    async fn get(&self, addr: SocketAddr, path: &str) -> Option<Reply> {
+        let request = http::Request::get(format!("http://{addr}{path}"))
+            .body(http_body_util::Full::new(bytes::Bytes::new()))
+            .ok()?;
+        let response = self.client.request(request).await.ok()?;
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let body = http_body_util::BodyExt::collect(response.into_body())
+            .await
+            .ok()?
+            .to_bytes();
+        Some(Reply {
+            status,
+            headers,
+            body,
+        })
+    }
+
+    async fn wait_ready(&self) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(reply) = self.get(self.admin, "/ready").await {
+                if reply.status == 200 {
+                    return;
+                }
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "proxy never became ready"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn status(&self) -> serde_json::Value {
+        self.get(self.admin, "/status")
+            .await
+            .expect("status")
+            .json()
+    }
+
+    /// Waits until `/status` shows configuration generation `n`.
+    async fn wait_generation(&self, n: u64) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if self.status().await["generation"].as_u64() == Some(n) {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "generation {n} never appeared"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn post(&self) -> Reply {
+        send(
+            &self.client,
+            "POST",
+            &format!("http://{}/inference", self.listen),
+            GUIDE_REQUEST.into(),
+            &[],
+        )
+        .await
+    }
+
+    async fn set_state(&self, ip: IpAddr, state: &str) {
+        let request = http::Request::put(format!("http://{}/endpoints/{ip}/state", self.control))
+            .body(http_body_util::Full::new(bytes::Bytes::from(
+                state.to_string(),
+            )))
+            .expect("request");
+        let response = self.client.request(request).await.expect("sim control");
+        assert!(response.status().is_success(), "{}", response.status());
+    }
+
+    async fn sim_in_flight(&self) -> u64 {
+        let reply = self
+            .get(self.control, "/endpoints")
+            .await
+            .expect("sim stats");
+        reply
+            .json()
+            .as_array()
+            .expect("array")
+            .iter()
+            .map(|e| e["in_flight"].as_u64().unwrap_or(0))
+            .sum()
+    }
+}
+
+/// Writes via a temporary file and a rename, as deployment tools do.
+fn write_atomically(path: &Path, text: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).expect("write config");
+    std::fs::rename(&tmp, path).expect("rename config");
+}
+
+/// Sends requests one after another until told to stop; counts outcomes.
+struct Load {
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Load {
+    fn start(p: &Processes) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let ok = Arc::new(AtomicU64::new(0));
+        let failed = Arc::new(AtomicU64::new(0));
+        let (client, url) = (p.client.clone(), format!("http://{}/inference", p.listen));
+        let (s, o, f) = (stop.clone(), ok.clone(), failed.clone());
+        let task = tokio::spawn(async move {
+            // Bounded: at most 5,000 requests even if never told to stop.
+            for _ in 0..5_000 {
+                if s.load(Ordering::SeqCst) {
+                    break;
+                }
+                let reply = send(&client, "POST", &url, GUIDE_REQUEST.into(), &[]).await;
+                if reply.status == 200 {
+                    o.fetch_add(1, Ordering::SeqCst);
+                } else {
+                    eprintln!(
+                        "failed under load: {} {}",
+                        reply.status,
+                        String::from_utf8_lossy(&reply.body)
+                    );
+                    f.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+        });
+        Load {
+            stop,
+            ok,
+            failed,
+            task,
+        }
+    }
+
+    async fn wait_for_ok(&self, at_least: u64) {
+        while self.ok.load(Ordering::SeqCst) < at_least {
+            assert!(!self.task.is_finished(), "load ended early");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    async fn finish(self) -> (u64, u64) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = self.task.await;
+        (
+            self.ok.load(Ordering::SeqCst),
+            self.failed.load(Ordering::SeqCst),
+        )
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_and_sim_serve_the_guide_request() {
+    let p = Processes::start(81, "privatelink", "").await;
+    let reply = p.post().await;
+    assert_eq!(
+        reply.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
+    assert_eq!(reply.json()["sha256"], sha256_hex(GUIDE_REQUEST.as_bytes()));
+    assert_eq!(reply.header("x-gpulink-route"), Some("privatelink"));
+    let status = p.status().await;
+    assert_eq!(status["generation"], 1);
+    assert_eq!(status["phase"], "privatelink");
+    signal(p.proxy(), "TERM");
+    let mut proxy = p.proxy;
+    let code = proxy
+        .as_mut()
+        .map(|g| g.0.wait().expect("wait"))
+        .expect("proxy");
+    assert!(code.success(), "{code:?}");
+    drop(p.sim);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_changes_phase_under_load_without_failures() {
+    let p = Processes::start(82, "privatelink", "").await;
+    let load = Load::start(&p);
+    load.wait_for_ok(20).await;
+    p.write_config("public", "");
+    // The file watcher may also pick this up; SIGHUP makes it certain.
+    signal(p.proxy(), "HUP");
+    let status_deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let status = p.status().await;
+        if status["phase"] == "public" {
+            assert!(status["generation"].as_u64().unwrap_or(0) >= 2);
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < status_deadline,
+            "reload never applied"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let before = load.ok.load(Ordering::SeqCst);
+    load.wait_for_ok(before + 20).await;
+    let (ok, failed) = load.finish().await;
+    assert_eq!(
+        failed, 0,
+        "{failed} requests failed during the reload ({ok} ok)"
+    );
+    let reply = p.post().await;
+    assert_eq!(reply.header("x-gpulink-route"), Some("public"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_change_reloads_and_an_invalid_file_changes_nothing() {
+    let p = Processes::start(83, "public", "").await;
+    let load = Load::start(&p);
+    load.wait_for_ok(10).await;
+
+    // Valid change, picked up by the directory watch alone.
+    p.write_config("privatelink", "");
+    p.wait_generation(2).await;
+    assert_eq!(p.status().await["phase"], "privatelink");
+    let before = load.ok.load(Ordering::SeqCst);
+    load.wait_for_ok(before + 10).await;
+
+    // Invalid change: rejected, generation and phase unchanged, still serving.
+    write_atomically(&p.config_path, "[listen]\nthis is not toml\n");
+    signal(p.proxy(), "HUP");
+    // Then a valid one, to have an event to await: the invalid one must not have
+    // produced a generation in between.
+    let before = load.ok.load(Ordering::SeqCst);
+    load.wait_for_ok(before + 10).await;
+    assert_eq!(p.status().await["generation"], 2);
+    assert_eq!(p.status().await["phase"], "privatelink");
+    p.write_config("public", "");
+    p.wait_generation(3).await;
+    let (ok, failed) = load.finish().await;
+    assert_eq!(
+        failed, 0,
+        "{failed} requests failed across reloads ({ok} ok)"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_in_flight_requests_finish() {
+    let p = Processes::start(84, "privatelink-only", "").await;
+    for ip in p.layout.enis() {
+        p.set_state(ip, r#"{"state": "slow", "delay_ms": 1500}"#)
+            .await;
+    }
+    const N: u64 = 4;
+    let mut held = Vec::new();
+    for _ in 0..N {
+        let (client, url) = (p.client.clone(), format!("http://{}/inference", p.listen));
+        held.push(tokio::spawn(async move {
+            send(&client, "POST", &url, GUIDE_REQUEST.into(), &[])
+                .await
+                .status
+        }));
+    }
+    while p.sim_in_flight().await < N {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    signal(p.proxy(), "TERM");
+    // Draining: not ready any more, while the in-flight requests continue.
+    loop {
+        match p.get(p.admin, "/ready").await {
+            Some(reply) if reply.status == 503 => break,
+            None => break,
+            _ => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+    for task in held {
+        assert_eq!(task.await.expect("join"), 200);
+    }
+    // After the drain delay the listener is closed: new connections are refused.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while tokio::net::TcpStream::connect(p.listen).await.is_ok() {
+        assert!(tokio::time::Instant::now() < deadline, "still accepting");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut proxy = p.proxy;
+    let code = proxy
+        .as_mut()
+        .map(|g| g.0.wait().expect("wait"))
+        .expect("proxy");
+    assert!(code.success(), "exit status {code:?}");
+}
+
+/// Whether this machine lets a test give a process its own /etc/hosts.
+fn can_fake_hosts() -> bool {
+    Command::new("unshare")
+        .args([
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            "mount --bind /etc/hosts /etc/hosts",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn privatelink_dns_discovers_enis_and_keeps_unchanged_ones() {
+    if !can_fake_hosts() {
+        eprintln!("SKIPPED: needs `unshare --mount` (root) to give the proxy its own /etc/hosts");
+        return;
+    }
+    let block = 86u8;
+    let layout = Layout::new(block);
+    let [a, b, c] = layout.enis();
+    let hosts_dir = tempfile::tempdir().expect("tempdir");
+    let hosts = hosts_dir.path().join("hosts");
+    // The bind mount follows the inode: always rewrite in place, never rename.
+    let write_hosts = |ips: &[IpAddr]| {
+        let text: String = ips
+            .iter()
+            .map(|ip| format!("{ip} eni.vpce.test\n"))
+            .collect();
+        std::fs::write(&hosts, format!("127.0.0.1 localhost\n{text}")).expect("hosts");
+    };
+    write_hosts(&[a, b]);
+    // The region's ENIs come from DNS; the static list in the template is replaced.
+    let extra = "";
+    let p = Processes::launch(block, "privatelink", extra, Some(&hosts)).await;
+    let text = p.config_text("privatelink", extra).replace(
+        &format!("privatelink = [\"{a}:8443\", \"{b}:8443\", \"{c}:8443\"]"),
+        "privatelink_dns = \"eni.vpce.test:8443\"\ndns_refresh = \"1s\"",
+    );
+    assert!(text.contains("privatelink_dns"));
+    write_atomically(&p.config_path, &text);
+    p.wait_generation(2).await;
+
+    let addresses = |status: &serde_json::Value| -> Vec<String> {
+        let mut v: Vec<String> = status["endpoints"]
+            .as_array()
+            .expect("endpoints")
+            .iter()
+            .filter(|e| e["route"] == "privatelink")
+            .map(|e| e["address"].as_str().unwrap_or("").to_string())
+            .collect();
+        v.sort();
+        v
+    };
+    let checks_of = |status: &serde_json::Value, address: &str| -> u64 {
+        status["endpoints"]
+            .as_array()
+            .and_then(|list| list.iter().find(|e| e["address"] == address))
+            .and_then(|e| e["health_checks"].as_u64())
+            .unwrap_or(0)
+    };
+    let status = p.status().await;
+    assert_eq!(
+        addresses(&status),
+        vec![format!("{a}:8443"), format!("{b}:8443")]
+    );
+    for _ in 0..4 {
+        let reply = p.post().await;
+        assert_eq!(reply.status, 200);
+        assert_eq!(reply.header("x-gpulink-route"), Some("privatelink"));
+    }
+    // Wait for a few health checks on `a`, to see them survive re-resolution.
+    let a_address = format!("{a}:8443");
+    while checks_of(&p.status().await, &a_address) < 3 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let checks_before = checks_of(&p.status().await, &a_address);
+
+    write_hosts(&[a, c]);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let status = p.status().await;
+        if addresses(&status) == vec![format!("{a}:8443"), format!("{c}:8443")] {
+            assert!(
+                checks_of(&status, &a_address) >= checks_before,
+                "the unchanged ENI lost its health state"
+            );
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the DNS change was never applied"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for _ in 0..4 {
+        let reply = p.post().await;
+        assert_eq!(reply.status, 200);
+        assert_ne!(
+            reply.header("x-gpulink-endpoint"),
+            Some(format!("{b}:8443").as_str())
+        );
+    }
+}

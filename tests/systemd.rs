@@ -1,0 +1,151 @@
+//! `gpulink run` (the binary) under a fake systemd: a notification socket of the test's
+//! own receives `READY=1` only once `/ready` answers 200, `WATCHDOG=1` pings at half of
+//! `WATCHDOG_USEC`, and `STOPPING=1` on SIGTERM, after which the process exits 0. The
+//! same run checks `--log-format json`: every stderr line is JSON, a request's lines
+//! carry its request id, and the body never appears.
+//!
+//! Loopback block 127.75.x.x belongs to this file.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use tokio::net::UnixDatagram;
+
+/// Receives notifications until one contains `wanted`; returns everything received.
+async fn await_notification(socket: &UnixDatagram, wanted: &str, seen: &mut Vec<String>) {
+    let mut buffer = vec![0u8; 4096];
+    let deadline = Duration::from_secs(60);
+    let result = tokio::time::timeout(deadline, async {
+        loop {
+            let n = socket.recv(&mut buffer).await.expect("recv");
+            let message = String::from_utf8_lossy(&buffer[..n]).into_owned();
+            let done = message.lines().any(|l| l == wanted);
+            seen.push(message);
+            if done {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(
+        result.is_ok(),
+        "no {wanted} within {deadline:?}; got {seen:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_notifies_systemd_and_logs_json_with_request_ids() {
+    let moto = Moto::get().await;
+    let key_arn = moto.create_key().await;
+    let layout = Layout::new(75);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sim = gpulink::sim::Sim::start(
+        layout.sim_config(dir.path().join("ca")),
+        gpulink::seal::KeyService::Kms(moto.keys().await),
+    )
+    .await
+    .expect("sim starts");
+    let (listen, admin) = ("127.75.0.1:8000", "127.75.0.1:9901");
+    let text = proxy_toml(
+        &layout,
+        &moto.url,
+        &key_arn,
+        &sim.ca_file(),
+        &ProxyOptions::default(),
+    )
+    .replace(
+        "[listen]\naddress = \"127.0.0.1:0\"",
+        &format!("[listen]\naddress = \"{listen}\""),
+    )
+    .replace(
+        "[admin]\naddress = \"127.0.0.1:0\"",
+        &format!("[admin]\naddress = \"{admin}\""),
+    );
+    assert!(text.contains(listen) && text.contains(admin));
+    let config = dir.path().join("gpulink.toml");
+    std::fs::write(&config, text).expect("write config");
+
+    let socket_path = dir.path().join("notify.sock");
+    let socket = UnixDatagram::bind(&socket_path).expect("bind the notification socket");
+    let log_path = dir.path().join("stderr.log");
+    let log = std::fs::File::create(&log_path).expect("log file");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_gpulink"))
+        .args(["run", "--log-format", "json", "--config"])
+        .arg(&config)
+        .env("NOTIFY_SOCKET", &socket_path)
+        .env("WATCHDOG_USEC", "400000")
+        .env_remove("WATCHDOG_PID")
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(log))
+        .spawn()
+        .expect("gpulink run starts");
+
+    let mut seen = Vec::new();
+    await_notification(&socket, "READY=1", &mut seen).await;
+    // READY=1 means serving: /ready agrees at once.
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http();
+    let ready = send(
+        &client,
+        "GET",
+        &format!("http://{admin}/ready"),
+        Vec::new(),
+        &[],
+    )
+    .await;
+    assert_eq!(ready.status, 200);
+    await_notification(&socket, "WATCHDOG=1", &mut seen).await;
+
+    let reply = send(
+        &client,
+        "POST",
+        &format!("http://{listen}/inference"),
+        GUIDE_REQUEST.as_bytes().to_vec(),
+        &[("x-request-id", "systemd-log-1")],
+    )
+    .await;
+    assert_eq!(
+        reply.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
+
+    let pid = child.id().to_string();
+    let killed = Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill");
+    assert!(killed.success());
+    await_notification(&socket, "STOPPING=1", &mut seen).await;
+    let status = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .expect("wait task")
+        .expect("wait");
+    assert!(status.success(), "gpulink run exited with {status}");
+    // No READY=1 came before the first one we awaited: it was the first message.
+    assert!(seen[0].lines().any(|l| l == "READY=1"), "{seen:?}");
+
+    let logs = std::fs::read_to_string(&log_path).expect("logs");
+    let mut request_lines = 0;
+    for line in logs.lines().filter(|l| !l.trim().is_empty()) {
+        let value: serde_json::Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"));
+        if value["span"]["id"] == "systemd-log-1" {
+            request_lines += 1;
+        }
+    }
+    assert!(
+        request_lines >= 1,
+        "no log line carries the request id:\n{logs}"
+    );
+    assert!(
+        !logs.contains("Hello") && !logs.contains("max_tokens"),
+        "a body reached the logs:\n{logs}"
+    );
+    sim.shutdown().await;
+}
