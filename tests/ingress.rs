@@ -126,3 +126,56 @@ async fn server_sent_events_are_relayed_as_a_stream() {
     assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
     world.stop().await;
 }
+
+/// Reads a streamed answer to the end; returns (events, whether it ended cleanly).
+async fn read_stream(world: &World, body: &'static str) -> (String, bool) {
+    let request = http::Request::post(world.url("/inference"))
+        .header("accept", "text/event-stream")
+        .body(Full::new(Bytes::from_static(body.as_bytes())))
+        .expect("request");
+    let response = world.client.request(request).await.expect("answer");
+    assert_eq!(response.status(), 200);
+    let mut body = response.into_body();
+    let mut text = String::new();
+    while let Some(frame) = body.frame().await {
+        match frame {
+            Ok(frame) => {
+                if let Some(data) = frame.data_ref() {
+                    text.push_str(&String::from_utf8_lossy(data));
+                }
+            }
+            Err(_) => return (text, false),
+        }
+    }
+    (text, true)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_generation_is_not_cut_but_a_stalled_one_is() {
+    let world = World::start(
+        55,
+        ProxyOptions {
+            idle_timeout: "500ms",
+            ..ProxyOptions::default()
+        },
+    )
+    .await;
+    // 12 tokens 100 ms apart: longer than the idle timeout in total, never silent for it.
+    let (text, clean) = read_stream(
+        &world,
+        r#"{"prompt": "Hello", "max_tokens": 12, "stream": true, "token_delay_ms": 100}"#,
+    )
+    .await;
+    assert!(clean, "{text}");
+    assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+    // Silent for 3 s between tokens: cut after the first token.
+    let (text, clean) = read_stream(
+        &world,
+        r#"{"prompt": "Hello", "max_tokens": 3, "stream": true, "token_delay_ms": 3000}"#,
+    )
+    .await;
+    assert!(!clean, "a stalled stream ended cleanly: {text}");
+    assert!(text.starts_with("data: {\"token\": 0}"), "{text}");
+    assert!(!text.contains("[DONE]"), "{text}");
+    world.stop().await;
+}

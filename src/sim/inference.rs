@@ -508,7 +508,19 @@ fn hex_sha256(data: &[u8]) -> String {
 }
 
 /// `Some(n)` when the opened request asks for a stream: `{"stream": true, "max_tokens": n}`.
-fn stream_tokens(plaintext: &[u8]) -> Option<u64> {
+/// How a streamed answer is generated: the token count, and the pause before each
+/// token after the first (`"token_delay_ms"` in the request: a slow generation, to test
+/// the proxy's idle timeout; capped so a request cannot pin the simulator).
+#[derive(Debug, Clone, Copy)]
+struct StreamPlan {
+    tokens: u64,
+    delay: Duration,
+}
+
+/// Longest pause a request may ask for between tokens.
+const MAX_TOKEN_DELAY: Duration = Duration::from_secs(10);
+
+fn stream_tokens(plaintext: &[u8]) -> Option<StreamPlan> {
     let request: serde_json::Value = serde_json::from_slice(plaintext).ok()?;
     if request.get("stream").and_then(serde_json::Value::as_bool) != Some(true) {
         return None;
@@ -517,17 +529,32 @@ fn stream_tokens(plaintext: &[u8]) -> Option<u64> {
         .get("max_tokens")
         .and_then(serde_json::Value::as_u64)
         .unwrap_or(MAX_STREAM_TOKENS);
-    Some(max_tokens.min(MAX_STREAM_TOKENS))
+    let delay = request
+        .get("token_delay_ms")
+        .and_then(serde_json::Value::as_u64)
+        .map_or(Duration::ZERO, Duration::from_millis)
+        .min(MAX_TOKEN_DELAY);
+    Some(StreamPlan {
+        tokens: max_tokens.min(MAX_STREAM_TOKENS),
+        delay,
+    })
 }
 
 /// Server-sent events, one frame per token, so that the proxy's relay is exercised as a
 /// stream. The request stays in flight until the last event is sent (or the client
 /// goes away and the channel closes).
-fn stream_response(endpoint: &Endpoint, tokens: u64, in_flight: InFlight) -> Response<ProxyBody> {
+fn stream_response(
+    endpoint: &Endpoint,
+    plan: StreamPlan,
+    in_flight: InFlight,
+) -> Response<ProxyBody> {
     let (tx, rx) = mpsc::channel::<Bytes>(4);
     tokio::spawn(async move {
         let _in_flight = in_flight;
-        for token in 0..tokens {
+        for token in 0..plan.tokens {
+            if token > 0 && !plan.delay.is_zero() {
+                tokio::time::sleep(plan.delay).await;
+            }
             let event = format!("data: {{\"token\": {token}}}\n\n");
             if tx.send(Bytes::from(event)).await.is_err() {
                 return;
@@ -581,13 +608,13 @@ mod tests {
 
     #[test]
     fn stream_requests() {
-        assert_eq!(stream_tokens(br#"{"stream":true,"max_tokens":5}"#), Some(5));
-        assert_eq!(
-            stream_tokens(br#"{"stream":true,"max_tokens":500}"#),
-            Some(20)
-        );
-        assert_eq!(stream_tokens(br#"{"stream":true}"#), Some(20));
-        assert_eq!(stream_tokens(br#"{"stream":false}"#), None);
-        assert_eq!(stream_tokens(b"not json"), None);
+        let tokens = |body: &[u8]| stream_tokens(body).map(|plan| plan.tokens);
+        assert_eq!(tokens(br#"{"stream":true,"max_tokens":5}"#), Some(5));
+        assert_eq!(tokens(br#"{"stream":true,"max_tokens":500}"#), Some(20));
+        assert_eq!(tokens(br#"{"stream":true}"#), Some(20));
+        assert_eq!(tokens(br#"{"stream":false}"#), None);
+        assert_eq!(tokens(b"not json"), None);
+        let delay = stream_tokens(br#"{"stream":true,"token_delay_ms":99999}"#).map(|p| p.delay);
+        assert_eq!(delay, Some(MAX_TOKEN_DELAY));
     }
 }

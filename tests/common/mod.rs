@@ -183,6 +183,7 @@ pub struct ProxyOptions {
     pub format: &'static str,
     pub request_timeout: &'static str,
     pub health_interval: &'static str,
+    pub idle_timeout: &'static str,
 }
 
 impl Default for ProxyOptions {
@@ -200,6 +201,7 @@ impl Default for ProxyOptions {
             format: "kms-direct",
             request_timeout: "10s",
             health_interval: "200ms",
+            idle_timeout: "60s",
         }
     }
 }
@@ -253,6 +255,7 @@ server_name = "{server_name}"
 ca_file = "{ca}"
 connect_timeout = "1s"
 request_timeout = "{request_timeout}"
+idle_timeout = "{idle_timeout}"
 
 [health]
 interval = "{health_interval}"
@@ -280,6 +283,7 @@ phase = "{phase}"
         phase = o.phase,
         extra = o.extra,
         request_timeout = o.request_timeout,
+        idle_timeout = o.idle_timeout,
         health_interval = o.health_interval,
     )
 }
