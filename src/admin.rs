@@ -167,7 +167,11 @@ pub fn status(proxy: &Proxy) -> Value {
         "public_fallback_open": generation.routes.public_fallback_open(now),
         "rollback": {
             "configured": generation.routes.rollback().is_some(),
+            // Whether it may act now (phase and fallback window allow it).
+            "allowed": generation.routes.rollback_allowed(now),
             "active": generation.routes.is_rolled_back(now),
+            "fired": generation.routes.rollback().map_or(0, |r| r.times_fired()),
+            "last_breach": generation.routes.rollback().and_then(|r| r.last_breach()),
         },
         "reloads": { "applied": reloads_ok, "rejected": reloads_failed },
         "tenant": config.tenant.id,
@@ -175,7 +179,7 @@ pub fn status(proxy: &Proxy) -> Value {
             "provider": if keys.is_development() { "development" } else { "aws-kms" },
             "key_id": config.kms.key_id,
             "region": config.kms.region,
-            "format": format!("{:?}", config.kms.format),
+            "format": config.kms.format.as_str(),
             "context": format!("{:?}", config.kms.context),
             "calls": kms_calls,
             "failures": kms_failures,

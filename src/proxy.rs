@@ -407,6 +407,18 @@ pub async fn start_with(
         })?;
         Ok::<_, StartError>((listener, local))
     };
+    for (key, address) in [
+        ("listen.address", config.listen.address),
+        ("admin.address", config.admin.address),
+    ] {
+        if !address.ip().is_loopback() {
+            tracing::warn!(
+                key,
+                %address,
+                "not a loopback address: other hosts can reach it (the app-facing listener takes plaintext JSON)"
+            );
+        }
+    }
     let (listener, listen_addr) = bind("listen.address", config.listen.address).await?;
     let (admin_listener, admin_addr) = bind("admin.address", config.admin.address).await?;
 

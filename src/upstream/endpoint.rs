@@ -72,6 +72,13 @@ impl Endpoint {
             .pool_idle_timeout(pool_idle_timeout)
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
+            // Bodies reach 10 MB: let HTTP/2 flow control grow with the bandwidth-delay
+            // product instead of stalling on the default 64 KiB windows.
+            .http2_adaptive_window(true)
+            // Pings while a stream is open find a connection that died silently (an
+            // ENI lost under an open connection) before request_timeout does.
+            .http2_keep_alive_interval(Duration::from_secs(20))
+            .http2_keep_alive_timeout(Duration::from_secs(10))
             .build(connector);
         let authority = config.authority();
         let authority_header = HeaderValue::from_str(&authority)

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# The dependency tree holds one HTTP stack and one TLS stack: aws-sdk-kms's default
+# features would bring a second, older hyper/rustls, and rcgen's would bring ring.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+dups=$(cargo tree --locked -d --depth 0 -e normal | grep -E '^(hyper|hyper-util|h2|http|rustls|tokio-rustls) v' || true)
+if [ -n "$dups" ]; then
+  echo "more than one version of a network-stack crate:" >&2
+  echo "$dups" >&2
+  exit 1
+fi
+ring=$(cargo tree --locked -e normal -i ring 2>/dev/null | grep -E '^ring v' || true)
+if [ -n "$ring" ]; then
+  echo "ring is in the dependency tree; rustls, rcgen and the AWS SDK must all use aws-lc-rs" >&2
+  cargo tree --locked -e normal -i ring >&2
+  exit 1
+fi
+echo "dependency check: one hyper, one rustls, no ring"
