@@ -154,7 +154,9 @@ impl KeyService {
     ) -> Result<Encrypted, KeyError> {
         let started = Instant::now();
         let result = match self {
-            KeyService::Kms(kms) => kms.encrypt(key_id, plaintext, context).await,
+            // Boxed: the SDK call's future is ~12 KB, and every request's future would
+            // otherwise carry it inline even when no KMS call happens.
+            KeyService::Kms(kms) => Box::pin(kms.encrypt(key_id, plaintext, context)).await,
             KeyService::Dev(dev) => dev.encrypt(plaintext, context),
         };
         self.stats().encrypt.record(started, &result);
@@ -170,7 +172,7 @@ impl KeyService {
     ) -> Result<Vec<u8>, KeyError> {
         let started = Instant::now();
         let result = match self {
-            KeyService::Kms(kms) => kms.decrypt(ciphertext, context).await,
+            KeyService::Kms(kms) => Box::pin(kms.decrypt(ciphertext, context)).await,
             KeyService::Dev(dev) => dev.decrypt(ciphertext, context),
         };
         self.stats().decrypt.record(started, &result);
@@ -187,7 +189,7 @@ impl KeyService {
     ) -> Result<DataKey, KeyError> {
         let started = Instant::now();
         let result = match self {
-            KeyService::Kms(kms) => kms.generate_data_key(key_id, context).await,
+            KeyService::Kms(kms) => Box::pin(kms.generate_data_key(key_id, context)).await,
             KeyService::Dev(dev) => dev.generate_data_key(context),
         };
         self.stats().generate_data_key.record(started, &result);
