@@ -17,6 +17,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
+use http::uri::PathAndQuery;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
@@ -142,8 +143,8 @@ async fn journey(
     let path = parts
         .uri
         .path_and_query()
-        .map_or("/", |p| p.as_str())
-        .to_string();
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
 
     // 3-5. Route, send, retry only when safe.
     let now = chrono::Utc::now();
@@ -333,15 +334,14 @@ async fn send(
     generation: &Generation,
     metrics: &Metrics,
     endpoint: &Arc<Endpoint>,
-    path: &str,
+    path: &PathAndQuery,
     headers: &HeaderMap,
     body: &Bytes,
 ) -> Result<Upstream, Attempt> {
     let upstream = &generation.config.upstream;
-    let uri = format!("{}{}", endpoint.origin(), path);
     let mut request = Request::new(Full::new(body.clone()));
     *request.method_mut() = Method::POST;
-    *request.uri_mut() = uri.parse().map_err(|_| {
+    *request.uri_mut() = endpoint.uri_for(path).map_err(|_| {
         Attempt::Final(ProxyError::BadRequestBody(format!("invalid path `{path}`")))
     })?;
     *request.headers_mut() = headers.clone();
@@ -391,7 +391,7 @@ fn relay(endpoint: &Endpoint, upstream: Upstream, request_id: &HeaderValue) -> R
     let dialed = response
         .extensions()
         .get::<ConnectedPeer>()
-        .and_then(|peer| HeaderValue::from_str(&peer.addr.to_string()).ok())
+        .map(|peer| peer.header.clone())
         .unwrap_or_else(|| endpoint.authority_header.clone());
     let (mut parts, body) = response.into_parts();
     headers::strip_hop_by_hop(&mut parts.headers);

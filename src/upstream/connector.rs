@@ -21,9 +21,11 @@ use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
 /// The connection a response came over; attached to every response's extensions.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ConnectedPeer {
     pub addr: SocketAddr,
+    /// `addr` as the `X-Gpulink-Endpoint` value, made once per connection.
+    pub header: http::HeaderValue,
     /// When the connection was ready, and how long TCP + TLS took: a request that had
     /// to open its own connection subtracts this from its latency sample, so that one
     /// handshake does not make an endpoint look slow.
@@ -113,6 +115,8 @@ impl ConnectorInner {
             io: TokioIo::new(tls),
             peer: ConnectedPeer {
                 addr,
+                header: http::HeaderValue::from_str(&addr.to_string())
+                    .unwrap_or_else(|_| http::HeaderValue::from_static("unknown")),
                 established,
                 setup: established - started,
             },
@@ -166,7 +170,7 @@ pub struct TlsConnection {
 
 impl Connection for TlsConnection {
     fn connected(&self) -> Connected {
-        let connected = Connected::new().extra(self.peer);
+        let connected = Connected::new().extra(self.peer.clone());
         let (_, session) = self.io.inner().get_ref();
         if session.alpn_protocol() == Some(b"h2") {
             connected.negotiated_h2()

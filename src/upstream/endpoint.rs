@@ -37,9 +37,9 @@ pub struct Endpoint {
     /// `host:port` as configured; the stable identity across reloads.
     pub authority: String,
     pub authority_header: HeaderValue,
-    /// `https://server_name:port`: the request URI's scheme and authority, so the pool
-    /// sends the TLS name as Host / `:authority`.
-    origin: String,
+    /// `server_name[:port]`: the request URI's authority, so the pool sends the TLS name
+    /// as Host / `:authority`. Parsed once, here, not per request.
+    uri_authority: http::uri::Authority,
     client: PoolClient,
     /// Whether active health checks currently admit this endpoint.
     healthy: AtomicBool,
@@ -84,15 +84,17 @@ impl Endpoint {
         let authority_header = HeaderValue::from_str(&authority)
             .map_err(|_| format!("endpoint `{authority}` is not a valid header value"))?;
         let origin = if config.port == 443 {
-            format!("https://{}", config.server_name)
+            config.server_name.clone()
         } else {
-            format!("https://{}:{}", config.server_name, config.port)
+            format!("{}:{}", config.server_name, config.port)
         };
+        let uri_authority = http::uri::Authority::try_from(origin.as_str())
+            .map_err(|e| format!("`{origin}` is not a valid URI authority: {e}"))?;
         Ok(Self {
             config,
             authority,
             authority_header,
-            origin,
+            uri_authority,
             client,
             healthy: AtomicBool::new(true),
             outlier: super::outlier::OutlierState::default(),
@@ -125,8 +127,13 @@ impl Endpoint {
         &self.client
     }
 
-    pub fn origin(&self) -> &str {
-        &self.origin
+    /// `https://server_name[:port]/path?query` for a request to this endpoint.
+    pub fn uri_for(&self, path: &http::uri::PathAndQuery) -> Result<http::Uri, http::Error> {
+        http::Uri::builder()
+            .scheme(http::uri::Scheme::HTTPS)
+            .authority(self.uri_authority.clone())
+            .path_and_query(path.clone())
+            .build()
     }
 
     /// Whether new requests may go here: admitted by health checks and not ejected.
