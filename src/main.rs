@@ -115,13 +115,27 @@ async fn run(
     path: &std::path::Path,
     log_format: Option<gpulink::telemetry::LogFormatFlag>,
 ) -> anyhow::Result<ExitCode> {
-    let config = match Config::load(path) {
+    // Read once: the configuration is parsed from exactly the bytes the reload watch
+    // compares later changes against.
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(source) => {
+            let error = gpulink::config::ConfigError::Read {
+                path: path.to_path_buf(),
+                source,
+            };
+            eprintln!("gpulink: {error}");
+            return Ok(ExitCode::from(EX_CONFIG as u8));
+        }
+    };
+    let config = match Config::from_toml(&text, path) {
         Ok(c) => c,
         Err(error) => {
             eprintln!("gpulink: {error}");
             return Ok(ExitCode::from(EX_CONFIG as u8));
         }
     };
+    let reload_triggers = gpulink::reload::watch(path.to_path_buf(), text.into_bytes())?;
     gpulink::telemetry::init(gpulink::telemetry::effective_format(
         config.log.format,
         log_format,
@@ -129,11 +143,7 @@ async fn run(
     let keys = KeyService::Kms(KmsKeys::from_config(&config.kms).await);
     let handle = gpulink::proxy::start(config, keys).await?;
     let stop_reloading = tokio_util::sync::CancellationToken::new();
-    gpulink::reload::spawn(
-        handle.proxy().clone(),
-        path.to_path_buf(),
-        stop_reloading.clone(),
-    )?;
+    reload_triggers.spawn(handle.proxy().clone(), stop_reloading.clone());
     // systemd (Type=notify): ready only now that the proxy serves; then watchdog pings.
     let stop_watchdog = tokio_util::sync::CancellationToken::new();
     gpulink::systemd::ready(&format!(

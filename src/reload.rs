@@ -28,11 +28,24 @@ pub enum WatchError {
     Signal(std::io::Error),
 }
 
-/// Reloads `path` into `proxy` on SIGHUP and on file changes until `stop` is cancelled.
-pub fn spawn(proxy: Arc<Proxy>, path: PathBuf, stop: CancellationToken) -> Result<(), WatchError> {
-    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+/// The reload triggers, armed before the proxy starts: a SIGHUP or a file change that
+/// comes while it starts is kept, not lost (an unhandled SIGHUP would even end the
+/// process), and acted on once [`Triggers::spawn`] hands them the proxy.
+pub struct Triggers {
+    path: PathBuf,
+    /// The file's content as the running configuration was parsed from it.
+    loaded: Vec<u8>,
+    hangup: tokio::signal::unix::Signal,
+    changed: mpsc::Receiver<()>,
+    watcher: notify::RecommendedWatcher,
+}
+
+/// Arms SIGHUP and the watch on `path`'s directory. `loaded` is the content the proxy is
+/// about to start with.
+pub fn watch(path: PathBuf, loaded: Vec<u8>) -> Result<Triggers, WatchError> {
+    let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .map_err(WatchError::Signal)?;
-    let (changed_tx, mut changed) = mpsc::channel::<()>(1);
+    let (changed_tx, changed) = mpsc::channel::<()>(1);
     let directory = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -54,33 +67,58 @@ pub fn spawn(proxy: Arc<Proxy>, path: PathBuf, stop: CancellationToken) -> Resul
             path: directory.clone(),
             source,
         })?;
+    Ok(Triggers {
+        path,
+        loaded,
+        hangup,
+        changed,
+        watcher,
+    })
+}
 
-    tokio::spawn(async move {
-        // The watcher stops when dropped; it lives as long as this task.
-        let _watcher = watcher;
-        let mut last = std::fs::read(&path).ok();
-        loop {
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = hangup.recv() => {
-                    tracing::info!(path = %path.display(), "SIGHUP: reloading the configuration");
-                    reload_notifying_systemd(&proxy, &path).await;
-                    last = std::fs::read(&path).ok();
-                }
-                Some(()) = changed.recv() => {
-                    tokio::time::sleep(DEBOUNCE).await;
-                    while changed.try_recv().is_ok() {}
-                    let now = std::fs::read(&path).ok();
-                    if now.is_some() && now != last {
-                        tracing::info!(path = %path.display(), "configuration file changed: reloading");
+impl Triggers {
+    /// Reloads into `proxy` on SIGHUP and on file changes until `stop` is cancelled.
+    pub fn spawn(self, proxy: Arc<Proxy>, stop: CancellationToken) {
+        let Triggers {
+            path,
+            loaded,
+            mut hangup,
+            mut changed,
+            watcher,
+        } = self;
+        tokio::spawn(async move {
+            // The watcher stops when dropped; it lives as long as this task.
+            let _watcher = watcher;
+            let mut last = Some(loaded);
+            // A change made while the proxy started has no event left to wake us.
+            let now = std::fs::read(&path).ok();
+            if now.is_some() && now != last {
+                tracing::info!(path = %path.display(), "configuration file changed during start-up: reloading");
+                reload_notifying_systemd(&proxy, &path).await;
+                last = now;
+            }
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = hangup.recv() => {
+                        tracing::info!(path = %path.display(), "SIGHUP: reloading the configuration");
                         reload_notifying_systemd(&proxy, &path).await;
-                        last = now;
+                        last = std::fs::read(&path).ok();
+                    }
+                    Some(()) = changed.recv() => {
+                        tokio::time::sleep(DEBOUNCE).await;
+                        while changed.try_recv().is_ok() {}
+                        let now = std::fs::read(&path).ok();
+                        if now.is_some() && now != last {
+                            tracing::info!(path = %path.display(), "configuration file changed: reloading");
+                            reload_notifying_systemd(&proxy, &path).await;
+                            last = now;
+                        }
                     }
                 }
             }
-        }
-    });
-    Ok(())
+        });
+    }
 }
 
 /// Reloads, telling systemd (`Type=notify`) that a reload is under way, so that
