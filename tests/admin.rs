@@ -357,16 +357,13 @@ type AdminClient = hyper_util::client::legacy::Client<
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ready_follows_start_outage_and_drain() {
-    let moto = Moto::get().await;
-    let key_arn = moto.create_key().await;
-    let layout = Layout::new(71);
-    let dir = tempfile::tempdir().expect("tempdir");
-    let sim = gpulink::sim::Sim::start(
-        layout.sim_config(dir.path().join("ca")),
-        gpulink::seal::KeyService::Kms(moto.keys().await),
-    )
-    .await
-    .expect("sim starts");
+    let Cluster {
+        moto,
+        key_arn,
+        layout,
+        dir: _dir,
+        sim,
+    } = Cluster::start(71).await;
     // Every endpoint accepts and never answers: the first health round can only end
     // by its timeout, so the proxy is observably "starting" until then.
     for endpoint in sim.endpoints() {

@@ -38,16 +38,13 @@ async fn await_notification(socket: &UnixDatagram, wanted: &str, seen: &mut Vec<
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn run_notifies_systemd_and_logs_json_with_request_ids() {
-    let moto = Moto::get().await;
-    let key_arn = moto.create_key().await;
-    let layout = Layout::new(75);
-    let dir = tempfile::tempdir().expect("tempdir");
-    let sim = gpulink::sim::Sim::start(
-        layout.sim_config(dir.path().join("ca")),
-        gpulink::seal::KeyService::Kms(moto.keys().await),
-    )
-    .await
-    .expect("sim starts");
+    let Cluster {
+        moto,
+        key_arn,
+        layout,
+        dir,
+        sim,
+    } = Cluster::start(75).await;
     let (listen, admin) = ("127.75.0.1:8000", "127.75.0.1:9901");
     let text = proxy_toml(
         &layout,

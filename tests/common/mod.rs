@@ -288,6 +288,36 @@ phase = "{phase}"
     )
 }
 
+/// moto with a fresh key, and the simulator on `127.<block>.x.y` opening bodies through
+/// it: everything a test needs before it starts a proxy of its own.
+pub struct Cluster {
+    pub moto: Moto,
+    pub key_arn: String,
+    pub layout: Layout,
+    pub dir: tempfile::TempDir,
+    pub sim: Sim,
+}
+
+impl Cluster {
+    pub async fn start(block: u8) -> Cluster {
+        let moto = Moto::get().await;
+        let key_arn = moto.create_key().await;
+        let layout = Layout::new(block);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let sim_keys = KeyService::Kms(moto.keys().await);
+        let sim = Sim::start(layout.sim_config(dir.path().join("ca")), sim_keys)
+            .await
+            .expect("sim starts");
+        Cluster {
+            moto,
+            key_arn,
+            layout,
+            dir,
+            sim,
+        }
+    }
+}
+
 /// One test's world: moto, the simulator, and a proxy between them.
 pub struct World {
     pub moto: Moto,
@@ -302,14 +332,13 @@ pub struct World {
 
 impl World {
     pub async fn start(block: u8, options: ProxyOptions) -> World {
-        let moto = Moto::get().await;
-        let key_arn = moto.create_key().await;
-        let layout = Layout::new(block);
-        let dir = tempfile::tempdir().expect("tempdir");
-        let sim_keys = KeyService::Kms(moto.keys().await);
-        let sim = Sim::start(layout.sim_config(dir.path().join("ca")), sim_keys)
-            .await
-            .expect("sim starts");
+        let Cluster {
+            moto,
+            key_arn,
+            layout,
+            dir,
+            sim,
+        } = Cluster::start(block).await;
         let moto_addr: SocketAddr = moto
             .url
             .trim_start_matches("http://")
