@@ -1,5 +1,5 @@
 //! The errors gpulink answers the app with. Each has a stable `code` and HTTP status
-//! (the contract in DESIGN.md) and a message the app's operator can act on. They are
+//! (the contract in `docs/design.md`) and a message the app's operator can act on. They are
 //! always sent as `{"error": {"code": "...", "message": "..."}}`.
 
 use bytes::Bytes;

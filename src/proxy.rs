@@ -1,6 +1,6 @@
 //! The running proxy: the current configuration generation (swapped atomically on
 //! reload), the lifecycle flags the admin server reports, and start-up, reload and
-//! shutdown in the order DESIGN.md gives.
+//! shutdown in the order `docs/design.md` gives.
 
 use std::net::SocketAddr;
 use std::path::Path;

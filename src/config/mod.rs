@@ -1,4 +1,4 @@
-//! The configuration file: the TOML schema of DESIGN.md with its defaults, parsing with
+//! The configuration file: the TOML schema of `docs/design.md` with its defaults, parsing with
 //! unknown keys rejected, and validation whose messages name the offending key.
 //!
 //! Everything downstream takes a validated [`Config`]; nothing else reads the file.
