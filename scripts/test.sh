@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh checkout: installs the Python test dependencies
-# (moto as KMS, the official AWS Encryption SDK) into .venv, starts one moto server on a
-# free loopback port for all tests, and runs every Rust test.
+# (moto as KMS, the official AWS Encryption SDK) into .venv and the ESDK 3.x line with the
+# ESDK CLI into .venv-esdk3, starts one moto server on a free loopback port for all tests,
+# and runs every Rust test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -9,6 +10,10 @@ if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
 .venv/bin/pip install --quiet --disable-pip-version-check -r tests/requirements.txt
+if [ ! -x .venv-esdk3/bin/python ]; then
+  python3 -m venv .venv-esdk3
+fi
+.venv-esdk3/bin/pip install --quiet --disable-pip-version-check -r tests/requirements-esdk3.txt
 
 export AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing AWS_DEFAULT_REGION=us-east-1
 export AWS_EC2_METADATA_DISABLED=true

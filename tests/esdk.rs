@@ -5,7 +5,9 @@
 //! Python produced. Also: tampering, the cache's limits counted in KMS calls, and KMS
 //! failures with a cold and a warm cache.
 //!
-//! Each test owns a `127.6N.0.0/16` block. The simulator's opt-in body capture
+//! The ESDK 3.x line and the ESDK CLI (`.venv-esdk3`) open gpulink's messages too.
+//!
+//! Each test owns a `127.6N.0.0/16` block (or `127.140`). The simulator's opt-in body capture
 //! ([`gpulink::sim::Sim::capture_bodies`]) provides the bytes the upstream received.
 //! Nothing sleeps to synchronise; the one wait (for an age-driven refresh) polls the
 //! cache's own state for the event.
@@ -138,24 +140,56 @@ fn decrypt_failures(world: &World) -> u64 {
         .sum()
 }
 
-/// Runs `tests/interop/esdk.py` with `stdin` and returns (exit ok, stdout, stderr).
+/// The second virtualenv `scripts/test.sh` makes: the Python ESDK 3.x line and the ESDK
+/// CLI (which pins that line), next to `.venv`'s 4.x.
+const ESDK3_VENV: &str = ".venv-esdk3";
+
+fn esdk3_bin(name: &str) -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join(ESDK3_VENV)
+        .join("bin")
+        .join(name)
+}
+
+/// Runs `tests/interop/esdk.py` with `.venv`'s Python (ESDK 4.x).
 async fn python(args: Vec<String>, stdin: Vec<u8>) -> (bool, Vec<u8>, String) {
+    let mut command = vec![Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/interop/esdk.py")
+        .display()
+        .to_string()];
+    command.extend(args);
+    run_tool(venv_bin("python"), command, stdin, &[]).await
+}
+
+/// Runs `program` with `stdin` and returns (exit ok, stdout, stderr).
+async fn run_tool(
+    program: std::path::PathBuf,
+    args: Vec<String>,
+    stdin: Vec<u8>,
+    env: &[(&'static str, String)],
+) -> (bool, Vec<u8>, String) {
+    let env = env.to_vec();
     tokio::task::spawn_blocking(move || {
-        let mut child = Command::new(venv_bin("python"))
-            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/interop/esdk.py"))
+        let mut child = Command::new(&program)
             .args(&args)
+            .envs(env)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .expect(".venv/bin/python (run scripts/test.sh, which installs the ESDK)");
+            .unwrap_or_else(|e| {
+                panic!(
+                    "{} ({e}; run scripts/test.sh, which installs the ESDKs)",
+                    program.display()
+                )
+            });
         let mut input = child.stdin.take().expect("stdin");
         // Written from another thread: the child writes a large stdout meanwhile.
         let writer = std::thread::spawn(move || {
             use std::io::Write;
             let _ = input.write_all(&stdin);
         });
-        let output = child.wait_with_output().expect("esdk.py runs");
+        let output = child.wait_with_output().expect("the tool runs");
         let _ = writer.join();
         (
             output.status.success(),
@@ -164,7 +198,7 @@ async fn python(args: Vec<String>, stdin: Vec<u8>) -> (bool, Vec<u8>, String) {
         )
     })
     .await
-    .expect("python task")
+    .expect("tool task")
 }
 
 /// The Python ESDK decrypts `message` (strict KMS provider for `key_arn`), requiring
@@ -203,6 +237,84 @@ async fn python_decrypt(
         .collect();
     assert_eq!(reported, serde_json::Value::Object(expected));
     (plaintext, reported)
+}
+
+/// The Python ESDK 3.x line (`.venv-esdk3`) decrypts `message`, through the same
+/// `esdk.py`; returns the plaintext, or the SDK's reason.
+async fn python3_line_decrypt(
+    moto_url: &str,
+    key_arn: &str,
+    message: &[u8],
+    expect: &EncryptionContext,
+) -> Result<Vec<u8>, String> {
+    let mut args = vec![
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/interop/esdk.py")
+            .display()
+            .to_string(),
+        "decrypt".into(),
+        "--endpoint".into(),
+        moto_url.into(),
+        "--key-arn".into(),
+        key_arn.into(),
+    ];
+    for (k, v) in expect {
+        args.push("--expect-context".into());
+        args.push(format!("{k}={v}"));
+    }
+    let (ok, plaintext, stderr) = run_tool(esdk3_bin("python"), args, message.to_vec(), &[]).await;
+    if ok {
+        Ok(plaintext)
+    } else {
+        Err(stderr)
+    }
+}
+
+/// The ESDK CLI (`aws-encryption-cli` from `.venv-esdk3`) decrypts `message` from stdin
+/// to stdout with a strict KMS wrapping key; returns the plaintext, or its stderr.
+async fn cli_decrypt(
+    moto_url: &str,
+    key_arn: &str,
+    message: &[u8],
+    expect: &EncryptionContext,
+) -> Result<Vec<u8>, String> {
+    let mut args: Vec<String> = [
+        "--decrypt",
+        "--input",
+        "-",
+        "--output",
+        "-",
+        "--suppress-metadata",
+        "--buffer",
+        "--commitment-policy",
+        "require-encrypt-require-decrypt",
+        "--wrapping-keys",
+    ]
+    .into_iter()
+    .map(String::from)
+    .collect();
+    args.push(format!("key={key_arn}"));
+    if !expect.is_empty() {
+        // On decrypt, the CLI requires these pairs to be in the message's context.
+        args.push("--encryption-context".into());
+        args.extend(expect.iter().map(|(k, v)| format!("{k}={v}")));
+    }
+    let env = [
+        ("AWS_ENDPOINT_URL_KMS", moto_url.to_string()),
+        ("AWS_DEFAULT_REGION", "us-east-1".to_string()),
+    ];
+    let (ok, plaintext, stderr) = run_tool(
+        esdk3_bin("aws-encryption-cli"),
+        args,
+        message.to_vec(),
+        &env,
+    )
+    .await;
+    if ok {
+        Ok(plaintext)
+    } else {
+        Err(stderr)
+    }
 }
 
 /// The Python ESDK encrypts `plaintext` with suite 0x0478.
@@ -427,6 +539,75 @@ async fn python_opens_gpulink_messages_of_every_size() {
     }
     // All five under one cached data key: one GenerateDataKey.
     assert_eq!(generate_data_key_calls(&world), 1);
+    assert_eq!(decrypt_failures(&world), 0);
+    world.stop().await;
+}
+
+/// Issue #8.5: the Python ESDK 3.x line and the ESDK CLI refuse a final frame as long as
+/// the frame length ("Invalid final frame length: 65536 >= 65536"), so gpulink ends an
+/// exact multiple with an empty final frame. 3.x, 4.x and the CLI each open gpulink's
+/// messages around the frame boundary: 1 byte, frame - 1, 64 KiB, frame + 1, 128 KiB and
+/// 1 MiB through the proxy, and an empty plaintext sealed by the library's encoder (an
+/// empty body is no JSON request).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_python_esdk_line_and_the_cli_open_frame_multiples() {
+    let world = World::start(140, options("aws-esdk", "")).await;
+    world.sim.capture_bodies(true);
+    let frame = esdk::DEFAULT_FRAME_LEN as usize;
+    let ctx = context("model-a");
+    let mut messages = Vec::new();
+    for len in [1, frame - 1, frame, frame + 1, 2 * frame, 1 << 20] {
+        let body = json_of_len(len);
+        let (reply, sealed) = post_captured(&world, &body, &[]).await;
+        assert_eq!(reply.json()["format"], "aws-esdk-v2", "{len}");
+        messages.push((len, body, sealed.to_vec()));
+    }
+    let kms = KeyService::Kms(world.moto.keys().await);
+    let data_key = kms
+        .generate_data_key(&world.key_arn, &ctx)
+        .await
+        .expect("GenerateDataKey on moto");
+    let edk = EncryptedDataKey {
+        provider_id: "aws-kms".into(),
+        provider_info: data_key.key_arn.clone().into_bytes(),
+        ciphertext: data_key.ciphertext.clone(),
+    };
+    let empty = esdk::encrypt(
+        &data_key.plaintext,
+        &[edk],
+        &ctx,
+        b"",
+        esdk::DEFAULT_FRAME_LEN,
+    )
+    .expect("seal an empty plaintext");
+    messages.push((0, Vec::new(), empty));
+
+    for (len, body, sealed) in &messages {
+        let (four, _) = python_decrypt(&world.moto.url, &world.key_arn, sealed, &ctx).await;
+        assert!(&four == body, "ESDK 4.x opened different bytes at {len}");
+        let three = python3_line_decrypt(&world.moto.url, &world.key_arn, sealed, &ctx)
+            .await
+            .unwrap_or_else(|e| panic!("the ESDK 3.x line refused {len} bytes: {e}"));
+        assert!(&three == body, "ESDK 3.x opened different bytes at {len}");
+        let cli = cli_decrypt(&world.moto.url, &world.key_arn, sealed, &ctx)
+            .await
+            .unwrap_or_else(|e| panic!("the ESDK CLI refused {len} bytes: {e}"));
+        assert!(&cli == body, "the ESDK CLI opened different bytes at {len}");
+    }
+    // The CLI's checks are real, so its success above means something: a context pair the
+    // message lacks makes it skip the message (exit 0, nothing written), and a truncated
+    // message fails.
+    let mut other = ctx.clone();
+    other.insert("model_pool".into(), "model-b".into());
+    let skipped = cli_decrypt(&world.moto.url, &world.key_arn, &messages[0].2, &other).await;
+    assert!(skipped.map_or(true, |out| out.is_empty()));
+    let (_, _, sealed) = &messages[2];
+    let truncated = &sealed[..sealed.len() - 1];
+    assert!(
+        cli_decrypt(&world.moto.url, &world.key_arn, truncated, &ctx)
+            .await
+            .is_err()
+    );
     assert_eq!(decrypt_failures(&world), 0);
     world.stop().await;
 }

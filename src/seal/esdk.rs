@@ -141,7 +141,13 @@ pub struct ParsedHeader {
 }
 
 /// Seals `plaintext` into one complete message. The data key is the 32-byte plaintext data key from KMS GenerateDataKey.
-/// Must copy the plaintext at most once (into the output buffer, then encrypt in place) and pre-size the output exactly.
+/// Copies the plaintext at most once (into the output buffer, then encrypts in place) and pre-sizes the output exactly.
+///
+/// A plaintext that is a non-zero exact multiple of `frame_len` ends with an empty final
+/// frame. The spec allows both that and a full final frame (message-body.md, "Final
+/// Frame": the content length "SHOULD be equal to the frame length but MAY be 0"), but the
+/// Python ESDK 3.x line and the ESDK CLI refuse a final frame as long as the frame length,
+/// while every SDK, old and new, reads the empty form (it is what they write themselves).
 pub fn encrypt(
     data_key: &[u8; 32],
     edks: &[EncryptedDataKey],
@@ -158,7 +164,7 @@ pub fn encrypt(
         plaintext,
         frame_len,
         &message_id,
-        false,
+        FinalFrame::EmptyAfterExactMultiple,
     )
 }
 
@@ -170,7 +176,13 @@ pub fn sealed_len(
     frame_len: u32,
 ) -> Result<usize, EsdkError> {
     let header_len = header_len_for(edks, context)?;
-    Ok(Layout::new(header_len, plaintext_len, frame_len, false)?.total)
+    Ok(Layout::new(
+        header_len,
+        plaintext_len,
+        frame_len,
+        FinalFrame::EmptyAfterExactMultiple,
+    )?
+    .total)
 }
 
 /// Parses and returns the header without authenticating it (the caller needs the EDKs to obtain the data key).
@@ -380,6 +392,19 @@ fn header_len_for(
         .ok_or(EsdkError::TooLarge)
 }
 
+/// How a plaintext that is a non-zero exact multiple of the frame length ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FinalFrame {
+    /// A regular frame for every frame length of plaintext, then an empty final frame:
+    /// what gpulink and the SDKs write, and what every SDK reads.
+    EmptyAfterExactMultiple,
+    /// The last frame length of plaintext in the final frame (the spec's SHOULD). Only
+    /// produced by tests now: gpulink's decoder must still open it from other producers,
+    /// but the Python ESDK 3.x line refuses it.
+    #[cfg_attr(not(test), allow(dead_code))]
+    Full,
+}
+
 /// How a plaintext is split into frames.
 struct Layout {
     frame_len: usize,
@@ -389,14 +414,11 @@ struct Layout {
 }
 
 impl Layout {
-    /// `empty_final`: for a plaintext that is a non-zero multiple of the frame length, end
-    /// with an empty final frame (as the Python SDK does) instead of a full one (the spec's
-    /// SHOULD, and what [`encrypt`] does).
     fn new(
         header_len: usize,
         plaintext_len: usize,
         frame_len: u32,
-        empty_final: bool,
+        final_frame: FinalFrame,
     ) -> Result<Self, EsdkError> {
         if frame_len == 0 {
             return Err(EsdkError::InvalidFrameLength(frame_len));
@@ -406,7 +428,7 @@ impl Layout {
         let rem = plaintext_len % fl;
         let (regular_frames, final_len) = if rem != 0 || plaintext_len == 0 {
             (full, rem)
-        } else if empty_final {
+        } else if final_frame == FinalFrame::EmptyAfterExactMultiple {
             (full, 0)
         } else {
             (full - 1, fl)
@@ -436,10 +458,10 @@ fn encrypt_with_message_id(
     plaintext: &[u8],
     frame_len: u32,
     message_id: &[u8; MESSAGE_ID_LEN],
-    empty_final: bool,
+    final_frame: FinalFrame,
 ) -> Result<Vec<u8>, EsdkError> {
     let header_len = header_len_for(edks, context)?;
-    let layout = Layout::new(header_len, plaintext.len(), frame_len, empty_final)?;
+    let layout = Layout::new(header_len, plaintext.len(), frame_len, final_frame)?;
     let keys = derive_keys(data_key, message_id)?;
 
     let mut out = Vec::with_capacity(layout.total);
@@ -910,8 +932,8 @@ mod tests {
         let pt = pattern(1 << 20);
         let msg = encrypt(&KEY, &edks(), &ctx(), &pt, DEFAULT_FRAME_LEN).unwrap();
         assert_eq!(msg.len(), msg.capacity());
-        // 16 frames: 15 regular + a full final frame.
-        assert_eq!(frame_offsets(&msg).len(), 16);
+        // 17 frames: 16 regular + an empty final frame.
+        assert_eq!(frame_offsets(&msg).len(), 17);
         assert_eq!(open(&KEY, &msg).unwrap(), pt);
     }
 
@@ -930,31 +952,62 @@ mod tests {
         assert_eq!(&body[..8], &[0xFF, 0xFF, 0xFF, 0xFF, 0, 0, 0, 1]);
     }
 
+    /// What the Python ESDK 3.x line and the ESDK CLI need: after an exact multiple of the
+    /// frame length, a regular frame per frame length and then an empty final frame.
     #[test]
-    fn layout_exact_multiple_uses_full_final_frame() {
-        let msg = encrypt(&KEY, &edks(), &ctx(), &pattern(48), 16).unwrap();
-        let frames = frame_offsets(&msg);
-        assert_eq!(frames.len(), 3);
-        let (start, end) = frames[2];
-        assert_eq!(end - start, FINAL_FRAME_OVERHEAD + 16);
+    fn exact_multiple_ends_with_an_empty_final_frame() {
+        for (size, frame_len) in [(16usize, 16u32), (48, 16), (65536, 65536), (1 << 20, 65536)] {
+            let pt = pattern(size);
+            let msg = encrypt(&KEY, &edks(), &ctx(), &pt, frame_len).unwrap();
+            assert_eq!(
+                msg.len(),
+                sealed_len(&edks(), &ctx(), size, frame_len).unwrap()
+            );
+            let frames = frame_offsets(&msg);
+            assert_eq!(frames.len(), size / frame_len as usize + 1, "{size}");
+            let (start, end) = *frames.last().unwrap();
+            assert_eq!(end - start, FINAL_FRAME_OVERHEAD, "{size}");
+            // The final frame declares content length 0.
+            assert_eq!(&msg[end - TAG_LEN - 4..end - TAG_LEN], &[0, 0, 0, 0]);
+            assert_eq!(open(&KEY, &msg).unwrap(), pt);
+        }
+        // Below, above and not a multiple: one final frame holding the remainder.
+        for size in [1usize, 15, 17, 47] {
+            let msg = encrypt(&KEY, &edks(), &ctx(), &pattern(size), 16).unwrap();
+            let (start, end) = *frame_offsets(&msg).last().unwrap();
+            assert_eq!(end - start, FINAL_FRAME_OVERHEAD + size % 16, "{size}");
+        }
     }
 
+    /// The other form the spec allows (a full final frame) still opens: other producers
+    /// may write it.
     #[test]
-    fn accepts_empty_final_frame_after_exact_multiple() {
+    fn accepts_a_full_final_frame_after_exact_multiple() {
         for size in [16usize, 48] {
             let pt = pattern(size);
-            let msg = encrypt_with_message_id(&KEY, &edks(), &ctx(), &pt, 16, &MID, true).unwrap();
+            let msg =
+                encrypt_with_message_id(&KEY, &edks(), &ctx(), &pt, 16, &MID, FinalFrame::Full)
+                    .unwrap();
             let frames = frame_offsets(&msg);
-            assert_eq!(frames.len(), size / 16 + 1);
+            assert_eq!(frames.len(), size / 16);
             let (start, end) = *frames.last().unwrap();
-            assert_eq!(end - start, FINAL_FRAME_OVERHEAD);
+            assert_eq!(end - start, FINAL_FRAME_OVERHEAD + 16);
             assert_eq!(open(&KEY, &msg).unwrap(), pt);
         }
     }
 
     #[test]
     fn header_layout_matches_spec() {
-        let msg = encrypt_with_message_id(&KEY, &edks(), &ctx(), b"hi", 4096, &MID, false).unwrap();
+        let msg = encrypt_with_message_id(
+            &KEY,
+            &edks(),
+            &ctx(),
+            b"hi",
+            4096,
+            &MID,
+            FinalFrame::EmptyAfterExactMultiple,
+        )
+        .unwrap();
         assert_eq!(msg[0], 0x02);
         assert_eq!(&msg[1..3], &[0x04, 0x78]);
         assert_eq!(&msg[3..35], &MID);
@@ -1419,9 +1472,7 @@ mod tests {
             let pt = decrypt_expecting_context(&key, &msg, &expected_ctx).unwrap();
             assert_eq!(pt, hex(kat.plaintext));
             // Our encoder, given the same message ID, must reproduce the Python bytes
-            // exactly (Python ends an exact multiple with an empty final frame).
-            let exact_multiple =
-                !pt.is_empty() && pt.len().checked_rem(kat.frame_len as usize) == Some(0);
+            // exactly (both end an exact multiple with an empty final frame).
             let ours = encrypt_with_message_id(
                 &key,
                 &header.edks,
@@ -1429,7 +1480,7 @@ mod tests {
                 &pt,
                 kat.frame_len,
                 &header.message_id,
-                exact_multiple,
+                FinalFrame::EmptyAfterExactMultiple,
             )
             .unwrap();
             assert_eq!(ours, msg, "re-encryption differs for {:?}", kat.name);
