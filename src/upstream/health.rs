@@ -60,28 +60,38 @@ pub enum HealthError {
 pub async fn check(host: &str, port: u16, settings: &Health) -> Result<HealthOk, HealthError> {
     let timeout = settings.timeout.get();
     let started = tokio::time::Instant::now();
-    let document = tokio::time::timeout(timeout, fetch(host, port, &settings.path))
+    let body = tokio::time::timeout(timeout, fetch(host, port, &settings.path))
         .await
         .map_err(|_| HealthError::Timeout(timeout))??;
     let latency = started.elapsed();
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+        .unwrap_or(0);
+    let document = evaluate(&body, settings, now)?;
+    Ok(HealthOk { document, latency })
+}
+
+/// Judges one `/health` answer body at `now` (Unix seconds): the JSON document, its
+/// status and its freshness. No I/O, so it can be tested (and fuzzed) on its own.
+pub fn evaluate(body: &[u8], settings: &Health, now: i64) -> Result<HealthDocument, HealthError> {
+    let document = serde_json::from_slice::<HealthDocument>(body)
+        .map_err(|e| HealthError::Parse(e.to_string()))?;
     if !document.status.eq_ignore_ascii_case("healthy") {
         return Err(HealthError::Unhealthy(document.status));
     }
     if let Some(ts) = document.timestamp {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs() as i64)
-            .unwrap_or(0);
-        let age = now - ts;
+        // An age that does not fit in an i64 (a timestamp near i64::MIN) is not fresh.
+        let age = now.checked_sub(ts).unwrap_or(i64::MAX);
         let max = settings.max_staleness.get();
-        if age > max.as_secs() as i64 {
+        if age > i64::try_from(max.as_secs()).unwrap_or(i64::MAX) {
             return Err(HealthError::Stale { age_secs: age, max });
         }
     }
-    Ok(HealthOk { document, latency })
+    Ok(document)
 }
 
-async fn fetch(host: &str, port: u16, path: &str) -> Result<HealthDocument, HealthError> {
+async fn fetch(host: &str, port: u16, path: &str) -> Result<Bytes, HealthError> {
     let addr = format!("{}:{port}", bracket_ipv6(host));
     let connect_error = |e: std::io::Error| HealthError::Connect {
         addr: addr.clone(),
@@ -117,13 +127,11 @@ async fn fetch(host: &str, port: u16, path: &str) -> Result<HealthDocument, Heal
         if response.status() != http::StatusCode::OK {
             return Err(HealthError::Status(response.status().as_u16()));
         }
-        let body = Limited::new(response.into_body(), MAX_HEALTH_BODY)
+        Ok(Limited::new(response.into_body(), MAX_HEALTH_BODY)
             .collect()
             .await
             .map_err(|e| HealthError::Http(e.to_string()))?
-            .to_bytes();
-        serde_json::from_slice::<HealthDocument>(&body)
-            .map_err(|e| HealthError::Parse(e.to_string()))
+            .to_bytes())
     }
     .await;
     driver.abort();
@@ -217,5 +225,34 @@ pub fn spawn_checkers(endpoints: &[Arc<Endpoint>], settings: &Health, stop: Canc
                 }
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn evaluate_judges_status_and_freshness() {
+        let settings = Health::default();
+        let now = 1_700_000_000;
+        let ok = evaluate(
+            br#"{"status":"healthy","timestamp":1700000000}"#,
+            &settings,
+            now,
+        );
+        assert!(ok.is_ok(), "{ok:?}");
+        let down = evaluate(br#"{"status":"draining"}"#, &settings, now);
+        assert!(matches!(down, Err(HealthError::Unhealthy(_))), "{down:?}");
+        let stale = evaluate(br#"{"status":"healthy","timestamp":1}"#, &settings, now);
+        assert!(matches!(stale, Err(HealthError::Stale { .. })), "{stale:?}");
+        let overflow = format!(r#"{{"status":"healthy","timestamp":{}}}"#, i64::MIN);
+        let overflow = evaluate(overflow.as_bytes(), &settings, now);
+        assert!(
+            matches!(overflow, Err(HealthError::Stale { .. })),
+            "{overflow:?}"
+        );
+        let garbage = evaluate(b"\xff{", &settings, now);
+        assert!(matches!(garbage, Err(HealthError::Parse(_))), "{garbage:?}");
     }
 }
