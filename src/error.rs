@@ -13,7 +13,7 @@ pub enum ProxyError {
     MethodNotAllowed(http::Method),
     #[error("the body is not valid JSON: {0}")]
     InvalidJson(String),
-    #[error("X-Model-Pool `{0}` is not one of this tenant's model pools")]
+    #[error("X-Model-Pool {0:?} is not one of this tenant's model pools")]
     ModelPoolNotAllowed(String),
     #[error("{0}")]
     BodyTooLarge(String),

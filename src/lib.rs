@@ -31,6 +31,7 @@ pub mod error;
 pub mod forward;
 pub mod headers;
 pub mod ingress;
+pub mod logwriter;
 pub mod metrics;
 pub mod probe;
 pub mod proxy;

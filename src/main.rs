@@ -51,6 +51,15 @@ enum Command {
     Sim(gpulink::sim::SimArgs),
 }
 
+/// `eprintln!` panics when stderr is a closed pipe; a message to a missing reader is
+/// lost, never a reason to crash.
+macro_rules! report {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 fn main() -> ExitCode {
     gpulink::tls::install_crypto_provider();
     let cli = Cli::parse();
@@ -63,7 +72,7 @@ fn main() -> ExitCode {
             {
                 Ok(rt) => rt,
                 Err(error) => {
-                    eprintln!("gpulink: cannot start the async runtime: {error}");
+                    report!("gpulink: cannot start the async runtime: {error}");
                     return ExitCode::FAILURE;
                 }
             };
@@ -86,7 +95,7 @@ fn check(path: &std::path::Path) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(error) => {
-            eprintln!("gpulink: {error}");
+            report!("gpulink: {error}");
             ExitCode::from(EX_CONFIG as u8)
         }
     }
@@ -102,13 +111,17 @@ async fn async_main(command: Command) -> ExitCode {
             .map(|()| ExitCode::SUCCESS),
         Command::Check { .. } => unreachable!("handled before the runtime starts"),
     };
-    match result {
+    let code = match result {
         Ok(code) => code,
         Err(error) => {
-            eprintln!("gpulink: {error:#}");
+            report!("gpulink: {error:#}");
             ExitCode::FAILURE
         }
-    }
+    };
+    // The log is written by its own thread: let it finish, within a bound (a stalled
+    // reader must not keep the process from exiting).
+    gpulink::telemetry::flush(std::time::Duration::from_secs(2));
+    code
 }
 
 async fn run(
@@ -124,14 +137,14 @@ async fn run(
                 path: path.to_path_buf(),
                 source,
             };
-            eprintln!("gpulink: {error}");
+            report!("gpulink: {error}");
             return Ok(ExitCode::from(EX_CONFIG as u8));
         }
     };
     let config = match Config::from_toml(&text, path) {
         Ok(c) => c,
         Err(error) => {
-            eprintln!("gpulink: {error}");
+            report!("gpulink: {error}");
             return Ok(ExitCode::from(EX_CONFIG as u8));
         }
     };

@@ -185,6 +185,9 @@ pub struct Metrics {
     // Configuration.
     config_reloads: Family<ResultLabels, Counter>,
 
+    // Logging.
+    log_lines_dropped: Counter,
+
     // State, refreshed at scrape time.
     endpoint_healthy: Family<EndpointLabels, Gauge>,
     endpoint_serving: Family<EndpointLabels, Gauge>,
@@ -359,6 +362,13 @@ impl Metrics {
             config_reloads.clone(),
         );
 
+        let log_lines_dropped = Counter::default();
+        registry.register(
+            "log_lines_dropped",
+            "Log lines dropped rather than delay a request: the log queue was full (stderr's reader is slow or stalled) or stderr refused the write",
+            log_lines_dropped.clone(),
+        );
+
         let endpoint_healthy = Family::<EndpointLabels, Gauge>::default();
         registry.register(
             "endpoint_healthy",
@@ -469,6 +479,7 @@ impl Metrics {
             key_cache_refresh_failures,
             kms_state: Mutex::new(KmsState::default()),
             config_reloads,
+            log_lines_dropped,
             endpoint_healthy,
             endpoint_serving,
             endpoint_capacity,
@@ -835,6 +846,7 @@ impl Metrics {
             );
         }
         self.sync_cache_counters(proxy);
+        catch_up(&self.log_lines_dropped, crate::logwriter::lines_dropped());
     }
 }
 
@@ -959,6 +971,7 @@ mod tests {
             "gpulink_request_duration_seconds",
             "gpulink_seal_duration_seconds",
             "gpulink_config_reloads",
+            "gpulink_log_lines_dropped",
             "gpulink_build_info",
         ] {
             assert!(

@@ -845,7 +845,7 @@ fn health_diagnosis(
         HealthError::Unhealthy(status) => (
             Problem::Unhealthy,
             format!(
-                "unhealthy: {} reports status `{status}`; the cluster behind it is failing and gpulink sends it nothing \
+                "unhealthy: {} reports status {status:?}; the cluster behind it is failing and gpulink sends it nothing \
                  until it recovers; tell the GPU cluster team if it persists",
                 endpoint.authority()
             ),

@@ -6,6 +6,12 @@
 //! [`crate::forward`]), so every line about a request, in either format, names it.
 //! What is logged never includes bodies, keys or ciphertext: only ids, sizes, addresses
 //! and outcomes.
+//!
+//! Logging can never stop or stall the proxy: lines go through [`crate::logwriter`]
+//! (bounded queue, dropped and counted when full, write errors ignored). Colours only
+//! when stderr is a terminal and `NO_COLOR` is unset. Text that came from the network is
+//! logged in its escaped (`Debug`) form at the call site; the writer also escapes any
+//! line break left inside a text line, so no value can forge a line.
 
 use tracing_subscriber::EnvFilter;
 
@@ -44,9 +50,20 @@ pub fn init(format: LogFormat) {
 pub fn init_with_default(format: LogFormat, default_filter: &str) {
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
+    let Ok(writer) = crate::logwriter::NonBlocking::stderr(format == LogFormat::Text) else {
+        // No thread for the writer: run without a log rather than with a blocking one.
+        return;
+    };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_ansi(use_colour(
+            std::io::IsTerminal::is_terminal(&std::io::stderr()),
+            std::env::var_os("NO_COLOR"),
+        ))
+        // tracing-subscriber reports a failed write with `eprintln!`, which panics when
+        // stderr is a closed pipe; the writer never fails, and nothing must panic here.
+        .log_internal_errors(false)
+        .with_writer(writer);
     let _ = match format {
         LogFormat::Json => builder
             .json()
@@ -58,9 +75,28 @@ pub fn init_with_default(format: LogFormat, default_filter: &str) {
     };
 }
 
+/// Colour codes only for a terminal, and never when `NO_COLOR` is set to anything
+/// (<https://no-color.org>): a file, a pipe or journald would store them verbatim.
+fn use_colour(stderr_is_terminal: bool, no_color: Option<std::ffi::OsString>) -> bool {
+    stderr_is_terminal && no_color.is_none_or(|v| v.is_empty())
+}
+
+/// Waits (at most `limit`) until queued log lines are written; call before exiting.
+pub fn flush(limit: std::time::Duration) {
+    crate::logwriter::flush(limit);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn colour_only_on_a_terminal_without_no_color() {
+        assert!(use_colour(true, None));
+        assert!(use_colour(true, Some("".into())));
+        assert!(!use_colour(true, Some("1".into())));
+        assert!(!use_colour(false, None));
+    }
 
     #[test]
     fn the_flag_overrides_the_configuration() {

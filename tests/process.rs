@@ -59,6 +59,18 @@ impl Processes {
     /// With `hosts`, the proxy runs in a mount namespace of its own whose /etc/hosts is
     /// that file, so the test controls what the system resolver answers.
     async fn launch(block: u8, phase: &str, extra: &str, hosts: Option<&Path>) -> Processes {
+        Self::launch_with(block, phase, extra, hosts, Stdio::inherit(), None).await
+    }
+
+    /// As [`Processes::launch`], with the proxy's stderr and `RUST_LOG` chosen by the test.
+    async fn launch_with(
+        block: u8,
+        phase: &str,
+        extra: &str,
+        hosts: Option<&Path>,
+        stderr: Stdio,
+        rust_log: Option<&str>,
+    ) -> Processes {
         let moto = Moto::get().await;
         let key_arn = moto.create_key().await;
         let layout = Layout::new(block);
@@ -129,10 +141,12 @@ impl Processes {
             .arg(&processes.config_path)
             .env(
                 "RUST_LOG",
-                std::env::var("GPULINK_TEST_PROXY_LOG").unwrap_or_else(|_| "warn".into()),
+                rust_log.map(str::to_string).unwrap_or_else(|| {
+                    std::env::var("GPULINK_TEST_PROXY_LOG").unwrap_or_else(|_| "warn".into())
+                }),
             )
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .expect("gpulink run");
         processes.proxy = Some(Guard(proxy));
@@ -583,5 +597,171 @@ async fn privatelink_dns_discovers_enis_and_keeps_unchanged_ones() {
             reply.header("x-gpulink-endpoint"),
             Some(format!("{b}:8443").as_str())
         );
+    }
+}
+
+/// `gpulink_log_lines_dropped_total` from `/metrics`.
+async fn log_lines_dropped(p: &Processes) -> u64 {
+    let reply = p.get(p.admin, "/metrics").await.expect("metrics");
+    String::from_utf8_lossy(&reply.body)
+        .lines()
+        .find_map(|l| l.strip_prefix("gpulink_log_lines_dropped_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("gpulink_log_lines_dropped_total in /metrics")
+}
+
+/// A request bounded in time: a proxy stalled by its log would hang it, not the test.
+async fn post_within(p: &Processes, limit: Duration) -> u16 {
+    tokio::time::timeout(limit, p.post())
+        .await
+        .map(|reply| reply.status)
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_log_reader_never_stops_the_proxy() {
+    // stderr is a pipe whose reader is gone (a dead `tee` or log shipper): every write
+    // fails with EPIPE.
+    let (reader, writer) = std::io::pipe().expect("pipe");
+    drop(reader);
+    let p = Processes::launch_with(
+        170,
+        "privatelink",
+        "",
+        None,
+        Stdio::from(writer),
+        Some("info"),
+    )
+    .await;
+    for i in 0..40 {
+        assert_eq!(
+            post_within(&p, Duration::from_secs(20)).await,
+            200,
+            "request {i}"
+        );
+    }
+    assert_eq!(p.get(p.admin, "/ready").await.map(|r| r.status), Some(200));
+    assert!(log_lines_dropped(&p).await > 0, "no write ever failed");
+    let mut proxy = p.proxy;
+    let guard = proxy.as_mut().expect("proxy");
+    assert!(
+        guard.0.try_wait().expect("try_wait").is_none(),
+        "the proxy died"
+    );
+    signal(&guard.0, "TERM");
+    let code = guard.0.wait().expect("wait");
+    assert!(code.success(), "{code:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_log_reader_never_stalls_requests() {
+    // The reader exists but never reads: the pipe's buffer fills and stays full. At
+    // `trace` every request writes many lines, so it fills within the first requests.
+    let (reader, writer) = std::io::pipe().expect("pipe");
+    let p = Processes::launch_with(
+        171,
+        "privatelink",
+        "",
+        None,
+        Stdio::from(writer),
+        Some("trace"),
+    )
+    .await;
+    let mut i = 0;
+    // Until lines are being dropped (the stall is real), then some more requests.
+    while log_lines_dropped(&p).await == 0 {
+        assert!(i < 2_000, "the log never backed up");
+        assert_eq!(
+            post_within(&p, Duration::from_secs(20)).await,
+            200,
+            "request {i}"
+        );
+        i += 1;
+    }
+    for i in 0..20 {
+        assert_eq!(
+            post_within(&p, Duration::from_secs(20)).await,
+            200,
+            "request {i} after the log backed up"
+        );
+    }
+    assert_eq!(p.get(p.admin, "/ready").await.map(|r| r.status), Some(200));
+    drop(reader);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_answers_cannot_forge_log_lines_or_colour_the_log() {
+    use std::io::Read;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // An endpoint whose health port answers a status with a line break, a forged line
+    // and an ANSI colour code.
+    let health_addr = SocketAddr::from(([127, 172, 30, 1], 8080));
+    let listener = tokio::net::TcpListener::bind(health_addr)
+        .await
+        .expect("bind health");
+    let answered = Arc::new(AtomicU64::new(0));
+    let counter = answered.clone();
+    let server = tokio::spawn(async move {
+        let body = r#"{"status":"sick\nFORGED level=ERROR \u001b[31mred","region":"x\ny\u001b[0m","timestamp":1}"#;
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                return;
+            };
+            let mut buf = vec![0u8; 4096];
+            let _ = stream.read(&mut buf).await;
+            let response = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = stream.write_all(response.as_bytes()).await;
+            let _ = stream.shutdown().await;
+            counter.fetch_add(1, Ordering::SeqCst);
+        }
+    });
+    let extra = "[[regions]]\nname = \"eu-west-1\"\nprivatelink = [{ address = \"127.172.30.1:8443\", server_name = \"gpu-cluster.yourcompany.internal\", health_port = 8080 }]\n";
+    let (mut reader, writer) = std::io::pipe().expect("pipe");
+    let log = std::thread::spawn(move || {
+        let mut all = Vec::new();
+        let _ = reader.read_to_end(&mut all);
+        all
+    });
+    let p = Processes::launch_with(
+        172,
+        "privatelink",
+        extra,
+        None,
+        Stdio::from(writer),
+        Some("info"),
+    )
+    .await;
+    // Two answers: the first check's result has been recorded (and logged).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while answered.load(Ordering::SeqCst) < 2 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never health-checked"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(p.post().await.status, 200);
+    let mut proxy = p.proxy;
+    let guard = proxy.as_mut().expect("proxy");
+    signal(&guard.0, "TERM");
+    assert!(guard.0.wait().expect("wait").success());
+    drop(proxy);
+    server.abort();
+    let log = log.join().expect("log reader");
+    let text = String::from_utf8_lossy(&log);
+    assert!(
+        text.contains("FORGED"),
+        "the unhealthy status was not logged"
+    );
+    assert!(
+        !log.contains(&0x1b),
+        "an ESC byte reached a log that is not a terminal"
+    );
+    for line in text.lines() {
+        assert!(!line.starts_with("FORGED"), "forged line: {line:?}");
+        assert!(!line.starts_with("y"), "forged line: {line:?}");
     }
 }

@@ -50,7 +50,7 @@ pub enum HealthError {
     Status(u16),
     #[error("/health answer is not the expected JSON: {0}")]
     Parse(String),
-    #[error("endpoint reports status `{0}`")]
+    #[error("endpoint reports status {0:?}")]
     Unhealthy(String),
     #[error("health timestamp is {age_secs}s old (health.max_staleness is {max:?})")]
     Stale { age_secs: i64, max: Duration },
