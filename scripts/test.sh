@@ -6,6 +6,23 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# The packaging tests: cargo-deb builds the .deb (tests/packaging.rs), and, as root,
+# debootstrap + systemd-nspawn boot a real systemd to install it in
+# (tests/systemd_boot.rs). Each is installed only when missing.
+if ! cargo deb --version >/dev/null 2>&1; then
+  cargo install --locked cargo-deb@3.8.0
+fi
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  missing=""
+  command -v debootstrap >/dev/null || missing="$missing debootstrap"
+  command -v systemd-nspawn >/dev/null || missing="$missing systemd-container"
+  command -v dpkg-deb >/dev/null || missing="$missing dpkg"
+  if [ -n "$missing" ]; then
+    apt-get update
+    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $missing
+  fi
+fi
+
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi

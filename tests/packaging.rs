@@ -1,8 +1,12 @@
 //! Packaging checked without the tools this machine lacks: the systemd unit (verified by
 //! `systemd-analyze` where it exists), the Dockerfile (statically: no Docker engine
 //! here), the Kubernetes manifests (against the Kubernetes schemas, offline, with
-//! PyPI `kubernetes-validate`), the `cargo deb` metadata and the Grafana dashboard.
+//! PyPI `kubernetes-validate`), the .deb (built with cargo-deb and taken apart with
+//! `dpkg-deb`: its control files, maintainer scripts and contents; installing it under a
+//! real systemd is tests/systemd_boot.rs) and the Grafana dashboard.
 //! Nothing here listens on the network.
+
+mod deb;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -60,6 +64,11 @@ fn systemd_unit_is_hardened_notify_and_reloadable() {
         ("MemoryDenyWriteExecute", "yes"),
         ("LockPersonality", "yes"),
         ("ExecReload", "/bin/kill -HUP $MAINPID"),
+        (
+            "ExecReload",
+            "/usr/bin/gpulink check --config /etc/gpulink/gpulink.toml",
+        ),
+        ("RestartPreventExitStatus", "78"),
         ("ConfigurationDirectory", "gpulink"),
         (
             "ExecStart",
@@ -73,6 +82,11 @@ fn systemd_unit_is_hardened_notify_and_reloadable() {
         );
     }
     assert!(value("SystemCallFilter").contains(&"@system-service"));
+    // The check runs before the signal: systemd stops at the first failing ExecReload.
+    assert_eq!(
+        value("ExecReload").first(),
+        Some(&"/usr/bin/gpulink check --config /etc/gpulink/gpulink.toml")
+    );
     assert!(
         !value("WatchdogSec").is_empty(),
         "the watchdog needs WatchdogSec="
@@ -372,40 +386,206 @@ fn kubernetes_manifests_validate_against_the_schemas() {
 }
 
 #[test]
-fn deb_metadata_installs_unit_and_conffile_without_starting() {
+fn deb_metadata_ships_examples_and_no_conffile_in_etc() {
     let manifest: toml::Value = toml::from_str(&read("Cargo.toml")).expect("Cargo.toml");
     let deb = &manifest["package"]["metadata"]["deb"];
-    let conf_files: Vec<&str> = deb["conf-files"]
-        .as_array()
-        .expect("conf-files")
-        .iter()
-        .filter_map(|v| v.as_str())
-        .collect();
-    assert!(conf_files.contains(&"/etc/gpulink/gpulink.toml"));
+    // Nothing under /etc: cargo-deb would make it a conffile, and the operator's
+    // configuration is created by postinst instead (never a prompt on upgrade).
+    assert!(deb.get("conf-files").is_none(), "no conffiles: {deb:?}");
     let assets = deb["assets"].as_array().expect("assets");
     let mut targets = Vec::new();
     for asset in assets {
         let source = asset[0].as_str().expect("source");
         let target = asset[1].as_str().expect("target");
+        assert!(
+            !target.trim_start_matches('/').starts_with("etc"),
+            "{target} would be a conffile"
+        );
         targets.push(target.to_string());
         if !source.starts_with("target/") {
             assert!(root().join(source).exists(), "asset {source} is missing");
         }
     }
-    assert!(targets.iter().any(|t| t == "etc/gpulink/gpulink.toml"));
+    for wanted in [
+        "usr/share/doc/gpulink/examples/gpulink.toml",
+        "usr/share/doc/gpulink/examples/environment",
+        "usr/share/doc/gpulink/examples/credentials.conf",
+        "usr/share/gpulink/gpulink.example.toml",
+        "usr/share/gpulink/environment.example",
+    ] {
+        assert!(targets.iter().any(|t| t == wanted), "{wanted} not shipped");
+    }
     assert!(targets.iter().any(|t| t.starts_with("usr/bin")));
+    let scripts = deb["maintainer-scripts"]
+        .as_str()
+        .expect("maintainer-scripts");
+    for script in ["postinst", "prerm", "postrm"] {
+        let text = read(&format!("{scripts}/{script}"));
+        assert!(
+            text.contains("\n#DEBHELPER#\n"),
+            "{script} lacks the #DEBHELPER# token"
+        );
+        // The token must appear once: cargo-deb replaces every occurrence, comments too.
+        assert_eq!(text.matches("#DEBHELPER#").count(), 1, "{script}");
+    }
+    assert!(root()
+        .join(deb["changelog"].as_str().expect("changelog"))
+        .exists());
     let units = &deb["systemd-units"];
     assert_eq!(units["enable"].as_bool(), Some(false));
     assert_eq!(units["start"].as_bool(), Some(false));
+    assert_eq!(units["restart-after-upgrade"].as_bool(), Some(true));
     let unit_dir = units["unit-scripts"].as_str().expect("unit-scripts");
     assert!(root().join(unit_dir).join("gpulink.service").exists());
-    // The conffile is the example configuration, which must be valid as shipped.
+    // What postinst installs as /etc/gpulink/gpulink.toml must be valid as shipped.
     let check = Command::new(env!("CARGO_BIN_EXE_gpulink"))
         .args(["check", "--config"])
         .arg(root().join("config/gpulink.example.toml"))
         .output()
         .expect("gpulink check");
     assert!(check.status.success());
+}
+
+fn dpkg_deb(args: &[&str], deb: &Path) -> String {
+    let output = Command::new("dpkg-deb")
+        .args(args)
+        .arg(deb)
+        .output()
+        .expect("dpkg-deb runs");
+    assert!(
+        output.status.success(),
+        "dpkg-deb {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+#[test]
+fn deb_has_maintainer_scripts_that_restart_stop_and_purge() {
+    if !deb::available() || which("dpkg-deb").is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let package = deb::build("0.1.0-1", dir.path());
+
+    let info = dpkg_deb(&["-I"], &package);
+    for line in ["Package: gpulink", "Version: 0.1.0-1", "Section: net"] {
+        assert!(
+            info.lines().any(|l| l.trim() == line),
+            "{line} missing:\n{info}"
+        );
+    }
+    assert!(
+        info.contains("Depends: ") && info.contains("ca-certificates"),
+        "{info}"
+    );
+
+    let control = dir.path().join("control");
+    let extract = Command::new("dpkg-deb")
+        .arg("-e")
+        .arg(&package)
+        .arg(&control)
+        .status()
+        .expect("dpkg-deb -e");
+    assert!(extract.success());
+    // No conffile at all: the configuration is the operator's, created by postinst.
+    assert!(
+        !control.join("conffiles").exists(),
+        "the package has conffiles"
+    );
+    let script = |name: &str| -> String {
+        let path = control.join(name);
+        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let syntax = Command::new("sh")
+            .arg("-n")
+            .arg(&path)
+            .status()
+            .expect("sh -n");
+        assert!(syntax.success(), "{name} is not valid sh:\n{text}");
+        assert!(!text.contains("#DEBHELPER#"), "{name}: token not replaced");
+        text
+    };
+    let postinst = script("postinst");
+    // The configuration, from the example, only when absent; the environment file 0600.
+    assert!(postinst.contains("if [ ! -e /etc/gpulink/gpulink.toml ]; then"));
+    assert!(postinst.contains(
+        "install -m 0644 /usr/share/gpulink/gpulink.example.toml /etc/gpulink/gpulink.toml"
+    ));
+    assert!(postinst.contains(
+        "install -m 0600 /usr/share/gpulink/environment.example /etc/gpulink/environment"
+    ));
+    // Upgrade ($2 = the old version): restart if running, so the new binary serves.
+    assert!(
+        postinst.contains("deb-systemd-invoke try-restart gpulink.service"),
+        "{postinst}"
+    );
+    assert!(postinst.contains("systemctl --system daemon-reload"));
+    // Never enabled nor started by the package: the operator edits the file first.
+    assert!(!postinst.contains("deb-systemd-invoke start"), "{postinst}");
+    // dh_installsystemd's enabling snippet enables on a fresh install ("was-enabled
+    // defaults to true"); the one kept only re-enables a unit the operator enabled.
+    assert!(
+        !postinst.contains("was-enabled defaults to true"),
+        "{postinst}"
+    );
+    assert!(postinst.contains("if deb-systemd-helper debian-installed gpulink.service; then"));
+    let prerm = script("prerm");
+    assert!(
+        prerm.contains("[ \"$1\" = remove ]; then\n\tdeb-systemd-invoke stop gpulink.service"),
+        "{prerm}"
+    );
+    let postrm = script("postrm");
+    assert!(postrm.contains("rm -f /etc/gpulink/gpulink.toml /etc/gpulink/environment"));
+    assert!(
+        postrm.contains("deb-systemd-helper purge gpulink.service"),
+        "{postrm}"
+    );
+    assert!(
+        postrm.contains("deb-systemd-helper mask gpulink.service"),
+        "{postrm}"
+    );
+
+    let contents = dpkg_deb(&["-c"], &package);
+    let paths: Vec<&str> = contents
+        .lines()
+        .filter_map(|l| l.split_whitespace().last())
+        .collect();
+    for wanted in [
+        "./usr/bin/gpulink",
+        "./usr/lib/systemd/system/gpulink.service",
+        "./usr/share/doc/gpulink/examples/gpulink.toml",
+        "./usr/share/doc/gpulink/examples/environment",
+        "./usr/share/doc/gpulink/examples/credentials.conf",
+        "./usr/share/doc/gpulink/changelog.Debian.gz",
+        "./usr/share/doc/gpulink/copyright",
+        "./usr/share/gpulink/gpulink.example.toml",
+        "./usr/share/gpulink/environment.example",
+    ] {
+        assert!(
+            paths.contains(&wanted),
+            "{wanted} not in the package:\n{contents}"
+        );
+    }
+    assert!(!paths.iter().any(|p| p.starts_with("./etc")), "{contents}");
+    // The unit in the package is the one in the repository.
+    let unit = Command::new("dpkg-deb")
+        .arg("--fsys-tarfile")
+        .arg(&package)
+        .output()
+        .expect("dpkg-deb --fsys-tarfile");
+    assert!(unit.status.success());
+    let tar = dir.path().join("data.tar");
+    std::fs::write(&tar, &unit.stdout).expect("write data.tar");
+    let shipped = Command::new("tar")
+        .arg("-xOf")
+        .arg(&tar)
+        .arg("./usr/lib/systemd/system/gpulink.service")
+        .output()
+        .expect("tar");
+    assert_eq!(
+        String::from_utf8_lossy(&shipped.stdout),
+        read("packaging/systemd/gpulink.service")
+    );
 }
 
 #[test]
