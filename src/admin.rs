@@ -126,6 +126,16 @@ pub fn status(proxy: &Proxy) -> Value {
         .iter()
         .map(|e| {
             let health = e.health_snapshot();
+            let data_path = e.data_path_snapshot();
+            // Which checks keep the endpoint out right now, so an operator sees at once
+            // whether it is the health port or the inference port.
+            let mut failing: Vec<&str> = Vec::new();
+            if !e.is_healthy() {
+                failing.push("health");
+            }
+            if !e.is_data_path_ok() {
+                failing.push("data_path");
+            }
             json!({
                 "address": e.authority,
                 "region": e.region(),
@@ -145,7 +155,12 @@ pub fn status(proxy: &Proxy) -> Value {
                 "failures": e.failures(),
                 "health_checks": health.checks,
                 "last_error": health.last_error,
+                "health_problem": health.problem,
+                "health_diagnosis": health.diagnosis,
                 "reported_region": health.region,
+                "data_path": data_path,
+                "failing_checks": failing,
+                "last_request_error": e.last_request_error(),
             })
         })
         .collect();
@@ -319,8 +334,8 @@ pub fn render_page(status: &Value) -> String {
 
     page.push_str(
         "<h2>Endpoints</h2><table><thead><tr><th>endpoint</th><th>tier</th><th>region</th>\
-         <th>health</th><th>capacity</th><th>latency</th><th>in flight</th><th>requests</th>\
-         <th>failures</th><th>ejections</th><th>last error</th></tr></thead><tbody>",
+         <th>health</th><th>data path</th><th>capacity</th><th>latency</th><th>in flight</th><th>requests</th>\
+         <th>failures</th><th>ejections</th><th>why not serving</th><th>last request error</th></tr></thead><tbody>",
     );
     for e in &endpoints {
         let health = e["health"].as_str().unwrap_or("unknown");
@@ -335,16 +350,64 @@ pub fn render_page(status: &Value) -> String {
         } else {
             badge("mute", health)
         };
+        let data_path = e["data_path"]["state"].as_str().unwrap_or("unknown");
+        let data_path_badge = match data_path {
+            "ok" => badge("ok", "ok"),
+            "failed" => badge("bad", "failed"),
+            other => badge("mute", other),
+        };
         let latency = match e["latency_ms"].as_f64() {
             Some(ms) => format!("{ms:.1} ms"),
             None => "-".into(),
         };
+        // The failing checks' diagnoses (the same words `gpulink probe` uses), else the
+        // last health error while below the threshold.
+        let mut why = Vec::new();
+        if e["health"] == "unhealthy" {
+            let text = e["health_diagnosis"]
+                .as_str()
+                .or(e["last_error"].as_str())
+                .unwrap_or("health check failing");
+            why.push(format!("<b>health</b>: {}", esc(text)));
+        }
+        if data_path == "failed" {
+            let problem = e["data_path"]["problem"].as_str().unwrap_or("failed");
+            let text = e["data_path"]["diagnosis"]
+                .as_str()
+                .or(e["data_path"]["last_error"].as_str())
+                .unwrap_or("data-path check failing");
+            why.push(format!(
+                "<b>data path</b> ({}): {}",
+                esc(problem),
+                esc(text)
+            ));
+        }
+        if why.is_empty() && !e["last_error"].is_null() {
+            why.push(show(&e["last_error"]));
+        }
+        let why = if why.is_empty() {
+            "-".to_string()
+        } else {
+            why.join("<br>")
+        };
+        let request_error = &e["last_request_error"];
+        let request_error = if request_error.is_null() {
+            "-".to_string()
+        } else {
+            format!(
+                "{} {}",
+                show(&request_error["at"]),
+                show(&request_error["message"])
+            )
+        };
         let _ = write!(
             page,
-            "<tr data-endpoint=\"{}\" data-health=\"{}\"><td>{}</td><td>{}</td><td>{}</td><td>{health_badge}</td>\
-             <td>{}</td><td>{latency}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td class=\"err\">{}</td></tr>",
+            "<tr data-endpoint=\"{}\" data-health=\"{}\" data-path=\"{}\"><td>{}</td><td>{}</td><td>{}</td><td>{health_badge}</td>\
+             <td>{data_path_badge}</td><td>{}</td><td>{latency}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td>\
+             <td class=\"err\">{why}</td><td class=\"err\">{request_error}</td></tr>",
             show(&e["address"]),
             esc(health),
+            esc(data_path),
             show(&e["address"]),
             show(&e["tier"]),
             show(&e["region"]),
@@ -353,7 +416,6 @@ pub fn render_page(status: &Value) -> String {
             show(&e["requests"]),
             show(&e["failures"]),
             show(&e["ejections"]),
-            show(&e["last_error"]),
         );
     }
     page.push_str("</tbody></table>");
@@ -481,13 +543,22 @@ mod tests {
                 {"address": "10.0.0.2:443", "tier": "local privatelink", "region": "us-east-1",
                  "health": "unhealthy", "serving": false, "capacity": null, "latency_ms": null,
                  "in_flight": 0, "requests": 0, "failures": 1, "ejections": 0,
-                 "last_error": "<script>alert(1)</script>"}
+                 "last_error": "<script>alert(1)</script>"},
+                {"address": "10.0.0.3:443", "tier": "local privatelink", "region": "us-east-1",
+                 "health": "healthy", "serving": false, "capacity": 45, "latency_ms": null,
+                 "in_flight": 0, "requests": 1, "failures": 1, "ejections": 0, "last_error": null,
+                 "data_path": {"state": "failed", "problem": "tls_unknown_ca",
+                               "diagnosis": "untrusted CA: set upstream.ca_file"},
+                 "last_request_error": {"at": "2026-01-01T00:00:00Z", "message": "TLS <failed>"}}
             ]
         });
         let page = render_page(&status);
         assert!(page.contains("10.0.0.1:443") && page.contains("10.0.0.2:443"));
         assert!(page.contains("data-health=\"unhealthy\""));
-        assert!(page.contains("1 of 2"));
+        assert!(page.contains("1 of 3"));
+        assert!(page.contains("data-path=\"failed\""));
+        assert!(page.contains("untrusted CA: set upstream.ca_file"));
+        assert!(page.contains("TLS &lt;failed&gt;"));
         assert!(!page.contains("<script>"));
         assert!(page.contains("http-equiv=\"refresh\""));
         assert!(!page.contains("http://") && !page.contains("https://"));

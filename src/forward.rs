@@ -9,7 +9,9 @@
 //!    endpoint of the first tier that has one.
 //! 4. **Send** over the endpoint's pooled TLS connection, with the tenant headers.
 //! 5. **Retry** only when the cluster cannot have started the request (the connection
-//!    was never established), on a different endpoint.
+//!    was never established), on a different endpoint. A connect or TLS failure takes
+//!    the endpoint's data path out at once, and when every attempt failed unsent the
+//!    last one falls through to the next tier (see [`crate::route`]).
 //! 6. **Relay** the answer as a stream, bounded by `upstream.idle_timeout` per silence.
 
 use std::sync::Arc;
@@ -32,7 +34,7 @@ use crate::ingress::{self, BodyError};
 use crate::metrics::{Metrics, ServedBy};
 use crate::proxy::{Generation, Proxy};
 use crate::seal::{SealError, Sealed};
-use crate::upstream::{outlier, ConnectedPeer, Endpoint};
+use crate::upstream::{health, outlier, ConnectError, ConnectedPeer, Endpoint};
 
 /// Serves one app request. Never fails: every error becomes a JSON answer.
 pub async fn handle(proxy: Arc<Proxy>, request: Request<Incoming>) -> Response<ProxyBody> {
@@ -153,12 +155,20 @@ async fn journey(
     let max_attempts = config.retry.max_attempts.max(1) as usize;
     let mut tried: Vec<Arc<Endpoint>> = Vec::with_capacity(max_attempts);
     let mut last_error: Option<ProxyError> = None;
+    // Whether every attempt so far failed before the request was sent: then the last
+    // attempt falls through to a lower tier (see `route`'s "Fall-through across tiers").
+    let mut all_unsent = true;
     while tried.len() < max_attempts {
         if !tried.is_empty() && !generation.retry_budget.try_retry() {
             tracing::warn!("retry budget spent (retry.budget_percent); not retrying");
             break;
         }
-        let chosen = plan.select(&tried, &mut generation.chooser.rng());
+        let last_attempt = tried.len() + 1 == max_attempts;
+        let chosen = if last_attempt && all_unsent && !tried.is_empty() {
+            plan.select_fall_through(&tried, &mut generation.chooser.rng())
+        } else {
+            plan.select(&tried, &mut generation.chooser.rng())
+        };
         let Some(endpoint) = chosen else {
             break;
         };
@@ -201,6 +211,7 @@ async fn journey(
         }
         match check_no_capacity(upstream).await {
             Capacity::Refused => {
+                all_unsent = false;
                 // The cluster did not start the work: safe to go elsewhere.
                 tracing::info!(endpoint = %endpoint.authority, "endpoint has no capacity (503 no_capacity); trying another");
                 last_error = Some(ProxyError::NoEndpoint(format!(
@@ -349,7 +360,7 @@ async fn send(
     let guard = endpoint.start_request();
     let started = tokio::time::Instant::now();
     let timeout = upstream.request_timeout.get();
-    match tokio::time::timeout(timeout, endpoint.client().request(request)).await {
+    match pooled(endpoint, request, timeout).await {
         Ok(Ok(response)) => {
             let mut latency = started.elapsed();
             if let Some(peer) = response.extensions().get::<ConnectedPeer>() {
@@ -383,6 +394,46 @@ async fn send(
             ))))
         }
     }
+}
+
+/// The pool's answer within `timeout`. What went wrong is remembered on the endpoint for
+/// `/status`, and a connect or TLS failure takes its data path out at once, so that the
+/// next selection (this request's retry included) skips it.
+async fn pooled(
+    endpoint: &Endpoint,
+    request: Request<Full<Bytes>>,
+    timeout: std::time::Duration,
+) -> Result<
+    Result<Response<Incoming>, hyper_util::client::legacy::Error>,
+    tokio::time::error::Elapsed,
+> {
+    let result = tokio::time::timeout(timeout, endpoint.client().request(request)).await;
+    match &result {
+        Ok(Ok(_)) => {}
+        Ok(Err(error)) => {
+            let diagnosis =
+                connect_error(error).map(|e| health::data_path_failed_by_request(endpoint, e));
+            endpoint.record_request_error(error_chain(error), diagnosis.as_ref());
+        }
+        Err(_) => endpoint.record_request_error(
+            format!("no response headers within {timeout:?} (upstream.request_timeout)"),
+            None,
+        ),
+    }
+    result
+}
+
+/// The connector's own error among `error`'s causes: the connection (TCP or TLS) was
+/// never made.
+fn connect_error(error: &hyper_util::client::legacy::Error) -> Option<&ConnectError> {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(error);
+    while let Some(cause) = source {
+        if let Some(connect) = cause.downcast_ref::<ConnectError>() {
+            return Some(connect);
+        }
+        source = cause.source();
+    }
+    None
 }
 
 /// 6. Relay: the cluster's answer as a stream, with gpulink's headers added.

@@ -77,6 +77,16 @@ impl EndpointLabels {
     }
 }
 
+/// An endpoint, the check that fails there (`health` or `data_path`) and why.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CheckProblemLabels {
+    pub route: &'static str,
+    pub region: String,
+    pub endpoint: String,
+    pub check: &'static str,
+    pub problem: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RouteLabels {
     pub route: &'static str,
@@ -190,6 +200,8 @@ pub struct Metrics {
 
     // State, refreshed at scrape time.
     endpoint_healthy: Family<EndpointLabels, Gauge>,
+    endpoint_data_path_healthy: Family<EndpointLabels, Gauge>,
+    endpoint_check_failing: Family<CheckProblemLabels, Gauge>,
     endpoint_serving: Family<EndpointLabels, Gauge>,
     endpoint_capacity: Family<EndpointLabels, Gauge>,
     endpoint_in_flight: Family<EndpointLabels, Gauge>,
@@ -375,6 +387,18 @@ impl Metrics {
             "1 when the endpoint's active health checks pass, else 0",
             endpoint_healthy.clone(),
         );
+        let endpoint_data_path_healthy = Family::<EndpointLabels, Gauge>::default();
+        registry.register(
+            "endpoint_data_path_healthy",
+            "1 when a fresh TCP connect and TLS handshake to the endpoint's inference address pass (and no request's connect failed since), else 0",
+            endpoint_data_path_healthy.clone(),
+        );
+        let endpoint_check_failing = Family::<CheckProblemLabels, Gauge>::default();
+        registry.register(
+            "endpoint_check_failing",
+            "1 for each check (health, data_path) that keeps an endpoint out, labelled with the problem gpulink probe would name (absent while passing)",
+            endpoint_check_failing.clone(),
+        );
         let endpoint_serving = Family::<EndpointLabels, Gauge>::default();
         registry.register(
             "endpoint_serving",
@@ -481,6 +505,8 @@ impl Metrics {
             config_reloads,
             log_lines_dropped,
             endpoint_healthy,
+            endpoint_data_path_healthy,
+            endpoint_check_failing,
             endpoint_serving,
             endpoint_capacity,
             endpoint_in_flight,
@@ -789,6 +815,7 @@ impl Metrics {
         let now = chrono::Utc::now();
         for family in [
             &self.endpoint_healthy,
+            &self.endpoint_data_path_healthy,
             &self.endpoint_serving,
             &self.endpoint_capacity,
             &self.endpoint_in_flight,
@@ -796,6 +823,7 @@ impl Metrics {
             family.clear();
         }
         self.endpoint_latency.clear();
+        self.endpoint_check_failing.clear();
         for endpoint in &generation.endpoints {
             let labels = EndpointLabels::of(endpoint);
             self.zero_init_endpoint(endpoint, &labels);
@@ -803,6 +831,27 @@ impl Metrics {
             self.endpoint_healthy
                 .get_or_create(&labels)
                 .set(i64::from(healthy));
+            self.endpoint_data_path_healthy
+                .get_or_create(&labels)
+                .set(i64::from(endpoint.is_data_path_ok()));
+            let failing =
+                |check: &'static str, problem: Option<crate::upstream::diagnose::Problem>| {
+                    self.endpoint_check_failing
+                        .get_or_create(&CheckProblemLabels {
+                            route: labels.route,
+                            region: labels.region.clone(),
+                            endpoint: labels.endpoint.clone(),
+                            check,
+                            problem: problem.map_or("unknown", |p| p.as_str()),
+                        })
+                        .set(1);
+                };
+            if !endpoint.is_healthy() {
+                failing("health", endpoint.health_snapshot().problem);
+            }
+            if !endpoint.is_data_path_ok() {
+                failing("data_path", endpoint.data_path_snapshot().problem);
+            }
             self.endpoint_serving
                 .get_or_create(&labels)
                 .set(i64::from(endpoint.is_serving()));

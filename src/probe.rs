@@ -5,7 +5,8 @@
 //! a TLS handshake exactly as the proxy would (same trust store from
 //! [`crate::tls::client_config`], same TLS name), runs the proxy's own health check
 //! ([`crate::upstream::health::check`]), and samples latency. Each failure gets one line
-//! of diagnosis naming its likely causes, because the symptoms are ambiguous in ways an
+//! of diagnosis naming its likely causes ([`crate::upstream::diagnose`], shared with the
+//! proxy's own health checker so `/status` says the same), because the symptoms are ambiguous in ways an
 //! operator should not have to rediscover: a TCP connect that times out looks the same
 //! whether a security group drops the packets or the VPC endpoint is still
 //! `pendingAcceptance`.
@@ -14,7 +15,6 @@
 //! Exit status: 0 when at least one endpoint the migration phase allows can serve,
 //! 1 when none can, 78 (EX_CONFIG) for an invalid configuration.
 
-use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -26,7 +26,9 @@ use serde::Serialize;
 use tokio::net::TcpStream;
 
 use crate::config::{Config, EndpointConfig, Phase, RouteKind, EX_CONFIG};
-use crate::upstream::health::{self, HealthError};
+use crate::upstream::diagnose;
+pub use crate::upstream::diagnose::{Diagnosis, Problem};
+use crate::upstream::health;
 
 /// `gpulink probe` options.
 #[derive(Debug, Clone, clap::Args)]
@@ -117,45 +119,6 @@ impl Latency {
             median_ms: median,
             max_ms: ms[ms.len() - 1],
         })
-    }
-}
-
-/// What went wrong, as a stable machine-readable kind plus the operator's line.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
-pub struct Diagnosis {
-    pub problem: Problem,
-    pub message: String,
-}
-
-/// The failure kinds `probe` tells apart.
-#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
-pub enum Problem {
-    DnsFailed,
-    ConnectTimeout,
-    ConnectRefused,
-    NoRoute,
-    ConnectFailed,
-    TlsWrongName,
-    TlsUnknownCa,
-    TlsExpired,
-    TlsTimeout,
-    TlsFailed,
-    HealthTimeout,
-    HealthRefused,
-    HealthFailed,
-    HealthStatus,
-    HealthNotJson,
-    Unhealthy,
-    StaleHealth,
-    NoCapacity,
-    RegionMismatch,
-}
-
-impl Problem {
-    /// Warnings do not stop an endpoint from serving.
-    fn is_warning(self) -> bool {
-        matches!(self, Problem::NoCapacity | Problem::RegionMismatch)
     }
 }
 
@@ -392,15 +355,9 @@ async fn probe_endpoint(
         }
         Err(message) => {
             report.tcp = failed(message.clone());
-            report.diagnoses.push(Diagnosis {
-                problem: Problem::DnsFailed,
-                message: format!(
-                    "cannot resolve `{}` ({message}): a private DNS name resolves only inside the VPC \
-                     (VPC endpoint with private DNS enabled, VPC enableDnsSupport and enableDnsHostnames); \
-                     check the spelling, or list the ENI addresses from the guide's step 4 instead",
-                    endpoint.host
-                ),
-            });
+            report
+                .diagnoses
+                .push(diagnose::dns_failed(&endpoint.host, &message));
             None
         }
     };
@@ -416,11 +373,11 @@ async fn probe_endpoint(
                 tcp_failure = Some(Problem::ConnectTimeout);
                 report
                     .diagnoses
-                    .push(connect_timeout_diagnosis(addr, timeout, &endpoint));
+                    .push(diagnose::connect_timeout(addr, timeout, &endpoint));
             }
             Ok(Err(error)) => {
                 report.tcp = failed(error.to_string());
-                let diagnosis = connect_error_diagnosis(addr, &error, &endpoint);
+                let diagnosis = diagnose::connect_error(addr, &error, &endpoint);
                 tcp_failure = Some(diagnosis.problem);
                 report.diagnoses.push(diagnosis);
             }
@@ -474,7 +431,7 @@ async fn probe_endpoint(
         Err(error) => {
             report.health.step = failed(error.to_string());
             if let Some(diagnosis) =
-                health_diagnosis(error, &endpoint, &report.health.url, tcp_failure)
+                diagnose::health_error(error, &endpoint, &report.health.url, tcp_failure)
             {
                 report.diagnoses.push(diagnosis);
             }
@@ -555,19 +512,12 @@ async fn handshake(
     match tokio::time::timeout(timeout, connector.connect(server_name, stream)).await {
         Err(_) => {
             report.tls.step = failed(format!("handshake timed out after {timeout:?}"));
-            report.diagnoses.push(Diagnosis {
-                problem: Problem::TlsTimeout,
-                message: format!(
-                    "TCP to {addr} connects but the TLS handshake did not finish within {timeout:?}: \
-                     port {} may not be the cluster's TLS port (the cluster serves 443), or something in \
-                     between holds the connection",
-                    addr.port()
-                ),
-            });
+            report.diagnoses.push(diagnose::tls_timeout(addr, timeout));
         }
         Ok(Err(error)) => {
             report.tls.step = failed(error.to_string());
-            let (diagnosis, presented) = tls_diagnosis(&error, addr, endpoint, &settings.ca_files);
+            let (diagnosis, presented) =
+                diagnose::tls_error(&error, addr, endpoint, &settings.ca_files);
             report.tls.presented_names = presented;
             report.diagnoses.push(diagnosis);
         }
@@ -606,260 +556,6 @@ fn bracket(host: &str) -> String {
     } else {
         host.to_string()
     }
-}
-
-/// The one diagnosis that has to name two unrelated causes: dropped SYNs look the same
-/// whether a firewall drops them or the endpoint is not accepting yet.
-fn connect_timeout_diagnosis(
-    addr: SocketAddr,
-    timeout: Duration,
-    endpoint: &EndpointConfig,
-) -> Diagnosis {
-    let extra = if endpoint.kind == RouteKind::Privatelink {
-        " or the VPC endpoint is not `available` yet (still `pendingAcceptance`: \
-         `aws ec2 describe-vpc-endpoints --query 'VpcEndpoints[].State'`, then ask the GPU cluster team to accept it)"
-    } else {
-        " or this host has no route to the internet (NAT gateway / egress rules) for public endpoints"
-    };
-    Diagnosis {
-        problem: Problem::ConnectTimeout,
-        message: format!(
-            "TCP connect to {addr} timed out after {timeout:?} (packets dropped, not refused): either a security group \
-             or network ACL drops the traffic,{extra}. The endpoint's own security group must allow inbound TCP {} and {} \
-             from this host (the guide's \"no inbound rules\" is about the client's group, not the endpoint's); this host's \
-             group must allow outbound {} and {}; network ACLs must allow both directions and the ephemeral return ports",
-            addr.port(),
-            endpoint.health_port,
-            addr.port(),
-            endpoint.health_port
-        ),
-    }
-}
-
-fn connect_error_diagnosis(
-    addr: SocketAddr,
-    error: &io::Error,
-    endpoint: &EndpointConfig,
-) -> Diagnosis {
-    match error.kind() {
-        io::ErrorKind::ConnectionRefused => Diagnosis {
-            problem: Problem::ConnectRefused,
-            message: format!(
-                "connection refused by {addr}: the address answers but nothing accepts on port {}. Check the port \
-                 (the cluster serves 443, health on 8080), that {} is one of the VPC endpoint's ENI addresses \
-                 (guide step 4: describe-network-interfaces), and with the GPU cluster team that the service behind \
-                 the endpoint is up",
-                addr.port(),
-                addr.ip()
-            ),
-        },
-        io::ErrorKind::HostUnreachable | io::ErrorKind::NetworkUnreachable => Diagnosis {
-            problem: Problem::NoRoute,
-            message: format!(
-                "no route to {addr} ({error}): check this subnet's route table and that {} is an address of the \
-                 VPC endpoint in this VPC (guide step 4)",
-                addr.ip()
-            ),
-        },
-        _ => Diagnosis {
-            problem: Problem::ConnectFailed,
-            message: format!(
-                "TCP connect to {addr} failed: {error}; check the address `{}` and the network path",
-                endpoint.authority()
-            ),
-        },
-    }
-}
-
-/// Tells a wrong name from an untrusted CA from an expired certificate.
-fn tls_diagnosis(
-    error: &io::Error,
-    addr: SocketAddr,
-    endpoint: &EndpointConfig,
-    ca_files: &[PathBuf],
-) -> (Diagnosis, Vec<String>) {
-    use rustls::CertificateError as C;
-    let rustls_error = error
-        .get_ref()
-        .and_then(|inner| inner.downcast_ref::<rustls::Error>());
-    let trusted = if ca_files.is_empty() {
-        "the system roots only".to_string()
-    } else {
-        format!(
-            "the system roots and {}",
-            ca_files
-                .iter()
-                .map(|p| p.display().to_string())
-                .collect::<Vec<_>>()
-                .join(", ")
-        )
-    };
-    match rustls_error {
-        Some(rustls::Error::InvalidCertificate(cert_error)) => match cert_error {
-            C::NotValidForName | C::NotValidForNameContext { .. } => {
-                let presented = match cert_error {
-                    C::NotValidForNameContext { presented, .. } => {
-                        presented.iter().map(|name| plain_name(name)).collect()
-                    }
-                    _ => Vec::new(),
-                };
-                let names = if presented.is_empty() {
-                    String::new()
-                } else {
-                    format!(" (it is valid for: {})", presented.join(", "))
-                };
-                (
-                    Diagnosis {
-                        problem: Problem::TlsWrongName,
-                        message: format!(
-                            "wrong server name: the certificate of {addr} is not valid for `{}`{names}. Set `server_name` \
-                             on this endpoint (or `upstream.server_name`) to a name the cluster's certificate carries; \
-                             ask the GPU cluster team which one",
-                            endpoint.server_name
-                        ),
-                    },
-                    presented,
-                )
-            }
-            C::UnknownIssuer | C::BadSignature => (
-                Diagnosis {
-                    problem: Problem::TlsUnknownCa,
-                    message: format!(
-                        "untrusted CA: the certificate of {addr} is not signed by a CA this host trusts ({trusted}). \
-                         Set `upstream.ca_file` (or this endpoint's `ca_file`) to the cluster's CA bundle"
-                    ),
-                },
-                Vec::new(),
-            ),
-            C::Expired | C::ExpiredContext { .. } | C::NotValidYet | C::NotValidYetContext { .. } => (
-                Diagnosis {
-                    problem: Problem::TlsExpired,
-                    message: format!(
-                        "the certificate of {addr} is expired or not yet valid ({cert_error:?}): check this host's \
-                         clock (chronyc tracking / timedatectl), else tell the GPU cluster team"
-                    ),
-                },
-                Vec::new(),
-            ),
-            other => (
-                Diagnosis {
-                    problem: Problem::TlsFailed,
-                    message: format!(
-                        "the certificate of {addr} was rejected ({other:?}); trusted: {trusted}"
-                    ),
-                },
-                Vec::new(),
-            ),
-        },
-        _ => (
-            Diagnosis {
-                problem: Problem::TlsFailed,
-                message: format!(
-                    "TLS handshake with {addr} failed: {error}. Port {} may not speak TLS (the cluster serves TLS on \
-                     443), or a proxy or firewall interferes with the connection",
-                    addr.port()
-                ),
-            },
-            Vec::new(),
-        ),
-    }
-}
-
-/// rustls reports presented names as `DnsName("x")` / `IpAddress(1.2.3.4)`: show `x`.
-fn plain_name(name: &str) -> String {
-    let inner = name
-        .split_once('(')
-        .and_then(|(_, rest)| rest.strip_suffix(')'))
-        .unwrap_or(name);
-    inner.trim_matches('"').to_string()
-}
-
-fn health_diagnosis(
-    error: &HealthError,
-    endpoint: &EndpointConfig,
-    url: &str,
-    tcp_failure: Option<Problem>,
-) -> Option<Diagnosis> {
-    let port = endpoint.health_port;
-    if tcp_failure == Some(Problem::DnsFailed) {
-        // The health check fails for the same reason, already explained.
-        return None;
-    }
-    let (problem, message) = match error {
-        HealthError::Timeout(limit) => {
-            if tcp_failure == Some(Problem::ConnectTimeout) {
-                // Same cause as the TLS port's timeout, already explained.
-                return Some(Diagnosis {
-                    problem: Problem::HealthTimeout,
-                    message: format!(
-                        "{url} timed out after {limit:?} as well: the same drop (security group, NACL or pendingAcceptance) affects port {port}"
-                    ),
-                });
-            }
-            (
-                Problem::HealthTimeout,
-                format!(
-                    "{url} did not answer within {limit:?}: port {port} is filtered or the health service hangs. The endpoint's \
-                     security group must allow inbound TCP {port} from this host and this host's group outbound {port} \
-                     (the guide's step 5: curl -v {url})"
-                ),
-            )
-        }
-        HealthError::Connect { message, .. } if message.contains("refused") => {
-            if tcp_failure == Some(Problem::ConnectRefused) {
-                (
-                    Problem::HealthRefused,
-                    format!("{url}: connection refused as well; nothing accepts on this address (see above)"),
-                )
-            } else {
-                (
-                    Problem::HealthRefused,
-                    format!(
-                        "{url}: connection refused: nothing listens on port {port}; check `health.port` or this \
-                         endpoint's `health_port` (the cluster serves /health on 8080)"
-                    ),
-                )
-            }
-        }
-        HealthError::Connect { message, .. } => (
-            Problem::HealthFailed,
-            format!("{url}: cannot connect: {message}"),
-        ),
-        HealthError::Http(message) => (
-            Problem::HealthFailed,
-            format!("{url}: the HTTP exchange failed ({message}); is port {port} the cluster's health port?"),
-        ),
-        HealthError::Status(status) => (
-            Problem::HealthStatus,
-            format!(
-                "{url} answered HTTP {status}: check `health.path` (the cluster's is /health); the service behind the \
-                 endpoint may be failing"
-            ),
-        ),
-        HealthError::Parse(message) => (
-            Problem::HealthNotJson,
-            format!(
-                "{url} did not answer the cluster's health JSON ({message}); is port {port} the cluster's health port?"
-            ),
-        ),
-        HealthError::Unhealthy(status) => (
-            Problem::Unhealthy,
-            format!(
-                "unhealthy: {} reports status {status:?}; the cluster behind it is failing and gpulink sends it nothing \
-                 until it recovers; tell the GPU cluster team if it persists",
-                endpoint.authority()
-            ),
-        ),
-        HealthError::Stale { age_secs, max } => (
-            Problem::StaleHealth,
-            format!(
-                "stale health: the timestamp {} reports is {age_secs}s old (health.max_staleness {max:?}): the cluster's \
-                 health reporter is stuck, or this host's clock is wrong (chronyc tracking / timedatectl)",
-                endpoint.authority()
-            ),
-        ),
-    };
-    Some(Diagnosis { problem, message })
 }
 
 fn summarise(endpoints: &[EndpointReport], route: &str) -> RouteSummary {
@@ -1035,109 +731,6 @@ pub fn render_text(report: &Report) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn endpoint(kind: RouteKind) -> EndpointConfig {
-        EndpointConfig {
-            region: "us-east-1".into(),
-            kind,
-            host: "10.34.10.50".into(),
-            port: 443,
-            server_name: "gpu-cluster.yourcompany.internal".into(),
-            health_port: 8080,
-            ca_file: None,
-        }
-    }
-
-    #[test]
-    fn connect_timeout_names_both_causes_and_the_endpoint_security_group() {
-        let e = endpoint(RouteKind::Privatelink);
-        let d = connect_timeout_diagnosis(
-            "10.34.10.50:443".parse().unwrap(),
-            Duration::from_secs(2),
-            &e,
-        );
-        assert_eq!(d.problem, Problem::ConnectTimeout);
-        for needle in [
-            "security group",
-            "network ACL",
-            "pendingAcceptance",
-            "inbound TCP 443 and 8080",
-            "endpoint's own security group",
-        ] {
-            assert!(d.message.contains(needle), "{needle}: {}", d.message);
-        }
-    }
-
-    #[test]
-    fn refused_is_not_a_timeout() {
-        let e = endpoint(RouteKind::Privatelink);
-        let error = io::Error::from(io::ErrorKind::ConnectionRefused);
-        let d = connect_error_diagnosis("10.34.10.50:443".parse().unwrap(), &error, &e);
-        assert_eq!(d.problem, Problem::ConnectRefused);
-        assert!(d.message.contains("refused"));
-    }
-
-    #[test]
-    fn tls_errors_are_told_apart() {
-        let e = endpoint(RouteKind::Privatelink);
-        let addr: SocketAddr = "10.34.10.50:443".parse().unwrap();
-        let wrap = |err: rustls::Error| io::Error::new(io::ErrorKind::InvalidData, err);
-        let (name, _) = tls_diagnosis(
-            &wrap(rustls::Error::InvalidCertificate(
-                rustls::CertificateError::NotValidForName,
-            )),
-            addr,
-            &e,
-            &[],
-        );
-        assert_eq!(name.problem, Problem::TlsWrongName);
-        assert!(name.message.contains("server_name"));
-        let (ca, _) = tls_diagnosis(
-            &wrap(rustls::Error::InvalidCertificate(
-                rustls::CertificateError::UnknownIssuer,
-            )),
-            addr,
-            &e,
-            &[],
-        );
-        assert_eq!(ca.problem, Problem::TlsUnknownCa);
-        assert!(ca.message.contains("ca_file"));
-    }
-
-    #[test]
-    fn stale_and_unhealthy_health() {
-        let e = endpoint(RouteKind::Privatelink);
-        let stale = health_diagnosis(
-            &HealthError::Stale {
-                age_secs: 120,
-                max: Duration::from_secs(30),
-            },
-            &e,
-            "http://10.34.10.50:8080/health",
-            None,
-        )
-        .unwrap();
-        assert_eq!(stale.problem, Problem::StaleHealth);
-        assert!(stale.message.contains("clock"));
-        let unhealthy = health_diagnosis(
-            &HealthError::Unhealthy("degraded".into()),
-            &e,
-            "http://10.34.10.50:8080/health",
-            None,
-        )
-        .unwrap();
-        assert_eq!(unhealthy.problem, Problem::Unhealthy);
-    }
-
-    #[test]
-    fn presented_names_are_shown_plain() {
-        assert_eq!(
-            plain_name("DnsName(\"gpu.example.com\")"),
-            "gpu.example.com"
-        );
-        assert_eq!(plain_name("IpAddress(10.0.0.1)"), "10.0.0.1");
-        assert_eq!(plain_name("plain"), "plain");
-    }
 
     #[test]
     fn latency_summary() {

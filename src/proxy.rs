@@ -247,11 +247,10 @@ impl Proxy {
                     _ = stop.cancelled() => return,
                     _ = tokio::time::sleep(settings.interval.get()) => {}
                 }
-                let result = tokio::select! {
+                tokio::select! {
                     _ = stop.cancelled() => return,
-                    result = health::check(&endpoint.config.host, endpoint.config.health_port, &settings) => result,
-                };
-                health::record(&endpoint, &result, &settings);
+                    () = health::round(&endpoint, &settings) => {}
+                }
             }
         });
     }

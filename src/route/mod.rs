@@ -2,6 +2,24 @@
 //! (the guide's cutover and rollback plan) turns into an ordered list of tiers: local
 //! PrivateLink, other regions' PrivateLink, local public, other regions' public. Also the
 //! policies that decide over many requests: the retry budget and automatic rollback.
+//!
+//! **Fall-through across tiers.** A broken tier must cost no request another tier could
+//! carry. Two rules together guarantee it within `retry.max_attempts` (and the retry
+//! budget):
+//!
+//! 1. A request's connect or TLS failure takes that endpoint's data path out at once
+//!    (see [`crate::upstream::health`]), so the next selection, this request's retry
+//!    included, skips it: each attempt on a tier whose inference port just broke uses up
+//!    one of its endpoints, and once none is left [`Plan::select`] moves to the next tier.
+//! 2. When every attempt so far failed before the request was sent, the **last** attempt
+//!    goes to the first tier below every tier already tried that has a serving endpoint
+//!    ([`Plan::select_fall_through`]); only when no lower tier has one does it stay. So a
+//!    local tier of three ENIs whose :443 broke before gpulink noticed, with
+//!    `max_attempts = 3`, costs two failed connects and the request is served by the next
+//!    tier; with `max_attempts = 2`, one.
+//!
+//! A request that may have reached the cluster is never retried at all, so neither rule
+//! can replay one.
 
 pub mod budget;
 pub mod rollback;
@@ -259,9 +277,41 @@ impl Plan<'_> {
         tried: &[Arc<Endpoint>],
         rng: &mut R,
     ) -> Option<Arc<Endpoint>> {
+        self.select_from(0, tried, rng)
+    }
+
+    /// For the last attempt of a request whose attempts all failed before it was sent:
+    /// the best endpoint of the tiers below every tier in `tried`, else (no lower tier
+    /// can serve) the same as [`Plan::select`].
+    pub fn select_fall_through<R: Rng + ?Sized>(
+        &self,
+        tried: &[Arc<Endpoint>],
+        rng: &mut R,
+    ) -> Option<Arc<Endpoint>> {
+        let lowest_tried = tried.iter().filter_map(|e| self.tier_of(e)).max();
+        lowest_tried
+            .and_then(|lowest| self.select_from(lowest + 1, tried, rng))
+            .or_else(|| self.select(tried, rng))
+    }
+
+    /// The position of `endpoint`'s tier in this plan.
+    fn tier_of(&self, endpoint: &Arc<Endpoint>) -> Option<usize> {
+        self.tiers
+            .iter()
+            .position(|tier| tier.endpoints.iter().any(|e| Arc::ptr_eq(e, endpoint)))
+    }
+
+    /// [`Plan::select`] over the tiers from position `first` on.
+    fn select_from<R: Rng + ?Sized>(
+        &self,
+        first: usize,
+        tried: &[Arc<Endpoint>],
+        rng: &mut R,
+    ) -> Option<Arc<Endpoint>> {
+        let tiers = self.tiers.get(first..).unwrap_or(&[]);
         let usable =
             |e: &&Arc<Endpoint>| e.is_serving() && !tried.iter().any(|t| Arc::ptr_eq(t, e));
-        for tier in &self.tiers {
+        for tier in tiers {
             let candidates: Vec<&Arc<Endpoint>> = tier
                 .endpoints
                 .iter()
@@ -272,7 +322,7 @@ impl Plan<'_> {
                 return Some(e.clone());
             }
         }
-        for tier in &self.tiers {
+        for tier in tiers {
             let candidates: Vec<&Arc<Endpoint>> = tier.endpoints.iter().filter(usable).collect();
             if let Some(e) = balance::pick(&candidates, rng) {
                 return Some(e.clone());
@@ -402,6 +452,77 @@ mod tests {
             closing.fallback_window_notice(Utc::now()),
             Some(WindowNotice::Closing(..))
         ));
+    }
+
+    #[test]
+    fn a_broken_tier_falls_through_to_the_next_one() {
+        // Three local ENIs whose :443 just broke, not yet learned: all still serving.
+        let text_extra = "";
+        let (t, endpoints) = table("privatelink", text_extra);
+        let mut rng = StdRng::seed_from_u64(6);
+        let plan = t.plan(Utc::now(), &mut rng);
+        let local: Vec<Arc<Endpoint>> = endpoints
+            .iter()
+            .filter(|e| e.kind() == RouteKind::Privatelink && e.region() == "us-east-1")
+            .cloned()
+            .collect();
+        assert_eq!(local.len(), 2);
+        // Rule 2: after one unsent failure in the local tier, the last attempt (here the
+        // second of max_attempts = 2) goes to the next tier although a local ENI serves.
+        let tried = vec![local[0].clone()];
+        let last = plan
+            .select_fall_through(&tried, &mut rng)
+            .expect("endpoint");
+        assert_eq!(
+            (last.kind(), last.region()),
+            (RouteKind::Privatelink, "us-west-2")
+        );
+        // An ordinary (not last) retry stays in the tier while it has a serving endpoint.
+        let next = plan.select(&tried, &mut rng).expect("endpoint");
+        assert!(Arc::ptr_eq(&next, &local[1]));
+        // Having tried the remote tier too, the last attempt goes to public.
+        let tried = vec![local[0].clone(), last.clone()];
+        let last = plan
+            .select_fall_through(&tried, &mut rng)
+            .expect("endpoint");
+        assert_eq!(last.kind(), RouteKind::Public);
+        // Rule 1: a data path taken out makes plain selection skip the endpoint, so with
+        // every local ENI out the first choice is already the next tier.
+        for e in &local {
+            e.set_data_path_ok(false);
+            assert!(!e.is_serving());
+        }
+        let first = plan.select(&[], &mut rng).expect("endpoint");
+        assert_eq!(first.region(), "us-west-2");
+        // Nothing lower can serve: the last attempt stays where an endpoint serves.
+        for e in &endpoints {
+            e.set_data_path_ok(e.region() == "us-east-1" && e.kind() == RouteKind::Privatelink);
+        }
+        let tried = vec![local[0].clone()];
+        let last = plan
+            .select_fall_through(&tried, &mut rng)
+            .expect("endpoint");
+        assert!(Arc::ptr_eq(&last, &local[1]));
+    }
+
+    #[test]
+    fn fall_through_respects_the_phase() {
+        let (t, endpoints) = table("privatelink-only", "");
+        let mut rng = StdRng::seed_from_u64(7);
+        let plan = t.plan(Utc::now(), &mut rng);
+        let remote = endpoints
+            .iter()
+            .find(|e| e.region() == "us-west-2")
+            .expect("remote")
+            .clone();
+        // The lowest tier this phase allows was tried: no public, back to the local tier.
+        let last = plan
+            .select_fall_through(&[remote], &mut rng)
+            .expect("endpoint");
+        assert_eq!(
+            (last.kind(), last.region()),
+            (RouteKind::Privatelink, "us-east-1")
+        );
     }
 
     #[test]

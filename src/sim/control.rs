@@ -163,7 +163,7 @@ async fn set_state(
                 "bad_state",
                 &format!(
                     "{error}; send e.g. {{\"state\":\"down\"}} or {{\"state\":\"slow\",\"delay_ms\":2000}} \
-                     (states: healthy, down, blackhole, slow, full, failing)"
+                     (states: healthy, down, blackhole, slow, full, failing, inference_refused, inference_filtered)"
                 ),
             );
         }
@@ -226,6 +226,14 @@ mod tests {
         assert_eq!(
             serde_json::to_string(&EndpointState::Full).unwrap(),
             r#"{"state":"full"}"#
+        );
+        let filtered: EndpointState =
+            serde_json::from_str(r#"{"state":"inference_filtered"}"#).unwrap();
+        assert_eq!(filtered, EndpointState::InferenceFiltered);
+        assert_eq!(filtered.name(), "inference_filtered");
+        assert_eq!(
+            serde_json::to_string(&EndpointState::InferenceRefused).unwrap(),
+            r#"{"state":"inference_refused"}"#
         );
     }
 }

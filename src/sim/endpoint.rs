@@ -3,8 +3,12 @@
 //!
 //! `down` must look like a vanished ENI, so it really closes the listening sockets (a
 //! connect is refused by the kernel) and every open connection; leaving `down` binds the
-//! ports again. The other states only change how the handlers answer, so they are a
-//! value that every handler reads (and that a blackholed handler waits on).
+//! ports again. `inference_refused` and `inference_filtered` do the same to the inference
+//! port alone while the health port keeps answering healthy (a security group that
+//! allows 8080 and not 443): refused closes it; filtered replaces it with a [`Tarpit`], so
+//! that connects time out as they do when packets are dropped. The other states only
+//! change how the handlers answer, so they are a value that every handler reads (and
+//! that a blackholed handler waits on).
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -52,19 +56,82 @@ pub(crate) struct Counters {
     pub health_checks: AtomicU64,
 }
 
-/// The listeners of one bound period (between two `down`s).
+/// One listener's accept loop, while its port is bound.
 struct Serving {
     stop: watch::Sender<bool>,
-    tasks: Vec<JoinHandle<()>>,
+    task: JoinHandle<()>,
 }
 
 impl Serving {
-    /// Closes both listeners and every connection they accepted, and waits until done.
+    /// Closes the listener and every connection it accepted, and waits until done.
     async fn close(self) {
         self.stop.send_replace(true);
-        for task in self.tasks {
-            let _ = task.await;
+        let _ = self.task.await;
+    }
+}
+
+/// What is bound on the endpoint's address right now.
+#[derive(Default)]
+struct Ports {
+    inference: Option<Serving>,
+    health: Option<Serving>,
+    tarpit: Option<Tarpit>,
+}
+
+/// What a state wants of the inference port.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum InferencePort {
+    Open,
+    Closed,
+    Filtered,
+}
+
+/// (inference port, health port bound) for a state.
+fn layout(state: EndpointState) -> (InferencePort, bool) {
+    match state {
+        EndpointState::Down => (InferencePort::Closed, false),
+        EndpointState::InferenceRefused => (InferencePort::Closed, true),
+        EndpointState::InferenceFiltered => (InferencePort::Filtered, true),
+        _ => (InferencePort::Open, true),
+    }
+}
+
+/// A listening socket that never accepts, its accept queue filled by connections of its
+/// own: the kernel then drops new SYNs, so a client's connect times out exactly as it
+/// does when a security group or network ACL drops the packets. (Loopback has no
+/// packet filter a test could use without privileges; a full queue is the same drop.)
+struct Tarpit {
+    _listener: TcpListener,
+    _fillers: Vec<TcpStream>,
+}
+
+/// Most connections a backlog-0 queue holds before it drops SYNs (Linux: one).
+const TARPIT_MAX_FILLERS: usize = 8;
+
+impl Tarpit {
+    async fn bind(addr: SocketAddr) -> Result<Tarpit, SimError> {
+        let bind_error = |source| SimError::Bind { addr, source };
+        let socket = if addr.is_ipv4() {
+            TcpSocket::new_v4()
+        } else {
+            TcpSocket::new_v6()
         }
+        .map_err(bind_error)?;
+        socket.set_reuseaddr(true).map_err(bind_error)?;
+        socket.bind(addr).map_err(bind_error)?;
+        let listener = socket.listen(0).map_err(bind_error)?;
+        // Fill the queue until a connect no longer completes: from then on SYNs drop.
+        let mut fillers = Vec::new();
+        while fillers.len() < TARPIT_MAX_FILLERS {
+            match tokio::time::timeout(Duration::from_millis(200), TcpStream::connect(addr)).await {
+                Ok(Ok(stream)) => fillers.push(stream),
+                Ok(Err(_)) | Err(_) => break,
+            }
+        }
+        Ok(Tarpit {
+            _listener: listener,
+            _fillers: fillers,
+        })
     }
 }
 
@@ -74,8 +141,8 @@ pub(crate) struct Endpoint {
     counters: Counters,
     /// Bumped after every counter change; `wait_for` listens to it.
     changes: watch::Sender<()>,
-    /// `Some` while the ports are bound. The async mutex also serialises transitions.
-    serving: Mutex<Option<Serving>>,
+    /// What is bound. The async mutex also serialises transitions.
+    ports: Mutex<Ports>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -91,7 +158,7 @@ impl Endpoint {
             state: watch::Sender::new(EndpointState::Healthy),
             counters: Counters::default(),
             changes: watch::Sender::new(()),
-            serving: Mutex::new(None),
+            ports: Mutex::new(Ports::default()),
         }
     }
 
@@ -178,17 +245,27 @@ impl Endpoint {
 
     /// Binds both ports at start (every endpoint starts healthy).
     pub(crate) async fn start(self: &Arc<Self>, shared: &Arc<Shared>) -> Result<(), SimError> {
-        let mut serving = self.serving.lock().await;
-        if serving.is_none() {
-            *serving = Some(self.bind(shared)?);
-        }
-        Ok(())
+        let mut ports = self.ports.lock().await;
+        self.arrange(&mut ports, shared, self.state()).await
     }
 
-    /// Closes both ports and every connection (used at shutdown).
+    /// Closes every port and connection (used at shutdown).
     pub(crate) async fn stop(&self) {
-        if let Some(serving) = self.serving.lock().await.take() {
-            serving.close().await;
+        let mut ports = self.ports.lock().await;
+        Self::close_ports(&mut ports, true, true).await;
+    }
+
+    async fn close_ports(ports: &mut Ports, inference: bool, health: bool) {
+        if inference {
+            if let Some(serving) = ports.inference.take() {
+                serving.close().await;
+            }
+            ports.tarpit = None;
+        }
+        if health {
+            if let Some(serving) = ports.health.take() {
+                serving.close().await;
+            }
         }
     }
 
@@ -198,23 +275,13 @@ impl Endpoint {
         shared: &Arc<Shared>,
         state: EndpointState,
     ) -> Result<(), SimError> {
-        let mut serving = self.serving.lock().await;
+        let mut ports = self.ports.lock().await;
         // Published first, so that a request racing with `down` is hung up on rather than
         // answered, and blackholed handlers wake up before their connections go.
         let previous = self.state.send_replace(state);
-        let stopping = *shared.shutdown.borrow();
-        if state == EndpointState::Down {
-            if let Some(old) = serving.take() {
-                old.close().await;
-            }
-        } else if serving.is_none() && !stopping {
-            match self.bind(shared) {
-                Ok(bound) => *serving = Some(bound),
-                Err(e) => {
-                    self.state.send_replace(previous);
-                    return Err(e);
-                }
-            }
+        if let Err(e) = self.arrange(&mut ports, shared, state).await {
+            self.state.send_replace(previous);
+            return Err(e);
         }
         self.changed();
         tracing::info!(
@@ -226,29 +293,66 @@ impl Endpoint {
         Ok(())
     }
 
-    /// Binds both listeners before spawning anything, so that a failure leaves nothing
-    /// half-bound.
-    fn bind(self: &Arc<Self>, shared: &Arc<Shared>) -> Result<Serving, SimError> {
-        let inference = listen(self.config.tls_addr())?;
-        let health = listen(self.config.health_addr())?;
-        let (stop, _) = watch::channel(false);
-        let tasks = vec![
-            tokio::spawn(accept_loop(
-                inference,
-                Port::Inference,
-                shared.clone(),
-                self.clone(),
-                stop.subscribe(),
-            )),
-            tokio::spawn(accept_loop(
-                health,
-                Port::Health,
-                shared.clone(),
-                self.clone(),
-                stop.subscribe(),
-            )),
-        ];
-        Ok(Serving { stop, tasks })
+    /// Closes what `state` does not want bound, then binds what it wants and is missing
+    /// (listeners first, tasks after, so a bind failure leaves nothing half-started).
+    async fn arrange(
+        self: &Arc<Self>,
+        ports: &mut Ports,
+        shared: &Arc<Shared>,
+        state: EndpointState,
+    ) -> Result<(), SimError> {
+        let (inference, health) = layout(state);
+        if inference != InferencePort::Open {
+            if let Some(serving) = ports.inference.take() {
+                serving.close().await;
+            }
+        }
+        if inference != InferencePort::Filtered {
+            ports.tarpit = None;
+        }
+        if !health {
+            if let Some(serving) = ports.health.take() {
+                serving.close().await;
+            }
+        }
+        if *shared.shutdown.borrow() {
+            return Ok(());
+        }
+        let health_listener = match (health, &ports.health) {
+            (true, None) => Some(listen(self.config.health_addr())?),
+            _ => None,
+        };
+        let inference_listener = match (inference, &ports.inference) {
+            (InferencePort::Open, None) => Some(listen(self.config.tls_addr())?),
+            _ => None,
+        };
+        if inference == InferencePort::Filtered && ports.tarpit.is_none() {
+            ports.tarpit = Some(Tarpit::bind(self.config.tls_addr()).await?);
+        }
+        if let Some(listener) = health_listener {
+            ports.health = Some(self.spawn_accept(listener, Port::Health, shared));
+        }
+        if let Some(listener) = inference_listener {
+            ports.inference = Some(self.spawn_accept(listener, Port::Inference, shared));
+        }
+        Ok(())
+    }
+
+    fn spawn_accept(
+        self: &Arc<Self>,
+        listener: TcpListener,
+        port: Port,
+        shared: &Arc<Shared>,
+    ) -> Serving {
+        let (stop, receiver) = watch::channel(false);
+        let task = tokio::spawn(accept_loop(
+            listener,
+            port,
+            shared.clone(),
+            self.clone(),
+            receiver,
+        ));
+        Serving { stop, task }
     }
 }
 

@@ -47,7 +47,11 @@ pub(crate) async fn handle(
         EndpointState::Slow { delay_ms } => {
             tokio::time::sleep(Duration::from_millis(delay_ms)).await;
         }
-        EndpointState::Healthy | EndpointState::Full | EndpointState::Failing => {}
+        EndpointState::Healthy
+        | EndpointState::Full
+        | EndpointState::Failing
+        | EndpointState::InferenceRefused
+        | EndpointState::InferenceFiltered => {}
     }
 
     // Read after the delay, so a slow answer reports the state at the time it is sent.

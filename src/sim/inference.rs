@@ -63,7 +63,10 @@ pub(crate) async fn handle(
 
     match endpoint.state() {
         EndpointState::Blackhole => return hold(&shared, &endpoint, request_id.as_deref()).await,
-        EndpointState::Down => return Err(Hangup::Down),
+        // Only a request on a connection opened before the port closed gets here.
+        EndpointState::Down
+        | EndpointState::InferenceRefused
+        | EndpointState::InferenceFiltered => return Err(Hangup::Down),
         EndpointState::Slow { delay_ms } => {
             tokio::time::sleep(Duration::from_millis(delay_ms)).await;
         }

@@ -148,6 +148,15 @@ pub enum EndpointState {
     Full,
     /// Health reports `"status": "unhealthy"`; inference answers 500 `internal`.
     Failing,
+    /// The health port answers healthy; the inference port is closed (connects are
+    /// refused, open inference connections are closed): a wrong or closed TLS port.
+    #[serde(rename = "inference_refused")]
+    InferenceRefused,
+    /// The health port answers healthy; connects to the inference port time out (SYNs
+    /// are dropped; open inference connections are closed): a security group that
+    /// allows 8080 and drops 443.
+    #[serde(rename = "inference_filtered")]
+    InferenceFiltered,
 }
 
 impl EndpointState {
@@ -160,6 +169,8 @@ impl EndpointState {
             EndpointState::Slow { .. } => "slow",
             EndpointState::Full => "full",
             EndpointState::Failing => "failing",
+            EndpointState::InferenceRefused => "inference_refused",
+            EndpointState::InferenceFiltered => "inference_filtered",
         }
     }
 }

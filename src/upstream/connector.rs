@@ -43,6 +43,8 @@ pub enum ConnectError {
     Tcp { addr: SocketAddr, source: io::Error },
     #[error("TCP connect to {addr} timed out after {timeout:?}")]
     Timeout { addr: SocketAddr, timeout: Duration },
+    #[error("TLS handshake with {addr} did not finish within {timeout:?}")]
+    TlsTimeout { addr: SocketAddr, timeout: Duration },
     #[error("TLS handshake with {addr} (verifying `{server_name}`) failed: {source}")]
     Tls {
         addr: SocketAddr,
@@ -85,6 +87,15 @@ impl EndpointConnector {
     }
 }
 
+impl EndpointConnector {
+    /// One fresh connection exactly as the pool would make it (same address, TLS name,
+    /// trust and timeouts), dropped at once: the data-path health check.
+    pub async fn check(&self) -> Result<Duration, ConnectError> {
+        let connection = self.inner.connect().await?;
+        Ok(connection.peer.setup)
+    }
+}
+
 impl ConnectorInner {
     async fn connect(&self) -> Result<TlsConnection, ConnectError> {
         let started = tokio::time::Instant::now();
@@ -101,7 +112,7 @@ impl ConnectorInner {
         let handshake = self.tls.connect(self.server_name.clone(), tcp);
         let tls = tokio::time::timeout(self.connect_timeout, handshake)
             .await
-            .map_err(|_| ConnectError::Timeout {
+            .map_err(|_| ConnectError::TlsTimeout {
                 addr,
                 timeout: self.connect_timeout,
             })?

@@ -14,6 +14,7 @@ use rustls::pki_types::ServerName;
 use serde::Serialize;
 
 use super::connector::EndpointConnector;
+use super::diagnose::{Diagnosis, Problem};
 use crate::config::{EndpointConfig, RouteKind};
 
 pub type PoolClient = Client<EndpointConnector, Full<Bytes>>;
@@ -25,11 +26,44 @@ pub struct HealthSnapshot {
     pub state: &'static str,
     /// Why the last check failed, if it did.
     pub last_error: Option<String>,
+    /// The kind of that failure, and what to do about it (as `gpulink probe` says).
+    pub problem: Option<Problem>,
+    pub diagnosis: Option<String>,
     /// The region the endpoint reported.
     pub region: Option<String>,
     pub checks: u64,
     pub consecutive_successes: u32,
     pub consecutive_failures: u32,
+}
+
+/// Whether requests can flow: what the last data-path check (a fresh TCP connect and
+/// TLS handshake to the inference address) or request-path connect failure said.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct DataPathSnapshot {
+    /// `unknown` until the first check, then `ok` or `failed`.
+    pub state: &'static str,
+    /// What failed it last: `check` (the health round's handshake) or `request` (a real
+    /// request's connect or TLS failure).
+    pub failed_by: Option<&'static str>,
+    pub problem: Option<Problem>,
+    pub diagnosis: Option<String>,
+    /// The failure as the connector reported it.
+    pub last_error: Option<String>,
+    /// How long the last passing handshake (TCP + TLS) took.
+    pub handshake_ms: Option<f64>,
+    pub checks: u64,
+    pub consecutive_successes: u32,
+    pub consecutive_failures: u32,
+}
+
+/// The last failure of a real request to this endpoint (connect, TLS, send, timeout),
+/// so `/status` shows request-path trouble, not only health-check trouble.
+#[derive(Debug, Clone, Serialize)]
+pub struct RequestError {
+    pub at: chrono::DateTime<chrono::Utc>,
+    pub message: String,
+    /// Set for connect and TLS failures, which `gpulink probe` can classify.
+    pub problem: Option<Problem>,
 }
 
 pub struct Endpoint {
@@ -41,8 +75,13 @@ pub struct Endpoint {
     /// as Host / `:authority`. Parsed once, here, not per request.
     uri_authority: http::uri::Authority,
     client: PoolClient,
+    /// Makes the pool's connections; the data-path check uses it too, so the check dials
+    /// exactly what a request would.
+    connector: EndpointConnector,
     /// Whether active health checks currently admit this endpoint.
     healthy: AtomicBool,
+    /// Whether the data path (TCP + TLS to the inference address) currently works.
+    data_path_ok: AtomicBool,
     /// Passive outlier detection: failures in a row, and the ejection in force.
     pub(crate) outlier: super::outlier::OutlierState,
     /// `available_capacity` from the last good health check; -1 when unknown.
@@ -53,6 +92,8 @@ pub struct Endpoint {
     requests: AtomicU64,
     failures: AtomicU64,
     pub(crate) health: Mutex<HealthSnapshot>,
+    pub(crate) data_path: Mutex<DataPathSnapshot>,
+    last_request_error: Mutex<Option<RequestError>>,
     settings: super::ConnectionSettings,
 }
 
@@ -79,7 +120,7 @@ impl Endpoint {
             // ENI lost under an open connection) before request_timeout does.
             .http2_keep_alive_interval(Duration::from_secs(20))
             .http2_keep_alive_timeout(Duration::from_secs(10))
-            .build(connector);
+            .build(connector.clone());
         let authority = config.authority();
         let authority_header = HeaderValue::from_str(&authority)
             .map_err(|_| format!("endpoint `{authority}` is not a valid header value"))?;
@@ -96,7 +137,9 @@ impl Endpoint {
             authority_header,
             uri_authority,
             client,
+            connector,
             healthy: AtomicBool::new(true),
+            data_path_ok: AtomicBool::new(true),
             outlier: super::outlier::OutlierState::default(),
             capacity: AtomicI64::new(-1),
             in_flight: AtomicU64::new(0),
@@ -108,6 +151,11 @@ impl Endpoint {
                 state: "unknown",
                 ..HealthSnapshot::default()
             }),
+            data_path: Mutex::new(DataPathSnapshot {
+                state: "unknown",
+                ..DataPathSnapshot::default()
+            }),
+            last_request_error: Mutex::new(None),
         })
     }
 
@@ -136,9 +184,52 @@ impl Endpoint {
             .build()
     }
 
-    /// Whether new requests may go here: admitted by health checks and not ejected.
+    pub(crate) fn connector(&self) -> &EndpointConnector {
+        &self.connector
+    }
+
+    /// The CA files trusted for this endpoint besides the system roots.
+    pub fn ca_files(&self) -> Vec<std::path::PathBuf> {
+        self.settings
+            .ca_file
+            .iter()
+            .chain(self.config.ca_file.iter())
+            .cloned()
+            .collect()
+    }
+
+    /// Whether new requests may go here: the health port and the data path both pass,
+    /// and passive detection has not ejected it.
     pub fn is_serving(&self) -> bool {
-        self.is_healthy() && !self.outlier.is_ejected()
+        self.is_healthy() && self.is_data_path_ok() && !self.outlier.is_ejected()
+    }
+
+    /// Whether the last data-path verdict lets requests flow (see [`DataPathSnapshot`]).
+    pub fn is_data_path_ok(&self) -> bool {
+        self.data_path_ok.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn set_data_path_ok(&self, ok: bool) {
+        self.data_path_ok.store(ok, Ordering::Release);
+    }
+
+    pub fn data_path_snapshot(&self) -> DataPathSnapshot {
+        self.data_path.lock().map(|d| d.clone()).unwrap_or_default()
+    }
+
+    /// Remembers a real request's failure here for `/status`.
+    pub fn record_request_error(&self, message: String, diagnosis: Option<&Diagnosis>) {
+        if let Ok(mut last) = self.last_request_error.lock() {
+            *last = Some(RequestError {
+                at: chrono::Utc::now(),
+                message,
+                problem: diagnosis.map(|d| d.problem),
+            });
+        }
+    }
+
+    pub fn last_request_error(&self) -> Option<RequestError> {
+        self.last_request_error.lock().ok().and_then(|l| l.clone())
     }
 
     /// What the active health checks say, ignoring passive ejection.

@@ -1,6 +1,20 @@
-//! Active health checks: `GET http://<endpoint>:<health_port>/health` on a fresh
-//! connection every interval (a pooled connection could hide an L4 failure), flipping an
-//! endpoint after `healthy_threshold` / `unhealthy_threshold` results in a row.
+//! Active health checks. Each round makes two checks, each on a fresh connection (a
+//! pooled connection could hide an L4 failure):
+//!
+//! * **health**: `GET http://<endpoint>:<health_port>/health`, bounded by `health.timeout`;
+//! * **data path**: a TCP connect and TLS handshake to the inference address, made by the
+//!   endpoint's own connector (the address the pool dials, the endpoint's TLS name and
+//!   rustls configuration), bounded as a request's connect is: `upstream.connect_timeout`
+//!   for TCP and again for TLS, so the check fails exactly when a request's connect would.
+//!
+//! The health port alone proves nothing about the inference port (a security group may
+//! allow 8080 and drop 443; a CA or server name may be wrong), so an endpoint serves only
+//! while both pass. Each flips after `healthy_threshold` / `unhealthy_threshold` results
+//! in a row (the first result decides at once). A real request's connect or TLS failure
+//! marks the data path failed at once ([`data_path_failed_by_request`]); only passing
+//! data-path checks clear it: a passing health check alone never re-admits. Failures
+//! carry the diagnosis `gpulink probe` gives ([`super::diagnose`]); transitions are
+//! logged once, not every round.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -11,8 +25,9 @@ use http_body_util::{BodyExt, Empty, Limited};
 use hyper_util::rt::TokioIo;
 use serde::Deserialize;
 use tokio::net::TcpStream;
-use tokio_util::sync::CancellationToken;
 
+use super::connector::ConnectError;
+use super::diagnose::{self, Diagnosis};
 use super::endpoint::Endpoint;
 use crate::config::Health;
 
@@ -159,6 +174,8 @@ pub fn record(endpoint: &Endpoint, result: &Result<HealthOk, HealthError>, setti
             h.consecutive_successes = h.consecutive_successes.saturating_add(1);
             h.consecutive_failures = 0;
             h.last_error = None;
+            h.problem = None;
+            h.diagnosis = None;
             h.region = ok.document.region.clone();
             endpoint.set_capacity(ok.document.available_capacity);
             // A passing check re-admits an endpoint that passive detection ejected.
@@ -179,10 +196,27 @@ pub fn record(endpoint: &Endpoint, result: &Result<HealthOk, HealthError>, setti
             h.consecutive_failures = h.consecutive_failures.saturating_add(1);
             h.consecutive_successes = 0;
             h.last_error = Some(error.to_string());
+            let url = format!(
+                "http://{}:{}{}",
+                bracket_ipv6(&endpoint.config.host),
+                endpoint.config.health_port,
+                settings.path
+            );
+            let diagnosis = diagnose::health_error(error, &endpoint.config, &url, None);
+            h.problem = diagnosis.as_ref().map(|d| d.problem);
+            h.diagnosis = diagnosis.map(|d| d.message);
             if h.state != "unhealthy"
                 && (first || h.consecutive_failures >= settings.unhealthy_threshold)
             {
-                tracing::warn!(endpoint = %endpoint.authority, region = endpoint.region(), %error, "endpoint is unhealthy; no new requests go to it");
+                tracing::warn!(
+                    endpoint = %endpoint.authority,
+                    region = endpoint.region(),
+                    check = "health",
+                    problem = h.problem.map_or("-", |p| p.as_str()),
+                    %error,
+                    diagnosis = h.diagnosis.as_deref().unwrap_or("-"),
+                    "endpoint is unhealthy (health check failed); no new requests go to it"
+                );
                 h.state = "unhealthy";
                 endpoint.set_healthy(false);
             }
@@ -190,9 +224,112 @@ pub fn record(endpoint: &Endpoint, result: &Result<HealthOk, HealthError>, setti
     }
 }
 
-async fn check_endpoint(endpoint: &Endpoint, settings: &Health) {
-    let result = check(&endpoint.config.host, endpoint.config.health_port, settings).await;
-    record(endpoint, &result, settings);
+/// The data-path check: one fresh connection exactly as the pool would make it.
+pub async fn check_data_path(endpoint: &Endpoint) -> Result<Duration, ConnectError> {
+    endpoint.connector().check().await
+}
+
+/// Applies one data-path check result, with the same thresholds as the health check.
+pub fn record_data_path(
+    endpoint: &Endpoint,
+    result: &Result<Duration, ConnectError>,
+    settings: &Health,
+) {
+    let Ok(mut d) = endpoint.data_path.lock() else {
+        return;
+    };
+    let first = d.checks == 0;
+    d.checks += 1;
+    match result {
+        Ok(setup) => {
+            d.consecutive_successes = d.consecutive_successes.saturating_add(1);
+            d.consecutive_failures = 0;
+            d.handshake_ms = Some(setup.as_secs_f64() * 1000.0);
+            if d.state != "ok" && (first || d.consecutive_successes >= settings.healthy_threshold) {
+                if d.state == "failed" {
+                    tracing::info!(
+                        endpoint = %endpoint.authority,
+                        region = endpoint.region(),
+                        check = "data_path",
+                        "data path works again (TCP and TLS to the inference port); the endpoint may serve"
+                    );
+                }
+                d.state = "ok";
+                d.failed_by = None;
+                d.problem = None;
+                d.diagnosis = None;
+                d.last_error = None;
+                endpoint.set_data_path_ok(true);
+            }
+        }
+        Err(error) => {
+            d.consecutive_failures = d.consecutive_failures.saturating_add(1);
+            d.consecutive_successes = 0;
+            let diagnosis =
+                diagnose::connect_failure(error, &endpoint.config, &endpoint.ca_files());
+            let fail = d.state == "failed"
+                || first
+                || d.consecutive_failures >= settings.unhealthy_threshold;
+            if fail {
+                mark_failed(endpoint, &mut d, "check", error, diagnosis);
+            } else {
+                // Below the threshold: remembered for /status, not yet acted on.
+                d.last_error = Some(error.to_string());
+            }
+        }
+    }
+}
+
+/// A real request could not connect (TCP or TLS): the data path is out at once, so the
+/// next selection (this request's retry included) skips the endpoint, and it stays out
+/// until data-path checks pass again.
+pub fn data_path_failed_by_request(endpoint: &Endpoint, error: &ConnectError) -> Diagnosis {
+    let diagnosis = diagnose::connect_failure(error, &endpoint.config, &endpoint.ca_files());
+    if let Ok(mut d) = endpoint.data_path.lock() {
+        d.consecutive_failures = d.consecutive_failures.saturating_add(1);
+        d.consecutive_successes = 0;
+        mark_failed(endpoint, &mut d, "request", error, diagnosis.clone());
+    }
+    diagnosis
+}
+
+/// Takes the data path out, logging only a change: into `failed`, or to a new problem.
+fn mark_failed(
+    endpoint: &Endpoint,
+    d: &mut super::endpoint::DataPathSnapshot,
+    by: &'static str,
+    error: &ConnectError,
+    diagnosis: Diagnosis,
+) {
+    let changed = d.state != "failed" || d.problem != Some(diagnosis.problem);
+    if changed {
+        tracing::warn!(
+            endpoint = %endpoint.authority,
+            region = endpoint.region(),
+            check = "data_path",
+            failed_by = by,
+            problem = diagnosis.problem.as_str(),
+            %error,
+            diagnosis = %diagnosis.message,
+            "data path failed (no TCP/TLS connection to the inference port); no new requests go to this endpoint until a data-path check passes"
+        );
+    }
+    d.state = "failed";
+    d.failed_by = Some(by);
+    d.problem = Some(diagnosis.problem);
+    d.diagnosis = Some(diagnosis.message);
+    d.last_error = Some(error.to_string());
+    endpoint.set_data_path_ok(false);
+}
+
+/// One health round for one endpoint: both checks, concurrently, then both recorded.
+pub async fn round(endpoint: &Endpoint, settings: &Health) {
+    let (health, data_path) = tokio::join!(
+        check(&endpoint.config.host, endpoint.config.health_port, settings),
+        check_data_path(endpoint)
+    );
+    record(endpoint, &health, settings);
+    record_data_path(endpoint, &data_path, settings);
 }
 
 /// Checks every endpoint once, concurrently; used before the proxy reports ready.
@@ -201,33 +338,10 @@ pub async fn first_round(endpoints: &[Arc<Endpoint>], settings: &Health) {
     for endpoint in endpoints {
         let endpoint = endpoint.clone();
         let settings = settings.clone();
-        set.spawn(async move { check_endpoint(&endpoint, &settings).await });
+        set.spawn(async move { round(&endpoint, &settings).await });
     }
     while set.join_next().await.is_some() {}
 }
-
-/// Spawns one checker per endpoint, stopped by `stop`.
-pub fn spawn_checkers(endpoints: &[Arc<Endpoint>], settings: &Health, stop: CancellationToken) {
-    for endpoint in endpoints {
-        let endpoint = endpoint.clone();
-        let settings = settings.clone();
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            let interval = settings.interval.get();
-            loop {
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = tokio::time::sleep(interval) => {}
-                }
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = check_endpoint(&endpoint, &settings) => {}
-                }
-            }
-        });
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

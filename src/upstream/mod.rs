@@ -3,6 +3,7 @@
 
 pub mod balance;
 pub mod connector;
+pub mod diagnose;
 pub mod discovery;
 pub mod endpoint;
 pub mod health;
