@@ -13,57 +13,40 @@
 //!
 //! The page is rendered from the `/status` document, so the two never disagree.
 
-use std::convert::Infallible;
 use std::fmt::Write as _;
 use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::body::{ProxyBody, ProxyBodyExt};
+use crate::listener::ConnectionSettings;
 use crate::metrics::Format;
 use crate::proxy::Proxy;
 
 /// How often the status page reloads itself.
 const PAGE_REFRESH_SECONDS: u32 = 5;
 
+/// Serves until `stop`; connections are held to `admin.max_connections` (idle ones make
+/// room for new ones) and the admin time bounds, so a crowd of admin clients neither
+/// locks `/ready` out nor takes file descriptors from the data path.
 pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, stop: CancellationToken) {
-    let builder = auto::Builder::new(TokioExecutor::new());
-    loop {
-        let stream = tokio::select! {
-            _ = stop.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(error) => {
-                    tracing::warn!(%error, "admin accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
+    let connections = proxy.admin_connections().clone();
+    let settings = {
         let proxy = proxy.clone();
-        let service = service_fn(move |request| {
-            let proxy = proxy.clone();
-            async move { Ok::<_, Infallible>(route(&proxy, request)) }
-        });
-        let connection = builder
-            .serve_connection(TokioIo::new(stream), service)
-            .into_owned();
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            tokio::select! {
-                _ = connection => {}
-                _ = stop.cancelled() => {}
-            }
-        });
-    }
+        move || ConnectionSettings::admin(&proxy.current().config)
+    };
+    let handler = move |request| {
+        let proxy = proxy.clone();
+        async move { route(&proxy, request) }
+    };
+    connections
+        .serve(listener, settings, handler, stop, || None)
+        .await;
 }
 
 fn route(proxy: &Proxy, request: Request<Incoming>) -> Response<ProxyBody> {
@@ -189,6 +172,12 @@ pub fn status(proxy: &Proxy) -> Value {
             "last_breach": generation.routes.rollback().and_then(|r| r.last_breach()),
         },
         "reloads": { "applied": reloads_ok, "rejected": reloads_failed },
+        // Open client connections per listener against its limit; `evicted` counts idle
+        // connections closed to admit new ones at the limit.
+        "connections": {
+            "listen": listener_status(proxy.app_connections()),
+            "admin": listener_status(proxy.admin_connections()),
+        },
         "tenant": config.tenant.id,
         "kms": {
             "provider": if keys.is_development() { "development" } else { "aws-kms" },
@@ -206,6 +195,14 @@ pub fn status(proxy: &Proxy) -> Value {
         // use (never key material).
         "key_cache": key_cache,
         "endpoints": endpoints,
+    })
+}
+
+fn listener_status(listener: &crate::listener::Listener) -> Value {
+    json!({
+        "open": listener.open(),
+        "limit": listener.limit(),
+        "evicted": listener.evicted(),
     })
 }
 

@@ -1,15 +1,18 @@
-//! Body types shared by ingress, upstream and the simulator: the boxed response body
-//! gpulink answers with, and a wrapper that bounds each silence in a streamed body.
+//! Bodies: the boxed response body gpulink answers with (shared by ingress, upstream and
+//! the simulator), a wrapper that bounds each silence in a streamed body, and the reader
+//! of the app's request bodies, bounded in size and in time (`listen.max_body`,
+//! `listen.body_read_timeout`, `listen.body_min_rate`).
 
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -91,4 +94,140 @@ where
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
     }
+}
+
+/// After a refusal, at most this much of the rest of the body is read and discarded so
+/// that ordinary clients (which send the whole body before reading) see the answer rather
+/// than a connection reset.
+const DRAIN_MAX_BYTES: u64 = 64 * 1024 * 1024;
+const DRAIN_MAX_TIME: Duration = Duration::from_secs(10);
+
+/// How a request body must arrive.
+#[derive(Debug, Clone, Copy)]
+pub struct BodyLimits {
+    /// `listen.max_body`.
+    pub max: usize,
+    /// `listen.body_read_timeout`: the longest silence, and the allowance the body starts
+    /// with.
+    pub read_timeout: Duration,
+    /// `listen.body_min_rate` in bytes per second (0 = none): each byte received extends
+    /// the allowance by `1 / min_rate` seconds, so a trickle runs out of time while a body
+    /// that keeps coming at a reasonable rate never does.
+    pub min_rate: u64,
+}
+
+impl BodyLimits {
+    pub fn from_config(listen: &crate::config::Listen) -> Self {
+        Self {
+            max: usize::try_from(listen.max_body.bytes()).unwrap_or(usize::MAX),
+            read_timeout: listen.body_read_timeout.get(),
+            min_rate: listen.body_min_rate.bytes(),
+        }
+    }
+
+    /// When the next frame must have arrived.
+    fn deadline(&self, started: Instant, last: Instant, received: usize) -> Instant {
+        let silence = last + self.read_timeout;
+        if self.min_rate == 0 {
+            return silence;
+        }
+        let earned = Duration::from_secs_f64(received as f64 / self.min_rate as f64);
+        silence.min(started + self.read_timeout + earned)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    #[error("the body is larger than listen.max_body ({limit} bytes)")]
+    TooLarge { limit: usize },
+    #[error("the body arrived too slowly: {received} bytes, then nothing for {silence:?} (listen.body_read_timeout {timeout:?}, listen.body_min_rate {min_rate} bytes/s)")]
+    TooSlow {
+        received: usize,
+        silence: Duration,
+        timeout: Duration,
+        min_rate: u64,
+    },
+    #[error("{0}")]
+    Read(String),
+}
+
+/// Reads the whole body, refusing it as soon as it passes `limits.max` or falls behind
+/// its time allowance. The body is copied at most once: a body that arrives in a single
+/// frame is passed on as it is.
+pub async fn read_body(
+    body: &mut Incoming,
+    limits: &BodyLimits,
+    expected_len: Option<u64>,
+) -> Result<Bytes, BodyError> {
+    use http_body_util::BodyExt as _;
+    let limit = limits.max;
+    let mut first: Option<Bytes> = None;
+    let mut buffer: Option<BytesMut> = None;
+    let mut total = 0usize;
+    let started = Instant::now();
+    let mut last = started;
+    loop {
+        let deadline = limits.deadline(started, last, total);
+        let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
+            Ok(Some(frame)) => frame,
+            Ok(None) => break,
+            Err(_) => {
+                return Err(BodyError::TooSlow {
+                    received: total,
+                    silence: last.elapsed(),
+                    timeout: limits.read_timeout,
+                    min_rate: limits.min_rate,
+                })
+            }
+        };
+        last = Instant::now();
+        let frame = frame.map_err(|e| BodyError::Read(e.to_string()))?;
+        let Ok(data) = frame.into_data() else {
+            continue; // trailers carry nothing we forward
+        };
+        total = total.saturating_add(data.len());
+        if total > limit {
+            return Err(BodyError::TooLarge { limit });
+        }
+        match (&mut first, &mut buffer) {
+            (None, None) => first = Some(data),
+            (Some(head), None) => {
+                let capacity = expected_len
+                    .and_then(|n| usize::try_from(n).ok())
+                    .unwrap_or(total)
+                    .clamp(total, limit);
+                let mut b = BytesMut::with_capacity(capacity);
+                b.extend_from_slice(head);
+                b.extend_from_slice(&data);
+                first = None;
+                buffer = Some(b);
+            }
+            (_, Some(b)) => b.extend_from_slice(&data),
+        }
+    }
+    Ok(match (first, buffer) {
+        (_, Some(b)) => b.freeze(),
+        (Some(head), None) => head,
+        (None, None) => Bytes::new(),
+    })
+}
+
+/// Reads and discards up to a bounded amount of the rest of a refused body in the
+/// background, so the client gets to read the error answer.
+pub fn drain_in_background(mut body: Incoming) {
+    use http_body_util::BodyExt as _;
+    tokio::spawn(async move {
+        let drain = async {
+            let mut drained = 0u64;
+            while let Some(Ok(frame)) = body.frame().await {
+                if let Some(data) = frame.data_ref() {
+                    drained += data.len() as u64;
+                    if drained > DRAIN_MAX_BYTES {
+                        break;
+                    }
+                }
+            }
+        };
+        let _ = tokio::time::timeout(DRAIN_MAX_TIME, drain).await;
+    });
 }

@@ -19,6 +19,8 @@ pub enum ProxyError {
     BodyTooLarge(String),
     #[error("the request body could not be read: {0}")]
     BadRequestBody(String),
+    #[error("{0}; the connection is closed")]
+    BodyTimeout(String),
     #[error("encryption failed, nothing was sent: {0}")]
     KmsUnavailable(String),
     #[error("{0}")]
@@ -37,6 +39,7 @@ impl ProxyError {
             ProxyError::ModelPoolNotAllowed(_) => "model_pool_not_allowed",
             ProxyError::BodyTooLarge(_) => "body_too_large",
             ProxyError::BadRequestBody(_) => "bad_request",
+            ProxyError::BodyTimeout(_) => "body_timeout",
             ProxyError::KmsUnavailable(_) => "kms_unavailable",
             ProxyError::NoEndpoint(_) => "no_endpoint",
             ProxyError::UpstreamConnect(_) => "upstream_connect",
@@ -51,6 +54,7 @@ impl ProxyError {
             | ProxyError::ModelPoolNotAllowed(_)
             | ProxyError::BadRequestBody(_) => StatusCode::BAD_REQUEST,
             ProxyError::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ProxyError::KmsUnavailable(_) | ProxyError::NoEndpoint(_) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
@@ -61,7 +65,15 @@ impl ProxyError {
 
     /// The JSON error response; `request_id` is echoed so the app can correlate logs.
     pub fn into_response(self, request_id: Option<&HeaderValue>) -> Response<ProxyBody> {
-        json_error(self.status(), self.code(), &self.to_string(), request_id)
+        let closes = matches!(self, ProxyError::BodyTimeout(_));
+        let mut response = json_error(self.status(), self.code(), &self.to_string(), request_id);
+        if closes {
+            // The rest of the body may still come: HTTP/1.1 cannot find the next request.
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        response
     }
 }
 

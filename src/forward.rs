@@ -25,12 +25,11 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use tracing::Instrument;
 
-use crate::body::ProxyBodyExt;
+use crate::body::{self as request_body, BodyError, BodyLimits, ProxyBodyExt};
 use crate::body::{IdleTimeoutBody, ProxyBody};
 use crate::config::RouteKind;
 use crate::error::ProxyError;
 use crate::headers::{self, X_GPULINK_ENDPOINT, X_GPULINK_ROUTE, X_MODEL_POOL, X_REQUEST_ID};
-use crate::ingress::{self, BodyError};
 use crate::metrics::{Metrics, ServedBy};
 use crate::proxy::{Generation, Proxy};
 use crate::seal::{SealError, Sealed};
@@ -83,7 +82,7 @@ async fn journey(
 
     // 1. Ingress. Every refusal here happens before KMS or the cluster see anything.
     if parts.method != Method::POST {
-        ingress::drain_in_background(body);
+        request_body::drain_in_background(body);
         return Err(ProxyError::MethodNotAllowed(parts.method));
     }
     let model_pool = match parts.headers.get(X_MODEL_POOL) {
@@ -91,7 +90,7 @@ async fn journey(
         Some(value) => {
             let pool = value.to_str().unwrap_or("").to_string();
             if !config.tenant.allows_pool(&pool) {
-                ingress::drain_in_background(body);
+                request_body::drain_in_background(body);
                 return Err(ProxyError::ModelPoolNotAllowed(
                     String::from_utf8_lossy(value.as_bytes()).into_owned(),
                 ));
@@ -99,7 +98,8 @@ async fn journey(
             pool
         }
     };
-    let limit = usize::try_from(config.listen.max_body.bytes()).unwrap_or(usize::MAX);
+    let limits = BodyLimits::from_config(&config.listen);
+    let limit = limits.max;
     let declared_len = content_length(&parts.headers);
     let expects_continue = parts
         .headers
@@ -108,15 +108,18 @@ async fn journey(
     if declared_len.is_some_and(|n| n > limit as u64) {
         // A client waiting for `100 Continue` has not sent the body: nothing to drain.
         if !expects_continue {
-            ingress::drain_in_background(body);
+            request_body::drain_in_background(body);
         }
         return Err(too_large(limit));
     }
-    let plaintext = match ingress::read_body(&mut body, limit, declared_len).await {
+    let plaintext = match request_body::read_body(&mut body, &limits, declared_len).await {
         Ok(bytes) => bytes,
         Err(BodyError::TooLarge { limit }) => {
-            ingress::drain_in_background(body);
+            request_body::drain_in_background(body);
             return Err(too_large(limit));
+        }
+        Err(error @ BodyError::TooSlow { .. }) => {
+            return Err(ProxyError::BodyTimeout(error.to_string()))
         }
         Err(BodyError::Read(message)) => return Err(ProxyError::BadRequestBody(message)),
     };

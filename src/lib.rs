@@ -7,8 +7,9 @@
 //!
 //! The major components, in the order a request meets them:
 //!
-//! * [`ingress`]: the loopback listener: connection limits, HTTP/1.1 and HTTP/2, graceful
-//!   drain.
+//! * [`ingress`]: the loopback listener: HTTP/1.1 and HTTP/2, graceful drain; with
+//!   [`listener`], the connection limits and time bounds every client is held to, and
+//!   with [`body`], the bounded request body reader.
 //! * [`forward`]: **the one place that tells a request's journey**: validate, seal, route,
 //!   send with safe retries, relay.
 //! * [`seal`]: KMS (or the development key provider) and the sealed-body formats.
@@ -31,6 +32,7 @@ pub mod error;
 pub mod forward;
 pub mod headers;
 pub mod ingress;
+pub mod listener;
 pub mod logwriter;
 pub mod metrics;
 pub mod probe;

@@ -44,6 +44,8 @@ pub enum StartError {
     Kms(#[from] crate::seal::KeyError),
     #[error(transparent)]
     Upstream(#[from] upstream::UpstreamError),
+    #[error(transparent)]
+    FileDescriptors(#[from] crate::listener::NoFileDescriptors),
     #[error("cannot listen on {address} ({key}): {source}")]
     Bind {
         key: &'static str,
@@ -86,9 +88,20 @@ pub struct Proxy {
     this: Weak<Proxy>,
     /// Prometheus metrics; owned here so they outlive every configuration generation.
     metrics: Arc<crate::metrics::Metrics>,
+    /// The app and admin listeners' connections and limits (fixed at start).
+    app_connections: Arc<crate::listener::Listener>,
+    admin_connections: Arc<crate::listener::Listener>,
 }
 
 impl Proxy {
+    pub fn app_connections(&self) -> &Arc<crate::listener::Listener> {
+        &self.app_connections
+    }
+
+    pub fn admin_connections(&self) -> &Arc<crate::listener::Listener> {
+        &self.admin_connections
+    }
+
     /// The generation new requests use.
     pub fn current(&self) -> Arc<Generation> {
         self.current.load_full()
@@ -264,6 +277,10 @@ fn warn_about_restart_only_changes(old: &Config, new: &Config) {
             "listen.max_connections",
             old.listen.max_connections != new.listen.max_connections,
         ),
+        (
+            "admin.max_connections",
+            old.admin.max_connections != new.admin.max_connections,
+        ),
         ("log.format", old.log.format != new.log.format),
     ] {
         if changed {
@@ -372,6 +389,11 @@ pub async fn start_with(
     let generation = Arc::new(build_generation(
         1, config, keys, None, &options, &resolved,
     )?);
+    let max_connections =
+        crate::listener::fit_file_descriptors(&generation.config, generation.endpoints.len())?;
+    let app_connections = crate::listener::Listener::new("listen", max_connections);
+    let admin_connections =
+        crate::listener::Listener::new("admin", generation.config.admin.max_connections);
     let stop_background = CancellationToken::new();
     let proxy = Arc::new_cyclic(|this| Proxy {
         current: ArcSwap::new(generation.clone()),
@@ -388,6 +410,8 @@ pub async fn start_with(
         stop_background: stop_background.clone(),
         this: this.clone(),
         metrics: Arc::new(crate::metrics::Metrics::new()),
+        app_connections,
+        admin_connections,
     });
     let config = generation.config.clone();
 

@@ -70,6 +70,20 @@ pub struct Listen {
     pub address: SocketAddr,
     pub max_body: ByteSize,
     pub max_connections: usize,
+    /// Request bodies held at once, plaintext and sealed copy; past it: 503 `overloaded`.
+    pub max_in_flight_bytes: ByteSize,
+    /// From accepting a connection (or the end of its previous request) to a complete
+    /// request head.
+    pub header_read_timeout: HumanDuration,
+    /// The longest silence while a request body is read, and the allowance the body
+    /// starts with before `body_min_rate` counts.
+    pub body_read_timeout: HumanDuration,
+    /// Bytes per second a body must average after `body_read_timeout`; 0 = no rate.
+    pub body_min_rate: ByteSize,
+    /// A connection with no request in flight is closed after this long.
+    pub idle_timeout: HumanDuration,
+    pub h2_keepalive_interval: HumanDuration,
+    pub h2_keepalive_timeout: HumanDuration,
     pub drain_delay: HumanDuration,
     pub shutdown_grace: HumanDuration,
 }
@@ -80,6 +94,13 @@ impl Default for Listen {
             address: SocketAddr::from(([127, 0, 0, 1], 8000)),
             max_body: ByteSize(10_000_000),
             max_connections: 10_000,
+            max_in_flight_bytes: ByteSize(256 * 1024 * 1024),
+            header_read_timeout: HumanDuration::from_secs(10),
+            body_read_timeout: HumanDuration::from_secs(10),
+            body_min_rate: ByteSize(16 * 1024),
+            idle_timeout: HumanDuration::from_secs(60),
+            h2_keepalive_interval: HumanDuration::from_secs(30),
+            h2_keepalive_timeout: HumanDuration::from_secs(10),
             drain_delay: HumanDuration::from_secs(2),
             shutdown_grace: HumanDuration::from_secs(30),
         }
@@ -90,12 +111,20 @@ impl Default for Listen {
 #[serde(deny_unknown_fields, default)]
 pub struct Admin {
     pub address: SocketAddr,
+    /// Its own limit, small, so admin clients cannot take file descriptors from the
+    /// data path.
+    pub max_connections: usize,
+    pub header_read_timeout: HumanDuration,
+    pub idle_timeout: HumanDuration,
 }
 
 impl Default for Admin {
     fn default() -> Self {
         Self {
             address: SocketAddr::from(([127, 0, 0, 1], 9901)),
+            max_connections: 64,
+            header_read_timeout: HumanDuration::from_secs(10),
+            idle_timeout: HumanDuration::from_secs(30),
         }
     }
 }
@@ -587,6 +616,7 @@ impl Config {
         if self.listen.max_connections == 0 {
             return bad("listen.max_connections", "must be greater than zero".into());
         }
+        self.validate_client_limits()?;
         if self.upstream.max_body.bytes() == 0 {
             return bad("upstream.max_body", "must be greater than zero".into());
         }
@@ -852,6 +882,99 @@ pub fn check_key_arn(key_id: &str, region: &str) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+impl Config {
+    /// The bounds on what clients can hold: time per connection and body, connections,
+    /// and the in-flight body budget.
+    fn validate_client_limits(&self) -> Result<(), (String, String)> {
+        let bad = |key: &str, message: String| Err((key.to_string(), message));
+        let ms = std::time::Duration::from_millis;
+        let s = std::time::Duration::from_secs;
+        for (key, value, min, max) in [
+            (
+                "listen.header_read_timeout",
+                self.listen.header_read_timeout,
+                ms(100),
+                s(300),
+            ),
+            (
+                "listen.body_read_timeout",
+                self.listen.body_read_timeout,
+                ms(100),
+                s(600),
+            ),
+            (
+                "listen.idle_timeout",
+                self.listen.idle_timeout,
+                ms(100),
+                s(3600),
+            ),
+            (
+                "listen.h2_keepalive_interval",
+                self.listen.h2_keepalive_interval,
+                ms(100),
+                s(3600),
+            ),
+            (
+                "listen.h2_keepalive_timeout",
+                self.listen.h2_keepalive_timeout,
+                ms(100),
+                s(300),
+            ),
+            (
+                "admin.header_read_timeout",
+                self.admin.header_read_timeout,
+                ms(100),
+                s(300),
+            ),
+            (
+                "admin.idle_timeout",
+                self.admin.idle_timeout,
+                ms(100),
+                s(3600),
+            ),
+        ] {
+            if value.get() < min || value.get() > max {
+                return bad(
+                    key,
+                    format!(
+                        "{value} is out of range; use {} to {}",
+                        HumanDuration(min),
+                        HumanDuration(max)
+                    ),
+                );
+            }
+        }
+        if self.listen.body_min_rate.bytes() > 1 << 30 {
+            return bad(
+                "listen.body_min_rate",
+                "must be at most 1GiB (bytes per second); 0 turns the rate check off".into(),
+            );
+        }
+        if !(1..=10_000).contains(&self.admin.max_connections) {
+            return bad(
+                "admin.max_connections",
+                "must be between 1 and 10000".into(),
+            );
+        }
+        // One request of the largest size must fit, or it could never be served.
+        let one_request = self
+            .listen
+            .max_body
+            .bytes()
+            .saturating_add(self.upstream.max_body.bytes());
+        let budget = self.listen.max_in_flight_bytes.bytes();
+        if budget < one_request || budget > 1 << 40 {
+            return bad(
+                "listen.max_in_flight_bytes",
+                format!(
+                    "{budget} bytes is out of range; use at least listen.max_body + upstream.max_body ({one_request} bytes: one request of the largest size, plaintext and sealed) and at most 1TiB"
+                ),
+            );
+        }
+        Ok(())
+    }
 }
 
 fn check_readable(key: &str, path: &Path) -> Result<(), (String, String)> {

@@ -1,0 +1,436 @@
+//! Clients that hold on: every connection is bounded in time (a silent connection, a
+//! partial HTTP/2 preface or request head, a stalled or trickled body, an idle keep-alive
+//! connection, an HTTP/2 peer that stops answering pings are all closed), idle sockets
+//! cannot exhaust `listen.max_connections` or the admin listener's limit, and the
+//! file-descriptor limit is shared so admin clients cannot starve the data path.
+//!
+//! Raw sockets throughout: the point is clients that no library would be.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use gpulink::config::Config;
+use gpulink::seal::{KeyService, KmsKeys};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// The longest any close is awaited: a bound so a broken build fails instead of hanging,
+/// not a timing assertion (the configured timeouts are well under a second).
+const CLOSE_BOUND: Duration = Duration::from_secs(30);
+
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+/// An empty SETTINGS frame.
+const H2_SETTINGS: &[u8] = &[0, 0, 0, 4, 0, 0, 0, 0, 0];
+
+/// The proxy's configuration for this test: the shared one with `listen` and `admin`
+/// lines added to those sections and both listeners on the test's block.
+fn config_text(cluster: &Cluster, listen: &str, admin: &str) -> String {
+    let block = cluster.layout.ip(0, 2);
+    proxy_toml(
+        &cluster.layout,
+        &cluster.moto.url,
+        &cluster.key_arn,
+        &cluster.sim.ca_file(),
+        &ProxyOptions::default(),
+    )
+    .replace(
+        "address = \"127.0.0.1:0\"",
+        &format!("address = \"{block}:0\""),
+    )
+    .replace(
+        "shutdown_grace = \"5s\"\n",
+        &format!("shutdown_grace = \"5s\"\n{listen}\n"),
+    )
+    .replacen(
+        &format!("[admin]\naddress = \"{block}:0\"\n"),
+        &format!("[admin]\naddress = \"{block}:0\"\n{admin}\n"),
+        1,
+    )
+}
+
+/// moto, the simulator and an in-process proxy with extra `[listen]`/`[admin]` lines.
+async fn world(block: u8, listen: &str, admin: &str) -> World {
+    let cluster = Cluster::start(block).await;
+    let text = config_text(&cluster, listen, admin);
+    let config = Config::from_toml(&text, std::path::Path::new("test.toml")).expect("valid config");
+    let keys = KmsKeys::new("us-east-1", Some(&cluster.moto.url), Duration::from_secs(3)).await;
+    let options = gpulink::proxy::StartOptions {
+        random_seed: Some(u64::from(block)),
+    };
+    let proxy = gpulink::proxy::start_with(config, KeyService::Kms(keys), options)
+        .await
+        .expect("proxy starts");
+    let Cluster {
+        moto,
+        key_arn,
+        layout,
+        dir,
+        sim,
+    } = cluster;
+    World {
+        moto,
+        key_arn,
+        sim,
+        proxy: Some(proxy),
+        layout,
+        dir,
+        client: Client::builder(TokioExecutor::new()).build_http(),
+        kms_relay: None,
+    }
+}
+
+/// Reads until the server closes the connection (EOF or reset); returns what it sent.
+async fn await_close(stream: &mut (impl AsyncReadExt + Unpin), what: &str) -> Vec<u8> {
+    let mut received = Vec::new();
+    let read = async {
+        let mut buffer = [0u8; 4096];
+        loop {
+            match stream.read(&mut buffer).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => received.extend_from_slice(&buffer[..n]),
+            }
+        }
+    };
+    if tokio::time::timeout(CLOSE_BOUND, read).await.is_err() {
+        panic!("{what}: the connection was never closed");
+    }
+    received
+}
+
+async fn connect(addr: SocketAddr) -> TcpStream {
+    TcpStream::connect(addr).await.expect("connect")
+}
+
+fn head_with_length(length: usize) -> Vec<u8> {
+    format!(
+        "POST /inference HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {length}\r\n\r\n"
+    )
+    .into_bytes()
+}
+
+fn assert_body_timeout(answer: &[u8], what: &str) {
+    let text = String::from_utf8_lossy(answer);
+    assert!(
+        text.starts_with("HTTP/1.1 408"),
+        "{what}: expected a 408, got {text}"
+    );
+    assert!(
+        text.contains(r#""code":"body_timeout""#),
+        "{what}: no JSON error: {text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_partial_and_slow_clients_are_closed() {
+    let world = world(
+        150,
+        "header_read_timeout = \"300ms\"\nbody_read_timeout = \"500ms\"\nbody_min_rate = \"1KiB\"\nidle_timeout = \"300ms\"",
+        "header_read_timeout = \"300ms\"\nidle_timeout = \"300ms\"",
+    )
+    .await;
+    let listen = world.proxy().listen_addr;
+    let admin = world.proxy().admin_addr;
+
+    for (addr, name) in [(listen, "app"), (admin, "admin")] {
+        let mut silent = connect(addr).await;
+        await_close(
+            &mut silent,
+            &format!("{name}: a connection that sends nothing"),
+        )
+        .await;
+
+        let mut preface = connect(addr).await;
+        preface.write_all(&H2_PREFACE[..10]).await.expect("write");
+        await_close(&mut preface, &format!("{name}: a partial HTTP/2 preface")).await;
+
+        let mut h2_silent = connect(addr).await;
+        h2_silent.write_all(H2_PREFACE).await.expect("write");
+        h2_silent.write_all(H2_SETTINGS).await.expect("write");
+        await_close(&mut h2_silent, &format!("{name}: HTTP/2 without a request")).await;
+
+        let mut head = connect(addr).await;
+        head.write_all(b"GET /live HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .expect("write");
+        await_close(&mut head, &format!("{name}: a partial request head")).await;
+
+        // Served, then idle on keep-alive.
+        let mut idle = connect(addr).await;
+        idle.write_all(b"GET /live HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .expect("write");
+        let answer =
+            await_close(&mut idle, &format!("{name}: an idle keep-alive connection")).await;
+        assert!(
+            answer.starts_with(b"HTTP/1.1 "),
+            "{name}: the request before the idle time was not answered"
+        );
+    }
+
+    // A body that stops.
+    let mut stalled = connect(listen).await;
+    stalled
+        .write_all(&head_with_length(1000))
+        .await
+        .expect("write");
+    stalled.write_all(b"{\"prompt\": ").await.expect("write");
+    let answer = await_close(&mut stalled, "a stalled body").await;
+    assert_body_timeout(&answer, "a stalled body");
+
+    // A body that keeps coming, one byte at a time, each silence well within
+    // body_read_timeout: only the minimum rate can end it.
+    let trickle = connect(listen).await;
+    let (mut reader, mut writer) = trickle.into_split();
+    writer
+        .write_all(&head_with_length(1000))
+        .await
+        .expect("write");
+    let dripping = tokio::spawn(async move {
+        for _ in 0..1000 {
+            if writer.write_all(b" ").await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+    let answer = await_close(&mut reader, "a trickled body").await;
+    assert_body_timeout(&answer, "a trickled body");
+    dripping.abort();
+
+    // And ordinary requests are still served.
+    let reply = world.post("/inference", GUIDE_REQUEST, &[]).await;
+    assert_eq!(
+        reply.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
+    world.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_peer_that_stops_answering_pings_is_closed() {
+    // Long head and idle bounds: only the keep-alive ping can close this connection.
+    let world = world(
+        151,
+        "header_read_timeout = \"5m\"\nidle_timeout = \"1h\"\nh2_keepalive_interval = \"200ms\"\nh2_keepalive_timeout = \"200ms\"",
+        "",
+    )
+    .await;
+    let mut peer = connect(world.proxy().listen_addr).await;
+    peer.write_all(H2_PREFACE).await.expect("write");
+    peer.write_all(H2_SETTINGS).await.expect("write");
+    let received = await_close(&mut peer, "an HTTP/2 peer that never acknowledges a ping").await;
+    // Frame type 6 is PING: the server asked before giving up.
+    let mut offset = 0;
+    let mut pinged = false;
+    while offset + 9 <= received.len() {
+        let length = usize::from(received[offset]) << 16
+            | usize::from(received[offset + 1]) << 8
+            | usize::from(received[offset + 2]);
+        pinged |= received[offset + 3] == 6;
+        offset += 9 + length;
+    }
+    assert!(pinged, "the server closed without pinging");
+    world.stop().await;
+}
+
+/// `/status`'s count of open connections on a listener (`listen` or `admin`).
+async fn open_connections(world: &World, listener: &str) -> u64 {
+    let url = format!("http://{}/status", world.proxy().admin_addr);
+    let reply = send(&world.client, "GET", &url, Vec::new(), &[]).await;
+    reply.json()["connections"][listener]["open"]
+        .as_u64()
+        .unwrap_or(0)
+}
+
+async fn wait_open(world: &World, listener: &str, at_least: u64) {
+    let deadline = tokio::time::Instant::now() + CLOSE_BOUND;
+    while open_connections(world, listener).await < at_least {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{listener}: never saw {at_least} open connections"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_sockets_cannot_lock_out_the_listeners() {
+    // Head timeouts far beyond the test: only closing idle connections first can admit
+    // the requests below.
+    let world = world(
+        152,
+        "max_connections = 40\nheader_read_timeout = \"5m\"\nidle_timeout = \"1h\"",
+        "max_connections = 8\nheader_read_timeout = \"5m\"\nidle_timeout = \"1h\"",
+    )
+    .await;
+    let mut silent = Vec::new();
+    for _ in 0..40 {
+        silent.push(connect(world.proxy().listen_addr).await);
+    }
+    wait_open(&world, "listen", 40).await;
+    let reply = tokio::time::timeout(CLOSE_BOUND, world.post("/inference", GUIDE_REQUEST, &[]))
+        .await
+        .expect("a request with 40 silent connections at max_connections = 40 was never served");
+    assert_eq!(
+        reply.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
+
+    // The admin listener: a crowd far past its limit.
+    let mut crowd = Vec::new();
+    for _ in 0..50 {
+        crowd.push(connect(world.proxy().admin_addr).await);
+    }
+    let ready = format!("http://{}/ready", world.proxy().admin_addr);
+    let reply = tokio::time::timeout(
+        CLOSE_BOUND,
+        send(&world.client, "GET", &ready, Vec::new(), &[]),
+    )
+    .await
+    .expect("/ready was never answered with the admin listener crowded");
+    assert_eq!(reply.status, 200);
+    let status = format!("http://{}/status", world.proxy().admin_addr);
+    let reply = send(&world.client, "GET", &status, Vec::new(), &[]).await;
+    let connections = &reply.json()["connections"];
+    assert!(
+        connections["admin"]["open"].as_u64() <= Some(8),
+        "{connections}"
+    );
+    assert!(
+        connections["admin"]["evicted"].as_u64() >= Some(1),
+        "{connections}"
+    );
+    assert!(
+        connections["listen"]["evicted"].as_u64() >= Some(1),
+        "{connections}"
+    );
+    let reply = world.post("/inference", GUIDE_REQUEST, &[]).await;
+    assert_eq!(reply.status, 200);
+    drop((silent, crowd));
+    world.stop().await;
+}
+
+/// `gpulink run` as a child process with `extra` shell before the exec (e.g. `ulimit`).
+struct Proxy {
+    child: Child,
+    listen: SocketAddr,
+    admin: SocketAddr,
+    _config: PathBuf,
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Proxy {
+    async fn start(cluster: &Cluster, listen: &str, admin: &str, shell: &str) -> Proxy {
+        let ip = cluster.layout.ip(0, 2);
+        let (listen_addr, admin_addr) = (SocketAddr::new(ip, 8000), SocketAddr::new(ip, 9901));
+        let text = config_text(cluster, listen, admin)
+            .replacen(
+                &format!("address = \"{ip}:0\""),
+                &format!("address = \"{listen_addr}\""),
+                1,
+            )
+            .replacen(
+                &format!("address = \"{ip}:0\""),
+                &format!("address = \"{admin_addr}\""),
+                1,
+            );
+        let path = cluster.dir.path().join("gpulink.toml");
+        std::fs::write(&path, text).expect("write config");
+        let child = Command::new("sh")
+            .arg("-c")
+            .arg(format!("{shell}\nexec \"$0\" run --config \"$1\""))
+            .arg(env!("CARGO_BIN_EXE_gpulink"))
+            .arg(&path)
+            .env(
+                "RUST_LOG",
+                std::env::var("GPULINK_TEST_PROXY_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("gpulink run");
+        let proxy = Proxy {
+            child,
+            listen: listen_addr,
+            admin: admin_addr,
+            _config: path,
+        };
+        let client = Client::builder(TokioExecutor::new()).build_http();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let request = http::Request::get(format!("http://{admin_addr}/ready"))
+                .body(http_body_util::Full::new(bytes::Bytes::new()))
+                .expect("request");
+            if let Ok(response) = client.request(request).await {
+                if response.status() == 200 {
+                    return proxy;
+                }
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "gpulink run never became ready"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_crowd_cannot_take_file_descriptors_from_the_data_path() {
+    let cluster = Cluster::start(153).await;
+    // 300 descriptors and 400 admin clients: without an admin limit and a reserve, the
+    // admin listener takes them all and the app listener cannot accept.
+    let proxy = Proxy::start(
+        &cluster,
+        "",
+        "header_read_timeout = \"5m\"\nidle_timeout = \"1h\"",
+        "ulimit -n 300 || exit 99",
+    )
+    .await;
+    let mut crowd = Vec::new();
+    for _ in 0..400 {
+        match TcpStream::connect(proxy.admin).await {
+            Ok(stream) => crowd.push(stream),
+            Err(_) => break,
+        }
+    }
+    let client = Client::builder(TokioExecutor::new()).build_http();
+    let url = format!("http://{}/inference", proxy.listen);
+    for _ in 0..5 {
+        let reply = tokio::time::timeout(
+            CLOSE_BOUND,
+            send(&client, "POST", &url, GUIDE_REQUEST.into(), &[]),
+        )
+        .await
+        .expect("an app request was never answered with the admin listener crowded");
+        assert_eq!(
+            reply.status,
+            200,
+            "{}",
+            String::from_utf8_lossy(&reply.body)
+        );
+    }
+    let ready = format!("http://{}/ready", proxy.admin);
+    let reply = tokio::time::timeout(CLOSE_BOUND, send(&client, "GET", &ready, Vec::new(), &[]))
+        .await
+        .expect("/ready was never answered");
+    assert_eq!(reply.status, 200);
+    drop(crowd);
+}
