@@ -346,6 +346,80 @@ pub async fn first_round(endpoints: &[Arc<Endpoint>], settings: &Health) {
 mod tests {
     use super::*;
 
+    fn endpoint() -> Arc<Endpoint> {
+        crate::tls::install_crypto_provider();
+        let text = "[tenant]\nid = \"t\"\nmodel_pool = \"m\"\n[kms]\nkey_id = \"k\"\nregion = \"us-east-1\"\n\
+                    format = \"kms-direct\"\n[upstream]\nserver_name = \"gpu.internal\"\n[[regions]]\nname = \"r\"\n\
+                    privatelink = [\"10.0.0.1\"]\n";
+        let config =
+            crate::config::Config::from_toml(text, std::path::Path::new("t.toml")).expect("config");
+        crate::upstream::build_endpoints(&config, &[], &Default::default())
+            .expect("endpoints")
+            .remove(0)
+    }
+
+    fn refused() -> ConnectError {
+        ConnectError::Tcp {
+            addr: "10.0.0.1:443".parse().expect("addr"),
+            source: std::io::Error::from(std::io::ErrorKind::ConnectionRefused),
+        }
+    }
+
+    fn healthy() -> Result<HealthOk, HealthError> {
+        Ok(HealthOk {
+            document: HealthDocument {
+                status: "healthy".into(),
+                region: None,
+                available_capacity: Some(45),
+                timestamp: None,
+            },
+            latency: Duration::from_millis(1),
+        })
+    }
+
+    #[test]
+    fn only_data_path_checks_readmit_after_a_request_failure() {
+        let e = endpoint();
+        let settings = Health {
+            healthy_threshold: 2,
+            unhealthy_threshold: 2,
+            ..Health::default()
+        };
+        record(&e, &healthy(), &settings);
+        record_data_path(&e, &Ok(Duration::from_millis(1)), &settings);
+        assert!(e.is_serving());
+        // One request's refused connect: out at once, whatever the threshold says.
+        let diagnosis = data_path_failed_by_request(&e, &refused());
+        assert_eq!(diagnosis.problem, diagnose::Problem::ConnectRefused);
+        assert!(!e.is_serving());
+        let snapshot = e.data_path_snapshot();
+        assert_eq!(
+            (snapshot.state, snapshot.failed_by),
+            ("failed", Some("request"))
+        );
+        // The health port keeps passing: never enough.
+        for _ in 0..5 {
+            record(&e, &healthy(), &settings);
+        }
+        assert!(e.is_healthy() && !e.is_serving());
+        // Data-path checks bring it back after healthy_threshold passes in a row.
+        record_data_path(&e, &Ok(Duration::from_millis(1)), &settings);
+        assert!(!e.is_serving());
+        record_data_path(&e, &Ok(Duration::from_millis(1)), &settings);
+        assert!(e.is_serving());
+        assert_eq!(e.data_path_snapshot().state, "ok");
+        // A failing check alone waits for unhealthy_threshold, and names the problem.
+        record_data_path(&e, &Err(refused()), &settings);
+        assert!(e.is_serving());
+        record_data_path(&e, &Err(refused()), &settings);
+        assert!(!e.is_serving());
+        let snapshot = e.data_path_snapshot();
+        assert_eq!(snapshot.failed_by, Some("check"));
+        assert!(snapshot
+            .diagnosis
+            .is_some_and(|d| d.contains("connection refused")));
+    }
+
     #[test]
     fn evaluate_judges_status_and_freshness() {
         let settings = Health::default();
