@@ -741,3 +741,71 @@ async fn one_request_learns_a_broken_tier_and_is_served_by_the_next() {
     }
     bench.stop().await;
 }
+
+/// The simulator's new states through its control API, as a script would use them: the
+/// health port keeps answering healthy while the inference port refuses or drops
+/// connects, and `healthy` brings the port back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_simulator_breaks_only_the_inference_port_on_request() {
+    let cluster = Cluster::start(116).await;
+    let ip = cluster.layout.enis()[0];
+    let control = format!("http://{}", cluster.sim.control_addr());
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http();
+    let put = |state: &'static str| {
+        let (client, url) = (client.clone(), format!("{control}/endpoints/{ip}/state"));
+        async move {
+            let body = format!("{{\"state\":\"{state}\"}}").into_bytes();
+            let reply = send(&client, "PUT", &url, body, &[]).await;
+            assert_eq!(
+                reply.status,
+                200,
+                "{}",
+                String::from_utf8_lossy(&reply.body)
+            );
+            assert_eq!(reply.json()["state"], state);
+        }
+    };
+    let health = || {
+        let (client, url) = (client.clone(), format!("http://{ip}:8080/health"));
+        async move { send(&client, "GET", &url, Vec::new(), &[]).await.json()["status"].clone() }
+    };
+    let inference = std::net::SocketAddr::new(ip, 8443);
+    let connect = |limit: Duration| async move {
+        tokio::time::timeout(limit, tokio::net::TcpStream::connect(inference)).await
+    };
+
+    put("inference_refused").await;
+    assert_eq!(health().await, "healthy");
+    let refused = connect(Duration::from_secs(10))
+        .await
+        .expect("refused at once");
+    assert_eq!(
+        refused.expect_err("nothing accepts").kind(),
+        std::io::ErrorKind::ConnectionRefused
+    );
+    let state = send(
+        &client,
+        "GET",
+        &format!("{control}/endpoints/{ip}/state"),
+        Vec::new(),
+        &[],
+    )
+    .await;
+    assert_eq!(state.json()["state"], "inference_refused");
+
+    put("inference_filtered").await;
+    assert_eq!(health().await, "healthy");
+    // Dropped SYNs: the connect neither succeeds nor is refused.
+    assert!(
+        connect(Duration::from_millis(500)).await.is_err(),
+        "a filtered port answered"
+    );
+
+    put("healthy").await;
+    connect(Duration::from_secs(10))
+        .await
+        .expect("connects once healthy")
+        .expect("the inference port is back");
+    cluster.sim.shutdown().await;
+}
