@@ -277,12 +277,13 @@ impl Plan<'_> {
         tried: &[Arc<Endpoint>],
         rng: &mut R,
     ) -> Option<Arc<Endpoint>> {
-        self.select_from(0, tried, rng)
+        self.pick(&self.tiers, tried, false, rng)
+            .or_else(|| self.pick(&self.tiers, tried, true, rng))
     }
 
     /// For the last attempt of a request whose attempts all failed before it was sent:
-    /// the best endpoint of the tiers below every tier in `tried`, else (no lower tier
-    /// can serve) the same as [`Plan::select`].
+    /// the best endpoint with capacity in the tiers below every tier in `tried`, else
+    /// (no lower tier has one) the same as [`Plan::select`].
     pub fn select_fall_through<R: Rng + ?Sized>(
         &self,
         tried: &[Arc<Endpoint>],
@@ -290,7 +291,8 @@ impl Plan<'_> {
     ) -> Option<Arc<Endpoint>> {
         let lowest_tried = tried.iter().filter_map(|e| self.tier_of(e)).max();
         lowest_tried
-            .and_then(|lowest| self.select_from(lowest + 1, tried, rng))
+            .and_then(|lowest| self.tiers.get(lowest + 1..))
+            .and_then(|lower| self.pick(lower, tried, false, rng))
             .or_else(|| self.select(tried, rng))
     }
 
@@ -301,29 +303,22 @@ impl Plan<'_> {
             .position(|tier| tier.endpoints.iter().any(|e| Arc::ptr_eq(e, endpoint)))
     }
 
-    /// [`Plan::select`] over the tiers from position `first` on.
-    fn select_from<R: Rng + ?Sized>(
+    /// The balancer's pick in the first of `tiers` with a serving endpoint not in
+    /// `tried` (and, unless `full`, with capacity).
+    fn pick<R: Rng + ?Sized>(
         &self,
-        first: usize,
+        tiers: &[&Tier],
         tried: &[Arc<Endpoint>],
+        full: bool,
         rng: &mut R,
     ) -> Option<Arc<Endpoint>> {
-        let tiers = self.tiers.get(first..).unwrap_or(&[]);
-        let usable =
-            |e: &&Arc<Endpoint>| e.is_serving() && !tried.iter().any(|t| Arc::ptr_eq(t, e));
         for tier in tiers {
             let candidates: Vec<&Arc<Endpoint>> = tier
                 .endpoints
                 .iter()
-                .filter(usable)
-                .filter(|e| !e.is_full())
+                .filter(|e| e.is_serving() && !tried.iter().any(|t| Arc::ptr_eq(t, e)))
+                .filter(|e| full || !e.is_full())
                 .collect();
-            if let Some(e) = balance::pick(&candidates, rng) {
-                return Some(e.clone());
-            }
-        }
-        for tier in tiers {
-            let candidates: Vec<&Arc<Endpoint>> = tier.endpoints.iter().filter(usable).collect();
             if let Some(e) = balance::pick(&candidates, rng) {
                 return Some(e.clone());
             }
@@ -486,6 +481,17 @@ mod tests {
             .select_fall_through(&tried, &mut rng)
             .expect("endpoint");
         assert_eq!(last.kind(), RouteKind::Public);
+        // A full lower tier is passed over for a lower one with capacity.
+        let remote = endpoints
+            .iter()
+            .find(|e| e.region() == "us-west-2")
+            .expect("remote");
+        remote.set_capacity(Some(0));
+        let last = plan
+            .select_fall_through(&[local[0].clone()], &mut rng)
+            .expect("endpoint");
+        assert_eq!(last.kind(), RouteKind::Public);
+        remote.set_capacity(None);
         // Rule 1: a data path taken out makes plain selection skip the endpoint, so with
         // every local ENI out the first choice is already the next tier.
         for e in &local {
