@@ -8,7 +8,8 @@ cd "$(dirname "$0")/.."
 
 # The packaging tests: cargo-deb builds the .deb (tests/packaging.rs), and, as root,
 # debootstrap + systemd-nspawn boot a real systemd to install it in
-# (tests/systemd_boot.rs). Each is installed only when missing.
+# (tests/systemd_boot.rs); nginx is the cluster's TLS + HTTP/2 front in tests/goaway.rs.
+# Each is installed only when missing.
 if ! cargo deb --version >/dev/null 2>&1; then
   cargo install --locked cargo-deb@3.8.0
 fi
@@ -17,9 +18,22 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   command -v debootstrap >/dev/null || missing="$missing debootstrap"
   command -v systemd-nspawn >/dev/null || missing="$missing systemd-container"
   command -v dpkg-deb >/dev/null || missing="$missing dpkg"
+  [ -x /usr/sbin/nginx ] || command -v nginx >/dev/null || missing="$missing nginx-light"
   if [ -n "$missing" ]; then
-    apt-get update
-    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $missing
+    # No service may start from these packages (nginx's default site would listen on
+    # :80): a policy-rc.d that refuses, for the length of the install only.
+    added_policy=""
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+      printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
+      chmod 755 /usr/sbin/policy-rc.d
+      added_policy=1
+    fi
+    installed=""
+    apt-get update &&
+      DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $missing &&
+      installed=1
+    [ -z "$added_policy" ] || rm -f /usr/sbin/policy-rc.d
+    [ -n "$installed" ] || { echo "cannot install$missing" >&2; exit 1; }
   fi
 fi
 

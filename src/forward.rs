@@ -8,10 +8,13 @@
 //! 3. **Route**: the migration phase orders the tiers; the balancer picks the healthiest
 //!    endpoint of the first tier that has one.
 //! 4. **Send** over the endpoint's pooled TLS connection, with the tenant headers.
-//! 5. **Retry** only when the cluster cannot have started the request (the connection
-//!    was never established), on a different endpoint. A connect or TLS failure takes
-//!    the endpoint's data path out at once, and when every attempt failed unsent the
-//!    last one falls through to the next tier (see [`crate::route`]).
+//! 5. **Retry** only when the cluster cannot have started the request: the connection
+//!    was never established (on a different endpoint), or HTTP/2 said the request was
+//!    not processed (GOAWAY, REFUSED_STREAM; a connection going away is retried on a
+//!    fresh one, perhaps to the same endpoint, which is not counted as failing). A
+//!    connect or TLS failure takes the endpoint's data path out at once, and when every
+//!    attempt failed unsent the last one falls through to the next tier (see
+//!    [`crate::route`]).
 //! 6. **Relay** the answer as a stream, bounded by `upstream.idle_timeout` per silence.
 
 use std::sync::Arc;
@@ -156,17 +159,28 @@ async fn journey(
     let plan = generation.routes.plan(now, &mut generation.chooser.rng());
     generation.retry_budget.record_request();
     let max_attempts = config.retry.max_attempts.max(1) as usize;
+    // Attempts count against retry.max_attempts and (after the first) the retry
+    // budget, except those a connection refused unprocessed because it was going away
+    // (GOAWAY, closed before writing): the cluster did no work for them, so they are
+    // retried on a fresh connection, bounded by MAX_CONNECTION_REFUSALS instead.
+    let mut attempts = 0;
+    let mut refusals = 0;
+    let mut free_retry = false;
+    // Endpoints not to choose again for this request: those that failed, refused the
+    // stream or had no capacity. One whose connection was going away stays eligible.
     let mut tried: Vec<Arc<Endpoint>> = Vec::with_capacity(max_attempts);
     let mut last_error: Option<ProxyError> = None;
     // Whether every attempt so far failed before the request was sent: then the last
     // attempt falls through to a lower tier (see `route`'s "Fall-through across tiers").
     let mut all_unsent = true;
-    while tried.len() < max_attempts {
-        if !tried.is_empty() && !generation.retry_budget.try_retry() {
+    while attempts < max_attempts {
+        let retry = attempts + refusals > 0;
+        let charged = retry && !std::mem::take(&mut free_retry);
+        if charged && !generation.retry_budget.try_retry() {
             tracing::warn!("retry budget spent (retry.budget_percent); not retrying");
             break;
         }
-        let last_attempt = tried.len() + 1 == max_attempts;
+        let last_attempt = attempts + 1 == max_attempts;
         let chosen = if last_attempt && all_unsent && !tried.is_empty() {
             plan.select_fall_through(&tried, &mut generation.chooser.rng())
         } else {
@@ -175,8 +189,10 @@ async fn journey(
         let Some(endpoint) = chosen else {
             break;
         };
-        tried.push(endpoint.clone());
-        if tried.len() > 1 {
+        let uri = endpoint
+            .uri_for(&path)
+            .map_err(|_| ProxyError::BadRequestBody(format!("invalid path `{path}`")))?;
+        if retry {
             metrics.upstream_retry();
         }
         let started = tokio::time::Instant::now();
@@ -184,29 +200,47 @@ async fn journey(
             generation,
             metrics,
             &endpoint,
-            &path,
+            uri,
             &upstream_headers,
             &sealed.body,
         )
         .await;
         let upstream = match outcome {
             Ok(upstream) => upstream,
-            Err(error) => {
-                settle(generation, &endpoint, now, started, true);
-                match error {
-                    Attempt::Retryable(error) => {
+            Err(failure) => {
+                match &failure {
+                    AttemptError::NotSent(NotSent::Unreachable, _) => {
                         metrics.upstream_connect_failed(&endpoint);
-                        tracing::warn!(endpoint = %endpoint.authority, %error, "the request was not sent; trying another endpoint");
-                        last_error = Some(error);
-                        continue;
                     }
-                    Attempt::Final(error) => {
-                        metrics.upstream_failed(&endpoint, &error);
-                        return Err(error);
+                    AttemptError::NotSent(NotSent::Unprocessed(why), _) => {
+                        metrics.upstream_unprocessed(&endpoint, why.as_str());
                     }
+                    AttemptError::FailedAfterSend(_) => metrics.upstream_send_failed(&endpoint),
+                    AttemptError::NoResponseHeaders(_) => metrics.upstream_timed_out(&endpoint),
                 }
+                // A refusal says nothing about the endpoint's health: not an outlier
+                // failure, nor a PrivateLink error for the rollback monitor.
+                if failure.endpoint_failed() {
+                    settle(generation, &endpoint, now, started, true);
+                }
+                free_retry = failure.connection_going_away();
+                if free_retry {
+                    refusals += 1;
+                } else {
+                    attempts += 1;
+                    tried.push(endpoint.clone());
+                }
+                let exhausted = refusals > MAX_CONNECTION_REFUSALS;
+                if !failure.retryable() || exhausted {
+                    return Err(failure.into_error());
+                }
+                let error = failure.into_error();
+                tracing::warn!(endpoint = %endpoint.authority, %error, "the request was not sent; retrying");
+                last_error = Some(error);
+                continue;
             }
         };
+        attempts += 1;
         if upstream.response.status() != StatusCode::SERVICE_UNAVAILABLE {
             let failed = upstream.response.status().is_server_error();
             settle(generation, &endpoint, now, started, failed);
@@ -217,6 +251,7 @@ async fn journey(
                 all_unsent = false;
                 // The cluster did not start the work: safe to go elsewhere.
                 tracing::info!(endpoint = %endpoint.authority, "endpoint has no capacity (503 no_capacity); trying another");
+                tried.push(endpoint.clone());
                 last_error = Some(ProxyError::NoEndpoint(format!(
                     "{} and every other endpoint tried reported no capacity",
                     endpoint.authority
@@ -330,13 +365,91 @@ fn too_large(limit: usize) -> ProxyError {
     ))
 }
 
-/// How one attempt ended when it did not produce a response.
-enum Attempt {
-    /// The cluster cannot have started the request.
-    Retryable(ProxyError),
-    /// It may have: never replay.
-    Final(ProxyError),
+/// How one attempt ended without response headers, classified once, where hyper's
+/// error is seen: what it means for a retry and for the endpoint's health follows from
+/// the kind.
+enum AttemptError {
+    /// The cluster cannot have processed the request: safe to retry.
+    NotSent(NotSent, ProxyError),
+    /// The connection failed after the request was (perhaps partly) sent: the cluster
+    /// may have started it, so it is never replayed.
+    FailedAfterSend(ProxyError),
+    /// No response headers within `upstream.request_timeout`: never replayed.
+    NoResponseHeaders(ProxyError),
 }
+
+/// Why a request was not sent.
+enum NotSent {
+    /// TCP or TLS set-up failed: the endpoint is unreachable.
+    Unreachable,
+    /// A working connection refused it unprocessed or closed before writing it: the
+    /// endpoint is fine, that one connection is going away.
+    Unprocessed(Unprocessed),
+}
+
+#[derive(Clone, Copy)]
+enum Unprocessed {
+    /// The stream is above the last-stream-id of the server's GOAWAY (RFC 9113 6.8),
+    /// or was opened after a GOAWAY arrived: an HTTP/2 connection being rotated (nginx
+    /// `keepalive_requests`) or drained.
+    GoAway,
+    /// RST_STREAM with REFUSED_STREAM (RFC 9113 8.7).
+    RefusedStream,
+    /// The pooled connection closed before the request was written.
+    Closed,
+}
+
+impl Unprocessed {
+    /// The `reason` label of `gpulink_upstream_unprocessed_total`.
+    fn as_str(self) -> &'static str {
+        match self {
+            Unprocessed::GoAway => "goaway",
+            Unprocessed::RefusedStream => "refused_stream",
+            Unprocessed::Closed => "closed",
+        }
+    }
+}
+
+impl AttemptError {
+    fn retryable(&self) -> bool {
+        matches!(self, AttemptError::NotSent(..))
+    }
+
+    /// Whether the attempt counts against the endpoint (passive outlier detection, the
+    /// rollback monitor).
+    fn endpoint_failed(&self) -> bool {
+        !matches!(self, AttemptError::NotSent(NotSent::Unprocessed(_), _))
+    }
+
+    /// A refusal by one connection that is going away, not by the endpoint: the retry
+    /// may go to the same endpoint, and is not charged to the attempts or the budget.
+    /// REFUSED_STREAM is not one: servers also use it to shed load, so that retry goes
+    /// elsewhere and is charged like any other.
+    fn connection_going_away(&self) -> bool {
+        matches!(
+            self,
+            AttemptError::NotSent(
+                NotSent::Unprocessed(Unprocessed::GoAway | Unprocessed::Closed),
+                _
+            )
+        )
+    }
+
+    fn into_error(self) -> ProxyError {
+        match self {
+            AttemptError::NotSent(_, error)
+            | AttemptError::FailedAfterSend(error)
+            | AttemptError::NoResponseHeaders(error) => error,
+        }
+    }
+}
+
+/// How many times one request may be refused by connections going away (GOAWAY, or
+/// closed before the request was written) before it fails. Each refusal costs the
+/// cluster nothing; the bound keeps a server that refuses everything from holding a
+/// request in a loop. Far above what rotation produces: a retry lands early on a fresh
+/// connection, so repeated refusals are rare even with nginx `keepalive_requests = 5`.
+const MAX_CONNECTION_REFUSALS: usize = 10;
 
 /// A response with headers, and the in-flight guard that must live as long as its body.
 struct Upstream {
@@ -348,16 +461,14 @@ async fn send(
     generation: &Generation,
     metrics: &Metrics,
     endpoint: &Arc<Endpoint>,
-    path: &PathAndQuery,
+    uri: http::Uri,
     headers: &HeaderMap,
     body: &Bytes,
-) -> Result<Upstream, Attempt> {
+) -> Result<Upstream, AttemptError> {
     let upstream = &generation.config.upstream;
     let mut request = Request::new(Full::new(body.clone()));
     *request.method_mut() = Method::POST;
-    *request.uri_mut() = endpoint.uri_for(path).map_err(|_| {
-        Attempt::Final(ProxyError::BadRequestBody(format!("invalid path `{path}`")))
-    })?;
+    *request.uri_mut() = uri;
     *request.headers_mut() = headers.clone();
 
     let guard = endpoint.start_request();
@@ -379,23 +490,13 @@ async fn send(
             let response = response.map(|body| IdleTimeoutBody::new(body, idle).boxed());
             Ok(Upstream { response, guard })
         }
-        Ok(Err(error)) if never_sent(&error) => Err(Attempt::Retryable(ProxyError::UpstreamConnect(format!(
-            "cannot reach {} ({}): {}",
-            endpoint.authority,
-            endpoint.region(),
-            error_chain(&error)
-        )))),
-        Ok(Err(error)) => Err(Attempt::Final(ProxyError::UpstreamConnect(format!(
-            "the connection to {} failed after the request was sent ({}); not retried because the cluster may have started it",
-            endpoint.authority,
-            error_chain(&error)
-        )))),
-        Err(_) => {
-            Err(Attempt::Final(ProxyError::UpstreamTimeout(format!(
+        Ok(Err(error)) => Err(classify(&error, endpoint)),
+        Err(_) => Err(AttemptError::NoResponseHeaders(
+            ProxyError::UpstreamTimeout(format!(
                 "{} sent no response headers within {:?} (upstream.request_timeout)",
                 endpoint.authority, timeout
-            ))))
-        }
+            )),
+        )),
     }
 }
 
@@ -517,28 +618,67 @@ fn content_length(headers: &HeaderMap) -> Option<u64> {
         .and_then(|v| v.parse().ok())
 }
 
-/// Whether the cluster cannot have seen the request: the connection (TCP or TLS) was
-/// never established, the pooled connection closed before the request was written, or
-/// HTTP/2 refused the stream (RFC 9113 8.7: REFUSED_STREAM means not processed).
-fn never_sent(error: &hyper_util::client::legacy::Error) -> bool {
+/// What a failed attempt means, from hyper's error and its causes.
+fn classify(error: &hyper_util::client::legacy::Error, endpoint: &Endpoint) -> AttemptError {
+    let chain = error_chain(error);
+    match never_sent(error) {
+        Some(NotSent::Unreachable) => AttemptError::NotSent(
+            NotSent::Unreachable,
+            ProxyError::UpstreamConnect(format!(
+                "cannot reach {} ({}): {chain}",
+                endpoint.authority,
+                endpoint.region(),
+            )),
+        ),
+        Some(NotSent::Unprocessed(why)) => {
+            let what = match why {
+                Unprocessed::GoAway => "is closing the connection (HTTP/2 GOAWAY) and did not process the request",
+                Unprocessed::RefusedStream => "refused the request unprocessed (HTTP/2 REFUSED_STREAM)",
+                Unprocessed::Closed => "closed the connection before the request was written",
+            };
+            AttemptError::NotSent(
+                NotSent::Unprocessed(why),
+                ProxyError::UpstreamConnect(format!("{} {what}: {chain}", endpoint.authority)),
+            )
+        }
+        None => AttemptError::FailedAfterSend(ProxyError::UpstreamConnect(format!(
+            "the connection to {} failed after the request was sent ({chain}); not retried because the cluster may have started it",
+            endpoint.authority,
+        ))),
+    }
+}
+
+/// Whether, and why, the cluster cannot have processed the request:
+///
+/// * the connection (TCP or TLS) was never established;
+/// * HTTP/2 said so: a stream above the last-stream-id of the server's GOAWAY, or one
+///   opened after the GOAWAY arrived (h2 fails both with the GOAWAY as a remote error,
+///   and only those: streams the server may have processed end with an I/O or reset
+///   error), or RST_STREAM with REFUSED_STREAM (RFC 9113 6.8, 8.7);
+/// * hyper cancelled it before writing it (its `Canceled` kind means exactly that; the
+///   legacy client already retries those on a reused connection by itself).
+fn never_sent(error: &hyper_util::client::legacy::Error) -> Option<NotSent> {
     if error.is_connect() {
-        return true;
+        return Some(NotSent::Unreachable);
     }
     let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(error);
     while let Some(cause) = source {
         if let Some(h2) = cause.downcast_ref::<h2::Error>() {
-            if h2.reason() == Some(h2::Reason::REFUSED_STREAM) {
-                return true;
+            if h2.is_go_away() && h2.is_remote() {
+                return Some(NotSent::Unprocessed(Unprocessed::GoAway));
+            }
+            if h2.is_reset() && h2.is_remote() && h2.reason() == Some(h2::Reason::REFUSED_STREAM) {
+                return Some(NotSent::Unprocessed(Unprocessed::RefusedStream));
             }
         }
         if let Some(hyper) = cause.downcast_ref::<hyper::Error>() {
             if hyper.is_canceled() {
-                return true;
+                return Some(NotSent::Unprocessed(Unprocessed::Closed));
             }
         }
         source = cause.source();
     }
-    false
+    None
 }
 
 /// The error and its causes on one line: hyper's top-level messages alone ("client

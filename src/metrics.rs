@@ -6,7 +6,8 @@
 //!
 //! * **Events**, recorded on the request path by small methods
 //!   ([`Metrics::request_finished`], [`Metrics::upstream_response`],
-//!   [`Metrics::upstream_connect_failed`], [`Metrics::seal_finished`], ...). Each is a
+//!   [`Metrics::upstream_connect_failed`], [`Metrics::upstream_unprocessed`],
+//!   [`Metrics::seal_finished`], ...). Each is a
 //!   hash lookup and an atomic add; nothing here blocks or allocates much.
 //! * **State** (endpoint health, capacity, in-flight, latency estimate, phase,
 //!   generation, readiness), copied from the current configuration generation when
@@ -86,6 +87,29 @@ pub struct CheckProblemLabels {
     pub check: &'static str,
     pub problem: &'static str,
 }
+
+/// An endpoint's labels and why a request was refused unprocessed.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UnprocessedLabels {
+    pub route: &'static str,
+    pub region: String,
+    pub endpoint: String,
+    pub reason: &'static str,
+}
+
+impl UnprocessedLabels {
+    fn of(endpoint: &Endpoint, reason: &'static str) -> Self {
+        Self {
+            route: endpoint.kind().as_str(),
+            region: endpoint.region().to_string(),
+            endpoint: endpoint.authority.clone(),
+            reason,
+        }
+    }
+}
+
+/// The `reason`s of `gpulink_upstream_unprocessed_total`.
+pub const UNPROCESSED_REASONS: [&str; 3] = ["goaway", "refused_stream", "closed"];
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RouteLabels {
@@ -180,6 +204,7 @@ pub struct Metrics {
     upstream_connect_failures: Family<EndpointLabels, Counter>,
     upstream_timeouts: Family<EndpointLabels, Counter>,
     upstream_send_failures: Family<EndpointLabels, Counter>,
+    upstream_unprocessed: Family<UnprocessedLabels, Counter>,
     upstream_retries: Counter,
 
     // Sealing and KMS.
@@ -313,10 +338,16 @@ impl Metrics {
             "Connections that failed after the request was sent (never replayed)",
             upstream_send_failures.clone(),
         );
+        let upstream_unprocessed = Family::<UnprocessedLabels, Counter>::default();
+        registry.register(
+            "upstream_unprocessed",
+            "Requests a connection to the endpoint refused unprocessed (reason goaway: above an HTTP/2 GOAWAY's last stream, as when nginx rotates connections; refused_stream; closed: the connection closed before the request was written); retried, not counted as endpoint failures",
+            upstream_unprocessed.clone(),
+        );
         let upstream_retries = Counter::default();
         registry.register(
             "upstream_retries",
-            "Retries of a request on another endpoint",
+            "Retries of a request (on another endpoint, or on a fresh connection after a refusal)",
             upstream_retries.clone(),
         );
 
@@ -493,6 +524,7 @@ impl Metrics {
             upstream_connect_failures,
             upstream_timeouts,
             upstream_send_failures,
+            upstream_unprocessed,
             upstream_retries,
             seal_duration,
             kms_calls,
@@ -561,6 +593,12 @@ impl Metrics {
             &self.upstream_send_failures,
         ] {
             drop(family.get_or_create(labels));
+        }
+        for reason in UNPROCESSED_REASONS {
+            drop(
+                self.upstream_unprocessed
+                    .get_or_create(&UnprocessedLabels::of(endpoint, reason)),
+            );
         }
         for status in ["2xx", "5xx"] {
             drop(self.requests.get_or_create(&RequestLabels {
@@ -633,9 +671,8 @@ impl Metrics {
             .observe(latency.as_secs_f64());
     }
 
-    /// The request was never sent to the endpoint (TCP or TLS set-up failed, the
-    /// connection closed before the request was written, or HTTP/2 REFUSED_STREAM), so
-    /// it may be retried elsewhere.
+    /// The request was never sent: TCP or TLS set-up with the endpoint failed. It may
+    /// be retried elsewhere.
     pub fn upstream_connect_failed(&self, endpoint: &Endpoint) {
         let labels = EndpointLabels::of(endpoint);
         self.upstream_attempts.get_or_create(&labels).inc();
@@ -656,18 +693,18 @@ impl Metrics {
         self.upstream_send_failures.get_or_create(&labels).inc();
     }
 
-    /// An attempt that failed in a way that forbids a retry: a timeout waiting for
-    /// response headers, or a connection that broke after the request was sent.
-    pub fn upstream_failed(&self, endpoint: &Endpoint, error: &ProxyError) {
-        match error {
-            ProxyError::UpstreamTimeout(_) => self.upstream_timed_out(endpoint),
-            ProxyError::UpstreamConnect(_) => self.upstream_send_failed(endpoint),
-            // Refused before anything was sent (e.g. an invalid path): not an attempt.
-            _ => {}
-        }
+    /// A working connection to the endpoint refused the request unprocessed (HTTP/2
+    /// GOAWAY or REFUSED_STREAM) or closed before writing it; `reason` is one of
+    /// [`UNPROCESSED_REASONS`]. Retried, and not a failure of the endpoint.
+    pub fn upstream_unprocessed(&self, endpoint: &Endpoint, reason: &'static str) {
+        let labels = EndpointLabels::of(endpoint);
+        self.upstream_attempts.get_or_create(&labels).inc();
+        self.upstream_unprocessed
+            .get_or_create(&UnprocessedLabels::of(endpoint, reason))
+            .inc();
     }
 
-    /// The request goes to another endpoint after a failure that made it safe to.
+    /// The request goes to another attempt after a failure that made it safe to.
     pub fn upstream_retry(&self) {
         self.upstream_retries.inc();
     }

@@ -1,0 +1,466 @@
+//! Requests the cluster never processed are retried, and only those: HTTP/2 connection
+//! rotation by a real nginx (GOAWAY after `keepalive_requests`) under concurrent load.
+//! Every test counts failed requests and deliveries on the cluster's side; none asserts
+//! on time.
+
+mod common;
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::*;
+use gpulink::config::Config;
+use gpulink::seal::{KeyService, KmsKeys};
+
+/// What a load run saw: answers by outcome, the failures' bodies, and the request ids.
+#[derive(Default)]
+struct Outcome {
+    ok: u64,
+    /// (request id, status and body) of each failed request.
+    failures: Vec<(String, String)>,
+    ids: Vec<String>,
+}
+
+/// Sends `total` requests with `concurrency` workers, each with its own request id.
+async fn load(
+    client: &hyper_util::client::legacy::Client<
+        hyper_util::client::legacy::connect::HttpConnector,
+        http_body_util::Full<bytes::Bytes>,
+    >,
+    url: &str,
+    prefix: &str,
+    total: u64,
+    concurrency: usize,
+) -> Outcome {
+    let next = Arc::new(AtomicU64::new(0));
+    let outcome = Arc::new(Mutex::new(Outcome::default()));
+    let mut workers = tokio::task::JoinSet::new();
+    for _ in 0..concurrency {
+        let (client, url, prefix) = (client.clone(), url.to_string(), prefix.to_string());
+        let (next, outcome) = (next.clone(), outcome.clone());
+        workers.spawn(async move {
+            loop {
+                let n = next.fetch_add(1, Ordering::SeqCst);
+                if n >= total {
+                    break;
+                }
+                let id = format!("{prefix}-{n}");
+                let reply = send(
+                    &client,
+                    "POST",
+                    &url,
+                    GUIDE_REQUEST.into(),
+                    &[("x-request-id", &id)],
+                )
+                .await;
+                let mut o = outcome.lock().expect("outcome");
+                if reply.status == 200 {
+                    o.ok += 1;
+                } else {
+                    let text = format!("{} {}", reply.status, String::from_utf8_lossy(&reply.body));
+                    o.failures.push((id.clone(), text));
+                }
+                o.ids.push(id);
+            }
+        });
+    }
+    while let Some(joined) = workers.join_next().await {
+        joined.expect("worker");
+    }
+    Arc::try_unwrap(outcome)
+        .ok()
+        .expect("workers done")
+        .into_inner()
+        .expect("outcome")
+}
+
+/// Failures grouped by message (addresses left out) and by how many times the cluster
+/// received the request, most frequent first.
+fn kinds(sim: &gpulink::sim::Sim, failures: &[(String, String)]) -> Vec<(usize, String)> {
+    let mut by_kind = std::collections::BTreeMap::<String, usize>::new();
+    for (id, failure) in failures {
+        let mut kind: String = failure
+            .split_whitespace()
+            .filter(|w| !w.starts_with("127."))
+            .collect::<Vec<_>>()
+            .join(" ");
+        kind.push_str(&format!(" [delivered {}]", sim.deliveries(id)));
+        *by_kind.entry(kind).or_default() += 1;
+    }
+    let mut kinds: Vec<(usize, String)> = by_kind.into_iter().map(|(k, n)| (n, k)).collect();
+    kinds.sort_by(|a, b| b.cmp(a));
+    kinds
+}
+
+/// The cluster received each request exactly once: nothing lost on its side, nothing
+/// replayed.
+fn assert_delivered_once(sim: &gpulink::sim::Sim, ids: &[String]) {
+    let wrong: Vec<(String, u64)> = ids
+        .iter()
+        .map(|id| (id.clone(), sim.deliveries(id)))
+        .filter(|(_, n)| *n != 1)
+        .take(10)
+        .collect();
+    assert!(wrong.is_empty(), "deliveries != 1: {wrong:?}");
+}
+
+/// A metric's samples summed over the series whose labels include `labels`, read from
+/// the proxy's own exposition with the official Python parser (tests/support).
+fn metric_sum(exposition: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let parsed = parse_metrics(exposition);
+    parsed["samples"]
+        .as_array()
+        .expect("samples")
+        .iter()
+        .filter(|s| s[0] == name)
+        .filter(|s| labels.iter().all(|(k, v)| s[1][*k] == *v))
+        .map(|s| s[2].as_f64().unwrap_or(0.0))
+        .sum()
+}
+
+fn parse_metrics(exposition: &str) -> serde_json::Value {
+    use std::io::Write;
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/support/parse_metrics.py"
+    );
+    let mut child = Command::new(venv_bin("python"))
+        .args([script, "text"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("python from .venv (run scripts/test.sh, which installs it)");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(exposition.as_bytes())
+        .expect("write exposition");
+    let out = child.wait_with_output().expect("parser runs");
+    assert!(
+        out.status.success(),
+        "the exposition does not parse: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("parser JSON")
+}
+
+/// The proxy's `/metrics` in the classic text format.
+async fn scrape(proxy: &gpulink::proxy::ProxyHandle) -> String {
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http();
+    let url = format!("http://{}/metrics", proxy.admin_addr);
+    let reply = send(&client, "GET", &url, Vec::new(), &[]).await;
+    assert_eq!(reply.status, 200);
+    String::from_utf8(reply.body.to_vec()).expect("UTF-8 exposition")
+}
+
+// ---- nginx as the cluster's TLS + HTTP/2 front --------------------------------------
+
+/// A TLS name the front's certificate carries (and the proxy verifies).
+const FRONT_NAME: &str = "gpu-cluster.yourcompany.internal";
+
+/// A CA and a leaf for the nginx front, made for this test.
+fn front_pki(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
+    let ca_key = KeyPair::generate().expect("CA key");
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "gpulink nginx test CA");
+    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let ca = ca_params.self_signed(&ca_key).expect("CA");
+    let leaf_key = KeyPair::generate().expect("leaf key");
+    let mut leaf_params =
+        CertificateParams::new(vec![FRONT_NAME.to_string()]).expect("leaf params");
+    leaf_params
+        .distinguished_name
+        .push(DnType::CommonName, FRONT_NAME);
+    let leaf = leaf_params
+        .signed_by(&leaf_key, &ca, &ca_key)
+        .expect("leaf");
+    let (ca_file, cert_file, key_file) = (
+        dir.join("front-ca.pem"),
+        dir.join("front.pem"),
+        dir.join("front.key"),
+    );
+    std::fs::write(&ca_file, ca.pem()).expect("write CA");
+    std::fs::write(&cert_file, leaf.pem()).expect("write leaf");
+    std::fs::write(&key_file, leaf_key.serialize_pem()).expect("write key");
+    (ca_file, cert_file, key_file)
+}
+
+fn nginx_binary() -> PathBuf {
+    ["/usr/sbin/nginx", "/usr/bin/nginx"]
+        .into_iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+        .expect("nginx is not installed: run scripts/test.sh, which installs Debian's nginx-light")
+}
+
+/// nginx in the foreground, with its own prefix, stopped (and reaped) on drop.
+struct Nginx {
+    child: Child,
+    dir: PathBuf,
+}
+
+impl Nginx {
+    fn start(dir: &Path, conf: &str) -> Nginx {
+        std::fs::create_dir_all(dir.join("logs")).expect("nginx dir");
+        let conf_file = dir.join("nginx.conf");
+        std::fs::write(&conf_file, conf).expect("write nginx.conf");
+        let test = Command::new(nginx_binary())
+            .arg("-p")
+            .arg(dir)
+            .arg("-e")
+            .arg(dir.join("logs/error.log"))
+            .arg("-c")
+            .arg(&conf_file)
+            .arg("-t")
+            .output()
+            .expect("nginx -t runs");
+        assert!(
+            test.status.success(),
+            "nginx rejects the test's configuration: {}",
+            String::from_utf8_lossy(&test.stderr)
+        );
+        let child = Command::new(nginx_binary())
+            .arg("-p")
+            .arg(dir)
+            .arg("-e")
+            .arg(dir.join("logs/error.log"))
+            .arg("-c")
+            .arg(&conf_file)
+            .args(["-g", "daemon off;"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nginx starts");
+        Nginx {
+            child,
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    fn error_log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("logs/error.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Two nginx fronts (two addresses, as two ENIs would be) terminating TLS with HTTP/2,
+/// rotating each connection after `keepalive_requests` requests, and proxying over
+/// verified TLS to the simulator's three ENIs.
+fn nginx_conf(
+    dir: &Path,
+    fronts: &[IpAddr],
+    enis: &[IpAddr],
+    cert: &Path,
+    key: &Path,
+    sim_ca: &Path,
+) -> String {
+    let listens: String = fronts
+        .iter()
+        .map(|ip| format!("        listen {ip}:8443 ssl http2;\n"))
+        .collect();
+    let servers: String = enis
+        .iter()
+        .map(|ip| format!("        server {ip}:8443;\n"))
+        .collect();
+    let health_listens: String = fronts
+        .iter()
+        .map(|ip| format!("        listen {ip}:8080;\n"))
+        .collect();
+    let health_servers: String = enis
+        .iter()
+        .map(|ip| format!("        server {ip}:8080;\n"))
+        .collect();
+    format!(
+        r#"
+# One process, so that killing it leaves no worker holding the ports.
+master_process off;
+pid {dir}/nginx.pid;
+error_log {dir}/logs/error.log info;
+events {{ worker_connections 512; }}
+http {{
+    access_log off;
+    client_body_temp_path {dir}/client_body;
+    proxy_temp_path {dir}/proxy;
+    upstream sim {{
+{servers}        keepalive 16;
+    }}
+    upstream sim_health {{
+{health_servers}    }}
+    server {{
+{health_listens}        location / {{
+            proxy_pass http://sim_health;
+        }}
+    }}
+    server {{
+{listens}        server_name {name};
+        ssl_certificate {cert};
+        ssl_certificate_key {key};
+        keepalive_requests 5;
+        location / {{
+            proxy_pass https://sim;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_ssl_verify on;
+            proxy_ssl_trusted_certificate {sim_ca};
+            proxy_ssl_name {name};
+            proxy_ssl_server_name on;
+            proxy_ssl_session_reuse on;
+        }}
+    }}
+}}
+"#,
+        dir = dir.display(),
+        name = FRONT_NAME,
+        cert = cert.display(),
+        key = key.display(),
+        sim_ca = sim_ca.display(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nginx_rotating_http2_connections_costs_no_request() {
+    let cluster = Cluster::start(130).await;
+    let dir = cluster.dir.path();
+    let (front_ca, cert, key) = front_pki(dir);
+    let fronts = [cluster.layout.ip(30, 1), cluster.layout.ip(31, 1)];
+    let nginx_dir = dir.join("nginx");
+    std::fs::create_dir_all(&nginx_dir).expect("nginx dir");
+    // nginx drops root when it runs as root; it must still reach its directories.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        for d in [dir, nginx_dir.as_path()] {
+            std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        }
+    }
+    let conf = nginx_conf(
+        &nginx_dir,
+        &fronts,
+        &cluster.layout.enis(),
+        &cert,
+        &key,
+        &cluster.sim.ca_file(),
+    );
+    let nginx = Nginx::start(&nginx_dir, &conf);
+    for ip in fronts {
+        wait_for_listener((ip, 8443).into(), Duration::from_secs(20)).await;
+    }
+
+    let text = format!(
+        r#"
+[listen]
+address = "127.0.0.1:0"
+drain_delay = "0s"
+[admin]
+address = "127.0.0.1:0"
+[tenant]
+id = "tenant-123"
+model_pool = "model-a"
+[kms]
+key_id = "{key}"
+region = "us-east-1"
+format = "aws-esdk"
+endpoint_url = "{kms}"
+[upstream]
+server_name = "{name}"
+ca_file = "{ca}"
+connect_timeout = "2s"
+request_timeout = "20s"
+[health]
+interval = "500ms"
+[[regions]]
+name = "us-east-1"
+privatelink = ["{a}:8443", "{b}:8443"]
+[migration]
+phase = "privatelink-only"
+"#,
+        key = cluster.key_arn,
+        kms = cluster.moto.url,
+        name = FRONT_NAME,
+        ca = front_ca.display(),
+        a = fronts[0],
+        b = fronts[1],
+    );
+    let config = Config::from_toml(&text, Path::new("nginx.toml")).expect("config");
+    let keys = KmsKeys::new("us-east-1", Some(&cluster.moto.url), Duration::from_secs(3)).await;
+    let proxy = gpulink::proxy::start(config, KeyService::Kms(keys))
+        .await
+        .expect("proxy starts");
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http();
+    let url = format!("http://{}/inference", proxy.listen_addr);
+
+    let outcome = load(&client, &url, "nginx", 400, 16).await;
+    let exposition = scrape(&proxy).await;
+    let goaway = metric_sum(
+        &exposition,
+        "gpulink_upstream_unprocessed_total",
+        &[("reason", "goaway")],
+    );
+    let retries = metric_sum(&exposition, "gpulink_upstream_retries_total", &[]);
+    // Failures as passive outlier detection counts them.
+    let endpoint_failures: u64 = proxy
+        .proxy()
+        .current()
+        .endpoints
+        .iter()
+        .map(|e| e.failures())
+        .sum();
+    assert!(
+        outcome.failures.is_empty(),
+        "{} of 400 failed ({} ok): {:#?}\nhealth: {:?}\nnginx: {}",
+        outcome.failures.len(),
+        outcome.ok,
+        kinds(&cluster.sim, &outcome.failures),
+        proxy
+            .proxy()
+            .current()
+            .endpoints
+            .iter()
+            .map(|e| e.health_snapshot().last_error)
+            .collect::<Vec<_>>(),
+        nginx
+            .error_log()
+            .lines()
+            .rev()
+            .take(5)
+            .collect::<Vec<_>>()
+            .join("\n"),
+    );
+    assert_eq!(outcome.ok, 400);
+    assert_delivered_once(&cluster.sim, &outcome.ids);
+    // nginx did rotate connections under the load, and gpulink met the GOAWAYs: it
+    // retried what nginx never processed, and no front was ejected for it.
+    assert!(
+        goaway > 0.0,
+        "no request met a GOAWAY: the test did not exercise rotation"
+    );
+    assert!(
+        retries >= goaway,
+        "retries {retries} < GOAWAY refusals {goaway}"
+    );
+    assert_eq!(
+        endpoint_failures, 0,
+        "GOAWAY refusals counted as endpoint (outlier) failures"
+    );
+
+    proxy.shutdown().await;
+    drop(nginx);
+    cluster.sim.shutdown().await;
+}
