@@ -130,13 +130,9 @@ async fn run(
 ) -> anyhow::Result<ExitCode> {
     // Read once: the configuration is parsed from exactly the bytes the reload watch
     // compares later changes against.
-    let text = match std::fs::read_to_string(path) {
+    let text = match Config::read(path) {
         Ok(text) => text,
-        Err(source) => {
-            let error = gpulink::config::ConfigError::Read {
-                path: path.to_path_buf(),
-                source,
-            };
+        Err(error) => {
             report!("gpulink: {error}");
             return Ok(ExitCode::from(EX_CONFIG as u8));
         }

@@ -138,7 +138,7 @@ impl Proxy {
     /// Reads, validates and applies a configuration file. An invalid file changes
     /// nothing: the old configuration keeps serving.
     pub async fn reload_from_file(&self, path: &Path) -> Result<u64, ReloadError> {
-        let result = match Config::load(path) {
+        let result = match Config::load_off_thread(path).await {
             Ok(config) => self.reload(config).await,
             Err(error) => Err(ReloadError::Config(error)),
         };

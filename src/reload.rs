@@ -91,7 +91,7 @@ impl Triggers {
             let _watcher = watcher;
             let mut last = Some(loaded);
             // A change made while the proxy started has no event left to wake us.
-            let now = std::fs::read(&path).ok();
+            let now = read_file(&path).await;
             if now.is_some() && now != last {
                 tracing::info!(path = %path.display(), "configuration file changed during start-up: reloading");
                 reload_notifying_systemd(&proxy, &path).await;
@@ -103,12 +103,12 @@ impl Triggers {
                     _ = hangup.recv() => {
                         tracing::info!(path = %path.display(), "SIGHUP: reloading the configuration");
                         reload_notifying_systemd(&proxy, &path).await;
-                        last = std::fs::read(&path).ok();
+                        last = read_file(&path).await;
                     }
                     Some(()) = changed.recv() => {
                         tokio::time::sleep(DEBOUNCE).await;
                         while changed.try_recv().is_ok() {}
-                        let now = std::fs::read(&path).ok();
+                        let now = read_file(&path).await;
                         if now.is_some() && now != last {
                             tracing::info!(path = %path.display(), "configuration file changed: reloading");
                             reload_notifying_systemd(&proxy, &path).await;
@@ -119,6 +119,22 @@ impl Triggers {
             }
         });
     }
+}
+
+/// The file's bytes, to compare with the last ones loaded; `None` when it cannot be read
+/// (an unreadable file is then rejected by the reload itself, with the reason). Read
+/// off the async workers, bounded in size and time, and only if it is a regular file:
+/// a path that became a FIFO or a link to `/dev/zero` must not hang or bloat the proxy.
+async fn read_file(path: &Path) -> Option<Vec<u8>> {
+    let owned = path.to_owned();
+    let read = tokio::task::spawn_blocking(move || {
+        crate::config::read_regular_file(&owned, crate::config::MAX_CONFIG_FILE).ok()
+    });
+    tokio::time::timeout(crate::config::READ_TIMEOUT, read)
+        .await
+        .ok()
+        .and_then(|joined| joined.ok())
+        .flatten()
 }
 
 /// Reloads, telling systemd (`Type=notify`) that a reload is under way, so that

@@ -30,13 +30,17 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }
 
-/// Loads every certificate of a PEM file.
+/// Loads every certificate of a PEM file (a regular file of at most
+/// [`crate::config::MAX_CA_FILE`] bytes: a CA path that is a FIFO or `/dev/zero` must not
+/// hang or exhaust memory).
 pub fn load_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let iter = CertificateDer::pem_file_iter(path).map_err(|e| TlsError::CaFile {
-        path: path.to_owned(),
-        message: e.to_string(),
+    let pem = crate::config::read_regular_file(path, crate::config::MAX_CA_FILE).map_err(|e| {
+        TlsError::CaFile {
+            path: path.to_owned(),
+            message: e.to_string(),
+        }
     })?;
-    let certs = iter
+    let certs = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| TlsError::CaFile {
             path: path.to_owned(),
@@ -46,6 +50,16 @@ pub fn load_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, Tl
         return Err(TlsError::EmptyCaFile(path.to_owned()));
     }
     Ok(certs)
+}
+
+/// Loads a CA file exactly as [`client_config`] does (every certificate must be usable
+/// as a trust anchor), without the system roots: what `gpulink check` runs.
+pub fn check_ca_file(path: &Path) -> Result<(), TlsError> {
+    let mut roots = RootCertStore::empty();
+    for cert in load_certificates(path)? {
+        roots.add(cert)?;
+    }
+    Ok(())
 }
 
 /// The system's trusted roots, loaded once per process. Unreadable system roots are

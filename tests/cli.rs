@@ -59,6 +59,11 @@ fn invalid_configurations_exit_78_naming_the_key() {
         ("esdk_alias_key.toml", "kms.key_id"),
         ("auto_key_other_region.toml", "kms.key_id"),
         ("cache_zero_messages.toml", "kms.cache.max_messages"),
+        ("max_attempts_huge.toml", "retry.max_attempts"),
+        ("max_connections_huge.toml", "listen.max_connections"),
+        ("health_interval_tiny.toml", "health.interval"),
+        ("ca_file_not_regular.toml", "upstream.ca_file"),
+        ("many_out_of_range.toml", "listen.max_body"),
     ];
     let dir = root().join("tests/fixtures/invalid");
     let count = std::fs::read_dir(&dir).expect("fixtures").count();
@@ -74,6 +79,83 @@ fn invalid_configurations_exit_78_naming_the_key() {
 }
 
 #[test]
+fn every_out_of_range_value_is_reported_at_once() {
+    let (code, text) = check(&root().join("tests/fixtures/invalid/many_out_of_range.toml"));
+    assert_eq!(code, 78, "{text}");
+    for key in [
+        "listen.max_body",
+        "health.port",
+        "health.healthy_threshold",
+        "outlier.max_ejected_percent",
+        "rollback.max_error_rate",
+    ] {
+        assert!(
+            text.contains(&format!("`{key}`")),
+            "{key} not named: {text}"
+        );
+    }
+}
+
+/// The minimal valid fixture with `upstream.ca_file` set.
+fn with_ca_file(dir: &Path, ca: &Path) -> PathBuf {
+    let text = std::fs::read_to_string(root().join("tests/fixtures/valid/minimal.toml"))
+        .expect("fixture")
+        .replace(
+            "region = \"us-east-1\"\n",
+            &format!(
+                "region = \"us-east-1\"\n\n[upstream]\nca_file = \"{}\"\n",
+                ca.display()
+            ),
+        );
+    assert!(text.contains("ca_file"));
+    let path = dir.join("gpulink.toml");
+    std::fs::write(&path, text).expect("write");
+    path
+}
+
+#[test]
+fn check_refuses_a_ca_file_that_run_would_refuse() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = dir.path().join("ca.pem");
+    // Empty, text without a certificate, a private key only, a certificate that is not
+    // DER inside: `run` cannot build its trust store from any of them.
+    for content in [
+        "",
+        "not a certificate\n",
+        "-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIA==\n-----END PRIVATE KEY-----\n",
+        "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+    ] {
+        std::fs::write(&ca, content).expect("write");
+        let (code, text) = check(&with_ca_file(dir.path(), &ca));
+        assert_eq!(code, 78, "{content:?} passed: {text}");
+        assert!(text.contains("upstream.ca_file"), "{text}");
+    }
+    // A real certificate passes.
+    let cert = rcgen::generate_simple_self_signed(vec!["ca.test".into()]).expect("cert");
+    std::fs::write(&ca, cert.cert.pem()).expect("write");
+    let (code, text) = check(&with_ca_file(dir.path(), &ca));
+    assert_eq!(code, 0, "{text}");
+}
+
+#[test]
+fn check_refuses_a_configuration_path_that_is_not_a_regular_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let zero = dir.path().join("zero.toml");
+    std::os::unix::fs::symlink("/dev/zero", &zero).expect("symlink");
+    let fifo = dir.path().join("fifo.toml");
+    assert!(Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .expect("mkfifo")
+        .success());
+    for path in [zero.as_path(), fifo.as_path(), dir.path()] {
+        let (code, text) = check(path);
+        assert_eq!(code, 78, "{}: {text}", path.display());
+        assert!(text.contains("not a regular file"), "{text}");
+    }
+}
+
+#[test]
 fn missing_file_is_a_config_error() {
     let (code, text) = check(Path::new("/nonexistent/gpulink.toml"));
     assert_eq!(code, 78);
@@ -84,7 +166,8 @@ fn missing_file_is_a_config_error() {
 fn demo_config_is_valid_once_the_ca_is_filled_in() {
     let dir = tempfile::tempdir().expect("tempdir");
     let ca = dir.path().join("ca.pem");
-    std::fs::write(&ca, "placeholder").expect("write");
+    let cert = rcgen::generate_simple_self_signed(vec!["ca.test".into()]).expect("cert");
+    std::fs::write(&ca, cert.cert.pem()).expect("write");
     let text = std::fs::read_to_string(root().join("config/demo.toml"))
         .expect("demo config")
         .replace("SIM_CA_FILE", &ca.display().to_string());

@@ -765,3 +765,45 @@ async fn health_answers_cannot_forge_log_lines_or_colour_the_log() {
         assert!(!line.starts_with("y"), "forged line: {line:?}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_from_a_fifo_or_dev_zero_is_rejected_while_serving() {
+    let p = Processes::start(173, "privatelink", "").await;
+    let load = Load::start(&p);
+    load.wait_for_ok(10).await;
+    let rejected = |status: &serde_json::Value| status["reloads"]["rejected"].as_u64().unwrap_or(0);
+    for (n, what) in ["a FIFO", "/dev/zero"].into_iter().enumerate() {
+        std::fs::remove_file(&p.config_path).expect("remove config");
+        if n == 0 {
+            assert!(Command::new("mkfifo")
+                .arg(&p.config_path)
+                .status()
+                .expect("mkfifo")
+                .success());
+        } else {
+            std::os::unix::fs::symlink("/dev/zero", &p.config_path).expect("symlink");
+        }
+        signal(p.proxy(), "HUP");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        // `/status` and `/live` answering while the reload is under way is the point:
+        // a read that hangs would hang them too.
+        while rejected(&p.status().await) < n as u64 + 1 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "a reload from {what} was never rejected"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(p.get(p.admin, "/live").await.map(|r| r.status), Some(200));
+        let before = load.ok.load(Ordering::SeqCst);
+        load.wait_for_ok(before + 10).await;
+        assert_eq!(p.status().await["generation"].as_u64(), Some(1), "{what}");
+    }
+    // A regular file again: reloaded.
+    std::fs::remove_file(&p.config_path).expect("remove link");
+    p.write_config("public", "");
+    signal(p.proxy(), "HUP");
+    p.wait_generation(2).await;
+    let (ok, failed) = load.finish().await;
+    assert_eq!(failed, 0, "{failed} requests failed ({ok} ok)");
+}

@@ -3,6 +3,8 @@
 //!
 //! Everything downstream takes a validated [`Config`]; nothing else reads the file.
 
+mod bounds;
+mod file;
 mod units;
 
 use std::collections::BTreeSet;
@@ -12,10 +14,14 @@ use std::path::{Path, PathBuf};
 use chrono::{DateTime, FixedOffset};
 use serde::Deserialize;
 
+pub use file::{read_regular_file, MAX_CA_FILE, MAX_CONFIG_FILE};
 pub use units::{parse_duration, parse_size, ByteSize, HumanDuration};
 
 /// The exit code `gpulink check` uses for an invalid configuration (sysexits EX_CONFIG).
 pub const EX_CONFIG: i32 = 78;
+
+/// How long reading the configuration file (and the CA files it names) may take.
+pub const READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// KMS refuses `Encrypt` plaintext over this many bytes.
 pub const KMS_DIRECT_MAX_PLAINTEXT: usize = 4096;
@@ -35,6 +41,19 @@ pub enum ConfigError {
         key: String,
         message: String,
     },
+    /// Several keys are invalid: all are reported at once, one per line.
+    #[error("{path}: {} invalid values:{}", problems.len(), list_problems(problems))]
+    InvalidMany {
+        path: PathBuf,
+        problems: Vec<(String, String)>,
+    },
+}
+
+fn list_problems(problems: &[(String, String)]) -> String {
+    problems
+        .iter()
+        .map(|(key, message)| format!("\n  invalid `{key}`: {message}"))
+        .collect()
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -502,11 +521,42 @@ impl EndpointConfig {
 impl Config {
     /// Reads, parses and validates a configuration file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let text = Self::read(path)?;
+        Self::from_toml(&text, path)
+    }
+
+    /// As [`Config::load`], off the async workers (a reload must never stall requests
+    /// or `/live` on a slow file system) and bounded by [`READ_TIMEOUT`]: a read that
+    /// does not finish is a rejected reload, never a hang.
+    pub async fn load_off_thread(path: &Path) -> Result<Config, ConfigError> {
+        let owned = path.to_owned();
+        let read = tokio::task::spawn_blocking(move || Config::load(&owned));
+        match tokio::time::timeout(READ_TIMEOUT, read).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) | Err(_) => Err(ConfigError::Read {
+                path: path.to_owned(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("not read within {READ_TIMEOUT:?}"),
+                ),
+            }),
+        }
+    }
+
+    /// The file's text, read only when it is a regular UTF-8 file of at most
+    /// [`MAX_CONFIG_FILE`] bytes (see [`read_regular_file`]).
+    pub fn read(path: &Path) -> Result<String, ConfigError> {
+        let read_error = |source| ConfigError::Read {
             path: path.to_owned(),
             source,
-        })?;
-        Self::from_toml(&text, path)
+        };
+        let bytes = read_regular_file(path, MAX_CONFIG_FILE).map_err(read_error)?;
+        String::from_utf8(bytes).map_err(|_| {
+            read_error(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "not UTF-8 text",
+            ))
+        })
     }
 
     /// Parses and validates configuration text; `path` only labels messages.
@@ -516,14 +566,28 @@ impl Config {
             message: describe_toml_error(&e),
         })?;
         config.apply_defaults();
-        config
-            .validate()
-            .map_err(|(key, message)| ConfigError::Invalid {
+        // Every out-of-range value, then the first structural problem, all in one answer.
+        let mut problems = bounds::check(&config).0;
+        if let Err((key, message)) = config.validate() {
+            if !problems.iter().any(|(k, _)| *k == key) {
+                problems.push((key, message));
+            }
+        }
+        match problems.len() {
+            0 => Ok(config),
+            1 => {
+                let (key, message) = problems.remove(0);
+                Err(ConfigError::Invalid {
+                    path: path.to_owned(),
+                    key,
+                    message,
+                })
+            }
+            _ => Err(ConfigError::InvalidMany {
                 path: path.to_owned(),
-                key,
-                message,
-            })?;
-        Ok(config)
+                problems,
+            }),
+        }
     }
 
     fn apply_defaults(&mut self) {
@@ -587,18 +651,6 @@ impl Config {
                 );
             }
         }
-        if self.kms.cache.max_age.get().is_zero() {
-            return bad("kms.cache.max_age", "must be greater than zero".into());
-        }
-        if self.kms.cache.max_messages == 0 {
-            return bad(
-                "kms.cache.max_messages",
-                "must be at least 1 (messages sealed under one data key)".into(),
-            );
-        }
-        if self.kms.cache.max_bytes.bytes() == 0 {
-            return bad("kms.cache.max_bytes", "must be greater than zero".into());
-        }
         if let Some(url) = &self.kms.endpoint_url {
             if !(url.starts_with("http://") || url.starts_with("https://")) {
                 return bad(
@@ -607,76 +659,12 @@ impl Config {
                 );
             }
         }
-        if self.kms.timeout.get().is_zero() {
-            return bad("kms.timeout", "must be greater than zero".into());
-        }
-        if self.listen.max_body.bytes() == 0 {
-            return bad("listen.max_body", "must be greater than zero".into());
-        }
-        if self.listen.max_connections == 0 {
-            return bad("listen.max_connections", "must be greater than zero".into());
-        }
         self.validate_client_limits()?;
-        if self.upstream.max_body.bytes() == 0 {
-            return bad("upstream.max_body", "must be greater than zero".into());
-        }
-        for (key, d) in [
-            ("upstream.connect_timeout", self.upstream.connect_timeout),
-            ("upstream.request_timeout", self.upstream.request_timeout),
-            ("upstream.idle_timeout", self.upstream.idle_timeout),
-            (
-                "upstream.pool_idle_timeout",
-                self.upstream.pool_idle_timeout,
-            ),
-            ("health.interval", self.health.interval),
-            ("health.timeout", self.health.timeout),
-            ("health.max_staleness", self.health.max_staleness),
-        ] {
-            if d.get().is_zero() {
-                return bad(key, "must be greater than zero".into());
-            }
-        }
-        if self.upstream.pool_idle_timeout.get().as_secs() >= 350 {
-            return bad(
-                "upstream.pool_idle_timeout",
-                "must be under 350s, the NLB's idle timeout, or pooled connections die silently"
-                    .into(),
-            );
-        }
         if let Some(ca) = &self.upstream.ca_file {
-            check_readable("upstream.ca_file", ca)?;
+            check_ca_file("upstream.ca_file", ca)?;
         }
         if !self.health.path.starts_with('/') {
             return bad("health.path", "must start with `/`".into());
-        }
-        if self.health.healthy_threshold == 0 || self.health.unhealthy_threshold == 0 {
-            return bad(
-                "health.healthy_threshold",
-                "thresholds must be at least 1".into(),
-            );
-        }
-        if self.outlier.max_ejected_percent > 100 {
-            return bad(
-                "outlier.max_ejected_percent",
-                "must be between 0 and 100".into(),
-            );
-        }
-        if self.retry.max_attempts == 0 {
-            return bad(
-                "retry.max_attempts",
-                "must be at least 1 (the first try counts)".into(),
-            );
-        }
-        if self.migration.canary_percent > 100 {
-            return bad(
-                "migration.canary_percent",
-                "must be between 0 and 100".into(),
-            );
-        }
-        if let Some(rollback) = &self.rollback {
-            if !(0.0..=1.0).contains(&rollback.max_error_rate) {
-                return bad("rollback.max_error_rate", "must be between 0 and 1".into());
-            }
         }
         if self.regions.is_empty() {
             return bad(
@@ -712,12 +700,6 @@ impl Config {
                 }
                 if rustls_pki_types::ServerName::try_from(self.dns_server_name(&host)).is_err() {
                     return bad(&key, format!("`{host}` is not a valid DNS name"));
-                }
-                if region.dns_refresh.get() < std::time::Duration::from_secs(1) {
-                    return bad(
-                        &format!("regions[{i}].dns_refresh"),
-                        "must be at least 1s".into(),
-                    );
                 }
             }
         }
@@ -758,7 +740,7 @@ impl Config {
                 );
             }
             if let Some(ca) = &e.ca_file {
-                check_readable("regions.ca_file", ca)?;
+                check_ca_file("regions.ca_file", ca)?;
             }
         }
         Ok(())
@@ -977,13 +959,9 @@ impl Config {
     }
 }
 
-fn check_readable(key: &str, path: &Path) -> Result<(), (String, String)> {
-    std::fs::metadata(path).map(|_| ()).map_err(|e| {
-        (
-            key.to_string(),
-            format!("cannot read `{}`: {e}", path.display()),
-        )
-    })
+/// Loads the CA file exactly as `run` does, so that `check` and `run` never disagree.
+fn check_ca_file(key: &str, path: &Path) -> Result<(), (String, String)> {
+    crate::tls::check_ca_file(path).map_err(|e| (key.to_string(), e.to_string()))
 }
 
 /// Splits `host[:port]` (IPv6 as `[::1]:443`); the port defaults to 443.
@@ -996,6 +974,9 @@ pub fn split_host_port(address: &str) -> Result<(String, u16), String> {
         return Ok((ip.to_string(), 443));
     }
     if let Ok(sa) = address.parse::<SocketAddr>() {
+        if sa.port() == 0 {
+            return Err(format!("`{address}` has an invalid port (1..=65535)"));
+        }
         return Ok((sa.ip().to_string(), sa.port()));
     }
     if address.contains("://") || address.contains('/') {
@@ -1007,7 +988,9 @@ pub fn split_host_port(address: &str) -> Result<(String, u16), String> {
         Some((host, port)) => {
             let port = port
                 .parse::<u16>()
-                .map_err(|_| format!("`{address}` has an invalid port"))?;
+                .ok()
+                .filter(|p| *p != 0)
+                .ok_or_else(|| format!("`{address}` has an invalid port (1..=65535)"))?;
             Ok((host.to_string(), port))
         }
         None => Ok((address.to_string(), 443)),

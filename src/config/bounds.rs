@@ -1,0 +1,243 @@
+//! The valid range of every numeric, size and duration key. A value outside its range is
+//! a configuration error naming the key, found by `gpulink check` exactly as by `run`
+//! and by a reload: a value that passes here cannot abort, stall or flood the proxy later
+//! (a 4-billion-attempt retry loop, a semaphore larger than tokio allows, health checks
+//! every microsecond). The ranges are documented in the README's configuration reference
+//! and in `config/gpulink.example.toml`.
+//!
+//! Every value is checked and every problem reported, not just the first.
+
+use std::time::Duration;
+
+use super::Config;
+
+const MS: Duration = Duration::from_millis(1);
+const SECOND: Duration = Duration::from_secs(1);
+const MINUTE: Duration = Duration::from_secs(60);
+const HOUR: Duration = Duration::from_secs(3600);
+const DAY: Duration = Duration::from_secs(86_400);
+
+/// Largest body, plaintext or sealed, gpulink accepts to hold (the cluster's own limit is
+/// 10 MB).
+pub const MAX_BODY: u64 = 1_000_000_000;
+pub const MAX_CONNECTIONS: u64 = 1_000_000;
+pub const MAX_ATTEMPTS: u64 = 10;
+
+/// `(key, problem)` pairs, in file order.
+#[derive(Default)]
+pub(super) struct Problems(pub(super) Vec<(String, String)>);
+
+impl Problems {
+    fn int(&mut self, key: &str, value: u64, min: u64, max: u64) {
+        if !(min..=max).contains(&value) {
+            self.0.push((
+                key.to_string(),
+                format!("{value} is out of range: must be {min}..={max}"),
+            ));
+        }
+    }
+
+    fn size(&mut self, key: &str, bytes: u64, min: u64, max: u64) {
+        if !(min..=max).contains(&bytes) {
+            self.0.push((
+                key.to_string(),
+                format!("{bytes} bytes is out of range: must be {min}..={max} bytes"),
+            ));
+        }
+    }
+
+    fn duration(&mut self, key: &str, value: Duration, min: Duration, max: Duration) {
+        if !(min..=max).contains(&value) {
+            let min = if min.is_zero() {
+                "0s".to_string()
+            } else {
+                format!("{min:?}")
+            };
+            self.0.push((
+                key.to_string(),
+                format!("{value:?} is out of range: must be {min}..={max:?}"),
+            ));
+        }
+    }
+
+    /// A duration that must be above zero (the smallest step the file can say is 1 ms).
+    fn positive(&mut self, key: &str, value: Duration, max: Duration) {
+        self.duration(key, value, MS, max);
+    }
+
+    /// Explains the problem just found for `key`, if any.
+    fn because(&mut self, key: &str, why: &str) {
+        if let Some((k, message)) = self.0.last_mut() {
+            if k == key {
+                message.push_str("; ");
+                message.push_str(why);
+            }
+        }
+    }
+
+    fn percent(&mut self, key: &str, value: u32) {
+        self.int(key, u64::from(value), 0, 100);
+    }
+}
+
+/// Checks every numeric and duration key against its range.
+pub(super) fn check(c: &Config) -> Problems {
+    let mut p = Problems::default();
+
+    p.size("listen.max_body", c.listen.max_body.bytes(), 1, MAX_BODY);
+    p.int(
+        "listen.max_connections",
+        c.listen.max_connections as u64,
+        1,
+        MAX_CONNECTIONS,
+    );
+    p.duration(
+        "listen.drain_delay",
+        c.listen.drain_delay.get(),
+        Duration::ZERO,
+        10 * MINUTE,
+    );
+    p.duration(
+        "listen.shutdown_grace",
+        c.listen.shutdown_grace.get(),
+        Duration::ZERO,
+        HOUR,
+    );
+
+    p.positive("kms.timeout", c.kms.timeout.get(), MINUTE);
+    p.duration("kms.cache.max_age", c.kms.cache.max_age.get(), SECOND, DAY);
+    // The ESDK's own limit: at most 2^32 messages under one data key.
+    p.int(
+        "kms.cache.max_messages",
+        c.kms.cache.max_messages,
+        1,
+        1 << 32,
+    );
+    p.size(
+        "kms.cache.max_bytes",
+        c.kms.cache.max_bytes.bytes(),
+        1,
+        1 << 50,
+    );
+
+    p.size(
+        "upstream.max_body",
+        c.upstream.max_body.bytes(),
+        1,
+        MAX_BODY,
+    );
+    p.positive(
+        "upstream.connect_timeout",
+        c.upstream.connect_timeout.get(),
+        MINUTE,
+    );
+    p.positive(
+        "upstream.request_timeout",
+        c.upstream.request_timeout.get(),
+        HOUR,
+    );
+    p.positive("upstream.idle_timeout", c.upstream.idle_timeout.get(), HOUR);
+    p.duration(
+        "upstream.pool_idle_timeout",
+        c.upstream.pool_idle_timeout.get(),
+        MS,
+        Duration::from_secs(349),
+    );
+    p.because(
+        "upstream.pool_idle_timeout",
+        "it must stay under 350s, the NLB's idle timeout, or pooled connections die silently",
+    );
+
+    p.int("health.port", u64::from(c.health.port), 1, 65_535);
+    p.duration("health.interval", c.health.interval.get(), 100 * MS, HOUR);
+    p.duration("health.timeout", c.health.timeout.get(), 10 * MS, MINUTE);
+    p.int(
+        "health.healthy_threshold",
+        u64::from(c.health.healthy_threshold),
+        1,
+        100,
+    );
+    p.int(
+        "health.unhealthy_threshold",
+        u64::from(c.health.unhealthy_threshold),
+        1,
+        100,
+    );
+    p.duration(
+        "health.max_staleness",
+        c.health.max_staleness.get(),
+        SECOND,
+        DAY,
+    );
+
+    p.int(
+        "outlier.consecutive_failures",
+        u64::from(c.outlier.consecutive_failures),
+        1,
+        1000,
+    );
+    p.positive("outlier.base_ejection", c.outlier.base_ejection.get(), HOUR);
+    p.duration(
+        "outlier.max_ejection",
+        c.outlier.max_ejection.get(),
+        c.outlier.base_ejection.get().min(DAY),
+        DAY,
+    );
+    p.percent("outlier.max_ejected_percent", c.outlier.max_ejected_percent);
+
+    p.int(
+        "retry.max_attempts",
+        u64::from(c.retry.max_attempts),
+        1,
+        MAX_ATTEMPTS,
+    );
+    p.percent("retry.budget_percent", c.retry.budget_percent);
+    p.int(
+        "retry.min_per_second",
+        u64::from(c.retry.min_per_second),
+        0,
+        100_000,
+    );
+
+    p.percent("migration.canary_percent", c.migration.canary_percent);
+
+    if let Some(r) = &c.rollback {
+        p.duration("rollback.window", r.window.get(), SECOND, HOUR);
+        p.int("rollback.min_requests", r.min_requests, 0, 1_000_000_000);
+        if !(0.0..=1.0).contains(&r.max_error_rate) {
+            p.0.push((
+                "rollback.max_error_rate".into(),
+                format!("{} is out of range: must be 0..=1", r.max_error_rate),
+            ));
+        }
+        p.positive("rollback.max_p99", r.max_p99.get(), HOUR);
+        p.duration("rollback.cooldown", r.cooldown.get(), SECOND, DAY);
+    }
+
+    for (i, region) in c.regions.iter().enumerate() {
+        if region.privatelink_dns.is_some() {
+            p.duration(
+                &format!("regions[{i}].dns_refresh"),
+                region.dns_refresh.get(),
+                SECOND,
+                DAY,
+            );
+        }
+        for (field, list) in [
+            ("privatelink", &region.privatelink),
+            ("public", &region.public),
+        ] {
+            for (j, spec) in list.iter().enumerate() {
+                if let super::EndpointSpec::Table(t) = spec {
+                    if t.health_port == Some(0) {
+                        p.0.push((
+                            format!("regions[{i}].{field}[{j}].health_port"),
+                            "0 is out of range: must be 1..=65535".into(),
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    p
+}
