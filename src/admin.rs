@@ -178,6 +178,12 @@ pub fn status(proxy: &Proxy) -> Value {
             "listen": listener_status(proxy.app_connections()),
             "admin": listener_status(proxy.admin_connections()),
         },
+        // Request bytes held now (plaintext and sealed copies) against
+        // listen.max_in_flight_bytes; past it new requests get 503 overloaded.
+        "request_bodies": {
+            "held_bytes": proxy.in_flight_bytes().held(),
+            "limit_bytes": config.listen.max_in_flight_bytes.bytes(),
+        },
         "tenant": config.tenant.id,
         "kms": {
             "provider": if keys.is_development() { "development" } else { "aws-kms" },

@@ -114,15 +114,27 @@ pub struct BodyLimits {
     /// the allowance by `1 / min_rate` seconds, so a trickle runs out of time while a body
     /// that keeps coming at a reasonable rate never does.
     pub min_rate: u64,
+    /// `listen.max_in_flight_bytes`: what all requests may hold at once.
+    pub in_flight: u64,
+    /// `upstream.max_body`: the largest sealed copy a body can have.
+    pub max_sealed: u64,
 }
 
 impl BodyLimits {
-    pub fn from_config(listen: &crate::config::Listen) -> Self {
+    pub fn from_config(config: &crate::config::Config) -> Self {
+        let listen = &config.listen;
         Self {
             max: usize::try_from(listen.max_body.bytes()).unwrap_or(usize::MAX),
             read_timeout: listen.body_read_timeout.get(),
             min_rate: listen.body_min_rate.bytes(),
+            in_flight: listen.max_in_flight_bytes.bytes(),
+            max_sealed: config.upstream.max_body.bytes(),
         }
+    }
+
+    /// What a body of `len` bytes needs from the in-flight budget.
+    pub fn needed_for(&self, len: u64) -> u64 {
+        crate::inflight::needed_for(len, self.max_sealed)
     }
 
     /// When the next frame must have arrived.
@@ -147,17 +159,21 @@ pub enum BodyError {
         timeout: Duration,
         min_rate: u64,
     },
+    #[error("the in-flight body budget is spent")]
+    Overloaded,
     #[error("{0}")]
     Read(String),
 }
 
-/// Reads the whole body, refusing it as soon as it passes `limits.max` or falls behind
-/// its time allowance. The body is copied at most once: a body that arrives in a single
-/// frame is passed on as it is.
+/// Reads the whole body, refusing it as soon as it passes `limits.max`, falls behind its
+/// time allowance, or needs more than `held` can grow to in the in-flight budget. The
+/// body is copied at most once: a body that arrives in a single frame is passed on as it
+/// is.
 pub async fn read_body(
     body: &mut Incoming,
     limits: &BodyLimits,
     expected_len: Option<u64>,
+    held: &mut crate::inflight::Reservation,
 ) -> Result<Bytes, BodyError> {
     use http_body_util::BodyExt as _;
     let limit = limits.max;
@@ -189,6 +205,10 @@ pub async fn read_body(
         if total > limit {
             return Err(BodyError::TooLarge { limit });
         }
+        // Without a Content-Length (reserved up front) the body reserves as it comes.
+        if !held.try_grow_to(limits.needed_for(total as u64), limits.in_flight) {
+            return Err(BodyError::Overloaded);
+        }
         match (&mut first, &mut buffer) {
             (None, None) => first = Some(data),
             (Some(head), None) => {
@@ -210,6 +230,17 @@ pub async fn read_body(
         (Some(head), None) => head,
         (None, None) => Bytes::new(),
     })
+}
+
+/// Stops reading a body refused for lack of budget. HTTP/1.1 drains it (bounded, nothing
+/// held) so the client reads the answer instead of a reset; HTTP/2 drops it, which resets
+/// the stream and stops its flow control.
+pub fn refuse_for_budget(body: Incoming, version: http::Version) {
+    if version == http::Version::HTTP_2 {
+        drop(body);
+    } else {
+        drain_in_background(body);
+    }
 }
 
 /// Reads and discards up to a bounded amount of the rest of a refused body in the

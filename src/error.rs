@@ -21,6 +21,8 @@ pub enum ProxyError {
     BadRequestBody(String),
     #[error("{0}; the connection is closed")]
     BodyTimeout(String),
+    #[error("gpulink holds as many request body bytes as it may (listen.max_in_flight_bytes = {0} bytes); nothing was sent, retry shortly")]
+    Overloaded(u64),
     #[error("encryption failed, nothing was sent: {0}")]
     KmsUnavailable(String),
     #[error("{0}")]
@@ -40,6 +42,7 @@ impl ProxyError {
             ProxyError::BodyTooLarge(_) => "body_too_large",
             ProxyError::BadRequestBody(_) => "bad_request",
             ProxyError::BodyTimeout(_) => "body_timeout",
+            ProxyError::Overloaded(_) => "overloaded",
             ProxyError::KmsUnavailable(_) => "kms_unavailable",
             ProxyError::NoEndpoint(_) => "no_endpoint",
             ProxyError::UpstreamConnect(_) => "upstream_connect",
@@ -55,9 +58,9 @@ impl ProxyError {
             | ProxyError::BadRequestBody(_) => StatusCode::BAD_REQUEST,
             ProxyError::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
-            ProxyError::KmsUnavailable(_) | ProxyError::NoEndpoint(_) => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            ProxyError::KmsUnavailable(_)
+            | ProxyError::NoEndpoint(_)
+            | ProxyError::Overloaded(_) => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::UpstreamConnect(_) => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
         }
@@ -66,7 +69,13 @@ impl ProxyError {
     /// The JSON error response; `request_id` is echoed so the app can correlate logs.
     pub fn into_response(self, request_id: Option<&HeaderValue>) -> Response<ProxyBody> {
         let closes = matches!(self, ProxyError::BodyTimeout(_));
+        let overloaded = matches!(self, ProxyError::Overloaded(_));
         let mut response = json_error(self.status(), self.code(), &self.to_string(), request_id);
+        if overloaded {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
         if closes {
             // The rest of the body may still come: HTTP/1.1 cannot find the next request.
             response

@@ -33,6 +33,7 @@ use crate::body::{IdleTimeoutBody, ProxyBody};
 use crate::config::RouteKind;
 use crate::error::ProxyError;
 use crate::headers::{self, X_GPULINK_ENDPOINT, X_GPULINK_ROUTE, X_MODEL_POOL, X_REQUEST_ID};
+use crate::inflight::InFlightBytes;
 use crate::metrics::{Metrics, ServedBy};
 use crate::proxy::{Generation, Proxy};
 use crate::seal::{SealError, Sealed};
@@ -48,9 +49,15 @@ pub async fn handle(proxy: Arc<Proxy>, request: Request<Incoming>) -> Response<P
         path = %request.uri().path(),
     );
     let started = Instant::now();
-    let result = journey(&generation, proxy.metrics(), request, &request_id)
-        .instrument(span.clone())
-        .await;
+    let result = journey(
+        &generation,
+        proxy.metrics(),
+        proxy.in_flight_bytes(),
+        request,
+        &request_id,
+    )
+    .instrument(span.clone())
+    .await;
     proxy.metrics().request_finished(&result, started.elapsed());
     let _enter = span.enter();
     match result {
@@ -77,6 +84,7 @@ pub async fn handle(proxy: Arc<Proxy>, request: Request<Incoming>) -> Response<P
 async fn journey(
     generation: &Generation,
     metrics: &Metrics,
+    in_flight: &Arc<InFlightBytes>,
     request: Request<Incoming>,
     request_id: &HeaderValue,
 ) -> Result<Response<ProxyBody>, ProxyError> {
@@ -101,7 +109,7 @@ async fn journey(
             pool
         }
     };
-    let limits = BodyLimits::from_config(&config.listen);
+    let limits = BodyLimits::from_config(config);
     let limit = limits.max;
     let declared_len = content_length(&parts.headers);
     let expects_continue = parts
@@ -115,8 +123,19 @@ async fn journey(
         }
         return Err(too_large(limit));
     }
-    let plaintext = match request_body::read_body(&mut body, &limits, declared_len).await {
+    // Memory is reserved before it is held: the declared body and its sealed copy.
+    let up_front = limits.needed_for(declared_len.unwrap_or(0));
+    let Some(mut held) = in_flight.try_reserve(up_front, limits.in_flight) else {
+        request_body::refuse_for_budget(body, parts.version);
+        return Err(ProxyError::Overloaded(limits.in_flight));
+    };
+    let read = request_body::read_body(&mut body, &limits, declared_len, &mut held).await;
+    let plaintext = match read {
         Ok(bytes) => bytes,
+        Err(BodyError::Overloaded) => {
+            request_body::refuse_for_budget(body, parts.version);
+            return Err(ProxyError::Overloaded(limits.in_flight));
+        }
         Err(BodyError::TooLarge { limit }) => {
             request_body::drain_in_background(body);
             return Err(too_large(limit));
@@ -141,6 +160,7 @@ async fn journey(
         SealError::Key(key_error) => ProxyError::KmsUnavailable(key_error.to_string()),
     })?;
     drop(plaintext);
+    held.shrink_to(sealed.body.len() as u64);
     let upstream_headers = upstream_headers(
         parts.headers,
         &sealed,

@@ -31,6 +31,7 @@ pub mod demo;
 pub mod error;
 pub mod forward;
 pub mod headers;
+pub mod inflight;
 pub mod ingress;
 pub mod listener;
 pub mod logwriter;

@@ -942,12 +942,14 @@ fn rollback_active(proxy: &Proxy, now: chrono::DateTime<chrono::Utc>) -> bool {
 }
 
 /// Every `error.code` gpulink answers with (see `crate::error::ProxyError::code`).
-const ERROR_CODES: [&str; 9] = [
+const ERROR_CODES: [&str; 11] = [
     "method_not_allowed",
     "invalid_json",
     "model_pool_not_allowed",
     "body_too_large",
     "bad_request",
+    "body_timeout",
+    "overloaded",
     "kms_unavailable",
     "no_endpoint",
     "upstream_connect",

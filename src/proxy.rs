@@ -91,6 +91,8 @@ pub struct Proxy {
     /// The app and admin listeners' connections and limits (fixed at start).
     app_connections: Arc<crate::listener::Listener>,
     admin_connections: Arc<crate::listener::Listener>,
+    /// Request bytes held across every request (`listen.max_in_flight_bytes`).
+    in_flight_bytes: Arc<crate::inflight::InFlightBytes>,
 }
 
 impl Proxy {
@@ -100,6 +102,10 @@ impl Proxy {
 
     pub fn admin_connections(&self) -> &Arc<crate::listener::Listener> {
         &self.admin_connections
+    }
+
+    pub fn in_flight_bytes(&self) -> &Arc<crate::inflight::InFlightBytes> {
+        &self.in_flight_bytes
     }
 
     /// The generation new requests use.
@@ -412,6 +418,7 @@ pub async fn start_with(
         metrics: Arc::new(crate::metrics::Metrics::new()),
         app_connections,
         admin_connections,
+        in_flight_bytes: crate::inflight::InFlightBytes::new(),
     });
     let config = generation.config.clone();
 

@@ -13,9 +13,12 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use bytes::Bytes;
 use common::*;
 use gpulink::config::Config;
 use gpulink::seal::{KeyService, KmsKeys};
+use http_body_util::Full;
+use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -433,4 +436,224 @@ async fn admin_crowd_cannot_take_file_descriptors_from_the_data_path() {
         .expect("/ready was never answered");
     assert_eq!(reply.status, 200);
     drop(crowd);
+}
+
+/// The proxy process's resident set, in bytes.
+fn rss(child: &Child) -> u64 {
+    let status =
+        std::fs::read_to_string(format!("/proc/{}/status", child.id())).expect("proc status");
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .expect("VmRSS");
+    let kib: u64 = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .expect("VmRSS value");
+    kib * 1024
+}
+
+/// What `/status` says the requests in flight hold.
+async fn held_bytes(client: &Client<HttpConnector, Full<Bytes>>, admin: SocketAddr) -> u64 {
+    let url = format!("http://{admin}/status");
+    let reply = send(client, "GET", &url, Vec::new(), &[]).await;
+    reply.json()["request_bodies"]["held_bytes"]
+        .as_u64()
+        .expect("request_bodies.held_bytes")
+}
+
+/// Reads one HTTP/1.1 response with a Content-Length body.
+async fn read_response(stream: &mut TcpStream) -> String {
+    let read = async {
+        let mut received = Vec::new();
+        let mut buffer = [0u8; 4096];
+        loop {
+            let text = String::from_utf8_lossy(&received).into_owned();
+            if let Some(end) = text.find("\r\n\r\n") {
+                let length = text[..end]
+                    .lines()
+                    .find_map(|l| {
+                        l.to_ascii_lowercase()
+                            .strip_prefix("content-length:")
+                            .map(|v| v.trim().parse::<usize>().unwrap_or(0))
+                    })
+                    .unwrap_or(0);
+                if received.len() >= end + 4 + length {
+                    return text;
+                }
+            }
+            match stream.read(&mut buffer).await {
+                Ok(0) | Err(_) => return String::from_utf8_lossy(&received).into_owned(),
+                Ok(n) => received.extend_from_slice(&buffer[..n]),
+            }
+        }
+    };
+    tokio::time::timeout(CLOSE_BOUND, read)
+        .await
+        .expect("no response")
+}
+
+const DECLARED: usize = 10_000_000;
+const SENT: usize = 4_000_000;
+
+/// An HTTP/2 stream that declares a 10 MB body and sends 4 MB of it as flow control
+/// allows; returns once sent (or refused), keeping the stream open.
+async fn h2_upload(
+    client: &mut h2::client::SendRequest<Bytes>,
+    url: &str,
+) -> tokio::task::JoinHandle<(h2::SendStream<Bytes>, h2::client::ResponseFuture)> {
+    let request = http::Request::post(url)
+        .header("content-length", DECLARED.to_string())
+        .header("content-type", "application/json")
+        .body(())
+        .expect("request");
+    let (response, mut stream) = client.send_request(request, false).expect("send_request");
+    tokio::spawn(async move {
+        let mut left = SENT;
+        while left > 0 {
+            stream.reserve_capacity(left.min(64 * 1024));
+            match std::future::poll_fn(|cx| stream.poll_capacity(cx)).await {
+                Some(Ok(0)) => continue,
+                Some(Ok(n)) => {
+                    let n = n.min(left);
+                    if stream.send_data(Bytes::from(vec![b' '; n]), false).is_err() {
+                        break;
+                    }
+                    left -= n;
+                }
+                _ => break,
+            }
+        }
+        (stream, response)
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_uploads_cannot_hold_more_than_the_in_flight_budget() {
+    const BUDGET: u64 = 48 * 1024 * 1024;
+    /// What the process may use beyond its size before the uploads and the budget: HTTP/2
+    /// windows, HTTP/1.1 read buffers, allocator slack.
+    const OVERHEAD: u64 = 64 * 1024 * 1024;
+    let cluster = Cluster::start(154).await;
+    let proxy = Proxy::start(
+        &cluster,
+        "max_in_flight_bytes = \"48MiB\"\nbody_read_timeout = \"5m\"\nbody_min_rate = 0",
+        "",
+        "",
+    )
+    .await;
+    let client = Client::builder(TokioExecutor::new()).build_http();
+    let url = format!("http://{}/inference", proxy.listen);
+    let reply = send(&client, "POST", &url, GUIDE_REQUEST.into(), &[]).await;
+    assert_eq!(
+        reply.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
+    let baseline = rss(&proxy.child);
+
+    // 32 HTTP/1.1 uploads and 32 HTTP/2 streams on one connection, each declaring 10 MB
+    // and sending 4 MB: 256 MB if all were held.
+    let mut h1 = Vec::new();
+    for _ in 0..32 {
+        let mut stream = connect(proxy.listen).await;
+        h1.push(tokio::spawn(async move {
+            let _ = stream.write_all(&head_with_length(DECLARED)).await;
+            let _ = stream.write_all(&vec![b' '; SENT]).await;
+            stream
+        }));
+    }
+    let (mut h2_client, h2_connection) = h2::client::handshake(connect(proxy.listen).await)
+        .await
+        .expect("h2 handshake");
+    let h2_task = tokio::spawn(h2_connection);
+    let mut h2_streams = Vec::new();
+    for _ in 0..32 {
+        h2_client = h2_client.ready().await.expect("h2 ready");
+        h2_streams.push(h2_upload(&mut h2_client, &url).await);
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    let mut h1_streams = Vec::new();
+    for task in h1 {
+        let stream = tokio::time::timeout_at(deadline, task)
+            .await
+            .expect("an HTTP/1.1 upload never got its 4 MB out")
+            .expect("task");
+        h1_streams.push(stream);
+    }
+    let mut held_streams = Vec::new();
+    for task in h2_streams {
+        let stream = tokio::time::timeout_at(deadline, task)
+            .await
+            .expect("an HTTP/2 upload never got its 4 MB out (flow control stuck)")
+            .expect("task");
+        held_streams.push(stream);
+    }
+
+    // (a) The budget is spent: a new request is refused with JSON, on both protocols.
+    let held = held_bytes(&client, proxy.admin).await;
+    assert!(
+        held <= BUDGET,
+        "held {held} bytes over a {BUDGET}-byte budget"
+    );
+    assert!(
+        held + 2 * DECLARED as u64 > BUDGET,
+        "the stalled uploads should have spent the budget, yet only {held} bytes are held"
+    );
+    let mut fresh = connect(proxy.listen).await;
+    fresh
+        .write_all(&head_with_length(DECLARED))
+        .await
+        .expect("write");
+    let answer = read_response(&mut fresh).await;
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(answer.contains(r#""code":"overloaded""#), "{answer}");
+    h2_client = h2_client.ready().await.expect("h2 ready");
+    let request = http::Request::post(&url)
+        .header("content-length", DECLARED.to_string())
+        .body(())
+        .expect("request");
+    let (response, _open) = h2_client.send_request(request, false).expect("send");
+    let response = tokio::time::timeout(CLOSE_BOUND, response)
+        .await
+        .expect("no HTTP/2 answer")
+        .expect("HTTP/2 response");
+    assert_eq!(response.status(), 503);
+    let mut body = response.into_body();
+    let mut text = Vec::new();
+    while let Some(chunk) = body.data().await {
+        let Ok(chunk) = chunk else { break };
+        let _ = body.flow_control().release_capacity(chunk.len());
+        text.extend_from_slice(&chunk);
+    }
+    let json: serde_json::Value = serde_json::from_slice(&text).expect("JSON error body");
+    assert_eq!(json["error"]["code"], "overloaded");
+
+    // (b) What the process holds stays within the budget and a fixed overhead.
+    let now = rss(&proxy.child);
+    assert!(
+        now <= baseline + BUDGET + OVERHEAD,
+        "RSS grew from {baseline} to {now} bytes holding 64 stalled uploads with a {BUDGET}-byte budget"
+    );
+
+    // (c) Once the uploads go away, requests are served again.
+    drop((h1_streams, held_streams, fresh, h2_client));
+    h2_task.abort();
+    let deadline = tokio::time::Instant::now() + CLOSE_BOUND;
+    while held_bytes(&client, proxy.admin).await > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the uploads' reservations were never released"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let reply = send(&client, "POST", &url, GUIDE_REQUEST.into(), &[]).await;
+    assert_eq!(
+        reply.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
 }
