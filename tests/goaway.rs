@@ -1,7 +1,7 @@
 //! Requests the cluster never processed are retried, and only those: HTTP/2 connection
-//! rotation by a real nginx (GOAWAY after `keepalive_requests`) under concurrent load.
-//! Every test counts failed requests and deliveries on the cluster's side; none asserts
-//! on time.
+//! rotation by a real nginx (GOAWAY after `keepalive_requests`), and ENIs killed and
+//! configurations reloaded, under concurrent load. Every test counts failed requests
+//! and deliveries on the cluster's side; none asserts on time.
 
 mod common;
 
@@ -463,4 +463,104 @@ phase = "privatelink-only"
     proxy.shutdown().await;
     drop(nginx);
     cluster.sim.shutdown().await;
+}
+
+// ---- ENI kills and reloads under load -------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eni_kills_and_reloads_under_load_replay_nothing_and_retry_every_refusal() {
+    let world = World::start(
+        131,
+        ProxyOptions {
+            format: "aws-esdk",
+            phase: "privatelink-only",
+            with_remote_region: true,
+            ..ProxyOptions::default()
+        },
+    )
+    .await;
+    let enis = world.layout.enis();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Faults while the load runs: each ENI in turn killed (ports closed, connections
+    // shut down with GOAWAY) and brought back; configuration reloads in between, one
+    // that keeps every endpoint and one that replaces them all (new pools).
+    let faults = {
+        let stop = stop.clone();
+        let sim_ips = enis;
+        let proxy = world.proxy().proxy().clone();
+        let control = world.sim.control_addr();
+        let base = proxy.current().config.clone();
+        tokio::spawn(async move {
+            let mut rounds = 0u64;
+            let http =
+                hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                    .build_http();
+            while !stop.load(Ordering::SeqCst) {
+                let ip = sim_ips[(rounds % 3) as usize];
+                let state = |s: &str| format!(r#"{{"state":"{s}"}}"#);
+                let url = format!("http://{control}/endpoints/{ip}/state");
+                let r = send(&http, "PUT", &url, state("down").into_bytes(), &[]).await;
+                assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+                tokio::time::sleep(Duration::from_millis(150)).await;
+                let mut config = (*base).clone();
+                if rounds % 2 == 1 {
+                    // A changed connect_timeout makes every endpoint new.
+                    config.upstream.connect_timeout =
+                        gpulink::config::HumanDuration::from_millis(1500 + rounds);
+                }
+                proxy.reload(config).await.expect("reload");
+                let r = send(&http, "PUT", &url, state("healthy").into_bytes(), &[]).await;
+                assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+                tokio::time::sleep(Duration::from_millis(150)).await;
+                rounds += 1;
+            }
+            rounds
+        })
+    };
+    let outcome = load(&world.client, &world.url("/inference"), "fault", 3000, 24).await;
+    stop.store(true, Ordering::SeqCst);
+    let rounds = faults.await.expect("faults");
+    assert!(
+        rounds >= 2,
+        "only {rounds} fault rounds ran during the load"
+    );
+    // Every refusal the cluster made (GOAWAY of a draining connection, REFUSED_STREAM
+    // of an endpoint going down) was retried. What may still fail is a connection the
+    // endpoint accepted just as it went down and closed before reading anything (the
+    // simulator's hyper drops a connection still in its HTTP/2 handshake when the
+    // graceful shutdown starts): the stream ends without an answer, which is never
+    // replayed. Those requests never reached the cluster either.
+    let unexpected: Vec<&(String, String)> = outcome
+        .failures
+        .iter()
+        .filter(|(id, text)| {
+            world.sim.deliveries(id) != 0
+                || !text.starts_with("502 ")
+                || !(text.contains("close_notify") || text.contains("connection closed"))
+        })
+        .collect();
+    assert!(
+        unexpected.is_empty(),
+        "{} of 3000 failed over {rounds} kill/reload rounds, {} unexpectedly: {:#?}",
+        outcome.failures.len(),
+        unexpected.len(),
+        kinds(&world.sim, &outcome.failures)
+    );
+    eprintln!(
+        "{} of 3000 requests failed over {rounds} kill/reload rounds: {:?}",
+        outcome.failures.len(),
+        kinds(&world.sim, &outcome.failures)
+    );
+    // Nothing replayed: each request reached the cluster at most once, each success
+    // exactly once.
+    let failed: std::collections::HashSet<&str> =
+        outcome.failures.iter().map(|(id, _)| id.as_str()).collect();
+    let served: Vec<String> = outcome
+        .ids
+        .iter()
+        .filter(|id| !failed.contains(id.as_str()))
+        .cloned()
+        .collect();
+    assert_delivered_once(&world.sim, &served);
+    world.stop().await;
 }

@@ -39,6 +39,12 @@ pub(crate) enum Hangup {
     Blackholed,
     #[error("the endpoint is down")]
     Down,
+    /// A request that reaches an endpoint going down, on a connection opened before, is
+    /// not processed, and the stream says so (REFUSED_STREAM, RFC 9113 8.7), as a
+    /// draining server does: a client may retry it. (A reset without that code would
+    /// tell the client the request may have been started.)
+    #[error("the endpoint is down; the request was not processed")]
+    Refused(#[source] h2::Error),
     #[error("the request body could not be read: {0}")]
     Body(String),
 }
@@ -389,8 +395,19 @@ pub(crate) fn listen(addr: SocketAddr) -> Result<TcpListener, SimError> {
     socket.listen(LISTEN_BACKLOG).map_err(bind_error)
 }
 
+impl Hangup {
+    pub(crate) fn refused() -> Self {
+        Hangup::Refused(h2::Error::from(h2::Reason::REFUSED_STREAM))
+    }
+}
+
 /// How long `down` lets requests already being served finish before cutting them.
 const DOWN_GRACE: Duration = Duration::from_secs(30);
+/// How long a closed inference connection keeps reading what the client still sends
+/// (nginx's `lingering_close`), so that closing with unread data does not make the
+/// kernel reset the connection and destroy the GOAWAY and answers the client has not
+/// read yet.
+const LINGER: Duration = Duration::from_secs(2);
 
 /// Accepts until `stop` or the simulator's shutdown, then closes the listener. Inference
 /// connections are shut down gracefully, as an ENI that goes away does: idle ones close
@@ -438,6 +455,11 @@ async fn accept_loop(
     let simulator_stopping = *shared.shutdown.borrow();
     if port == Port::Inference && !simulator_stopping {
         let _ = tokio::time::timeout(DOWN_GRACE, graceful.shutdown()).await;
+        // Each connection task ends with its lingering close: let those finish.
+        let _ = tokio::time::timeout(LINGER, async {
+            while connections.join_next().await.is_some() {}
+        })
+        .await;
     }
     connections.shutdown().await;
 }
@@ -454,6 +476,14 @@ async fn serve_inference(
     endpoint: Arc<Endpoint>,
     watcher: Watcher,
 ) {
+    // A second handle on the socket, for the lingering close: hyper closes its own.
+    let (stream, mut linger) = match duplicate(stream) {
+        Ok(pair) => pair,
+        Err(error) => {
+            tracing::debug!(%error, "cannot duplicate an inference socket");
+            return;
+        }
+    };
     let tls = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, shared.tls.accept(stream)).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(error)) => {
@@ -471,6 +501,24 @@ async fn serve_inference(
     if let Err(error) = watcher.watch(connection).await {
         tracing::debug!(%error, "inference connection ended with an error");
     }
+    // Our side is done (a FIN, if hyper has not sent one); read and discard until the
+    // client closes too, for at most LINGER.
+    let _ = tokio::io::AsyncWriteExt::shutdown(&mut linger).await;
+    let _ = tokio::time::timeout(LINGER, async {
+        let mut buffer = [0u8; 4096];
+        while let Ok(n) = tokio::io::AsyncReadExt::read(&mut linger, &mut buffer).await {
+            if n == 0 {
+                break;
+            }
+        }
+    })
+    .await;
+}
+
+fn duplicate(stream: TcpStream) -> std::io::Result<(TcpStream, TcpStream)> {
+    let stream = stream.into_std()?;
+    let clone = stream.try_clone()?;
+    Ok((TcpStream::from_std(stream)?, TcpStream::from_std(clone)?))
 }
 
 async fn serve_health(stream: TcpStream, endpoint: Arc<Endpoint>) {

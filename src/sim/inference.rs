@@ -66,7 +66,7 @@ pub(crate) async fn handle(
         // Only a request on a connection opened before the port closed gets here.
         EndpointState::Down
         | EndpointState::InferenceRefused
-        | EndpointState::InferenceFiltered => return Err(Hangup::Down),
+        | EndpointState::InferenceFiltered => return Err(Hangup::refused()),
         EndpointState::Slow { delay_ms } => {
             tokio::time::sleep(Duration::from_millis(delay_ms)).await;
         }
