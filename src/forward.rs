@@ -34,7 +34,7 @@ use crate::config::RouteKind;
 use crate::error::ProxyError;
 use crate::headers::{self, X_GPULINK_ENDPOINT, X_GPULINK_ROUTE, X_MODEL_POOL, X_REQUEST_ID};
 use crate::inflight::InFlightBytes;
-use crate::metrics::{Metrics, ServedBy};
+use crate::metrics::{EndpointLabels, Metrics, ServedBy};
 use crate::proxy::{Generation, Proxy};
 use crate::seal::{SealError, Sealed};
 use crate::upstream::{health, outlier, ConnectError, ConnectedPeer, Endpoint};
@@ -49,16 +49,21 @@ pub async fn handle(proxy: Arc<Proxy>, request: Request<Incoming>) -> Response<P
         path = %request.uri().path(),
     );
     let started = Instant::now();
+    // Where an answer gpulink makes itself is counted: the last attempt's endpoint.
+    let mut attribution = None;
     let result = journey(
         &generation,
         proxy.metrics(),
         proxy.in_flight_bytes(),
         request,
         &request_id,
+        &mut attribution,
     )
     .instrument(span.clone())
     .await;
-    proxy.metrics().request_finished(&result, started.elapsed());
+    proxy
+        .metrics()
+        .request_finished(&result, attribution.as_ref(), started.elapsed());
     let _enter = span.enter();
     match result {
         Ok(response) => {
@@ -87,6 +92,7 @@ async fn journey(
     in_flight: &Arc<InFlightBytes>,
     request: Request<Incoming>,
     request_id: &HeaderValue,
+    attribution: &mut Option<EndpointLabels>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let config = &generation.config;
     let (mut parts, mut body) = request.into_parts();
@@ -177,6 +183,8 @@ async fn journey(
     // 3-5. Route, send, retry only when safe.
     let now = chrono::Utc::now();
     let plan = generation.routes.plan(now, &mut generation.chooser.rng());
+    // With no endpoint to try, an error still belongs to the route it would have taken.
+    *attribution = plan.first_route().map(EndpointLabels::route_only);
     generation.retry_budget.record_request();
     let max_attempts = config.retry.max_attempts.max(1) as usize;
     // Attempts count against retry.max_attempts and (after the first) the retry
@@ -209,6 +217,7 @@ async fn journey(
         let Some(endpoint) = chosen else {
             break;
         };
+        *attribution = Some(EndpointLabels::of(&endpoint));
         let uri = endpoint
             .uri_for(&path)
             .map_err(|_| ProxyError::BadRequestBody(format!("invalid path `{path}`")))?;

@@ -16,9 +16,13 @@
 //!   request. The gauges are cleared first, so endpoints removed by a reload disappear.
 //!
 //! Names follow the Prometheus conventions: `gpulink_` prefix, `_total` counters, base
-//! units (`_seconds`). The `route` label is `privatelink` or `public` (or `none` for an
-//! answer gpulink made itself before any endpoint answered); `endpoint` is the endpoint's
-//! configured `host:port`, so its cardinality is bounded by the configuration.
+//! units (`_seconds`). The `route` label is `privatelink` or `public`: the route that
+//! answered, or for an error gpulink made itself (502, 504, `no_capacity`) the route,
+//! region and endpoint of the request's last attempt, and for `no_endpoint` the route it
+//! would have taken (region and endpoint `none`); `none` only for answers made before
+//! routing. `endpoint` is the endpoint's configured `host:port`, so its cardinality is
+//! bounded by the configuration. Every series a dashboard panel reads exists at zero from
+//! the first scrape, so that `rate()` and `increase()` see the first burst of an outage.
 
 use std::sync::Mutex;
 use std::time::Duration;
@@ -32,6 +36,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
 
 use crate::body::ProxyBody;
+use crate::config::RouteKind;
 use crate::error::ProxyError;
 use crate::headers::X_GPULINK_ROUTE;
 use crate::proxy::Proxy;
@@ -74,6 +79,16 @@ impl EndpointLabels {
             route: endpoint.kind().as_str(),
             region: endpoint.region().to_string(),
             endpoint: endpoint.authority.clone(),
+        }
+    }
+
+    /// A route without an endpoint (`region` and `endpoint` are `none`): for a request
+    /// that found no endpoint to try on the route it would have taken.
+    pub fn route_only(route: crate::config::RouteKind) -> Self {
+        Self {
+            route: route.as_str(),
+            region: "none".into(),
+            endpoint: "none".into(),
         }
     }
 }
@@ -288,14 +303,14 @@ impl Metrics {
         let requests = Family::<RequestLabels, Counter>::default();
         registry.register(
             "requests",
-            "Requests answered to the app, by the route, region and endpoint that answered (`none` when gpulink answered itself) and status class",
+            "Requests answered to the app, by status class and the route, region and endpoint that answered, or whose last attempt failed when gpulink answered itself (region and endpoint `none` when no endpoint could be tried, route `none` when refused before routing)",
             requests.clone(),
         );
         let request_duration: HistogramFamily<RouteLabels> =
             Family::new_with_constructor(latency_histogram);
         registry.register_with_unit(
             "request_duration",
-            "Time from a request's arrival to its response headers (sealing included; streamed bodies continue after), by route",
+            "Time from a request's arrival to its response headers (sealing included; streamed bodies continue after), by route (gpulink's own upstream errors included, under the route they were attempted on)",
             Unit::Seconds,
             request_duration.clone(),
         );
@@ -565,6 +580,25 @@ impl Metrics {
         for code in ERROR_CODES {
             drop(self.request_errors.get_or_create(&CodeLabels { code }));
         }
+        // Answers gpulink makes itself: before routing (`none`), and `no_endpoint` on a
+        // route; the per-endpoint series are made at each scrape.
+        for status in ["4xx", "5xx"] {
+            drop(self.requests.get_or_create(&RequestLabels {
+                route: "none",
+                region: "none".into(),
+                endpoint: "none".into(),
+                status,
+            }));
+        }
+        for route in [RouteKind::Privatelink, RouteKind::Public] {
+            let labels = EndpointLabels::route_only(route);
+            drop(self.requests.get_or_create(&RequestLabels {
+                route: labels.route,
+                region: labels.region,
+                endpoint: labels.endpoint,
+                status: "5xx",
+            }));
+        }
         for format in [crate::seal::FORMAT_KMS_DIRECT, crate::seal::FORMAT_AWS_ESDK] {
             drop(self.seal_duration.get_or_create(&FormatLabels { format }));
         }
@@ -600,7 +634,7 @@ impl Metrics {
                     .get_or_create(&UnprocessedLabels::of(endpoint, reason)),
             );
         }
-        for status in ["2xx", "5xx"] {
+        for status in ["2xx", "4xx", "5xx"] {
             drop(self.requests.get_or_create(&RequestLabels {
                 route: labels.route,
                 region: labels.region.clone(),
@@ -617,10 +651,15 @@ impl Metrics {
     // ---- App-facing requests -------------------------------------------------------
 
     /// One answer to the app, relayed or made by gpulink. `elapsed` runs from the
-    /// request's arrival to its response headers.
+    /// request's arrival to its response headers. An error gpulink made itself is
+    /// counted under `attribution`, the endpoint of the request's last attempt (or the
+    /// route it would have taken, for `no_endpoint`), so that "errors by route" and
+    /// "latency by route" include what an outage costs; `none` when the request never
+    /// reached routing (refused at ingress, KMS failed).
     pub fn request_finished(
         &self,
         result: &Result<Response<ProxyBody>, ProxyError>,
+        attribution: Option<&EndpointLabels>,
         elapsed: Duration,
     ) {
         let (route, region, endpoint, status) = match result {
@@ -639,7 +678,15 @@ impl Metrics {
                 self.request_errors
                     .get_or_create(&CodeLabels { code: error.code() })
                     .inc();
-                ("none", "none".into(), "none".into(), error.status())
+                match attribution {
+                    Some(to) => (
+                        to.route,
+                        to.region.clone(),
+                        to.endpoint.clone(),
+                        error.status(),
+                    ),
+                    None => ("none", "none".into(), "none".into(), error.status()),
+                }
             }
         };
         self.requests

@@ -4,6 +4,8 @@
 //! and deliveries on the cluster's side; none asserts on time.
 
 mod common;
+#[path = "support/prom.rs"]
+mod prom;
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -106,58 +108,6 @@ fn assert_delivered_once(sim: &gpulink::sim::Sim, ids: &[String]) {
         .take(10)
         .collect();
     assert!(wrong.is_empty(), "deliveries != 1: {wrong:?}");
-}
-
-/// A metric's samples summed over the series whose labels include `labels`, read from
-/// the proxy's own exposition with the official Python parser (tests/support).
-fn metric_sum(exposition: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    let parsed = parse_metrics(exposition);
-    parsed["samples"]
-        .as_array()
-        .expect("samples")
-        .iter()
-        .filter(|s| s[0] == name)
-        .filter(|s| labels.iter().all(|(k, v)| s[1][*k] == *v))
-        .map(|s| s[2].as_f64().unwrap_or(0.0))
-        .sum()
-}
-
-fn parse_metrics(exposition: &str) -> serde_json::Value {
-    use std::io::Write;
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/support/parse_metrics.py"
-    );
-    let mut child = Command::new(venv_bin("python"))
-        .args([script, "text"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("python from .venv (run scripts/test.sh, which installs it)");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(exposition.as_bytes())
-        .expect("write exposition");
-    let out = child.wait_with_output().expect("parser runs");
-    assert!(
-        out.status.success(),
-        "the exposition does not parse: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("parser JSON")
-}
-
-/// The proxy's `/metrics` in the classic text format.
-async fn scrape(proxy: &gpulink::proxy::ProxyHandle) -> String {
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .build_http();
-    let url = format!("http://{}/metrics", proxy.admin_addr);
-    let reply = send(&client, "GET", &url, Vec::new(), &[]).await;
-    assert_eq!(reply.status, 200);
-    String::from_utf8(reply.body.to_vec()).expect("UTF-8 exposition")
 }
 
 // ---- nginx as the cluster's TLS + HTTP/2 front --------------------------------------
@@ -407,13 +357,12 @@ phase = "privatelink-only"
     let url = format!("http://{}/inference", proxy.listen_addr);
 
     let outcome = load(&client, &url, "nginx", 400, 16).await;
-    let exposition = scrape(&proxy).await;
-    let goaway = metric_sum(
-        &exposition,
+    let metrics = prom::scrape(proxy.admin_addr).await;
+    let goaway = metrics.sum(
         "gpulink_upstream_unprocessed_total",
         &[("reason", "goaway")],
     );
-    let retries = metric_sum(&exposition, "gpulink_upstream_retries_total", &[]);
+    let retries = metrics.sum("gpulink_upstream_retries_total", &[]);
     // Failures as passive outlier detection counts them.
     let endpoint_failures: u64 = proxy
         .proxy()

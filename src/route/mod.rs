@@ -329,6 +329,11 @@ impl Plan<'_> {
     pub fn is_empty(&self) -> bool {
         self.tiers.is_empty()
     }
+
+    /// The route of the first tier: where the request would have gone.
+    pub fn first_route(&self) -> Option<RouteKind> {
+        self.tiers.first().map(|tier| tier.kind)
+    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,121 @@
+//! `/metrics` read the way Prometheus reads it: fetched from the admin server and parsed
+//! with the official Python client's parser (`parse_metrics.py`, next to this file).
+//! Included by the tests that assert on metrics with `#[path]`.
+
+#![allow(dead_code)]
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+/// One parsed exposition.
+pub struct Exposition {
+    pub families: serde_json::Map<String, serde_json::Value>,
+    pub samples: Vec<(String, serde_json::Map<String, serde_json::Value>, f64)>,
+}
+
+impl Exposition {
+    /// The samples named `name` whose labels include every pair of `labels`.
+    pub fn matching<'a>(
+        &'a self,
+        name: &'a str,
+        labels: &'a [(&'a str, &'a str)],
+    ) -> impl Iterator<Item = f64> + 'a {
+        self.samples
+            .iter()
+            .filter(move |(n, l, _)| {
+                n == name
+                    && labels
+                        .iter()
+                        .all(|(k, v)| l.get(*k).and_then(|x| x.as_str()) == Some(*v))
+            })
+            .map(|(_, _, value)| *value)
+    }
+
+    /// The sum of [`Exposition::matching`].
+    pub fn sum(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.matching(name, labels).sum()
+    }
+
+    /// The one sample with exactly these labels; panics when it is absent, which is
+    /// the point: an absent series is not a zero to PromQL.
+    pub fn value(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        let found: Vec<f64> = self
+            .samples
+            .iter()
+            .filter(|(n, l, _)| {
+                n == name
+                    && l.len() == labels.len()
+                    && labels
+                        .iter()
+                        .all(|(k, v)| l.get(*k).and_then(|x| x.as_str()) == Some(*v))
+            })
+            .map(|(_, _, value)| *value)
+            .collect();
+        assert_eq!(
+            found.len(),
+            1,
+            "{name}{labels:?} is not exposed exactly once"
+        );
+        found[0]
+    }
+}
+
+/// Parses `text` with the official parser (`text` = the classic format 0.0.4).
+pub fn parse(text: &str) -> Exposition {
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/support/parse_metrics.py"
+    );
+    let python = concat!(env!("CARGO_MANIFEST_DIR"), "/.venv/bin/python");
+    let mut child = Command::new(python)
+        .args([script, "text"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("python from .venv (run scripts/test.sh, which installs it)");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(text.as_bytes())
+        .expect("write exposition");
+    let out = child.wait_with_output().expect("parser runs");
+    assert!(
+        out.status.success(),
+        "the exposition does not parse: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let parsed: serde_json::Value = serde_json::from_slice(&out.stdout).expect("parser JSON");
+    let families = parsed["families"].as_object().cloned().unwrap_or_default();
+    let samples = parsed["samples"]
+        .as_array()
+        .expect("samples")
+        .iter()
+        .map(|s| {
+            (
+                s[0].as_str().unwrap_or("").to_string(),
+                s[1].as_object().cloned().unwrap_or_default(),
+                s[2].as_f64().unwrap_or(f64::NAN),
+            )
+        })
+        .collect();
+    Exposition { families, samples }
+}
+
+/// The proxy's `/metrics` in the classic text format, parsed.
+pub async fn scrape(admin: std::net::SocketAddr) -> Exposition {
+    use http_body_util::BodyExt;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Empty<bytes::Bytes>>();
+    let uri: http::Uri = format!("http://{admin}/metrics").parse().expect("URI");
+    let response = client.get(uri).await.expect("/metrics answers");
+    assert_eq!(response.status(), 200);
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes();
+    parse(std::str::from_utf8(&body).expect("UTF-8 exposition"))
+}
