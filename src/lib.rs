@@ -19,6 +19,7 @@
 //! * [`admin`]: `/live`, `/ready`, `/metrics`, `/status` and the HTML status page on the
 //!   admin address; [`metrics`] holds the Prometheus metrics it exposes.
 //! * [`probe`]: `gpulink probe`, the guide's connectivity test and troubleshooting.
+//! * [`healthcheck`]: `gpulink health`, the readiness probe for containers and exec.
 //! * [`systemd`]: readiness, watchdog and reload notifications for `Type=notify` units.
 //! * [`config`]: the TOML contract and its validation.
 //! * [`sim`]: the cluster simulator used by tests, benchmarks and the demo.
@@ -31,6 +32,7 @@ pub mod demo;
 pub mod error;
 pub mod forward;
 pub mod headers;
+pub mod healthcheck;
 pub mod inflight;
 pub mod ingress;
 pub mod listener;

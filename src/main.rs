@@ -1,4 +1,4 @@
-//! The `gpulink` command: `run`, `check`, `probe`, `demo` and `sim`.
+//! The `gpulink` command: `run`, `check`, `health`, `probe`, `demo` and `sim`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -45,6 +45,9 @@ enum Command {
     /// Test connectivity to every endpoint (TCP, TLS, /health, latency) and diagnose
     /// failures: exit 0 when something can serve, 1 when nothing can, 78 for a bad config.
     Probe(gpulink::probe::ProbeArgs),
+    /// Ask a running gpulink's admin `/ready`: exit 0 on 200, 1 with the reason otherwise
+    /// (for Docker HEALTHCHECK, ECS and `kubectl exec` probes; no shell or curl needed).
+    Health(gpulink::healthcheck::HealthArgs),
     /// A self-contained scenario on loopback: no AWS account, no network.
     Demo(gpulink::demo::DemoArgs),
     /// The cluster simulator: TLS endpoints, health ports and a control API on loopback.
@@ -105,6 +108,7 @@ async fn async_main(command: Command) -> ExitCode {
     let result = match command {
         Command::Run { config, log_format } => run(&config, log_format).await,
         Command::Probe(args) => gpulink::probe::run(args).await,
+        Command::Health(args) => Ok(gpulink::healthcheck::run(args).await),
         Command::Demo(args) => gpulink::demo::run(args).await,
         Command::Sim(args) => gpulink::sim::run_cli(args)
             .await
@@ -149,23 +153,45 @@ async fn run(
         config.log.format,
         log_format,
     ));
+    if let Err(message) = aws_files_readable() {
+        report!("gpulink: {message}");
+        return Ok(ExitCode::from(EX_CONFIG as u8));
+    }
     let keys = KeyService::Kms(KmsKeys::from_config(&config.kms).await);
     let handle = gpulink::proxy::start(config, keys).await?;
     let stop_reloading = tokio_util::sync::CancellationToken::new();
     reload_triggers.spawn(handle.proxy().clone(), stop_reloading.clone());
     // systemd (Type=notify): ready only now that the proxy serves; then watchdog pings.
     let stop_watchdog = tokio_util::sync::CancellationToken::new();
-    gpulink::systemd::ready(&format!(
-        "serving on {}, admin on {}",
-        handle.listen_addr, handle.admin_addr
-    ));
+    gpulink::systemd::ready(&gpulink::systemd::status_line(handle.proxy()));
     gpulink::systemd::spawn_watchdog(stop_watchdog.clone());
+    gpulink::systemd::spawn_status(handle.proxy().clone(), stop_reloading.clone());
     wait_for_shutdown_signal().await?;
-    gpulink::systemd::stopping();
     stop_reloading.cancel();
+    gpulink::systemd::stopping();
     handle.shutdown().await;
     stop_watchdog.cancel();
     Ok(ExitCode::SUCCESS)
+}
+
+/// The AWS SDK treats an unreadable shared credentials or config file as absent and
+/// ends with "the credential provider was not enabled"; name the file and the likely
+/// cause instead (under the systemd unit: a 0600 file the dynamic user cannot read).
+fn aws_files_readable() -> Result<(), String> {
+    for variable in ["AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE"] {
+        let Some(path) = std::env::var_os(variable) else {
+            continue;
+        };
+        let path = std::path::PathBuf::from(path);
+        if let Err(error) = std::fs::File::open(&path) {
+            return Err(format!(
+                "cannot read {variable}={}: {error}{}",
+                path.display(),
+                gpulink::config::sandbox_hint(variable, &path, &error)
+            ));
+        }
+    }
+    Ok(())
 }
 
 async fn wait_for_shutdown_signal() -> anyhow::Result<()> {

@@ -2,7 +2,8 @@
 //! file's directory. The directory, not the file, is watched because Kubernetes updates
 //! a mounted ConfigMap by swapping a symlink, which a watch on the file never sees.
 //! Bursts of events are debounced, and a file whose content did not change is not
-//! reloaded.
+//! reloaded, whichever the trigger: an edit followed by `systemctl reload` (the watch and
+//! the SIGHUP both fire) applies it once, and a SIGHUP with nothing changed is a no-op.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -89,9 +90,9 @@ impl Triggers {
         tokio::spawn(async move {
             // The watcher stops when dropped; it lives as long as this task.
             let _watcher = watcher;
-            let mut last = Some(loaded);
+            let mut last = Some(digest(&loaded));
             // A change made while the proxy started has no event left to wake us.
-            let now = read_file(&path).await;
+            let now = read_digest(&path).await;
             if now.is_some() && now != last {
                 tracing::info!(path = %path.display(), "configuration file changed during start-up: reloading");
                 reload_notifying_systemd(&proxy, &path).await;
@@ -101,14 +102,20 @@ impl Triggers {
                 tokio::select! {
                     _ = stop.cancelled() => return,
                     _ = hangup.recv() => {
+                        // Unreadable (None) still reloads: the rejection names the problem.
+                        let now = read_digest(&path).await;
+                        if now.is_some() && now == last {
+                            tracing::info!(path = %path.display(), "SIGHUP: the configuration file has not changed since it was last loaded; nothing to do");
+                            continue;
+                        }
                         tracing::info!(path = %path.display(), "SIGHUP: reloading the configuration");
                         reload_notifying_systemd(&proxy, &path).await;
-                        last = read_file(&path).await;
+                        last = now;
                     }
                     Some(()) = changed.recv() => {
                         tokio::time::sleep(DEBOUNCE).await;
                         while changed.try_recv().is_ok() {}
-                        let now = read_file(&path).await;
+                        let now = read_digest(&path).await;
                         if now.is_some() && now != last {
                             tracing::info!(path = %path.display(), "configuration file changed: reloading");
                             reload_notifying_systemd(&proxy, &path).await;
@@ -137,13 +144,31 @@ async fn read_file(path: &Path) -> Option<Vec<u8>> {
         .flatten()
 }
 
+/// SHA-256 of a configuration file's content: what "has it changed" compares, without
+/// keeping a copy of the file.
+type Digest = [u8; 32];
+
+fn digest(content: &[u8]) -> Digest {
+    let hash = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, content);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(hash.as_ref());
+    out
+}
+
+async fn read_digest(path: &Path) -> Option<Digest> {
+    read_file(path).await.map(|content| digest(&content))
+}
+
 /// Reloads, telling systemd (`Type=notify`) that a reload is under way, so that
 /// `systemctl reload` returns when it is done.
 async fn reload_notifying_systemd(proxy: &Proxy, path: &Path) {
     crate::systemd::reloading();
     let status = match proxy.reload_from_file(path).await {
-        Ok(generation) => format!("serving configuration generation {generation}"),
-        Err(_) => "reload rejected; previous configuration still serving".to_string(),
+        Ok(_) => crate::systemd::status_line(proxy),
+        Err(_) => format!(
+            "reload rejected (see the log); {}",
+            crate::systemd::status_line(proxy)
+        ),
     };
     crate::systemd::reloaded(&status);
 }

@@ -1,15 +1,22 @@
 //! systemd integration for `Type=notify` units (`packaging/systemd/gpulink.service`):
 //! `READY=1` once the proxy serves, `STOPPING=1` when it starts draining, `RELOADING=1`
-//! around a reload, and `WATCHDOG=1` pings at half of `WATCHDOG_USEC`.
+//! around a reload, `WATCHDOG=1` pings at half of `WATCHDOG_USEC`, and `STATUS=` (the
+//! line `systemctl status` shows) kept current: phase, serving endpoints, generation.
 //!
 //! Outside systemd (`NOTIFY_SOCKET` unset: a terminal, a container) every call is a
 //! no-op, so `gpulink run` behaves the same everywhere. A failed notification is logged,
 //! never fatal: the proxy serving matters more than the service manager hearing of it.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use sd_notify::NotifyState;
 use tokio_util::sync::CancellationToken;
+
+use crate::proxy::Proxy;
+
+/// How often `STATUS=` is brought up to date (only sent when it changed).
+const STATUS_INTERVAL: Duration = Duration::from_secs(2);
 
 fn notify(what: &str, states: &[NotifyState<'_>]) {
     if std::env::var_os("NOTIFY_SOCKET").is_none() {
@@ -45,6 +52,50 @@ pub fn reloading() {
 /// A reload is over (applied or rejected: the proxy serves either way).
 pub fn reloaded(status: &str) {
     notify("READY", &[NotifyState::Ready, NotifyState::Status(status)]);
+}
+
+/// What the proxy serves right now, in one line for `systemctl status`, e.g.
+/// `phase privatelink, 3/4 endpoints serving, generation 2; listening on 127.0.0.1:8000`.
+pub fn status_line(proxy: &Proxy) -> String {
+    let generation = proxy.current();
+    let serving = generation
+        .endpoints
+        .iter()
+        .filter(|e| e.is_serving())
+        .count();
+    format!(
+        "phase {}, {serving}/{} endpoints serving, generation {}; listening on {}, admin on {}",
+        generation.routes.phase().as_str(),
+        generation.endpoints.len(),
+        generation.number,
+        generation.config.listen.address,
+        generation.config.admin.address,
+    )
+}
+
+/// Keeps `STATUS=` current until `stop` is cancelled (cancel it before [`stopping`], so
+/// that "draining" is the last word).
+pub fn spawn_status(proxy: Arc<Proxy>, stop: CancellationToken) {
+    if std::env::var_os("NOTIFY_SOCKET").is_none() {
+        return;
+    }
+    tokio::spawn(async move {
+        let mut last = String::new();
+        let mut ticks = tokio::time::interval(STATUS_INTERVAL);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = ticks.tick() => {
+                    let line = status_line(&proxy);
+                    if line != last {
+                        notify("STATUS", &[NotifyState::Status(&line)]);
+                        last = line;
+                    }
+                }
+            }
+        }
+    });
 }
 
 /// The interval between watchdog pings: half of `WATCHDOG_USEC`, as sd_watchdog_enabled(3)

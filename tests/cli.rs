@@ -176,3 +176,22 @@ fn demo_config_is_valid_once_the_ca_is_filled_in() {
     let (code, text) = check(&path);
     assert_eq!(code, 0, "{text}");
 }
+
+#[test]
+fn unreadable_ca_under_tmp_names_the_key_and_the_private_tmp() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let example =
+        std::fs::read_to_string(root().join("config/gpulink.example.toml")).expect("example");
+    let missing = "/tmp/gpulink-test-no-such-dir/ca.pem";
+    let text = example.replace(
+        "# ca_file = \"/etc/gpulink/ca.pem\"",
+        &format!("ca_file = \"{missing}\""),
+    );
+    assert!(text.contains(missing));
+    let path = dir.path().join("gpulink.toml");
+    std::fs::write(&path, text).expect("write");
+    let (code, text) = check(&path);
+    assert_eq!(code, 78, "{text}");
+    assert!(text.contains("`upstream.ca_file`"), "{text}");
+    assert!(text.contains("PrivateTmp=yes"), "{text}");
+}

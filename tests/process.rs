@@ -402,6 +402,44 @@ async fn sighup_changes_phase_under_load_without_failures() {
     assert_eq!(reply.header("x-gpulink-route"), Some("public"));
 }
 
+/// An edit followed by SIGHUP (what `systemctl reload` does) applies it once, although
+/// the directory watch sees the edit too; a SIGHUP with the file unchanged is a no-op.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_with_an_unchanged_file_is_a_no_op() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log_path = dir.path().join("proxy.log");
+    let log = std::fs::File::create(&log_path).expect("log file");
+    let p =
+        Processes::launch_with(202, "privatelink", "", None, Stdio::from(log), Some("info")).await;
+    p.write_config("public", "");
+    signal(p.proxy(), "HUP");
+    p.wait_generation(2).await;
+    assert_eq!(p.status().await["phase"], "public");
+
+    let no_op = "has not changed since it was last loaded";
+    let count = || {
+        std::fs::read_to_string(&log_path)
+            .unwrap_or_default()
+            .matches(no_op)
+            .count()
+    };
+    let before = count();
+    signal(p.proxy(), "HUP");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while count() == before {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the SIGHUP was never handled:\n{}",
+            std::fs::read_to_string(&log_path).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let status = p.status().await;
+    assert_eq!(status["generation"].as_u64(), Some(2), "{status}");
+    assert_eq!(status["reloads"]["applied"].as_u64(), Some(1), "{status}");
+    assert_eq!(p.post().await.status, 200);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn file_change_reloads_and_an_invalid_file_changes_nothing() {
     let p = Processes::start(83, "public", "").await;

@@ -126,6 +126,16 @@ async fn run_notifies_systemd_and_logs_json_with_request_ids() {
     assert!(status.success(), "gpulink run exited with {status}");
     // No READY=1 came before the first one we awaited: it was the first message.
     assert!(seen[0].lines().any(|l| l == "READY=1"), "{seen:?}");
+    // STATUS= (what `systemctl status` shows) says what is served.
+    let status = seen[0]
+        .lines()
+        .find_map(|l| l.strip_prefix("STATUS="))
+        .unwrap_or_default();
+    assert!(
+        status.starts_with("phase privatelink, ")
+            && status.contains("endpoints serving, generation 1;"),
+        "{seen:?}"
+    );
 
     let logs = std::fs::read_to_string(&log_path).expect("logs");
     let mut request_lines = 0;

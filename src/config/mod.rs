@@ -960,8 +960,42 @@ impl Config {
 }
 
 /// Loads the CA file exactly as `run` does, so that `check` and `run` never disagree.
+/// Opening it first names the sandbox cause when it cannot be read: under the systemd
+/// unit a root-owned 0600 file exists but cannot be opened.
 fn check_ca_file(key: &str, path: &Path) -> Result<(), (String, String)> {
+    if let Err(e) = std::fs::File::open(path) {
+        return Err((
+            key.to_string(),
+            format!(
+                "cannot read `{}`: {e}{}",
+                path.display(),
+                sandbox_hint(key, path, &e)
+            ),
+        ));
+    }
     crate::tls::check_ca_file(path).map_err(|e| (key.to_string(), e.to_string()))
+}
+
+/// What to check when a file that works from a shell fails under the systemd unit
+/// (packaging/systemd/gpulink.service): DynamicUser= runs gpulink as an unprivileged
+/// user of its own, and PrivateTmp= gives it an empty /tmp of its own.
+pub fn sandbox_hint(key: &str, path: &Path, error: &std::io::Error) -> String {
+    let in_tmp = path.starts_with("/tmp") || path.starts_with("/var/tmp");
+    match error.kind() {
+        std::io::ErrorKind::PermissionDenied => format!(
+            ". Under the systemd unit gpulink runs as an unprivileged dynamic user \
+             (DynamicUser=yes): make the file readable by it (a CA certificate is not secret: \
+             chmod 0644, and its directories o+x), or hand it over with LoadCredential= and \
+             point `{key}` at /run/credentials/gpulink.service/NAME (recipe: \
+             /usr/share/doc/gpulink/examples/credentials.conf)"
+        ),
+        std::io::ErrorKind::NotFound if in_tmp => format!(
+            ". Under the systemd unit /tmp and /var/tmp are private to the service \
+             (PrivateTmp=yes), so files placed there from a shell are not visible to it: \
+             move the file (e.g. to /etc/gpulink/) and update `{key}`"
+        ),
+        _ => String::new(),
+    }
 }
 
 /// Splits `host[:port]` (IPv6 as `[::1]:443`); the port defaults to 443.
