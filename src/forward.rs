@@ -293,13 +293,16 @@ async fn journey(
         }
     }
     Err(last_error.unwrap_or_else(|| {
+        let why = plan.why_none_serve();
         ProxyError::NoEndpoint(format!(
-            "no endpoint can serve: every endpoint allowed in phase `{}` is unhealthy{}",
+            "no endpoint can serve: every endpoint allowed in phase `{}` is out of service{}",
             generation.routes.phase().as_str(),
             if plan.is_empty() {
-                " or none is configured"
+                " or none is configured".to_string()
+            } else if why.is_empty() {
+                String::new()
             } else {
-                ""
+                format!(" ({why}; /status and `gpulink probe` say what to change)")
             }
         ))
     }))

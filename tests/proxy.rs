@@ -346,19 +346,32 @@ async fn wrong_certificate_name_is_refused_and_nothing_is_sent() {
         },
     )
     .await;
+    // The data-path check found the wrong name before any request: nothing can serve.
     let reply = world.post("/inference", GUIDE_REQUEST, &[]).await;
     assert_eq!(
         reply.status,
-        502,
+        503,
         "{}",
         String::from_utf8_lossy(&reply.body)
     );
-    assert_eq!(reply.error_code(), "upstream_connect");
+    assert_eq!(reply.error_code(), "no_endpoint");
     let message = reply.json()["error"]["message"]
         .as_str()
         .unwrap_or("")
         .to_string();
-    assert!(message.contains("not-the-cluster.example.com"), "{message}");
+    assert!(message.contains("wrong server name"), "{message}");
+    let generation = world.proxy().proxy().current();
+    for endpoint in generation
+        .endpoints
+        .iter()
+        .filter(|e| e.kind() == gpulink::config::RouteKind::Privatelink)
+    {
+        let diagnosis = endpoint.data_path_snapshot().diagnosis.unwrap_or_default();
+        assert!(
+            diagnosis.contains("not-the-cluster.example.com"),
+            "{diagnosis}"
+        );
+    }
     assert_eq!(world.total_requests(), 0);
     world.stop().await;
 }

@@ -326,6 +326,41 @@ impl Plan<'_> {
         None
     }
 
+    /// Why none of the plan's endpoints serves, for the `no_endpoint` message: each
+    /// reason once, with how many endpoints it holds out, e.g. `3 × data path: wrong
+    /// server name`. Empty when some endpoint serves (or there is none).
+    pub fn why_none_serve(&self) -> String {
+        let mut reasons: Vec<(String, usize)> = Vec::new();
+        for endpoint in self.tiers.iter().flat_map(|tier| tier.endpoints.iter()) {
+            let label =
+                |p: Option<crate::upstream::diagnose::Problem>| p.map_or("failing", |p| p.label());
+            let reason = if !endpoint.is_data_path_ok() {
+                format!(
+                    "data path: {}",
+                    label(endpoint.data_path_snapshot().problem)
+                )
+            } else if !endpoint.is_healthy() {
+                format!(
+                    "health check: {}",
+                    label(endpoint.health_snapshot().problem)
+                )
+            } else if endpoint.outlier.is_ejected() {
+                "ejected after failures".to_string()
+            } else {
+                continue;
+            };
+            match reasons.iter_mut().find(|(r, _)| *r == reason) {
+                Some((_, n)) => *n += 1,
+                None => reasons.push((reason, 1)),
+            }
+        }
+        reasons
+            .iter()
+            .map(|(reason, n)| format!("{n} × {reason}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
     pub fn is_empty(&self) -> bool {
         self.tiers.is_empty()
     }

@@ -78,6 +78,32 @@ impl Problem {
         }
     }
 
+    /// A few words for a one-line message (the app's `no_endpoint` error); the full
+    /// diagnosis is in `/status`, the log and `gpulink probe`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Problem::DnsFailed => "DNS lookup failed",
+            Problem::ConnectTimeout => "TCP connect timed out (filtered?)",
+            Problem::ConnectRefused => "connection refused",
+            Problem::NoRoute => "no route",
+            Problem::ConnectFailed => "TCP connect failed",
+            Problem::TlsWrongName => "wrong server name",
+            Problem::TlsUnknownCa => "untrusted CA",
+            Problem::TlsExpired => "certificate expired or not yet valid",
+            Problem::TlsTimeout => "TLS handshake timed out",
+            Problem::TlsFailed => "TLS handshake failed",
+            Problem::HealthTimeout => "health check timed out",
+            Problem::HealthRefused => "health port refused",
+            Problem::HealthFailed => "health check failed",
+            Problem::HealthStatus => "health check answered an error",
+            Problem::HealthNotJson => "health answer is not the cluster's JSON",
+            Problem::Unhealthy => "reports unhealthy",
+            Problem::StaleHealth => "stale health timestamp",
+            Problem::NoCapacity => "no capacity",
+            Problem::RegionMismatch => "region mismatch",
+        }
+    }
+
     /// Warnings do not stop an endpoint from serving.
     pub fn is_warning(self) -> bool {
         matches!(self, Problem::NoCapacity | Problem::RegionMismatch)
