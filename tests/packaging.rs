@@ -170,12 +170,33 @@ fn instructions(dockerfile: &str) -> Vec<(String, String)> {
 fn dockerfile_is_multi_stage_non_root_and_ships_the_release_binary() {
     let dockerfile = read("packaging/docker/Dockerfile");
     let steps = instructions(&dockerfile);
-    let froms: Vec<(usize, &str)> = steps
-        .iter()
-        .enumerate()
-        .filter(|(_, (w, _))| w == "FROM")
-        .map(|(i, (_, rest))| (i, rest.as_str()))
-        .collect();
+    // FROM lines name their images through ARGs (so digests can be pinned at build
+    // time): resolve the defaults.
+    let mut args: Vec<(String, String)> = Vec::new();
+    let expand = |text: &str, args: &[(String, String)]| -> String {
+        let mut out = text.to_string();
+        for (name, value) in args.iter().rev() {
+            out = out.replace(&format!("${{{name}}}"), value);
+        }
+        out
+    };
+    let mut resolved = Vec::new();
+    for (i, (word, rest)) in steps.iter().enumerate() {
+        if word == "ARG" {
+            if let Some((name, value)) = rest.split_once('=') {
+                let value = expand(value, &args);
+                args.push((name.to_string(), value));
+            }
+        }
+        if word == "FROM" {
+            resolved.push((i, expand(rest, &args)));
+        }
+    }
+    let froms: Vec<(usize, &str)> = resolved.iter().map(|(i, r)| (*i, r.as_str())).collect();
+    assert!(
+        froms[0].1.starts_with("rust:") && froms.last().unwrap().1.contains("distroless"),
+        "{froms:?}"
+    );
     assert!(froms.len() >= 2, "multi-stage: {froms:?}");
     let (build_index, build_from) = froms[0];
     let stage_name = build_from
@@ -194,18 +215,42 @@ fn dockerfile_is_multi_stage_non_root_and_ships_the_release_binary() {
     let manifest: toml::Value = toml::from_str(&read("Cargo.toml")).expect("Cargo.toml");
     let bin = manifest["bin"][0]["name"].as_str().expect("bin name");
     let artifact = format!("target/release/{bin}");
+    // target/ is a BuildKit cache mount (not in the image), so the build copies the
+    // artifact out of it; the final stage takes that copy.
+    let (_, build_run) = build
+        .iter()
+        .find(|(w, r)| w == "RUN" && r.contains("cargo build --release"))
+        .expect("the cargo build");
+    for cache in ["/usr/local/cargo/registry", "/src/target"] {
+        assert!(
+            build_run.contains(&format!("--mount=type=cache,target={cache}")),
+            "no cache mount for {cache}: {build_run}"
+        );
+    }
+    let exported = build_run
+        .split("&&")
+        .find(|part| part.contains(&artifact) && part.trim_start().starts_with("install"))
+        .and_then(|part| part.split_whitespace().last())
+        .unwrap_or_else(|| panic!("the build copies {artifact} out of the cache: {build_run}"));
     let copy = runtime
         .iter()
         .find(|(w, r)| w == "COPY" && r.contains(&format!("--from={stage_name}")))
         .unwrap_or_else(|| panic!("the final stage copies from `{stage_name}`"));
     let copy_args: Vec<&str> = copy.1.split_whitespace().collect();
     assert!(
-        copy_args.iter().any(|a| a.ends_with(&artifact)),
-        "COPY must take {artifact}: {copy:?}"
+        copy_args.contains(&exported),
+        "COPY must take {exported}: {copy:?}"
+    );
+    // No packages installed for the build: aws-lc-rs needs neither cmake nor clang.
+    assert!(
+        !build
+            .iter()
+            .any(|(w, r)| w == "RUN" && r.contains("apt-get install")),
+        "{build:?}"
     );
     let installed = *copy_args.last().expect("COPY destination");
 
-    // Non-root, with CA certificates, entrypoint on the copied binary, no HEALTHCHECK.
+    // Non-root, with CA certificates, entrypoint on the copied binary.
     let user = runtime
         .iter()
         .rev()
@@ -233,7 +278,23 @@ fn dockerfile_is_multi_stage_non_root_and_ships_the_release_binary() {
         entrypoint.1.contains(installed),
         "{entrypoint:?} vs {installed}"
     );
-    assert!(!steps.iter().any(|(w, _)| w == "HEALTHCHECK"));
+    // The health check runs the binary itself (distroless has no shell or curl).
+    let healthcheck = runtime
+        .iter()
+        .find(|(w, _)| w == "HEALTHCHECK")
+        .map(|(_, r)| r.as_str())
+        .expect("HEALTHCHECK");
+    assert!(
+        healthcheck.contains(&format!("CMD [\"{installed}\", \"health\"")),
+        "{healthcheck}"
+    );
+    // The loopback app port is not advertised; the admin port is.
+    let exposed: Vec<&str> = runtime
+        .iter()
+        .filter(|(w, _)| w == "EXPOSE")
+        .flat_map(|(_, r)| r.split_whitespace())
+        .collect();
+    assert_eq!(exposed, ["9901"]);
 
     // The builder's Rust is at least the crate's rust-version.
     let needed = manifest["package"]["rust-version"]
@@ -367,6 +428,14 @@ fn kubernetes_manifests_validate_against_the_schemas() {
     let toml_text = config_map["data"]["gpulink.toml"]
         .as_str()
         .expect("gpulink.toml in the ConfigMap");
+    // ca_file is the ConfigMap's ca.pem, mounted beside gpulink.toml.
+    let ca_pem = config_map["data"]["ca.pem"]
+        .as_str()
+        .expect("ca.pem in the ConfigMap");
+    let ca_path = broken_dir.path().join("ca.pem");
+    std::fs::write(&ca_path, ca_pem).expect("write ca.pem");
+    assert!(toml_text.contains("ca_file = \"/etc/gpulink/ca.pem\""));
+    let toml_text = toml_text.replace("/etc/gpulink/ca.pem", &ca_path.display().to_string());
     let config_path = broken_dir.path().join("gpulink.toml");
     std::fs::write(&config_path, toml_text).expect("write");
     let check = Command::new(env!("CARGO_BIN_EXE_gpulink"))
@@ -381,6 +450,63 @@ fn kubernetes_manifests_validate_against_the_schemas() {
     );
     let config = gpulink::config::Config::load(&config_path).expect("valid");
     assert!(config.listen.address.ip().is_loopback());
+
+    // IRSA credentials reach the gpulink container only.
+    let annotations = &deployment["spec"]["template"]["metadata"]["annotations"];
+    let skipped: Vec<&str> = annotations["eks.amazonaws.com/skip-containers"]
+        .as_str()
+        .expect("eks.amazonaws.com/skip-containers")
+        .split(',')
+        .map(str::trim)
+        .collect();
+    for container in pod["containers"].as_array().expect("containers") {
+        let name = container["name"].as_str().expect("name");
+        assert!(skipped.contains(&name), "{name} would get the KMS role");
+    }
+    assert!(!skipped.contains(&"gpulink"));
+
+    // Memory: the in-flight body budget fits in the limit with room for the process,
+    // and is reserved (requests = limits).
+    let memory = |which: &str| -> u64 {
+        let text = sidecar_container["resources"][which]["memory"]
+            .as_str()
+            .unwrap_or_else(|| panic!("resources.{which}.memory"));
+        let mib: u64 = text
+            .strip_suffix("Mi")
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("memory in Mi: {text}"));
+        mib << 20
+    };
+    let budget = config.listen.max_in_flight_bytes.bytes() as u64;
+    assert!(
+        memory("limits") >= budget + (64 << 20),
+        "limit {} for a budget of {budget}",
+        memory("limits")
+    );
+    assert_eq!(memory("requests"), memory("limits"));
+
+    // The admin port is admitted by a NetworkPolicy selecting these pods.
+    let policy = kind("NetworkPolicy").expect("NetworkPolicy");
+    let labels = &deployment["spec"]["template"]["metadata"]["labels"];
+    for (key, value) in policy["spec"]["podSelector"]["matchLabels"]
+        .as_object()
+        .expect("matchLabels")
+    {
+        assert_eq!(&labels[key], value, "the policy does not select the pods");
+    }
+    let rules = policy["spec"]["ingress"].as_array().expect("ingress rules");
+    let admin_rule = rules
+        .iter()
+        .find(|r| {
+            r["ports"]
+                .as_array()
+                .is_some_and(|ports| ports.iter().any(|p| p["port"] == 9901))
+        })
+        .expect("a rule for the admin port");
+    assert!(
+        admin_rule["from"].as_array().is_some_and(|f| !f.is_empty()),
+        "port 9901 open to everyone: {admin_rule}"
+    );
     assert!(config.admin.address.ip().is_unspecified());
     assert_eq!(config.admin.address.port(), 9901);
 }
