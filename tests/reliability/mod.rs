@@ -699,7 +699,27 @@ impl Deployment {
             client: hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build_http(),
         };
         deployment.wait_ready().await;
+        // Ready does not wait for the cluster: under load the first health round may
+        // have failed, and a request now would rightly get `no_endpoint`.
+        deployment.wait_all_serving().await;
         deployment
+    }
+
+    /// Waits (bounded) until `/status` shows every endpoint serving.
+    pub async fn wait_all_serving(&self) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let status = self.status().await;
+            let endpoints = status["endpoints"].as_array().cloned().unwrap_or_default();
+            if endpoints.len() == 4 && endpoints.iter().all(|e| e["serving"] == true) {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "not every endpoint became serving: {status}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -743,7 +763,7 @@ request_timeout = "2s"
 
 [health]
 interval = "200ms"
-timeout = "500ms"
+timeout = "1s"
 healthy_threshold = 1
 unhealthy_threshold = 1
 
