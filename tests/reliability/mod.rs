@@ -783,7 +783,13 @@ canary_percent = 50
     /// Rewrites the configuration with another phase (write to a temporary file, then
     /// rename, as deployment tools do).
     pub fn write_phase(&self, phase: &str) {
-        let text = Self::config_text_for(
+        self.write_phase_noted(phase, "");
+    }
+
+    /// As [`Deployment::write_phase`], with a comment line that makes the file differ
+    /// (gpulink applies a reload only when the file's content changed).
+    pub fn write_phase_noted(&self, phase: &str, note: &str) {
+        let mut text = Self::config_text_for(
             self.block,
             self.listen,
             self.admin,
@@ -792,6 +798,7 @@ canary_percent = 50
             &self.ca_file,
             phase,
         );
+        text.push_str(&format!("# {note}\n"));
         let tmp = self.config_path.with_extension("tmp");
         std::fs::write(&tmp, text).expect("write config");
         std::fs::rename(&tmp, &self.config_path).expect("rename config");
