@@ -8,6 +8,7 @@
 //!   within `header_read_timeout` (this also bounds a connection that sends nothing or a
 //!   partial HTTP/2 preface, which hyper waits on forever), and a connection with no
 //!   request in flight is closed after `idle_timeout`. HTTP/2 connections are pinged.
+//!   A write to a client may wait at most `send_timeout` (a client that stops reading).
 //! * **File descriptors**: the soft `RLIMIT_NOFILE` is raised to the hard limit at start,
 //!   and the app listener's limit is capped so that it, the admin limit, the upstream
 //!   pools and a reserve all fit ([`fit_file_descriptors`]).
@@ -18,8 +19,11 @@
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
+use std::io;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::{Request, Response};
@@ -28,9 +32,10 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -59,6 +64,8 @@ pub struct ConnectionSettings {
     pub idle_timeout: Duration,
     pub h2_keepalive_interval: Duration,
     pub h2_keepalive_timeout: Duration,
+    /// The longest one write to the client may wait.
+    pub send_timeout: Duration,
     /// HTTP/2 streams at once per connection.
     pub h2_max_streams: u32,
     /// HTTP/2 flow-control windows: how much unread request body one stream and one
@@ -77,6 +84,7 @@ impl ConnectionSettings {
             idle_timeout: listen.idle_timeout.get(),
             h2_keepalive_interval: listen.h2_keepalive_interval.get(),
             h2_keepalive_timeout: listen.h2_keepalive_timeout.get(),
+            send_timeout: listen.send_timeout.get(),
             h2_max_streams: 128,
             h2_stream_window: 1024 * 1024,
             h2_connection_window: 4 * 1024 * 1024,
@@ -91,6 +99,7 @@ impl ConnectionSettings {
             idle_timeout: config.admin.idle_timeout.get(),
             h2_keepalive_interval: config.listen.h2_keepalive_interval.get(),
             h2_keepalive_timeout: config.listen.h2_keepalive_timeout.get(),
+            send_timeout: config.listen.send_timeout.get(),
             h2_max_streams: 16,
             h2_stream_window: 64 * 1024,
             h2_connection_window: 256 * 1024,
@@ -100,10 +109,13 @@ impl ConnectionSettings {
 
     fn builder(&self) -> auto::Builder<TokioExecutor> {
         let mut builder = auto::Builder::new(TokioExecutor::new());
+        // hyper starts this timer as soon as it waits for a head, so on a keep-alive
+        // connection it also runs while idle: make it the longer of the two bounds, which
+        // the supervisor enforces precisely (first head, then idle time).
         builder
             .http1()
             .timer(TokioTimer::new())
-            .header_read_timeout(self.header_read_timeout);
+            .header_read_timeout(self.header_read_timeout.max(self.idle_timeout));
         builder
             .http2()
             .timer(TokioTimer::new())
@@ -340,8 +352,9 @@ where
         }
     });
     let builder = settings.builder();
+    let io = SendBound::new(stream, settings.send_timeout);
     let serving = builder
-        .serve_connection(TokioIo::new(stream), service)
+        .serve_connection(TokioIo::new(io), service)
         .into_owned();
     tokio::pin!(serving);
     let mut activity = connection.activity.subscribe();
@@ -387,6 +400,96 @@ where
                 }
             }
         }
+    }
+}
+
+/// A client socket whose writes may wait at most `timeout` each: a client that stops
+/// reading its answer (its receive window stays full) loses the connection instead of
+/// holding it, and the upstream stream behind it, for good.
+struct SendBound<T> {
+    inner: T,
+    timeout: Duration,
+    /// Armed while a write waits; cleared by any write that completes.
+    stalled: Option<Pin<Box<Sleep>>>,
+}
+
+impl<T> SendBound<T> {
+    fn new(inner: T, timeout: Duration) -> Self {
+        Self {
+            inner,
+            timeout,
+            stalled: None,
+        }
+    }
+
+    fn on_write<R>(
+        &mut self,
+        cx: &mut Context<'_>,
+        polled: Poll<io::Result<R>>,
+    ) -> Poll<io::Result<R>> {
+        match polled {
+            Poll::Ready(result) => {
+                self.stalled = None;
+                Poll::Ready(result)
+            }
+            Poll::Pending => {
+                let timeout = self.timeout;
+                let stalled = self
+                    .stalled
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+                match stalled.as_mut().poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!("the client read nothing for {timeout:?} (listen.send_timeout)"),
+                    ))),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+        }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for SendBound<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for SendBound<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.on_write(cx, polled)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.on_write(cx, polled)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let polled = Pin::new(&mut self.inner).poll_flush(cx);
+        self.on_write(cx, polled)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let polled = Pin::new(&mut self.inner).poll_shutdown(cx);
+        self.on_write(cx, polled)
     }
 }
 

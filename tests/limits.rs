@@ -657,3 +657,43 @@ async fn stalled_uploads_cannot_hold_more_than_the_in_flight_budget() {
         String::from_utf8_lossy(&reply.body)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_its_answers_is_closed() {
+    // Long head and idle bounds: only the send bound can end this connection.
+    let world = world(
+        155,
+        "send_timeout = \"300ms\"\nheader_read_timeout = \"5m\"\nidle_timeout = \"1h\"",
+        "header_read_timeout = \"5m\"\nidle_timeout = \"1h\"",
+    )
+    .await;
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(4096).expect("SO_RCVBUF");
+    let stream = socket
+        .connect(world.proxy().admin_addr)
+        .await
+        .expect("connect");
+    let (_unread, mut writer) = stream.into_split();
+    // Pipelined requests whose answers are never read: once the socket buffers are full,
+    // the server's writes wait, then it gives up and closes; the next writes fail.
+    let writing = tokio::spawn(async move {
+        let request = b"GET /status HTTP/1.1\r\nHost: x\r\n\r\n".repeat(100);
+        for _ in 0..100_000 {
+            if writer.write_all(&request).await.is_err() {
+                return true;
+            }
+        }
+        false
+    });
+    let closed = tokio::time::timeout(CLOSE_BOUND, writing)
+        .await
+        .expect("a client that reads nothing was never disconnected")
+        .expect("task");
+    assert!(
+        closed,
+        "the server answered 10 million requests nobody read"
+    );
+    let reply = world.post("/inference", GUIDE_REQUEST, &[]).await;
+    assert_eq!(reply.status, 200);
+    world.stop().await;
+}

@@ -103,6 +103,8 @@ pub struct Listen {
     pub idle_timeout: HumanDuration,
     pub h2_keepalive_interval: HumanDuration,
     pub h2_keepalive_timeout: HumanDuration,
+    /// The longest a write to a client may wait (a client that stops reading its answer).
+    pub send_timeout: HumanDuration,
     pub drain_delay: HumanDuration,
     pub shutdown_grace: HumanDuration,
 }
@@ -120,6 +122,7 @@ impl Default for Listen {
             idle_timeout: HumanDuration::from_secs(60),
             h2_keepalive_interval: HumanDuration::from_secs(30),
             h2_keepalive_timeout: HumanDuration::from_secs(10),
+            send_timeout: HumanDuration::from_secs(30),
             drain_delay: HumanDuration::from_secs(2),
             shutdown_grace: HumanDuration::from_secs(30),
         }
@@ -903,6 +906,12 @@ impl Config {
                 self.listen.h2_keepalive_timeout,
                 ms(100),
                 s(300),
+            ),
+            (
+                "listen.send_timeout",
+                self.listen.send_timeout,
+                ms(100),
+                s(600),
             ),
             (
                 "admin.header_read_timeout",
