@@ -19,6 +19,11 @@ pub enum ProxyError {
     BodyTooLarge(String),
     #[error("the request body could not be read: {0}")]
     BadRequestBody(String),
+    /// A request gpulink cannot forward as sent (its target is not a path).
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    HeadersTooLarge(String),
     #[error("{0}; the connection is closed")]
     BodyTimeout(String),
     #[error("gpulink holds as many request body bytes as it may (listen.max_in_flight_bytes = {0} bytes); nothing was sent, retry shortly")]
@@ -40,7 +45,8 @@ impl ProxyError {
             ProxyError::InvalidJson(_) => "invalid_json",
             ProxyError::ModelPoolNotAllowed(_) => "model_pool_not_allowed",
             ProxyError::BodyTooLarge(_) => "body_too_large",
-            ProxyError::BadRequestBody(_) => "bad_request",
+            ProxyError::BadRequestBody(_) | ProxyError::BadRequest(_) => "bad_request",
+            ProxyError::HeadersTooLarge(_) => "headers_too_large",
             ProxyError::BodyTimeout(_) => "body_timeout",
             ProxyError::Overloaded(_) => "overloaded",
             ProxyError::KmsUnavailable(_) => "kms_unavailable",
@@ -55,7 +61,9 @@ impl ProxyError {
             ProxyError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::InvalidJson(_)
             | ProxyError::ModelPoolNotAllowed(_)
-            | ProxyError::BadRequestBody(_) => StatusCode::BAD_REQUEST,
+            | ProxyError::BadRequestBody(_)
+            | ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::HeadersTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ProxyError::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ProxyError::KmsUnavailable(_)

@@ -102,6 +102,10 @@ async fn journey(
         request_body::drain_in_background(body);
         return Err(ProxyError::MethodNotAllowed(parts.method));
     }
+    if let Err(error) = check_head(&parts) {
+        request_body::drain_in_background(body);
+        return Err(error);
+    }
     let model_pool = match parts.headers.get(X_MODEL_POOL) {
         None => config.tenant.model_pool.clone(),
         Some(value) => {
@@ -151,6 +155,14 @@ async fn journey(
         }
         Err(BodyError::Read(message)) => return Err(ProxyError::BadRequestBody(message)),
     };
+    // RFC 8259: JSON exchanged between systems is UTF-8. serde_json skips over the
+    // strings of a document it only checks, invalid UTF-8 inside them included.
+    if let Err(error) = std::str::from_utf8(&plaintext) {
+        return Err(ProxyError::InvalidJson(format!(
+            "the body is not UTF-8 (byte {} is not valid UTF-8); JSON must be UTF-8 (RFC 8259)",
+            error.valid_up_to()
+        )));
+    }
     if let Err(error) = serde_json::from_slice::<serde::de::IgnoredAny>(&plaintext) {
         // serde_json's message gives line and column, never the content.
         return Err(ProxyError::InvalidJson(error.to_string()));
@@ -290,6 +302,10 @@ async fn journey(
                 settle(generation, &endpoint, now, started, true);
                 return Ok(relay(&endpoint, upstream, request_id));
             }
+            Capacity::Failed(error) => {
+                settle(generation, &endpoint, now, started, true);
+                return Err(error);
+            }
         }
     }
     Err(last_error.unwrap_or_else(|| {
@@ -339,36 +355,56 @@ enum Capacity {
     Refused,
     /// Any other 503: relayed to the app as the cluster sent it.
     Relay(Upstream),
+    /// The 503's body broke off: gpulink answers with its own error instead.
+    Failed(ProxyError),
 }
 
 async fn check_no_capacity(upstream: Upstream) -> Capacity {
     let Upstream { response, guard } = upstream;
-    let (parts, mut body) = response.into_parts();
-    let mut buffer = bytes::BytesMut::new();
-    let mut complete = true;
-    while let Some(frame) = body.frame().await {
-        match frame {
-            Ok(frame) => {
-                if let Some(data) = frame.data_ref() {
-                    if buffer.len() + data.len() > NO_CAPACITY_PEEK {
-                        complete = false;
-                        break;
-                    }
-                    buffer.extend_from_slice(data);
-                }
-            }
-            Err(_) => {
-                complete = false;
-                break;
-            }
-        }
+    let (mut parts, mut body) = response.into_parts();
+    let mut peeked = bytes::BytesMut::new();
+    // How the peek ended: the whole body read, more than the peek holds (with the data
+    // frame that did not fit), or the body failed.
+    enum Peek {
+        Whole,
+        Longer(Bytes),
+        Failed(String),
     }
-    let bytes = if complete {
-        buffer.freeze()
-    } else {
-        Bytes::from_static(
-            br#"{"error":{"code":"upstream_error","message":"the cluster answered 503 with an unreadable body"}}"#,
-        )
+    let peek = loop {
+        match body.frame().await {
+            None => break Peek::Whole,
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) if peeked.len() + data.len() > NO_CAPACITY_PEEK => {
+                    break Peek::Longer(data)
+                }
+                Ok(data) => peeked.extend_from_slice(&data),
+                // Trailers end the body; a 503's trailers carry nothing gpulink relays.
+                Err(_) => break Peek::Whole,
+            },
+            Some(Err(error)) => break Peek::Failed(error.to_string()),
+        }
+    };
+    let peeked = peeked.freeze();
+    let body = match peek {
+        Peek::Failed(error) => {
+            // Never relay a 503 cut short: its Content-Length would promise bytes that
+            // never come. The cluster may have started the request: not retried.
+            return Capacity::Failed(ProxyError::UpstreamConnect(format!(
+                "the connection failed while reading the cluster's 503 answer ({error}); not retried because the cluster may have started the request"
+            )));
+        }
+        // Longer than any no_capacity answer: relayed whole, the peeked bytes and then
+        // the rest of the stream, so its Content-Length still holds.
+        Peek::Longer(data) => {
+            let mut head = bytes::BytesMut::from(&peeked[..]);
+            head.extend_from_slice(&data);
+            let response = Response::from_parts(
+                parts,
+                crate::body::Prefixed::new(head.freeze(), body).boxed(),
+            );
+            return Capacity::Relay(Upstream { response, guard });
+        }
+        Peek::Whole => peeked,
     };
     #[derive(serde::Deserialize)]
     struct Body {
@@ -378,7 +414,7 @@ async fn check_no_capacity(upstream: Upstream) -> Capacity {
     struct ErrorCode {
         code: Option<String>,
     }
-    let no_capacity = serde_json::from_slice::<Body>(&bytes)
+    let no_capacity = serde_json::from_slice::<Body>(&body)
         .ok()
         .and_then(|b| b.error)
         .and_then(|e| e.code)
@@ -386,9 +422,40 @@ async fn check_no_capacity(upstream: Upstream) -> Capacity {
     if no_capacity {
         Capacity::Refused
     } else {
-        let response = Response::from_parts(parts, ProxyBody::full(bytes));
+        // The whole body, re-sent from memory: its length is what hyper frames.
+        parts.headers.remove(header::CONTENT_LENGTH);
+        let response = Response::from_parts(parts, ProxyBody::full(body));
         Capacity::Relay(Upstream { response, guard })
     }
+}
+
+/// The largest request head forwarded: target plus header names and values. Larger
+/// heads are refused here, before KMS, rather than sealed and refused by the cluster.
+pub const MAX_REQUEST_HEAD: usize = 32 * 1024;
+
+/// The request head gpulink can forward: an origin-form target (a path; absolute-form
+/// `POST http://host/path` is accepted and forwarded as its path, since gpulink always
+/// sends to the cluster whatever authority the app named; `*` and anything else that is
+/// not a path is refused) and a head of at most [`MAX_REQUEST_HEAD`] bytes.
+fn check_head(parts: &http::request::Parts) -> Result<(), ProxyError> {
+    if !parts.uri.path().starts_with('/') {
+        return Err(ProxyError::BadRequest(format!(
+            "the request target {:?} is not a path; send POST /inference",
+            parts.uri.to_string()
+        )));
+    }
+    let size = parts.uri.to_string().len()
+        + parts
+            .headers
+            .iter()
+            .map(|(name, value)| name.as_str().len() + value.len() + 4)
+            .sum::<usize>();
+    if size > MAX_REQUEST_HEAD {
+        return Err(ProxyError::HeadersTooLarge(format!(
+            "the request head is {size} bytes, over gpulink's limit of {MAX_REQUEST_HEAD} bytes"
+        )));
+    }
+    Ok(())
 }
 
 fn too_large(limit: usize) -> ProxyError {

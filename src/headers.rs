@@ -60,12 +60,37 @@ pub fn sanitize_inbound(headers: &mut HeaderMap) {
     }
     let gpulink: Vec<HeaderName> = headers
         .keys()
-        .filter(|k| k.as_str().starts_with("x-gpulink-"))
+        .filter(|k| k.as_str().starts_with("x-gpulink-") || is_look_alike(k.as_str()))
         .cloned()
         .collect();
     for name in gpulink {
         headers.remove(name);
     }
+}
+
+/// Whether `name` spells, with `_` for `-`, a header gpulink drops or sets itself:
+/// CGI/WSGI stacks fold `X_Tenant_ID` onto `X-Tenant-ID`, so a cluster behind one would
+/// read the app's look-alike as the real identity header.
+fn is_look_alike(name: &str) -> bool {
+    if !name.contains('_') {
+        return false;
+    }
+    let dashed = name.replace('_', "-");
+    dashed.starts_with("x-gpulink-")
+        || [
+            &X_TENANT_ID,
+            &X_KMS_KEY_ID,
+            &X_MODEL_POOL,
+            &X_ENCRYPTION_FORMAT,
+            &X_REQUEST_ID,
+            &header::HOST,
+            &header::CONTENT_LENGTH,
+            &header::CONTENT_TYPE,
+            &header::EXPECT,
+        ]
+        .into_iter()
+        .chain(HOP_BY_HOP.iter())
+        .any(|n| n.as_str() == dashed)
 }
 
 /// An app request id is kept when it is 1..=128 visible ASCII characters.
@@ -97,6 +122,31 @@ mod tests {
         assert_eq!(left.len(), 2, "{left:?}");
         assert!(h.contains_key("accept"));
         assert!(h.contains_key("x-model-pool"));
+    }
+
+    #[test]
+    fn underscore_look_alikes_are_dropped() {
+        let mut h = HeaderMap::new();
+        for name in [
+            "X_Tenant_ID",
+            "x_kms_key_id",
+            "X_Model_Pool",
+            "X_Encryption_Format",
+            "X_Gpulink_Route",
+            "x-gpulink_endpoint",
+            "X_Request_ID",
+            "Transfer_Encoding",
+            "Content_Length",
+        ] {
+            h.insert(
+                HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                HeaderValue::from_static("evil"),
+            );
+        }
+        h.insert("x_custom_header", HeaderValue::from_static("kept"));
+        sanitize_inbound(&mut h);
+        let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, ["x_custom_header"]);
     }
 
     #[test]

@@ -989,7 +989,7 @@ fn rollback_active(proxy: &Proxy, now: chrono::DateTime<chrono::Utc>) -> bool {
 }
 
 /// Every `error.code` gpulink answers with (see `crate::error::ProxyError::code`).
-const ERROR_CODES: [&str; 11] = [
+const ERROR_CODES: [&str; 12] = [
     "method_not_allowed",
     "invalid_json",
     "model_pool_not_allowed",
@@ -997,6 +997,7 @@ const ERROR_CODES: [&str; 11] = [
     "bad_request",
     "body_timeout",
     "overloaded",
+    "headers_too_large",
     "kms_unavailable",
     "no_endpoint",
     "upstream_connect",

@@ -398,6 +398,13 @@ pub fn health_error(
                 endpoint.authority()
             ),
         ),
+        HealthError::Implausible { timestamp } => (
+            Problem::StaleHealth,
+            format!(
+                "implausible health: the timestamp {} reports ({timestamp}) is before 1970 or in the future:                  the cluster's health reporter is broken, or this host's clock is wrong (chronyc tracking / timedatectl)",
+                endpoint.authority()
+            ),
+        ),
     };
     Some(Diagnosis { problem, message })
 }

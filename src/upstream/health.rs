@@ -69,7 +69,13 @@ pub enum HealthError {
     Unhealthy(String),
     #[error("health timestamp is {age_secs}s old (health.max_staleness is {max:?})")]
     Stale { age_secs: i64, max: Duration },
+    #[error("health timestamp {timestamp} is not a plausible time (before 1970, or more than {}s in the future)", MAX_CLOCK_SKEW_SECS)]
+    Implausible { timestamp: i64 },
 }
+
+/// How far in the future a health timestamp may be (the two clocks may disagree a
+/// little); a timestamp further ahead cannot vouch for freshness.
+pub const MAX_CLOCK_SKEW_SECS: i64 = 60;
 
 /// Runs one check against `host:port` with an overall deadline.
 pub async fn check(host: &str, port: u16, settings: &Health) -> Result<HealthOk, HealthError> {
@@ -96,6 +102,10 @@ pub fn evaluate(body: &[u8], settings: &Health, now: i64) -> Result<HealthDocume
         return Err(HealthError::Unhealthy(document.status));
     }
     if let Some(ts) = document.timestamp {
+        // A year-3000 timestamp would stay "fresh" for ever.
+        if ts < 0 || ts > now.saturating_add(MAX_CLOCK_SKEW_SECS) {
+            return Err(HealthError::Implausible { timestamp: ts });
+        }
         // An age that does not fit in an i64 (a timestamp near i64::MIN) is not fresh.
         let age = now.checked_sub(ts).unwrap_or(i64::MAX);
         let max = settings.max_staleness.get();
@@ -434,12 +444,16 @@ mod tests {
         assert!(matches!(down, Err(HealthError::Unhealthy(_))), "{down:?}");
         let stale = evaluate(br#"{"status":"healthy","timestamp":1}"#, &settings, now);
         assert!(matches!(stale, Err(HealthError::Stale { .. })), "{stale:?}");
-        let overflow = format!(r#"{{"status":"healthy","timestamp":{}}}"#, i64::MIN);
-        let overflow = evaluate(overflow.as_bytes(), &settings, now);
-        assert!(
-            matches!(overflow, Err(HealthError::Stale { .. })),
-            "{overflow:?}"
-        );
+        for ts in [now + 61, 32_503_680_000, -1, i64::MIN, i64::MAX] {
+            let body = format!(r#"{{"status":"healthy","timestamp":{ts}}}"#);
+            let judged = evaluate(body.as_bytes(), &settings, now);
+            assert!(
+                matches!(judged, Err(HealthError::Implausible { .. })),
+                "{ts}: {judged:?}"
+            );
+        }
+        let skewed = format!(r#"{{"status":"healthy","timestamp":{}}}"#, now + 60);
+        assert!(evaluate(skewed.as_bytes(), &settings, now).is_ok());
         let garbage = evaluate(b"\xff{", &settings, now);
         assert!(matches!(garbage, Err(HealthError::Parse(_))), "{garbage:?}");
     }

@@ -1,0 +1,349 @@
+//! Framing and input: what gpulink refuses before KMS (each refusal with the JSON error
+//! body), what it never lets through to the cluster (identity-header look-alikes), and a
+//! cluster 503 relayed whole and well-formed. Raw sockets where client libraries refuse
+//! to send the bad input.
+//!
+//! Blocks 127.174-176.x.y.
+
+mod common;
+mod reliability;
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use gpulink::config::Config;
+use gpulink::proxy::ProxyHandle;
+use gpulink::seal::{KeyService, KmsKeys};
+use reliability::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+/// moto, upstreams answering on `ips`, and an in-process proxy in front of them.
+struct Setup {
+    _moto: Moto,
+    proxy: ProxyHandle,
+    _dir: tempfile::TempDir,
+}
+
+impl Setup {
+    async fn start(ips: &[IpAddr], moto: Moto, dir: tempfile::TempDir, pki: &Pki) -> Setup {
+        let key_arn = moto.create_key().await;
+        let text = upstream_config(ips, &moto.url, &key_arn, &pki.ca_file);
+        let config = Config::from_toml(&text, std::path::Path::new("input.toml")).expect("config");
+        let keys = KmsKeys::new("us-east-1", Some(&moto.url), Duration::from_secs(3)).await;
+        let proxy = gpulink::proxy::start(config, KeyService::Kms(keys))
+            .await
+            .expect("proxy starts");
+        let setup = Setup {
+            _moto: moto,
+            proxy,
+            _dir: dir,
+        };
+        setup.wait_serving(ips).await;
+        setup
+    }
+
+    fn addr(&self) -> SocketAddr {
+        self.proxy.listen_addr
+    }
+
+    async fn wait_serving(&self, ips: &[IpAddr]) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        for ip in ips {
+            let authority = format!("{ip}:8443");
+            while !self
+                .proxy
+                .proxy()
+                .current()
+                .endpoints
+                .iter()
+                .any(|e| e.authority == authority && e.is_serving())
+            {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "{authority} never serving"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+}
+
+/// The status and JSON error code of a raw HTTP/1.1 answer.
+fn status_and_code(raw: &str) -> (u16, String) {
+    let status = statuses(raw).first().copied().unwrap_or(0);
+    let (head, mut body) = raw.split_once("\r\n\r\n").unwrap_or((raw, ""));
+    let mut dechunked = String::new();
+    if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        while let Some((size, rest)) = body.split_once("\r\n") {
+            let size = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+            if size == 0 || rest.len() < size {
+                break;
+            }
+            dechunked.push_str(&rest[..size]);
+            body = rest[size..].trim_start_matches("\r\n");
+        }
+        body = &dechunked;
+    }
+    let json: serde_json::Value = serde_json::from_str(body.trim())
+        .unwrap_or_else(|e| panic!("not a JSON error body ({e}): {raw:?}"));
+    let code = json["error"]["code"].as_str().unwrap_or("").to_string();
+    assert!(
+        json["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()),
+        "no message: {raw}"
+    );
+    (status, code)
+}
+
+fn post_raw(target: &str, request_id: &str, extra_headers: &str, body: &[u8]) -> Vec<u8> {
+    let mut out = format!(
+        "POST {target} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
+         X-Request-ID: {request_id}\r\n{extra_headers}Content-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    out.extend_from_slice(body);
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_is_refused_before_kms_with_a_json_body() {
+    let moto = Moto::get().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = Pki::new(dir.path());
+    let ip = IpAddr::from([127, 175, 10, 50]);
+    let upstream = RecordingUpstream::start(ip, &pki, CertFault::None).await;
+    let setup = Setup::start(&[ip], moto, dir, &pki).await;
+    let limit = Duration::from_secs(20);
+    let body = GUIDE_REQUEST.as_bytes();
+
+    // `POST *`: not a path.
+    let raw = raw_exchange(setup.addr(), &post_raw("*", "star", "", body), limit, false).await;
+    assert_eq!(status_and_code(&raw), (400, "bad_request".into()), "{raw}");
+
+    // A 200 KB header: 431 here, not sealed and refused by the cluster.
+    let big = format!("X-Padding: {}\r\n", "a".repeat(200_000));
+    let raw = raw_exchange(
+        setup.addr(),
+        &post_raw("/inference", "big-head", &big, body),
+        limit,
+        false,
+    )
+    .await;
+    assert_eq!(status_and_code(&raw), (431, "headers_too_large".into()));
+
+    // Invalid UTF-8 inside a JSON string (RFC 8259 requires UTF-8).
+    let bad_utf8 = b"{\"prompt\": \"caf\xe9 \xff\xfe\", \"max_tokens\": 5}";
+    let raw = raw_exchange(
+        setup.addr(),
+        &post_raw("/inference", "latin1", "", bad_utf8),
+        limit,
+        false,
+    )
+    .await;
+    assert_eq!(status_and_code(&raw), (400, "invalid_json".into()), "{raw}");
+
+    // Absolute-form: forwarded as its path (to the cluster, whatever authority it names).
+    let raw = raw_exchange(
+        setup.addr(),
+        &post_raw(
+            "http://elsewhere.example/inference?x=1",
+            "absolute",
+            "",
+            body,
+        ),
+        limit,
+        false,
+    )
+    .await;
+    assert_eq!(statuses(&raw).first(), Some(&200), "{raw}");
+
+    let received = upstream.requests();
+    for id in ["star", "big-head", "latin1"] {
+        assert_eq!(upstream.with_request_id(id), 0, "{id} reached the cluster");
+    }
+    let absolute: Vec<_> = received
+        .iter()
+        .filter(|r| {
+            r.headers
+                .get("x-request-id")
+                .is_some_and(|v| v == "absolute")
+        })
+        .collect();
+    assert_eq!(absolute.len(), 1);
+    assert_eq!(absolute[0].path, "/inference");
+    setup.proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identity_header_look_alikes_never_reach_the_cluster() {
+    let moto = Moto::get().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = Pki::new(dir.path());
+    let ip = IpAddr::from([127, 174, 10, 50]);
+    let upstream = RecordingUpstream::start(ip, &pki, CertFault::None).await;
+    let setup = Setup::start(&[ip], moto, dir, &pki).await;
+    let spoofed = "X_Tenant_ID: evil\r\nX_KMS_Key_ID: evil\r\nX_Model_Pool: evil\r\n\
+                   X_Encryption_Format: none\r\nX_Gpulink_Route: public\r\n";
+    let raw = raw_exchange(
+        setup.addr(),
+        &post_raw(
+            "/inference",
+            "look-alike",
+            spoofed,
+            GUIDE_REQUEST.as_bytes(),
+        ),
+        Duration::from_secs(20),
+        false,
+    )
+    .await;
+    assert_eq!(statuses(&raw).first(), Some(&200), "{raw}");
+    let requests = upstream.requests();
+    let request = requests
+        .iter()
+        .find(|r| {
+            r.headers
+                .get("x-request-id")
+                .is_some_and(|v| v == "look-alike")
+        })
+        .expect("the request reached the cluster");
+    for (name, _) in request.headers.iter() {
+        assert!(!name.as_str().contains('_'), "{name} was forwarded");
+    }
+    assert_eq!(request.headers["x-tenant-id"], "tenant-123");
+    assert_eq!(request.headers["x-model-pool"], "model-a");
+    setup.proxy.shutdown().await;
+}
+
+/// A cluster endpoint speaking raw HTTP/1.1 over TLS, answering by path: `/big503` a
+/// 100 kB 503 with an exact Content-Length, `/cut503` a 503 that promises 100 kB and
+/// closes after 30 kB (inside the peek). Health on 8080 says healthy.
+async fn start_503_upstream(ip: IpAddr, pki: &Pki) -> Vec<tokio::task::JoinHandle<()>> {
+    gpulink::tls::install_crypto_provider();
+    let (cert, key) = pki.leaf(CertFault::None);
+    let mut config = (*gpulink::tls::server_config(&cert, &key).expect("server config")).clone();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let tls = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let inference = TcpListener::bind(SocketAddr::new(ip, 8443))
+        .await
+        .expect("bind 8443");
+    let health = TcpListener::bind(SocketAddr::new(ip, 8080))
+        .await
+        .expect("bind 8080");
+    let inference_task = tokio::spawn(async move {
+        while let Ok((stream, _)) = inference.accept().await {
+            let tls = tls.clone();
+            tokio::spawn(async move {
+                let Ok(mut stream) = tls.accept(stream).await else {
+                    return;
+                };
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    match stream.read(&mut byte).await {
+                        Ok(1) => head.push(byte[0]),
+                        _ => return,
+                    }
+                }
+                let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+                let length: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .and_then(|v| v.trim().parse().ok())
+                    .unwrap_or(0);
+                let mut body = vec![0u8; length];
+                if stream.read_exact(&mut body).await.is_err() {
+                    return;
+                }
+                let payload = format!(
+                    r#"{{"error":{{"code":"overloaded","message":"{}"}}}}"#,
+                    "x".repeat(100_000 - 44)
+                );
+                assert_eq!(payload.len(), 100_000);
+                let sent = if head.starts_with("post /cut503") {
+                    30_000
+                } else {
+                    100_000
+                };
+                let answer = format!(
+                    "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
+                     content-length: 100000\r\nconnection: close\r\n\r\n{}",
+                    &payload[..sent]
+                );
+                let _ = stream.write_all(answer.as_bytes()).await;
+                let _ = stream.flush().await;
+                let _ = stream.shutdown().await;
+            });
+        }
+    });
+    let health_task = tokio::spawn(async move {
+        while let Ok((mut stream, _)) = health.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let _ = stream.read(&mut buf).await;
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0);
+                let body = format!(
+                    r#"{{"status":"healthy","region":"us-east-1","available_capacity":5,"timestamp":{now}}}"#
+                );
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = stream.write_all(answer.as_bytes()).await;
+                let _ = stream.shutdown().await;
+            });
+        }
+    });
+    vec![inference_task, health_task]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_503_is_relayed_whole_and_a_cut_one_is_replaced() {
+    let moto = Moto::get().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = Pki::new(dir.path());
+    let ip = IpAddr::from([127, 176, 10, 50]);
+    let tasks = start_503_upstream(ip, &pki).await;
+    let setup = Setup::start(&[ip], moto, dir, &pki).await;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http();
+
+    // Longer than the no_capacity peek: relayed whole, its Content-Length true.
+    let reply = send(
+        &client,
+        "POST",
+        &format!("http://{}/big503", setup.addr()),
+        GUIDE_REQUEST.into(),
+        &[],
+    )
+    .await;
+    assert_eq!(reply.status, 503);
+    assert_eq!(reply.body.len(), 100_000);
+    assert_eq!(reply.json()["error"]["code"], "overloaded");
+
+    // Cut short by the cluster: never a body shorter than its Content-Length; gpulink's
+    // own JSON error instead (raw, so a short body would show rather than be an error).
+    let raw = raw_exchange(
+        setup.addr(),
+        &post_raw("/cut503", "cut", "", GUIDE_REQUEST.as_bytes()),
+        Duration::from_secs(20),
+        false,
+    )
+    .await;
+    let (status, code) = status_and_code(&raw);
+    assert_eq!((status, code.as_str()), (502, "upstream_connect"), "{raw}");
+    setup.proxy.shutdown().await;
+    for task in tasks {
+        task.abort();
+    }
+}
