@@ -130,6 +130,16 @@ fn check_refuses_a_ca_file_that_run_would_refuse() {
         assert_eq!(code, 78, "{content:?} passed: {text}");
         assert!(text.contains("upstream.ca_file"), "{text}");
     }
+    // A FIFO (opening it for reading would wait for a writer for ever).
+    let fifo = dir.path().join("ca-fifo.pem");
+    assert!(Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .expect("mkfifo")
+        .success());
+    let (code, text) = check(&with_ca_file(dir.path(), &fifo));
+    assert_eq!(code, 78, "{text}");
+    assert!(text.contains("not a regular file"), "{text}");
     // A real certificate passes.
     let cert = rcgen::generate_simple_self_signed(vec!["ca.test".into()]).expect("cert");
     std::fs::write(&ca, cert.cert.pem()).expect("write");

@@ -972,7 +972,15 @@ impl Config {
 /// Opening it first names the sandbox cause when it cannot be read: under the systemd
 /// unit a root-owned 0600 file exists but cannot be opened.
 fn check_ca_file(key: &str, path: &Path) -> Result<(), (String, String)> {
-    if let Err(e) = std::fs::File::open(path) {
+    // Non-blocking: opening a FIFO for reading would otherwise wait for a writer.
+    let opened = {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(path)
+    };
+    if let Err(e) = opened {
         return Err((
             key.to_string(),
             format!(
