@@ -42,7 +42,12 @@ pub fn build(version: &str, out: &Path) -> PathBuf {
             "--no-build",
             "--profile",
             "dev",
+            // gzip -1 by the system's gzip: seconds, where cargo-deb's own xz takes a
+            // minute on a busy machine; the compression is not what is tested.
             "--fast",
+            "--compress-system",
+            "--compress-type",
+            "gz",
             "--no-strip",
             "--quiet",
             "--deb-version",
