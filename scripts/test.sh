@@ -8,7 +8,8 @@ cd "$(dirname "$0")/.."
 
 # The packaging tests: cargo-deb builds the .deb (tests/packaging.rs), and, as root,
 # debootstrap + systemd-nspawn boot a real systemd to install it in
-# (tests/systemd_boot.rs); nginx is the cluster's TLS + HTTP/2 front in tests/goaway.rs.
+# (tests/systemd_boot.rs); nginx is the cluster's TLS + HTTP/2 front in tests/goaway.rs,
+# and Prometheus's promtool lints /metrics in tests/cutover_metrics.rs.
 # Each is installed only when missing.
 if ! cargo deb --version >/dev/null 2>&1; then
   cargo install --locked cargo-deb@3.8.0
@@ -19,9 +20,10 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   command -v systemd-nspawn >/dev/null || missing="$missing systemd-container"
   command -v dpkg-deb >/dev/null || missing="$missing dpkg"
   [ -x /usr/sbin/nginx ] || command -v nginx >/dev/null || missing="$missing nginx-light"
+  command -v promtool >/dev/null || missing="$missing prometheus"
   if [ -n "$missing" ]; then
     # No service may start from these packages (nginx's default site would listen on
-    # :80): a policy-rc.d that refuses, for the length of the install only.
+    # :80, Prometheus on :9090): a policy-rc.d that refuses, for the install only.
     added_policy=""
     if [ ! -e /usr/sbin/policy-rc.d ]; then
       printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d

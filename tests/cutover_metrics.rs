@@ -118,7 +118,9 @@ async fn privatelink_failures_are_attributed_to_their_route_region_and_endpoint(
     );
     assert_eq!(second.error_code(), "no_endpoint");
 
-    let after = prom::scrape(world.proxy().admin_addr).await;
+    let text = prom::scrape_text(world.proxy().admin_addr).await;
+    prom::promtool_check(&text);
+    let after = prom::parse(&text);
     // The 502 is the last attempt's: one of the ENIs, on route privatelink, us-east-1.
     let per_eni: Vec<f64> = enis
         .iter()

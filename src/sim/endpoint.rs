@@ -494,7 +494,15 @@ async fn serve_inference(
     };
     let service =
         service_fn(move |request| inference::handle(shared.clone(), endpoint.clone(), request));
-    let builder = auto::Builder::new(TokioExecutor::new());
+    // The protocol ALPN chose, as a TLS server does: left to sniffing, a connection
+    // that `down` shuts down before its first bytes arrive is dropped without a word,
+    // where HTTP/2 can still tell the client (GOAWAY) that nothing was processed.
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    match tls.get_ref().1.alpn_protocol() {
+        Some(b"h2") => builder = builder.http2_only(),
+        Some(b"http/1.1") => builder = builder.http1_only(),
+        _ => {}
+    }
     let connection = builder
         .serve_connection(TokioIo::new(tls), service)
         .into_owned();

@@ -105,6 +105,11 @@ pub fn parse(text: &str) -> Exposition {
 
 /// The proxy's `/metrics` in the classic text format, parsed.
 pub async fn scrape(admin: std::net::SocketAddr) -> Exposition {
+    parse(&scrape_text(admin).await)
+}
+
+/// The proxy's `/metrics` in the classic text format.
+pub async fn scrape_text(admin: std::net::SocketAddr) -> String {
     use http_body_util::BodyExt;
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .build_http::<http_body_util::Empty<bytes::Bytes>>();
@@ -117,5 +122,36 @@ pub async fn scrape(admin: std::net::SocketAddr) -> Exposition {
         .await
         .expect("body")
         .to_bytes();
-    parse(std::str::from_utf8(&body).expect("UTF-8 exposition"))
+    String::from_utf8(body.to_vec()).expect("UTF-8 exposition")
+}
+
+/// `promtool check metrics` (Prometheus's own linter, from Debian's `prometheus`
+/// package, which scripts/test.sh installs): panics with its findings when it has any.
+pub fn promtool_check(text: &str) {
+    let promtool = ["/usr/bin/promtool", "/usr/local/bin/promtool"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+        .expect(
+            "promtool is not installed: run scripts/test.sh, which installs Debian's prometheus",
+        );
+    let mut child = Command::new(promtool)
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool runs");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(text.as_bytes())
+        .expect("write exposition");
+    let out = child.wait_with_output().expect("promtool runs");
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
