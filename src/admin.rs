@@ -1,8 +1,9 @@
 //! The admin server on `admin.address` (loopback by default; it has no authentication):
 //!
 //! * `/live`: the process answers.
-//! * `/ready`: configuration loaded, listener bound, KMS credentials resolved, first
-//!   health round done, and not draining. A cluster outage shows in `/status` and the
+//! * `/ready`: configuration loaded, listener bound, first health round done, KMS proven
+//!   (one seal with the configured key and context succeeded; until then 503 with
+//!   `{"status":"starting","waiting_for":"kms","reason":...}`), and not draining. A cluster outage shows in `/status` and the
 //!   metrics, not here: taking the app's pods out of service would not help the app.
 //! * `/metrics`: Prometheus exposition (OpenMetrics when the scraper asks for it, else
 //!   the classic text format), see [`crate::metrics`].
@@ -64,6 +65,15 @@ fn route(proxy: &Proxy, request: Request<Incoming>) -> Response<ProxyBody> {
                 text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
             } else if proxy.is_ready() {
                 text(StatusCode::OK, "ready\n")
+            } else if !proxy.kms_proof().proven {
+                let proof = proxy.kms_proof();
+                let mut response = json_response(serde_json::json!({
+                    "status": "starting",
+                    "waiting_for": "kms",
+                    "reason": proof.last_error.as_deref().unwrap_or("the first KMS seal is under way"),
+                }));
+                *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+                response
             } else {
                 text(StatusCode::SERVICE_UNAVAILABLE, "starting\n")
             }
@@ -196,6 +206,8 @@ pub fn status(proxy: &Proxy) -> Value {
             "last_success": kms_state.last_success.map(|t| t.to_rfc3339()),
             "last_error": kms_state.last_error.map(|t| t.to_rfc3339()),
             "last_error_message": kms_state.last_error_message,
+            // The start-up proof `/ready` waits for.
+            "proof": proxy.kms_proof(),
         },
         // The aws-esdk data-key cache: limits, counters, and each entry's key age and
         // use (never key material).

@@ -681,7 +681,12 @@ fn upstream_headers(
 ) -> Result<HeaderMap, ProxyError> {
     let value = |v: &str| {
         HeaderValue::from_str(v)
-            .map_err(|_| ProxyError::KmsUnavailable(format!("`{v}` is not a valid header value")))
+            .map_err(|_| {
+            // Never echoed: the value may come from KMS's answer.
+            ProxyError::KmsUnavailable(
+                "a tenant header (X-Tenant-ID, X-KMS-Key-ID or X-Model-Pool) would not be a valid header value".into(),
+            )
+        })
     };
     headers.insert(
         header::CONTENT_TYPE,

@@ -161,12 +161,25 @@ async fn run(
     let handle = gpulink::proxy::start(config, keys).await?;
     let stop_reloading = tokio_util::sync::CancellationToken::new();
     reload_triggers.spawn(handle.proxy().clone(), stop_reloading.clone());
-    // systemd (Type=notify): ready only now that the proxy serves; then watchdog pings.
+    // The process is alive while it waits for KMS: ping the watchdog from now on.
     let stop_watchdog = tokio_util::sync::CancellationToken::new();
-    gpulink::systemd::ready(&gpulink::systemd::status_line(handle.proxy()));
     gpulink::systemd::spawn_watchdog(stop_watchdog.clone());
-    gpulink::systemd::spawn_status(handle.proxy().clone(), stop_reloading.clone());
-    wait_for_shutdown_signal().await?;
+    let shutdown = wait_for_shutdown_signal();
+    tokio::pin!(shutdown);
+    // systemd (Type=notify): ready only once KMS is proven, as `/ready` is; a SIGTERM
+    // while waiting still shuts down in order.
+    let proven = tokio::select! {
+        _ = handle.proxy().kms_proven() => true,
+        signal = &mut shutdown => {
+            signal?;
+            false
+        }
+    };
+    if proven {
+        gpulink::systemd::ready(&gpulink::systemd::status_line(handle.proxy()));
+        gpulink::systemd::spawn_status(handle.proxy().clone(), stop_reloading.clone());
+        shutdown.await?;
+    }
     stop_reloading.cancel();
     gpulink::systemd::stopping();
     handle.shutdown().await;

@@ -1076,7 +1076,11 @@ mod tests {
         metrics.seal_finished(&timeout, Duration::from_secs(3));
         let refused: Result<Sealed, SealError> = Err(SealError::Key(KeyError::Kms {
             operation: "Encrypt",
-            message: "AccessDeniedException".into(),
+            kind: crate::seal::keys::KmsErrorKind::AccessDenied,
+            detail: crate::seal::keys::KmsDetail {
+                code: Some("AccessDeniedException"),
+                status: Some(400),
+            },
         }));
         metrics.seal_finished(&refused, Duration::from_millis(4));
         let errors = |reason| {

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
@@ -93,7 +93,24 @@ pub struct Proxy {
     admin_connections: Arc<crate::listener::Listener>,
     /// Request bytes held across every request (`listen.max_in_flight_bytes`).
     in_flight_bytes: Arc<crate::inflight::InFlightBytes>,
+    /// Whether KMS has been proven with the configured key (see [`KmsProof`]).
+    kms_proof: tokio::sync::watch::Sender<KmsProof>,
 }
+
+/// Where the start-up proof of KMS stands: gpulink is not ready until one seal with the
+/// configured key and context succeeded ([`Sealer::prove`]).
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct KmsProof {
+    pub proven: bool,
+    /// Failed attempts so far.
+    pub failures: u32,
+    /// Why the last attempt failed: the short, classified message (never what KMS said).
+    pub last_error: Option<String>,
+}
+
+/// Backoff between start-up proof attempts: doubling from the first to the last.
+const PROOF_RETRY_FIRST: Duration = Duration::from_millis(500);
+const PROOF_RETRY_MAX: Duration = Duration::from_secs(30);
 
 impl Proxy {
     pub fn app_connections(&self) -> &Arc<crate::listener::Listener> {
@@ -118,7 +135,25 @@ impl Proxy {
     }
 
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Acquire) && !self.is_draining()
+        self.ready.load(Ordering::Acquire) && self.kms_proof.borrow().proven && !self.is_draining()
+    }
+
+    /// The start-up proof of KMS, for `/ready` and `/status`.
+    pub fn kms_proof(&self) -> KmsProof {
+        self.kms_proof.borrow().clone()
+    }
+
+    /// Returns once KMS has been proven (at once if it has been).
+    pub async fn kms_proven(&self) {
+        let mut proof = self.kms_proof.subscribe();
+        // The sender lives as long as `self`: this cannot fail while we borrow it.
+        let _ = proof.wait_for(|p| p.proven).await;
+    }
+
+    /// Returns once the first proof attempt has finished, whatever its outcome (tests).
+    pub async fn kms_proof_attempted(&self) {
+        let mut proof = self.kms_proof.subscribe();
+        let _ = proof.wait_for(|p| p.proven || p.failures > 0).await;
     }
 
     pub fn is_draining(&self) -> bool {
@@ -169,10 +204,25 @@ impl Proxy {
         let old = self.current();
         warn_about_restart_only_changes(&old.config, &config);
         let keys = keys_for(&old, &config).await?;
+        let kms_changed = kms_settings_changed(&old.config, &config);
         let resolved = self.resolve_new_names(&config).await;
         let number = self.next_generation.fetch_add(1, Ordering::Relaxed);
         let generation =
             build_generation(number, config, keys, Some(&old), &self.options, &resolved)?;
+        // New KMS settings must work before they replace working ones; while the start-up
+        // proof has not succeeded there is nothing working to protect, and the proof loop
+        // tries the new settings at once.
+        if kms_changed && self.kms_proof.borrow().proven {
+            let pool = &generation.config.tenant.model_pool;
+            if let Err(error) = generation.sealer.prove(pool).await {
+                tracing::error!(
+                    kms.key_id = %generation.config.kms.key_id,
+                    %error,
+                    "the reloaded kms settings failed their proof seal; the previous settings keep serving"
+                );
+                return Err(ReloadError::Start(StartError::Kms(error)));
+            }
+        }
         let fresh: Vec<Arc<Endpoint>> = generation
             .endpoints
             .iter()
@@ -298,6 +348,82 @@ fn warn_about_restart_only_changes(old: &Config, new: &Config) {
     }
 }
 
+/// Whether a reload changes what a seal does (key, context, format or the KMS client).
+fn kms_settings_changed(old: &Config, new: &Config) -> bool {
+    let (a, b) = (&old.kms, &new.kms);
+    a.key_id != b.key_id
+        || a.region != b.region
+        || a.endpoint_url != b.endpoint_url
+        || a.format != b.format
+        || a.context != b.context
+        || old.tenant.id != new.tenant.id
+        || old.tenant.model_pool != new.tenant.model_pool
+}
+
+/// Proves KMS ([`Sealer::prove`]) with the current generation until it works, backing
+/// off from 0.5 s to 30 s, and trying again at once after a reload (which may fix the
+/// key). Each failure is one log line naming `kms.key_id`.
+async fn prove_kms(proxy: Weak<Proxy>, stop: CancellationToken) {
+    let mut delay = PROOF_RETRY_FIRST;
+    loop {
+        let Some(proxy_now) = proxy.upgrade() else {
+            return;
+        };
+        let changed = proxy_now.generation_changed.clone();
+        let notified = changed.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        let generation = proxy_now.current();
+        let kms = &generation.config.kms;
+        let result = tokio::select! {
+            _ = stop.cancelled() => return,
+            result = generation.sealer.prove(&generation.config.tenant.model_pool) => result,
+        };
+        match result {
+            Ok(()) => {
+                proxy_now.kms_proof.send_modify(|p| {
+                    p.proven = true;
+                    p.last_error = None;
+                });
+                tracing::info!(
+                    kms.key_id = %kms.key_id,
+                    kms.format = kms.format.as_str(),
+                    "KMS proven: a seal with the configured key and context succeeded"
+                );
+                return;
+            }
+            Err(error) => {
+                let failures = proxy_now.kms_proof.borrow().failures.saturating_add(1);
+                proxy_now.kms_proof.send_modify(|p| {
+                    p.failures = failures;
+                    p.last_error = Some(error.to_string());
+                });
+                let what = if error.is_key_refusal() {
+                    "KMS refuses kms.key_id"
+                } else {
+                    "KMS is not usable yet"
+                };
+                tracing::warn!(
+                    kms.key_id = %kms.key_id,
+                    kms.region = %kms.region,
+                    attempt = failures,
+                    retry_in = ?delay,
+                    %error,
+                    "{what}: not ready until a seal with the configured key succeeds"
+                );
+            }
+        }
+        drop(generation);
+        drop(proxy_now);
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(delay) => {}
+            _ = notified => {}
+        }
+        delay = delay.saturating_mul(2).min(PROOF_RETRY_MAX);
+    }
+}
+
 /// The key service for a new configuration: the current one unless the KMS client
 /// settings changed.
 async fn keys_for(old: &Generation, config: &Config) -> Result<KeyService, StartError> {
@@ -376,7 +502,8 @@ impl ProxyHandle {
     }
 }
 
-/// Starts the proxy: credentials, endpoints, a first health round, then the listeners.
+/// Starts the proxy: endpoints, the listeners, a first health round, and the KMS proof
+/// in the background (`/ready` waits for it: [`Proxy::kms_proven`]).
 pub async fn start(config: Config, keys: KeyService) -> Result<ProxyHandle, StartError> {
     start_with(config, keys, StartOptions::default()).await
 }
@@ -386,7 +513,8 @@ pub async fn start_with(
     keys: KeyService,
     options: StartOptions,
 ) -> Result<ProxyHandle, StartError> {
-    keys.check_credentials().await?;
+    // Credentials and the key are proven by `prove_kms` below, retried until they work:
+    // a KMS problem keeps gpulink unready (and says why), it does not stop it.
     let mut resolved = Resolved::new();
     for dns in config.dns_discovery() {
         let ips = resolve_logged(&dns).await.unwrap_or_default();
@@ -419,6 +547,7 @@ pub async fn start_with(
         app_connections,
         admin_connections,
         in_flight_bytes: crate::inflight::InFlightBytes::new(),
+        kms_proof: tokio::sync::watch::Sender::new(KmsProof::default()),
     });
     let config = generation.config.clone();
 
@@ -458,6 +587,7 @@ pub async fn start_with(
         stop_background.clone(),
     ));
 
+    tokio::spawn(prove_kms(Arc::downgrade(&proxy), stop_background.clone()));
     health::first_round(&generation.endpoints, &config.health).await;
     for endpoint in &generation.endpoints {
         proxy.spawn_health_checker(endpoint.clone());
@@ -491,7 +621,8 @@ pub async fn start_with(
         phase = generation.routes.phase().as_str(),
         endpoints = generation.endpoints.len(),
         serving,
-        "gpulink is ready"
+        kms_proven = proxy.kms_proof.borrow().proven,
+        "gpulink is serving (ready once KMS is proven)"
     );
     Ok(ProxyHandle {
         listen_addr,

@@ -27,7 +27,7 @@ fn notify(what: &str, states: &[NotifyState<'_>]) {
     }
 }
 
-/// The proxy is serving: listeners bound, credentials resolved, first health round done.
+/// The proxy is ready: listeners bound, first health round done, KMS proven.
 pub fn ready(status: &str) {
     notify("READY", &[NotifyState::Ready, NotifyState::Status(status)]);
 }

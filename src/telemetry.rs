@@ -48,8 +48,9 @@ pub fn init(format: LogFormat) {
 /// As [`init`], with another filter when `RUST_LOG` is unset (the demo prints its own
 /// report and keeps the log to warnings).
 pub fn init_with_default(format: LogFormat, default_filter: &str) {
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
+    let filter = cap_dependencies(
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter)),
+    );
     let Ok(writer) = crate::logwriter::NonBlocking::stderr(format == LogFormat::Text) else {
         // No thread for the writer: run without a log rather than with a blocking one.
         return;
@@ -86,6 +87,45 @@ pub fn flush(limit: std::time::Duration) {
     crate::logwriter::flush(limit);
 }
 
+/// Dependencies that log request and response bodies, headers or TLS material at debug
+/// or trace (the AWS SDK's `SdkBody` debug output is the KMS request, plaintext
+/// included; its responses hold data keys): held at `info` whatever `RUST_LOG` asks,
+/// so that no log level formats a secret.
+const CAPPED_TARGETS: &[&str] = &[
+    "aws_config",
+    "aws_credential_types",
+    "aws_runtime",
+    "aws_sdk_kms",
+    "aws_sdk_sso",
+    "aws_sdk_ssooidc",
+    "aws_sdk_sts",
+    "aws_sigv4",
+    "aws_smithy_checksums",
+    "aws_smithy_http",
+    "aws_smithy_http_client",
+    "aws_smithy_json",
+    "aws_smithy_runtime",
+    "aws_smithy_runtime_api",
+    "aws_smithy_types",
+    "h2",
+    "hyper",
+    "hyper_rustls",
+    "hyper_util",
+    "reqwest",
+    "rustls",
+    "tokio_rustls",
+    "tower",
+];
+
+fn cap_dependencies(mut filter: EnvFilter) -> EnvFilter {
+    for target in CAPPED_TARGETS {
+        if let Ok(directive) = format!("{target}=info").parse() {
+            filter = filter.add_directive(directive);
+        }
+    }
+    filter
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -96,6 +136,16 @@ mod tests {
         assert!(use_colour(true, Some("".into())));
         assert!(!use_colour(true, Some("1".into())));
         assert!(!use_colour(false, None));
+    }
+
+    #[test]
+    fn dependency_targets_stay_at_info_even_at_trace() {
+        let filter = cap_dependencies(EnvFilter::new("trace,aws_smithy_runtime=trace"));
+        let text = filter.to_string();
+        for target in CAPPED_TARGETS {
+            assert!(text.contains(&format!("{target}=info")), "{target}: {text}");
+        }
+        assert!(!text.contains("aws_smithy_runtime=trace"), "{text}");
     }
 
     #[test]

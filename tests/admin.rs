@@ -405,14 +405,19 @@ async fn ready_follows_start_outage_and_drain() {
     };
     let (started, first_answer) = tokio::join!(gpulink::proxy::start(config, keys), watcher);
     let handle = started.expect("proxy starts although no endpoint answers");
-    assert_eq!(
-        first_answer,
-        (503, "starting\n".to_string()),
-        "/ready must be 503 while the first health round runs"
+    // 503 while the first health round runs: "starting", or, while the KMS proof that
+    // runs alongside it has not finished, the JSON naming KMS.
+    assert_eq!(first_answer.0, 503, "{first_answer:?}");
+    assert!(
+        first_answer.1 == "starting\n" || first_answer.1.contains(r#""waiting_for":"kms""#),
+        "{first_answer:?}"
     );
 
-    // Started: ready, although every endpoint is down (a cluster outage must not take
-    // the app's pods out of service).
+    // Started and KMS proven: ready, although every endpoint is down (a cluster outage
+    // must not take the app's pods out of service).
+    tokio::time::timeout(Duration::from_secs(30), handle.proxy().kms_proven())
+        .await
+        .expect("KMS (moto) is proven");
     let (status, body) = admin_get(&client, &ready_url).await.expect("/ready");
     assert_eq!((status, body.as_str()), (200, "ready\n"));
     let (_, status_doc) = admin_get(&client, &format!("http://{admin}/status"))

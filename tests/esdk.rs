@@ -806,31 +806,38 @@ async fn max_age_replaces_the_key_in_the_background() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert_eq!(cache_state(&world).misses, 1);
+    // The start-up proof fetched the first key, so no request ever waited.
+    assert_eq!(cache_state(&world).misses, 0);
     let (_, second) = post_captured(&world, &json_of_len(5000), &[]).await;
     assert_ne!(edk_of(&first).ciphertext, edk_of(&second).ciphertext);
     world.stop().await;
 }
 
-/// Many requests on a cold cache: exactly one GenerateDataKey, and every request is
-/// served.
+/// Many requests on a cold cache entry (model-b: the start-up proof warmed only the
+/// default pool's): exactly one GenerateDataKey for it, and every request is served.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cold_start_under_load_makes_one_kms_call() {
     let world = Arc::new(World::start(67, options("aws-esdk", "")).await);
+    assert_eq!(generate_data_key_calls(&world), 1, "the start-up proof's");
     let body = Arc::new(String::from_utf8(json_of_len(10_000)).expect("utf-8"));
     let tasks: Vec<_> = (0..24)
         .map(|_| {
             let world = world.clone();
             let body = body.clone();
-            tokio::spawn(async move { world.post("/inference", &body, &[]).await.status })
+            tokio::spawn(async move {
+                world
+                    .post("/inference", &body, &[("x-model-pool", "model-b")])
+                    .await
+                    .status
+            })
         })
         .collect();
     for task in tasks {
         assert_eq!(task.await.expect("task"), 200);
     }
-    assert_eq!(generate_data_key_calls(&world), 1);
+    assert_eq!(generate_data_key_calls(&world), 2);
     let state = cache_state(&world);
-    assert_eq!(state.kms_calls, 1);
+    assert_eq!(state.kms_calls, 2);
     assert_eq!(state.hits + state.misses, 24);
     assert_eq!(ok_total(&world), 24);
     let world = Arc::into_inner(world).expect("all tasks finished");
@@ -938,6 +945,8 @@ async fn sealed_size_limit_and_context_none() {
     )
     .await;
     world.sim.capture_bodies(true);
+    // The start-up proof's GenerateDataKey; the refusal must add none.
+    let proof_calls = generate_data_key_calls(&world);
     let reply = world
         .post("/inference", text(&json_of_len(9_999_000)), &[])
         .await;
@@ -953,7 +962,11 @@ async fn sealed_size_limit_and_context_none() {
         .unwrap_or_default()
         .to_string();
     assert!(message.contains("upstream.max_body"), "{message}");
-    assert_eq!(generate_data_key_calls(&world), 0, "refused before KMS");
+    assert_eq!(
+        generate_data_key_calls(&world),
+        proof_calls,
+        "refused before KMS"
+    );
     assert_eq!(world.total_requests(), 0);
 
     let body = json_of_len(100_000);

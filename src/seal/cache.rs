@@ -212,6 +212,17 @@ impl InUse {
     }
 }
 
+/// Why a `GenerateDataKey` call is made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Flight {
+    /// A request found no usable key and waits.
+    Miss,
+    /// The key in use is past its refresh point; nobody waits.
+    Refresh,
+    /// The start-up proof ([`DataKeyCache::warm`]), which logs its own failures.
+    Warm,
+}
+
 /// `None` while the call is in progress; then its outcome, for every waiter.
 type FlightOutcome = Option<Result<Arc<CachedKey>, KeyError>>;
 
@@ -305,6 +316,26 @@ impl DataKeyCache {
         plaintext_len: u64,
     ) -> Result<Acquired, KeyError> {
         self.inner.acquire(context, plaintext_len).await
+    }
+
+    /// Fetches the first data key for `context` unless the entry has one or is fetching
+    /// it (then waits for that call): the start-up proof that `GenerateDataKey` works,
+    /// which also spares the first request the wait. Counts a KMS call, not a hit, a
+    /// miss or a message; the caller logs a failure.
+    pub async fn warm(&self, context: &EncryptionContext) -> Result<(), KeyError> {
+        let inner = &self.inner;
+        let entry = inner.entry(context);
+        let flight = {
+            let mut state = entry.lock();
+            if state.current.is_some() {
+                return Ok(());
+            }
+            match &state.flight {
+                Some(flight) => flight.clone(),
+                None => inner.start_flight(&entry, &mut state, Flight::Warm),
+            }
+        };
+        inner.wait(&entry, flight).await.map(|_| ())
     }
 
     /// A snapshot for `/status`: limits, counters and each entry's current key. Never
@@ -430,7 +461,7 @@ impl Inner {
                 }
                 match &state.flight {
                     Some(flight) => flight.clone(),
-                    None => self.start_flight(&entry, &mut state, false),
+                    None => self.start_flight(&entry, &mut state, Flight::Miss),
                 }
             };
             delivered = Some(self.wait(&entry, flight).await?);
@@ -448,7 +479,7 @@ impl Inner {
             return;
         }
         CacheCounters::add(&self.counters.refreshes);
-        let _ = self.start_flight(entry, state, true);
+        let _ = self.start_flight(entry, state, Flight::Refresh);
     }
 
     /// Starts the entry's one `GenerateDataKey` call in its own task.
@@ -456,13 +487,13 @@ impl Inner {
         self: &Arc<Self>,
         entry: &Arc<Entry>,
         state: &mut EntryState,
-        background: bool,
+        kind: Flight,
     ) -> watch::Receiver<FlightOutcome> {
         let (tx, rx) = watch::channel(None);
         state.flight = Some(rx.clone());
         let inner = self.clone();
         let entry = entry.clone();
-        tokio::spawn(async move { inner.fetch(entry, tx, background).await });
+        tokio::spawn(async move { inner.fetch(entry, tx, kind).await });
         rx
     }
 
@@ -479,8 +510,9 @@ impl Inner {
         self: Arc<Self>,
         entry: Arc<Entry>,
         tx: watch::Sender<FlightOutcome>,
-        background: bool,
+        kind: Flight,
     ) {
+        let background = kind == Flight::Refresh;
         let result = self.generate(&entry.context).await;
         let now = Instant::now();
         let outcome = result.map(|data_key| Arc::new(CachedKey::new(data_key, now)));
@@ -508,12 +540,14 @@ impl Inner {
                         Some(now + refresh_backoff(state.consecutive_failures));
                     state.last_error = Some(error.to_string());
                     let serving = state.current.is_some();
-                    tracing::warn!(
-                        %error,
-                        background,
-                        serving_cached_key = serving,
-                        "KMS GenerateDataKey failed"
-                    );
+                    if kind != Flight::Warm {
+                        tracing::warn!(
+                            %error,
+                            background,
+                            serving_cached_key = serving,
+                            "KMS GenerateDataKey failed"
+                        );
+                    }
                 }
             }
         }
@@ -545,7 +579,8 @@ impl Inner {
                 }
                 Err(KeyError::Kms {
                     operation: "GenerateDataKey",
-                    message: "the call was abandoned before it finished".into(),
+                    kind: super::keys::KmsErrorKind::Interrupted,
+                    detail: Default::default(),
                 })
             }
         }

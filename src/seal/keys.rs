@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, NONCE_LEN};
 use aws_lc_rs::rand::{SecureRandom, SystemRandom};
+use aws_sdk_kms::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_kms::primitives::Blob;
 use aws_sdk_kms::types::DataKeySpec;
 use zeroize::{Zeroize, Zeroizing};
@@ -22,23 +23,27 @@ use super::esdk::EsdkError;
 /// The encryption context, serialised by KMS in key order.
 pub type EncryptionContext = BTreeMap<String, String>;
 
-/// Why a key operation failed. Messages never contain key material or plaintext.
+/// Why a key operation failed. Messages never contain key material, plaintext, or
+/// anything KMS or the SDK answered beyond a recognised error code and the HTTP status:
+/// a KMS error message can echo the request (the base64 plaintext), and the SDK's error
+/// dumps carry the raw response (a broken `GenerateDataKey` answer holds the data key).
 /// `Clone` because one failed data-key fetch answers every request that waited for it.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum KeyError {
     #[error("KMS call timed out after {0:?}")]
     Timeout(Duration),
-    #[error("KMS {operation} failed: {message}")]
+    #[error("KMS {operation} failed: {kind}{detail}")]
     Kms {
         operation: &'static str,
-        message: String,
+        kind: KmsErrorKind,
+        detail: KmsDetail,
     },
     #[error(
         "the ciphertext could not be opened (wrong key, wrong encryption context or tampered)"
     )]
     Open,
-    #[error("cannot resolve AWS credentials for KMS: {0}")]
-    Credentials(String),
+    #[error("{0}")]
+    Credentials(CredentialsProblem),
     #[error(
         "KMS GenerateDataKey returned a {0}-byte plaintext key where AES_256 gives 32 bytes; \
          refusing to use it"
@@ -51,6 +56,238 @@ pub enum KeyError {
     /// The development key provider was switched off to stand for a KMS outage.
     #[error("the development key provider is switched off (simulated KMS outage)")]
     Unavailable,
+}
+
+impl KeyError {
+    /// KMS refused the configured key itself (not a transient failure): the operator has
+    /// to change `kms.key_id`, the key or its policy.
+    pub fn is_key_refusal(&self) -> bool {
+        matches!(
+            self,
+            KeyError::Kms {
+                kind: KmsErrorKind::NotFound
+                    | KmsErrorKind::Disabled
+                    | KmsErrorKind::InvalidState
+                    | KmsErrorKind::AccessDenied
+                    | KmsErrorKind::InvalidKeyUsage
+                    | KmsErrorKind::InvalidKeyId,
+                ..
+            }
+        )
+    }
+
+    fn kms(operation: &'static str, kind: KmsErrorKind) -> Self {
+        KeyError::Kms {
+            operation,
+            kind,
+            detail: KmsDetail::default(),
+        }
+    }
+}
+
+/// What went wrong with a KMS call, classified once from the SDK's error. Each renders
+/// as a short message an operator can act on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum KmsErrorKind {
+    #[error(
+        "the key does not exist or these credentials cannot see it; check kms.key_id and kms.region"
+    )]
+    NotFound,
+    #[error("the key is disabled; enable it or change kms.key_id")]
+    Disabled,
+    #[error(
+        "the key is not in a usable state (pending deletion or awaiting key material); check kms.key_id"
+    )]
+    InvalidState,
+    #[error(
+        "access denied: the credentials may not use the key for this operation; check the key policy \
+         and the role's permissions for kms.key_id"
+    )]
+    AccessDenied,
+    #[error(
+        "the key cannot be used for this operation (it must be a symmetric ENCRYPT_DECRYPT key); \
+         check kms.key_id"
+    )]
+    InvalidKeyUsage,
+    #[error("kms.key_id is not a valid key id, key ARN or alias")]
+    InvalidKeyId,
+    #[error("KMS throttled the request; it is retried with backoff (raise the KMS request quota if this persists)")]
+    Throttled,
+    #[error("KMS failed on its side; retry later")]
+    ServiceFailure,
+    #[error(
+        "KMS could not be reached; check kms.endpoint_url, kms.region, DNS and the network path to KMS"
+    )]
+    Unreachable,
+    #[error("KMS sent an answer that cannot be used (malformed or incomplete)")]
+    InvalidResponse,
+    #[error("KMS refused the request")]
+    Rejected,
+    #[error("the call was abandoned before it finished")]
+    Interrupted,
+}
+
+/// The part of a KMS answer that may be shown: a recognised error code (from a fixed
+/// list: a code that is not on it is never repeated, since a faulty or hostile endpoint
+/// could put anything there) and the HTTP status.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct KmsDetail {
+    pub code: Option<&'static str>,
+    pub status: Option<u16>,
+}
+
+impl std::fmt::Display for KmsDetail {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (self.code, self.status) {
+            (Some(code), Some(status)) => write!(f, " ({code}, HTTP {status})"),
+            (Some(code), None) => write!(f, " ({code})"),
+            (None, Some(status)) => write!(f, " (HTTP {status})"),
+            (None, None) => Ok(()),
+        }
+    }
+}
+
+/// KMS error codes and what they mean for gpulink.
+const KMS_ERROR_CODES: &[(&str, KmsErrorKind)] = &[
+    ("NotFoundException", KmsErrorKind::NotFound),
+    ("DisabledException", KmsErrorKind::Disabled),
+    ("KMSInvalidStateException", KmsErrorKind::InvalidState),
+    ("KeyUnavailableException", KmsErrorKind::ServiceFailure),
+    ("AccessDeniedException", KmsErrorKind::AccessDenied),
+    ("UnrecognizedClientException", KmsErrorKind::AccessDenied),
+    ("InvalidSignatureException", KmsErrorKind::AccessDenied),
+    ("IncompleteSignature", KmsErrorKind::AccessDenied),
+    ("ExpiredTokenException", KmsErrorKind::AccessDenied),
+    ("InvalidClientTokenId", KmsErrorKind::AccessDenied),
+    ("MissingAuthenticationToken", KmsErrorKind::AccessDenied),
+    ("InvalidKeyUsageException", KmsErrorKind::InvalidKeyUsage),
+    ("InvalidArnException", KmsErrorKind::InvalidKeyId),
+    ("ThrottlingException", KmsErrorKind::Throttled),
+    ("Throttling", KmsErrorKind::Throttled),
+    ("TooManyRequestsException", KmsErrorKind::Throttled),
+    ("LimitExceededException", KmsErrorKind::Throttled),
+    ("KMSInternalException", KmsErrorKind::ServiceFailure),
+    ("DependencyTimeoutException", KmsErrorKind::ServiceFailure),
+    ("InternalFailure", KmsErrorKind::ServiceFailure),
+    ("ServiceUnavailable", KmsErrorKind::ServiceFailure),
+    ("InvalidCiphertextException", KmsErrorKind::Rejected),
+    ("IncorrectKeyException", KmsErrorKind::Rejected),
+    ("InvalidGrantTokenException", KmsErrorKind::Rejected),
+    ("DryRunOperationException", KmsErrorKind::Rejected),
+    ("ValidationException", KmsErrorKind::Rejected),
+    ("SerializationException", KmsErrorKind::Rejected),
+];
+
+/// Classifies a failed SDK call once, keeping only what [`KeyError`] may show.
+fn classify<E, R>(operation: &'static str, error: &SdkError<E, R>, timeout: Duration) -> KeyError
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+    R: std::fmt::Debug + HttpStatus + 'static,
+{
+    if caused_by_missing_credentials(error) {
+        return KeyError::Credentials(CredentialsProblem::NotFound);
+    }
+    match error {
+        SdkError::TimeoutError(_) => KeyError::Timeout(timeout),
+        SdkError::DispatchFailure(failure) if failure.is_timeout() => KeyError::Timeout(timeout),
+        SdkError::DispatchFailure(_) => KeyError::kms(operation, KmsErrorKind::Unreachable),
+        SdkError::ConstructionFailure(_) => KeyError::kms(operation, KmsErrorKind::Rejected),
+        SdkError::ResponseError(response) => KeyError::Kms {
+            operation,
+            kind: KmsErrorKind::InvalidResponse,
+            detail: KmsDetail {
+                code: None,
+                status: Some(response.raw().status_code()),
+            },
+        },
+        SdkError::ServiceError(service) => {
+            let status = service.raw().status_code();
+            let known = service.err().code().and_then(|code| {
+                KMS_ERROR_CODES
+                    .iter()
+                    .find(|(known, _)| *known == code)
+                    .copied()
+            });
+            let (code, kind) = match known {
+                Some((code, kind)) => (Some(code), kind),
+                None if status >= 500 => (None, KmsErrorKind::ServiceFailure),
+                // A 2xx or 3xx that is not the operation's answer, or a 4xx without a
+                // code KMS uses: nothing usable came back.
+                None if status < 400 => (None, KmsErrorKind::InvalidResponse),
+                None => (None, KmsErrorKind::Rejected),
+            };
+            if operation == "Decrypt" && code == Some("InvalidCiphertextException") {
+                return KeyError::Open;
+            }
+            KeyError::Kms {
+                operation,
+                kind,
+                detail: KmsDetail {
+                    code,
+                    status: Some(status),
+                },
+            }
+        }
+        _ => KeyError::kms(operation, KmsErrorKind::Rejected),
+    }
+}
+
+/// The HTTP status of the SDK's raw response.
+trait HttpStatus {
+    fn status_code(&self) -> u16;
+}
+
+impl HttpStatus for aws_sdk_kms::config::http::HttpResponse {
+    fn status_code(&self) -> u16 {
+        self.status().as_u16()
+    }
+}
+
+/// Whether the SDK failed because no credentials could be loaded (it reports that as a
+/// failure to construct or dispatch the request, with the credentials error as a cause).
+fn caused_by_missing_credentials(error: &(dyn std::error::Error + 'static)) -> bool {
+    use aws_credential_types::provider::error::CredentialsError;
+    let mut next = Some(error);
+    while let Some(current) = next {
+        if current.downcast_ref::<CredentialsError>().is_some() {
+            return true;
+        }
+        next = current.source();
+    }
+    false
+}
+
+/// Why no credentials could be used. The credential chain's own error text is never
+/// shown: a provider's message can quote a configuration or credentials file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum CredentialsProblem {
+    #[error(
+        "no AWS credentials found for KMS; looked in the environment (AWS_ACCESS_KEY_ID and \
+         AWS_SECRET_ACCESS_KEY), the shared files (~/.aws/credentials, ~/.aws/config, AWS_PROFILE), \
+         web identity (AWS_WEB_IDENTITY_TOKEN_FILE with AWS_ROLE_ARN, as EKS IRSA sets), ECS \
+         container credentials and the EC2 instance metadata service (IMDS)"
+    )]
+    NotFound,
+    #[error("loading AWS credentials for KMS timed out (a credential provider such as IMDS or STS did not answer)")]
+    TimedOut,
+    #[error("the AWS credential configuration is invalid (check AWS_PROFILE, ~/.aws/config and the AWS_* variables)")]
+    InvalidConfiguration,
+    #[error("an AWS credential provider failed (STS or the instance metadata service refused or was unreachable)")]
+    ProviderFailed,
+    #[error("no credential provider is configured for KMS")]
+    NoProvider,
+}
+
+impl CredentialsProblem {
+    fn of(error: &aws_credential_types::provider::error::CredentialsError) -> Self {
+        use aws_credential_types::provider::error::CredentialsError as E;
+        match error {
+            E::CredentialsNotLoaded(_) => CredentialsProblem::NotFound,
+            E::ProviderTimedOut(_) => CredentialsProblem::TimedOut,
+            E::InvalidConfiguration(_) => CredentialsProblem::InvalidConfiguration,
+            _ => CredentialsProblem::ProviderFailed,
+        }
+    }
 }
 
 /// A fresh data key from `GenerateDataKey` (AES_256). The plaintext is zeroized when the
@@ -270,25 +507,26 @@ impl KmsKeys {
         let provider = self
             .credentials
             .clone()
-            .ok_or_else(|| KeyError::Credentials("no credential provider is configured".into()))?;
+            .ok_or(KeyError::Credentials(CredentialsProblem::NoProvider))?;
         tokio::time::timeout(self.timeout, provider.provide_credentials())
             .await
-            .map_err(|_| KeyError::Timeout(self.timeout))?
+            .map_err(|_| KeyError::Credentials(CredentialsProblem::TimedOut))?
             .map(|_| ())
-            .map_err(|e| {
-                KeyError::Credentials(aws_sdk_kms::error::DisplayErrorContext(e).to_string())
-            })
+            .map_err(|e| KeyError::Credentials(CredentialsProblem::of(&e)))
     }
 
     /// A second deadline around the SDK's own: the SDK's covers its retries, this one
     /// also covers credential resolution.
-    async fn bounded<T, F>(&self, operation: &'static str, call: F) -> Result<T, KeyError>
+    async fn bounded<T, E, F>(&self, operation: &'static str, call: F) -> Result<T, KeyError>
     where
-        F: std::future::Future<Output = Result<T, String>>,
+        F: std::future::Future<
+            Output = Result<T, SdkError<E, aws_sdk_kms::config::http::HttpResponse>>,
+        >,
+        E: ProvideErrorMetadata + std::error::Error + 'static,
     {
         match tokio::time::timeout(self.timeout, call).await {
             Err(_) => Err(KeyError::Timeout(self.timeout)),
-            Ok(Err(message)) => Err(KeyError::Kms { operation, message }),
+            Ok(Err(error)) => Err(classify(operation, &error, self.timeout)),
             Ok(Ok(v)) => Ok(v),
         }
     }
@@ -307,19 +545,16 @@ impl KmsKeys {
         if !context.is_empty() {
             request = request.set_encryption_context(Some(context.clone().into_iter().collect()));
         }
-        let output = self
-            .bounded("Encrypt", async {
-                request.send().await.map_err(|e| short_sdk_error(&e))
-            })
-            .await?;
-        let ciphertext = output
-            .ciphertext_blob
-            .ok_or_else(|| KeyError::Kms {
-                operation: "Encrypt",
-                message: "the response carried no CiphertextBlob".into(),
-            })?
-            .into_inner();
-        let key_arn = output.key_id.unwrap_or_else(|| key_id.to_string());
+        let output = self.bounded("Encrypt", request.send()).await?;
+        let invalid = || KeyError::kms("Encrypt", KmsErrorKind::InvalidResponse);
+        let ciphertext = output.ciphertext_blob.ok_or_else(invalid)?.into_inner();
+        if ciphertext.is_empty() {
+            return Err(invalid());
+        }
+        let key_arn = match output.key_id {
+            Some(reported) => checked_key_arn(key_id, reported).ok_or_else(invalid)?,
+            None => key_id.to_string(),
+        };
         Ok(Encrypted {
             ciphertext,
             key_arn,
@@ -339,28 +574,22 @@ impl KmsKeys {
         if !context.is_empty() {
             request = request.set_encryption_context(Some(context.clone().into_iter().collect()));
         }
-        let output = self
-            .bounded("GenerateDataKey", async {
-                request.send().await.map_err(|e| short_sdk_error(&e))
-            })
-            .await?;
-        let missing = |field: &str| KeyError::Kms {
-            operation: "GenerateDataKey",
-            message: format!("the response carried no {field}"),
-        };
-        let mut plaintext_blob = output
-            .plaintext
-            .ok_or_else(|| missing("Plaintext"))?
-            .into_inner();
+        let output = self.bounded("GenerateDataKey", request.send()).await?;
+        let invalid = || KeyError::kms("GenerateDataKey", KmsErrorKind::InvalidResponse);
+        let mut plaintext_blob = output.plaintext.ok_or_else(invalid)?.into_inner();
         let plaintext = data_key_array(&plaintext_blob);
         plaintext_blob.zeroize();
         let plaintext = plaintext?;
-        let ciphertext = output
-            .ciphertext_blob
-            .ok_or_else(|| missing("CiphertextBlob"))?
-            .into_inner();
-        // The ESDK's provider info must be the key ARN; KMS always reports it here.
-        let key_arn = output.key_id.ok_or_else(|| missing("KeyId"))?;
+        let ciphertext = output.ciphertext_blob.ok_or_else(invalid)?.into_inner();
+        if ciphertext.is_empty() || ciphertext.len() > MAX_CIPHERTEXT_BLOB {
+            return Err(invalid());
+        }
+        // The ESDK's provider info must be the key ARN; KMS always reports it here. It
+        // is written into every message and header, so it must be one.
+        let key_arn = output
+            .key_id
+            .and_then(|reported| checked_key_arn(key_id, reported))
+            .ok_or_else(invalid)?;
         Ok(DataKey {
             plaintext,
             ciphertext,
@@ -377,11 +606,7 @@ impl KmsKeys {
         if !context.is_empty() {
             request = request.set_encryption_context(Some(context.clone().into_iter().collect()));
         }
-        let output = self
-            .bounded("Decrypt", async {
-                request.send().await.map_err(|e| short_sdk_error(&e))
-            })
-            .await?;
+        let output = self.bounded("Decrypt", request.send()).await?;
         output.plaintext.map(Blob::into_inner).ok_or(KeyError::Open)
     }
 }
@@ -396,9 +621,43 @@ fn data_key_array(bytes: &[u8]) -> Result<Zeroizing<[u8; 32]>, KeyError> {
     Ok(key)
 }
 
-/// The SDK's full error chain, which names the service error code (e.g. `InvalidCiphertextException`).
-fn short_sdk_error<E: std::error::Error>(e: &E) -> String {
-    aws_sdk_kms::error::DisplayErrorContext(e).to_string()
+/// KMS ciphertext blobs of a 32-byte data key are about 180 bytes; anything near the
+/// ESDK's 64 KiB field limit is not one.
+const MAX_CIPHERTEXT_BLOB: usize = 6144;
+
+/// The key ARN KMS reported, if it is one: it goes into message headers and the
+/// `X-KMS-Key-ID` header, so an answer that carries anything else (a faulty or hostile
+/// endpoint could put request data there) is refused. When `kms.key_id` is itself a key
+/// ARN, KMS must report exactly it.
+fn checked_key_arn(configured: &str, reported: String) -> Option<String> {
+    if is_key_arn(configured) {
+        return (reported == configured).then_some(reported);
+    }
+    is_key_arn(&reported).then_some(reported)
+}
+
+/// `arn:PARTITION:kms:REGION:ACCOUNT:key/ID` with the characters AWS uses.
+fn is_key_arn(text: &str) -> bool {
+    let mut parts = text.splitn(6, ':');
+    let (Some("arn"), Some(partition), Some("kms"), Some(region), Some(account), Some(resource)) = (
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+    ) else {
+        return false;
+    };
+    let word = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+    text.len() <= 256
+        && word(partition)
+        && word(region)
+        && account.len() == 12
+        && account.bytes().all(|b| b.is_ascii_digit())
+        && resource
+            .strip_prefix("key/")
+            .is_some_and(|id| word(id) && id.len() <= 128)
 }
 
 /// The development key provider: AES-256-GCM under a random key that lives only in this
@@ -449,10 +708,7 @@ impl DevKeys {
         let mut plaintext = Zeroizing::new([0u8; 32]);
         self.rng
             .fill(plaintext.as_mut())
-            .map_err(|_| KeyError::Kms {
-                operation: "GenerateDataKey",
-                message: "the system random number generator failed".into(),
-            })?;
+            .map_err(|_| KeyError::kms("GenerateDataKey", KmsErrorKind::ServiceFailure))?;
         let sealed = self.encrypt(plaintext.as_ref(), context)?;
         Ok(DataKey {
             plaintext,

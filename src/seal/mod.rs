@@ -168,6 +168,22 @@ impl Sealer {
         }
     }
 
+    /// The start-up proof (`/ready` in docs/design.md): one KMS `Encrypt` with the
+    /// configured key and `model_pool`'s context, and, where the format may use it
+    /// (`aws-esdk`, `auto`), the first `GenerateDataKey`, whose data key is kept for the
+    /// first requests. The `Encrypt` seals a fixed marker, not app data, and its
+    /// ciphertext is dropped.
+    pub async fn prove(&self, model_pool: &str) -> Result<(), KeyError> {
+        const PROOF: &[u8] = b"gpulink start-up proof";
+        self.keys.check_credentials().await?;
+        let context = self.context_for(model_pool);
+        self.keys.encrypt(&self.key_id, PROOF, &context).await?;
+        if self.format != SealFormat::KmsDirect {
+            self.cache.warm(&context).await?;
+        }
+        Ok(())
+    }
+
     pub async fn seal(&self, plaintext: &[u8], model_pool: &str) -> Result<Sealed, SealError> {
         let context = self.context_for(model_pool);
         if self.format_for(plaintext.len()) == FORMAT_AWS_ESDK {

@@ -364,6 +364,11 @@ impl World {
         let proxy = gpulink::proxy::start_with(config, KeyService::Kms(proxy_keys), options)
             .await
             .expect("proxy starts");
+        // The start-up KMS proof runs in the background: wait for its first outcome, so
+        // that KMS call counts and cache states are the same in every run.
+        tokio::time::timeout(Duration::from_secs(30), proxy.proxy().kms_proof_attempted())
+            .await
+            .expect("the first KMS proof attempt finishes");
         World {
             moto,
             key_arn,
