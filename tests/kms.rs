@@ -52,6 +52,9 @@ enum Mode {
     BrokenBlob,
     /// A 400 whose message and headers echo the request (the base64 plaintext).
     Echo,
+    /// A 400 whose error code (`__type` and `x-amzn-ErrorType`) is the request's
+    /// plaintext: a code is only repeated when it is one KMS documents.
+    EchoCode,
     /// A 200 whose body is not JSON, with a piece of the request in it.
     Garbage,
     /// ThrottlingException, echoing the request in its message.
@@ -177,6 +180,19 @@ async fn answer(
             );
             if let Ok(value) = http::HeaderValue::from_str(&request_plaintext) {
                 response.headers_mut().insert("x-amzn-echo", value);
+            }
+            return Ok(response);
+        }
+        Mode::EchoCode => {
+            let mut response = json(
+                400,
+                serde_json::json!({
+                    "__type": request_plaintext,
+                    "message": "see the code",
+                }),
+            );
+            if let Ok(value) = http::HeaderValue::from_str(&format!("{request_plaintext}:")) {
+                response.headers_mut().insert("x-amzn-errortype", value);
             }
             return Ok(response);
         }
@@ -816,6 +832,8 @@ async fn no_secret_leaves_through_errors_logs_status_or_metrics() {
         (Mode::BrokenBlob, big(1), &[("x-model-pool", "model-b")]),
         (Mode::Echo, request_body(2), &[]),
         (Mode::Echo, big(3), &[("x-model-pool", "model-b")]),
+        (Mode::EchoCode, request_body(8), &[]),
+        (Mode::EchoCode, big(9), &[("x-model-pool", "model-b")]),
         (Mode::Garbage, request_body(4), &[]),
         (Mode::Garbage, big(5), &[("x-model-pool", "model-b")]),
         (Mode::Throttle, request_body(6), &[]),
@@ -838,7 +856,7 @@ async fn no_secret_leaves_through_errors_logs_status_or_metrics() {
         assert!(message.len() < 400, "{mode:?}: a long message: {message}");
         let expected = match mode {
             Mode::Throttle => "throttled",
-            Mode::Echo => "refused",
+            Mode::Echo | Mode::EchoCode => "refused",
             _ => "cannot be used",
         };
         assert!(message.contains(expected), "{mode:?}: {message}");

@@ -98,6 +98,10 @@ async fn refusals_never_reach_kms_or_the_cluster() {
     )
     .await;
     let relay = world.kms_relay.as_ref().expect("relay");
+    // The start-up KMS proof has been made; from here on, count what requests cause.
+    let kms_calls = || world.proxy().proxy().keys().stats().calls();
+    let (proof_connections, proof_calls) = (relay.count(), kms_calls());
+    assert!(proof_calls >= 1, "the start-up proof reached KMS");
 
     let not_json = world.post("/inference", "{\"prompt\": ", &[]).await;
     assert_eq!(not_json.status, 400);
@@ -125,7 +129,11 @@ async fn refusals_never_reach_kms_or_the_cluster() {
     assert_eq!(pool.status, 400);
     assert_eq!(pool.error_code(), "model_pool_not_allowed");
 
-    assert_eq!(relay.count(), 0, "a refused request reached KMS");
+    assert_eq!(
+        (relay.count(), kms_calls()),
+        (proof_connections, proof_calls),
+        "a refused request reached KMS"
+    );
     assert_eq!(
         world.total_requests(),
         0,
@@ -135,7 +143,7 @@ async fn refusals_never_reach_kms_or_the_cluster() {
     // The counters do count: a good request reaches both.
     let ok = world.post("/inference", GUIDE_REQUEST, &[]).await;
     assert_eq!(ok.status, 200);
-    assert!(relay.count() >= 1);
+    assert_eq!(kms_calls(), proof_calls + 1);
     assert_eq!(world.total_requests(), 1);
     world.stop().await;
 }

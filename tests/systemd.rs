@@ -124,10 +124,19 @@ async fn run_notifies_systemd_and_logs_json_with_request_ids() {
         .expect("wait task")
         .expect("wait");
     assert!(status.success(), "gpulink run exited with {status}");
-    // No READY=1 came before the first one we awaited: it was the first message.
-    assert!(seen[0].lines().any(|l| l == "READY=1"), "{seen:?}");
+    // Before READY=1 (which waits for the KMS proof) only watchdog pings came: the
+    // process pings while it waits.
+    let before_ready = seen
+        .iter()
+        .take_while(|m| !m.lines().any(|l| l == "READY=1"))
+        .count();
+    assert!(
+        seen[..before_ready].iter().all(|m| m.trim() == "WATCHDOG=1"),
+        "{seen:?}"
+    );
+    let ready_message = seen.get(before_ready).expect("READY=1 came");
     // STATUS= (what `systemctl status` shows) says what is served.
-    let status = seen[0]
+    let status = ready_message
         .lines()
         .find_map(|l| l.strip_prefix("STATUS="))
         .unwrap_or_default();

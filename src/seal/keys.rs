@@ -772,6 +772,56 @@ impl DevKeys {
 mod tests {
     use super::*;
 
+    #[test]
+    fn only_key_arns_pass_as_the_reported_key() {
+        let arn = "arn:aws:kms:us-east-1:123456789012:key/1234abcd-12ab-34cd-56ef-1234567890ab";
+        assert_eq!(checked_key_arn(arn, arn.into()).as_deref(), Some(arn));
+        assert_eq!(
+            checked_key_arn("alias/app", arn.into()).as_deref(),
+            Some(arn)
+        );
+        let other = "arn:aws:kms:us-east-1:123456789012:key/ffffffff-12ab-34cd-56ef-1234567890ab";
+        assert_eq!(
+            checked_key_arn(arn, other.into()),
+            None,
+            "not the configured key"
+        );
+        for bad in [
+            "",
+            "eyJwcm9tcHQiOiAiSGVsbG8ifQ==",
+            "arn:aws:kms:us-east-1:123456789012:alias/app",
+            "arn:aws:kms:us-east-1:12345:key/abc",
+            "arn:aws:kms:us-east-1:123456789012:key/a b",
+            "arn:aws:kms:us-east-1:123456789012:key/abc\nforged log line",
+        ] {
+            assert_eq!(checked_key_arn("alias/app", bad.into()), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn messages_are_short_and_name_what_to_check() {
+        let refused = KeyError::Kms {
+            operation: "Encrypt",
+            kind: KmsErrorKind::NotFound,
+            detail: KmsDetail {
+                code: Some("NotFoundException"),
+                status: Some(400),
+            },
+        };
+        let text = refused.to_string();
+        assert!(text.contains("kms.key_id") && text.contains("NotFoundException, HTTP 400"));
+        assert!(refused.is_key_refusal());
+        assert!(!KeyError::kms("Encrypt", KmsErrorKind::Throttled).is_key_refusal());
+        let none = KeyError::Credentials(CredentialsProblem::NotFound).to_string();
+        assert!(
+            none.contains("AWS_ACCESS_KEY_ID") && none.contains("IMDS"),
+            "{none}"
+        );
+        for (code, _) in KMS_ERROR_CODES {
+            assert!(code.bytes().all(|b| b.is_ascii_alphabetic()), "{code}");
+        }
+    }
+
     #[tokio::test]
     async fn dev_keys_round_trip_and_bind_the_context() {
         let keys = KeyService::Dev(Arc::new(DevKeys::new().unwrap()));
