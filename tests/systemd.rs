@@ -131,7 +131,9 @@ async fn run_notifies_systemd_and_logs_json_with_request_ids() {
         .take_while(|m| !m.lines().any(|l| l == "READY=1"))
         .count();
     assert!(
-        seen[..before_ready].iter().all(|m| m.trim() == "WATCHDOG=1"),
+        seen[..before_ready]
+            .iter()
+            .all(|m| m.trim() == "WATCHDOG=1"),
         "{seen:?}"
     );
     let ready_message = seen.get(before_ready).expect("READY=1 came");
