@@ -1080,6 +1080,7 @@ mod tests {
     fn minimal_config_gets_defaults() {
         let c = parse(MINIMAL).unwrap();
         assert_eq!(c.listen.address.to_string(), "127.0.0.1:8000");
+        assert_eq!(c.admin.address.to_string(), "127.0.0.1:9901");
         assert_eq!(c.listen.max_body.bytes(), 10_000_000);
         assert_eq!(c.tenant.model_pools, vec!["model-a".to_string()]);
         assert_eq!(c.migration.phase, Phase::Privatelink);
