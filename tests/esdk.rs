@@ -350,6 +350,11 @@ async fn sim_connection(
 ) -> hyper::client::conn::http1::SendRequest<Full<Bytes>> {
     let ca = world.sim.ca_file();
     let config = gpulink::tls::client_config(&[ca.as_path()]).expect("client TLS config");
+    // This connection speaks HTTP/1.1, so it offers only that (the simulator serves the
+    // protocol ALPN chose).
+    let mut config = (*config).clone();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let config = Arc::new(config);
     let tcp = TcpStream::connect(addr).await.expect("connect to the sim");
     let tls = tokio_rustls::TlsConnector::from(config)
         .connect(
