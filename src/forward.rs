@@ -136,7 +136,10 @@ async fn journey(
     // Memory is reserved before it is held: the declared body and its sealed copy.
     let up_front = limits.needed_for(declared_len.unwrap_or(0));
     let Some(mut held) = in_flight.try_reserve(up_front, limits.in_flight) else {
-        request_body::refuse_for_budget(body, parts.version);
+        // A client waiting for `100 Continue` has not sent the body: nothing to drain.
+        if !expects_continue {
+            request_body::refuse_for_budget(body, parts.version);
+        }
         return Err(ProxyError::Overloaded(limits.in_flight));
     };
     let read = request_body::read_body(&mut body, &limits, declared_len, &mut held).await;
