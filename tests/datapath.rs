@@ -493,40 +493,76 @@ async fn a_wrong_port_is_out_with_a_tls_diagnosis_until_a_reload_fixes_it() {
         "privatelink-only",
         &regions(&wrong),
     );
-    let bench = Bench::start(cluster, text).await;
-    let (served, failed) = bench.load(20, 2).await;
-    assert_eq!(
-        failed, 0,
-        "requests failed with the local tier on a wrong port"
-    );
-    assert_all_in(&served, &remote, "while the local tier is on a wrong port");
-    bench
-        .wait_for(&wrong, "out for the data path", |e| {
-            e["data_path"]["state"] == "failed"
-        })
-        .await;
-    assert_out_for_data_path(
-        &bench,
-        &wrong,
-        "tls_failed",
-        &["TLS handshake", "may not speak TLS"],
-    )
-    .await;
-
-    let text = config_text(
-        &bench.cluster,
+    let fixed_text = config_text(
+        &cluster,
         true,
         "300ms",
         "privatelink-only",
         &regions(&right),
     );
-    bench.reload(text).await;
+    let bench = Bench::start(cluster, text).await;
+    out_until_a_reload_fixes_it(
+        bench,
+        Mistake {
+            what: "on a wrong port",
+            serving_meanwhile: &remote,
+            broken: &wrong,
+            problem: "tls_failed",
+            words: &["TLS handshake", "may not speak TLS"],
+            fixed_text,
+            fixed: &right,
+        },
+    )
+    .await;
+}
+
+/// A configuration mistake in the local tier and its fix by reload.
+struct Mistake<'a> {
+    /// How the local tier is wrong, for the assertion messages.
+    what: &'a str,
+    /// The endpoints that must carry every request while the mistake stands.
+    serving_meanwhile: &'a [String],
+    broken: &'a [String],
+    /// The data-path problem code `/status` must give, and words its diagnosis contains.
+    problem: &'a str,
+    words: &'a [&'a str],
+    fixed_text: String,
+    /// The endpoints that serve every request after the fix.
+    fixed: &'a [String],
+}
+
+/// The story every configuration mistake shares: the other tier serves every request,
+/// the broken endpoints are out for their data path with the right diagnosis, and after
+/// a reload with the fix the local tier serves everything again.
+async fn out_until_a_reload_fixes_it(bench: Bench, mistake: Mistake<'_>) {
+    let what = mistake.what;
+    let (served, failed) = bench.load(20, 2).await;
+    assert_eq!(failed, 0, "requests failed with the local tier {what}");
+    assert_all_in(
+        &served,
+        mistake.serving_meanwhile,
+        &format!("while the local tier is {what}"),
+    );
     bench
-        .wait_for(&right, "serving after the reload", |e| e["serving"] == true)
+        .wait_for(mistake.broken, "out for the data path", |e| {
+            e["data_path"]["state"] == "failed"
+        })
+        .await;
+    assert_out_for_data_path(&bench, mistake.broken, mistake.problem, mistake.words).await;
+
+    bench.reload(mistake.fixed_text).await;
+    bench
+        .wait_for(mistake.fixed, "serving after the reload", |e| {
+            e["serving"] == true
+        })
         .await;
     let (served, failed) = bench.load(20, 2).await;
     assert_eq!(failed, 0);
-    assert_all_in(&served, &right, "once the port is fixed");
+    assert_all_in(
+        &served,
+        mistake.fixed,
+        &format!("once the local tier is no longer {what}"),
+    );
     bench.stop().await;
 }
 
@@ -569,41 +605,27 @@ async fn a_wrong_ca_is_out_with_its_diagnosis_until_a_reload_fixes_it() {
         "privatelink-only",
         &regions(&wrong_ca),
     );
-    let bench = Bench::start(cluster, text).await;
-    let (served, failed) = bench.load(20, 2).await;
-    assert_eq!(
-        failed, 0,
-        "requests failed with the local tier trusting a wrong CA"
-    );
-    assert_all_in(&served, &remote, "while the local tier trusts a wrong CA");
-    bench
-        .wait_for(&local, "out for the data path", |e| {
-            e["data_path"]["state"] == "failed"
-        })
-        .await;
-    assert_out_for_data_path(
-        &bench,
-        &local,
-        "tls_unknown_ca",
-        &["untrusted CA", "ca_file"],
-    )
-    .await;
-
-    let text = config_text(
-        &bench.cluster,
+    let fixed_text = config_text(
+        &cluster,
         false,
         "300ms",
         "privatelink-only",
         &regions(&right_ca),
     );
-    bench.reload(text).await;
-    bench
-        .wait_for(&local, "serving after the reload", |e| e["serving"] == true)
-        .await;
-    let (served, failed) = bench.load(20, 2).await;
-    assert_eq!(failed, 0);
-    assert_all_in(&served, &local, "once the CA is fixed");
-    bench.stop().await;
+    let bench = Bench::start(cluster, text).await;
+    out_until_a_reload_fixes_it(
+        bench,
+        Mistake {
+            what: "trusting a wrong CA",
+            serving_meanwhile: &remote,
+            broken: &local,
+            problem: "tls_unknown_ca",
+            words: &["untrusted CA", "ca_file"],
+            fixed_text,
+            fixed: &local,
+        },
+    )
+    .await;
 }
 
 /// The local ENIs verify a name the cluster's certificate does not carry; public serves
