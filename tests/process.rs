@@ -845,3 +845,111 @@ async fn a_reload_from_a_fifo_or_dev_zero_is_rejected_while_serving() {
     let (ok, failed) = load.finish().await;
     assert_eq!(failed, 0, "{failed} requests failed ({ok} ok)");
 }
+
+/// The README's "try `gpulink run` locally": `gpulink sim --print-config` is a
+/// configuration `gpulink run` serves with, against that simulator, unedited but for the
+/// listen addresses this test needs to keep to its block.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sim_print_config_is_a_configuration_run_serves_with() {
+    let block = 240u8;
+    let moto = Moto::get().await;
+    let key_arn = moto.create_key().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let control = SocketAddr::from(([127, block, 0, 1], 9950));
+    let sim_args = |command: &mut Command| {
+        command
+            .arg("sim")
+            .arg("--ca-dir")
+            .arg(dir.path().join("ca"))
+            .arg("--control")
+            .arg(control.to_string())
+            .arg("--kms-endpoint-url")
+            .arg(&moto.url)
+            .args(["--endpoint", "127.240.10.50=us-east-1"])
+            .args(["--endpoint", "127.240.11.50=us-east-1"])
+            .args(["--endpoint", "127.240.13.50=us-west-2"])
+            .args(["--endpoint", "127.240.20.1=us-east-1:public"]);
+    };
+    let mut print = Command::new(env!("CARGO_BIN_EXE_gpulink"));
+    sim_args(&mut print);
+    let out = print
+        .args(["--print-config", "--key-id", &key_arn])
+        .output()
+        .expect("gpulink sim --print-config");
+    assert!(out.status.success(), "{out:?}");
+    let printed = String::from_utf8(out.stdout).expect("UTF-8");
+    for line in [
+        "[[regions]]\nname = \"us-east-1\"\nprivatelink = [\"127.240.10.50:8443\", \"127.240.11.50:8443\"]",
+        "public = [{ address = \"127.240.20.1:8443\"",
+        "[[regions]]\nname = \"us-west-2\"\nprivatelink = [\"127.240.13.50:8443\"]",
+        &format!("endpoint_url = \"{}\"", moto.url),
+        &format!("key_id = \"{key_arn}\""),
+        &format!("ca_file = \"{}\"", dir.path().join("ca/ca.pem").display()),
+    ] {
+        assert!(printed.contains(line), "missing {line:?} in:\n{printed}");
+    }
+
+    let mut sim = Command::new(env!("CARGO_BIN_EXE_gpulink"));
+    sim_args(&mut sim);
+    let _sim = Guard(
+        sim.stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("gpulink sim"),
+    );
+    wait_for_listener(control, Duration::from_secs(30)).await;
+
+    let listen = SocketAddr::from(([127, block, 0, 2], 8000));
+    let admin = SocketAddr::from(([127, block, 0, 2], 9901));
+    let config = dir.path().join("gpulink.toml");
+    std::fs::write(
+        &config,
+        format!("[listen]\naddress = \"{listen}\"\n\n[admin]\naddress = \"{admin}\"\n\n{printed}"),
+    )
+    .expect("write config");
+    let check = Command::new(env!("CARGO_BIN_EXE_gpulink"))
+        .args(["check", "--config"])
+        .arg(&config)
+        .output()
+        .expect("gpulink check");
+    assert!(check.status.success(), "{check:?}");
+    let _proxy = Guard(
+        Command::new(env!("CARGO_BIN_EXE_gpulink"))
+            .args(["run", "--config"])
+            .arg(&config)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("gpulink run"),
+    );
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let reply = loop {
+        let request = http::Request::post(format!("http://{listen}/inference"))
+            .header("content-type", "application/json")
+            .body(http_body_util::Full::new(bytes::Bytes::from(GUIDE_REQUEST)))
+            .expect("request");
+        if let Ok(response) = client.request(request).await {
+            if response.status() == 200 {
+                let route = response.headers().get("x-gpulink-route").cloned();
+                let body = http_body_util::BodyExt::collect(response.into_body())
+                    .await
+                    .expect("body")
+                    .to_bytes();
+                break (route, body);
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the proxy never served a request"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(
+        reply.0.as_ref().and_then(|v| v.to_str().ok()),
+        Some("privatelink")
+    );
+    let json: serde_json::Value = serde_json::from_slice(&reply.1).expect("JSON");
+    assert_eq!(json["sha256"], sha256_hex(GUIDE_REQUEST.as_bytes()));
+}

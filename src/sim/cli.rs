@@ -52,6 +52,14 @@ pub struct SimArgs {
     /// bottleneck). No KMS credentials are needed then.
     #[arg(long)]
     pub skip_open: bool,
+    /// Print a gpulink configuration for the simulator these options describe (its
+    /// `[[regions]]`, `ca_file`, health port and KMS lines) and exit without starting it.
+    #[arg(long)]
+    pub print_config: bool,
+    /// The key ARN written into `--print-config`'s `kms.key_id` (the simulator itself
+    /// opens bodies under whatever key they name).
+    #[arg(long, value_name = "ARN", requires = "print_config")]
+    pub key_id: Option<String>,
 }
 
 /// One `--endpoint` value.
@@ -146,10 +154,118 @@ impl SimArgs {
         config.skip_open = self.skip_open;
         (config, kinds)
     }
+
+    /// A configuration for `gpulink run` that reaches this simulator: its endpoints
+    /// by region and tier, its CA (where `gpulink sim` writes it), its health port and
+    /// the KMS endpoint it opens bodies with. Only the tenant and key are invented.
+    pub fn proxy_config(&self) -> String {
+        use std::fmt::Write as _;
+        let (config, kinds) = self.to_config();
+        let ca_dir = std::path::absolute(&self.ca_dir).unwrap_or_else(|_| self.ca_dir.clone());
+        let ca_file = ca_dir.join(super::certs::CA_FILE_NAME);
+        let server_name = &config.server_names[0];
+        // The default certificate names a public name of its own; a chosen list serves
+        // every endpoint with its first name.
+        let public_name = if self.server_names.is_empty() {
+            config.server_names.get(1).unwrap_or(server_name)
+        } else {
+            server_name
+        };
+        let key_id = self.key_id.clone().unwrap_or_else(|| {
+            format!(
+                "arn:aws:kms:{}:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab",
+                self.kms_region
+            )
+        });
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "# gpulink configuration for the simulator that `gpulink sim` starts with the same\n\
+             # options (written by `gpulink sim --print-config`). Start the simulator, then:\n\
+             #   gpulink run --config THIS_FILE\n\
+             # `gpulink check` warns about the example names the simulator's certificate uses.\n"
+        );
+        let _ = writeln!(
+            out,
+            "[tenant]\nid = \"tenant-sim\"\nmodel_pool = \"model-a\"\nmodel_pools = [\"model-a\", \"model-b\"]\n"
+        );
+        let _ = writeln!(out, "[kms]");
+        if self.key_id.is_none() {
+            let _ = writeln!(
+                out,
+                "# the example's placeholder: pass --key-id ARN (e.g. a key created in moto)"
+            );
+        }
+        let _ = writeln!(out, "key_id = {}", toml_string(&key_id));
+        let _ = writeln!(out, "region = {}", toml_string(&self.kms_region));
+        if let Some(url) = &self.kms_endpoint_url {
+            let _ = writeln!(out, "endpoint_url = {}", toml_string(url));
+        }
+        let _ = writeln!(
+            out,
+            "\n[upstream]\nserver_name = {}\nca_file = {}\n",
+            toml_string(server_name),
+            toml_string(&ca_file.display().to_string())
+        );
+        let _ = writeln!(out, "[health]\nport = {}\n", self.health_port);
+        let mut regions: Vec<&str> = Vec::new();
+        for endpoint in &config.endpoints {
+            if !regions.contains(&endpoint.region.as_str()) {
+                regions.push(&endpoint.region);
+            }
+        }
+        for region in regions {
+            let mut privatelink = Vec::new();
+            let mut public = Vec::new();
+            for (endpoint, kind) in config.endpoints.iter().zip(&kinds) {
+                if endpoint.region != region {
+                    continue;
+                }
+                let address = toml_string(&endpoint.tls_addr().to_string());
+                match kind {
+                    EndpointKind::PrivateLink => privatelink.push(address),
+                    EndpointKind::Public => public.push(format!(
+                        "{{ address = {address}, server_name = {} }}",
+                        toml_string(public_name)
+                    )),
+                }
+            }
+            let _ = writeln!(out, "[[regions]]\nname = {}", toml_string(region));
+            let _ = writeln!(out, "privatelink = [{}]", privatelink.join(", "));
+            if !public.is_empty() {
+                let _ = writeln!(out, "public = [{}]", public.join(", "));
+            }
+            let _ = writeln!(out);
+        }
+        out
+    }
 }
 
-/// Runs `gpulink sim` until Ctrl-C or SIGTERM.
+/// A TOML basic string (quotes and backslashes escaped).
+fn toml_string(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 2);
+    out.push('"');
+    for c in text.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if c.is_control() => out.push_str(&format!("\\u{:04X}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// Runs `gpulink sim` until Ctrl-C or SIGTERM (`--print-config`: prints and returns).
 pub async fn run_cli(args: SimArgs) -> anyhow::Result<()> {
+    if args.print_config {
+        use std::io::Write as _;
+        std::io::stdout()
+            .write_all(args.proxy_config().as_bytes())
+            .context("cannot write the configuration to stdout")?;
+        return Ok(());
+    }
     crate::tls::install_crypto_provider();
     let (config, kinds) = args.to_config();
     let kms = KmsKeys::new(
@@ -256,5 +372,71 @@ mod tests {
             kinds.iter().filter(|k| **k == EndpointKind::Public).count(),
             1
         );
+    }
+
+    #[test]
+    fn print_config_describes_the_simulator_it_would_start() {
+        use clap::Parser;
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            sim: SimArgs,
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let ca_dir = dir.path().join("ca");
+        let cli = Cli::try_parse_from([
+            "sim",
+            "--ca-dir",
+            ca_dir.to_str().unwrap(),
+            "--endpoint",
+            "127.240.10.50=us-east-1",
+            "--endpoint",
+            "127.240.13.50=us-west-2",
+            "--endpoint",
+            "127.240.20.1=us-east-1:public",
+            "--tls-port",
+            "9443",
+            "--health-port",
+            "9080",
+            "--kms-endpoint-url",
+            "http://127.240.0.9:5000",
+            "--print-config",
+            "--key-id",
+            "arn:aws:kms:us-east-1:123456789012:key/abc",
+        ])
+        .unwrap();
+        let text = cli.sim.proxy_config();
+        // The CA the simulator writes when it starts.
+        std::fs::create_dir_all(&ca_dir).unwrap();
+        let cert = rcgen::generate_simple_self_signed(vec!["ca.test".into()]).unwrap();
+        std::fs::write(ca_dir.join("ca.pem"), cert.cert.pem()).unwrap();
+        let config = crate::config::Config::from_toml(&text, std::path::Path::new("sim.toml"))
+            .unwrap_or_else(|e| panic!("{e}\n{text}"));
+        assert_eq!(config.health.port, 9080);
+        assert_eq!(
+            config.kms.endpoint_url.as_deref(),
+            Some("http://127.240.0.9:5000")
+        );
+        assert_eq!(
+            config.kms.key_id,
+            "arn:aws:kms:us-east-1:123456789012:key/abc"
+        );
+        assert!(config.upstream.ca_file.as_ref().unwrap().is_absolute());
+        let endpoints = config.endpoints().unwrap();
+        let described: Vec<(String, String, crate::config::RouteKind)> = endpoints
+            .iter()
+            .map(|e| (e.region.clone(), e.authority(), e.kind))
+            .collect();
+        use crate::config::RouteKind::{Privatelink, Public};
+        assert_eq!(
+            described,
+            vec![
+                ("us-east-1".into(), "127.240.10.50:9443".into(), Privatelink),
+                ("us-east-1".into(), "127.240.20.1:9443".into(), Public),
+                ("us-west-2".into(), "127.240.13.50:9443".into(), Privatelink),
+            ]
+        );
+        assert_eq!(endpoints[1].server_name, "gpu-cluster.public.example.com");
+        assert_eq!(config.local_region(), "us-east-1");
     }
 }
