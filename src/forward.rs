@@ -64,6 +64,9 @@ pub async fn handle(proxy: Arc<Proxy>, request: Request<Incoming>) -> Response<P
     proxy
         .metrics()
         .request_finished(&result, attribution.as_ref(), started.elapsed());
+    proxy
+        .history()
+        .request_finished(&result, attribution.as_ref(), started.elapsed());
     let _enter = span.enter();
     match result {
         Ok(response) => {

@@ -17,7 +17,8 @@
 //! * [`upstream`]: endpoints, TLS, per-endpoint connection pools, active health checks and
 //!   the choice among healthy endpoints.
 //! * [`admin`]: `/live`, `/ready`, `/metrics`, `/status` and the HTML status page on the
-//!   admin address; [`metrics`] holds the Prometheus metrics it exposes.
+//!   admin address; [`metrics`] holds the Prometheus metrics it exposes, [`history`] the
+//!   last 15 minutes of request outcomes the status page charts.
 //! * [`probe`]: `gpulink probe`, the guide's connectivity test and troubleshooting.
 //! * [`healthcheck`]: `gpulink health`, the readiness probe for containers and exec.
 //! * [`systemd`]: readiness, watchdog and reload notifications for `Type=notify` units.
@@ -33,6 +34,7 @@ pub mod error;
 pub mod forward;
 pub mod headers;
 pub mod healthcheck;
+pub mod history;
 pub mod inflight;
 pub mod ingress;
 pub mod listener;

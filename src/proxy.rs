@@ -88,6 +88,8 @@ pub struct Proxy {
     this: Weak<Proxy>,
     /// Prometheus metrics; owned here so they outlive every configuration generation.
     metrics: Arc<crate::metrics::Metrics>,
+    /// The last 15 minutes of request outcomes for `/status` (outlives generations too).
+    history: crate::history::History,
     /// The app and admin listeners' connections and limits (fixed at start).
     app_connections: Arc<crate::listener::Listener>,
     admin_connections: Arc<crate::listener::Listener>,
@@ -162,6 +164,10 @@ impl Proxy {
 
     pub fn metrics(&self) -> &Arc<crate::metrics::Metrics> {
         &self.metrics
+    }
+
+    pub fn history(&self) -> &crate::history::History {
+        &self.history
     }
 
     pub fn uptime(&self) -> std::time::Duration {
@@ -544,6 +550,7 @@ pub async fn start_with(
         stop_background: stop_background.clone(),
         this: this.clone(),
         metrics: Arc::new(crate::metrics::Metrics::new()),
+        history: crate::history::History::new(),
         app_connections,
         admin_connections,
         in_flight_bytes: crate::inflight::InFlightBytes::new(),

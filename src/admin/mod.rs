@@ -7,7 +7,8 @@
 //!   metrics, not here: taking the app's pods out of service would not help the app.
 //! * `/metrics`: Prometheus exposition (OpenMetrics when the scraper asks for it, else
 //!   the classic text format), see [`crate::metrics`].
-//! * `/status`: JSON: generation, phase, every endpoint's state, KMS and key cache.
+//! * `/status`: JSON: generation, phase, every endpoint's state, KMS and key cache, and
+//!   `traffic`: the last 15 minutes of request outcomes per route ([`crate::history`]).
 //! * `/`: the same as a small self-contained HTML page (inline CSS, no scripts, no
 //!   external assets), refreshed every few seconds, for an operator's browser or
 //!   `kubectl port-forward`.
@@ -153,6 +154,8 @@ pub fn status(proxy: &Proxy) -> Value {
                 "data_path": data_path,
                 "failing_checks": failing,
                 "last_request_error": e.last_request_error(),
+                // The last 5xx answer attributed to it (the cluster's or gpulink's).
+                "last_failed_request": proxy.history().last_failure(&e.authority),
             })
         })
         .collect();
@@ -166,6 +169,8 @@ pub fn status(proxy: &Proxy) -> Value {
         "version": env!("CARGO_PKG_VERSION"),
         "generation": generation.number,
         "loaded_at": generation.loaded_at.to_rfc3339(),
+        // The page's relative times ("3 s ago") are measured from here.
+        "now": now.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
         "ready": proxy.is_ready(),
         "draining": proxy.is_draining(),
         "uptime_seconds": proxy.uptime().as_secs(),
@@ -212,6 +217,7 @@ pub fn status(proxy: &Proxy) -> Value {
         // use (never key material).
         "key_cache": key_cache,
         "endpoints": endpoints,
+        "traffic": proxy.history().to_json(),
     })
 }
 
