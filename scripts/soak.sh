@@ -5,8 +5,8 @@
 # round after round, and fails on any lost request (one that got no answer, or failed
 # although the cluster never saw it), any request delivered twice, or proxy RSS growth
 # over 5 % after the two warm-up rounds. A short version (four rounds) is `soak_short` in
-# tests/soak.rs.
+# tests/suite/soak.rs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export GPULINK_SOAK_SECS="${1:-600}"
-exec bash scripts/test.sh --test soak -- --ignored --nocapture soak_long
+exec bash scripts/test.sh --test suite -- --ignored --nocapture soak::soak_long

@@ -6,10 +6,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# The packaging tests: cargo-deb builds the .deb (tests/packaging.rs), and, as root,
+# The packaging tests: cargo-deb builds the .deb (tests/suite/packaging.rs), and, as root,
 # debootstrap + systemd-nspawn boot a real systemd to install it in
-# (tests/systemd_boot.rs); nginx is the cluster's TLS + HTTP/2 front in tests/goaway.rs,
-# and Prometheus's promtool lints /metrics in tests/cutover_metrics.rs.
+# (tests/suite/systemd_boot.rs); nginx is the cluster's TLS + HTTP/2 front in tests/suite/goaway.rs,
+# and Prometheus's promtool lints /metrics in tests/suite/cutover_metrics.rs.
 # Each is installed only when missing.
 if ! cargo deb --version >/dev/null 2>&1; then
   cargo install --locked cargo-deb@3.8.0

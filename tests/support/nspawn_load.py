@@ -1,4 +1,4 @@
-"""Load for tests/systemd_boot.rs, run inside the container (its network is private, so
+"""Load for tests/suite/systemd_boot.rs, run inside the container (its network is private, so
 the test process cannot reach gpulink directly). Standard library only.
 
     nspawn_load.py URL STOP_FILE OUT [once]

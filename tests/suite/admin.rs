@@ -6,14 +6,12 @@
 //!
 //! Loopback blocks 127.70-72.x.x belong to this file.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use gpulink::sim::EndpointState;
 
 const OPENMETRICS_ACCEPT: &str =

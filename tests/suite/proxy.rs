@@ -1,9 +1,7 @@
 //! The core path end to end: app JSON → KMS (moto) → tenant headers → pooled TLS → the
 //! simulated cluster, and every refusal on the way.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn guide_request_end_to_end() {

@@ -4,11 +4,9 @@
 //! there at zero before the first failure, so `rate()` and `increase()` see it. Read
 //! with the official Prometheus parser; no timing assertions.
 
-mod common;
-#[path = "support/prom.rs"]
-mod prom;
+use crate::prom;
 
-use common::*;
+use crate::common::*;
 use gpulink::sim::EndpointState;
 
 const REQUESTS: &str = "gpulink_requests_total";

@@ -3,10 +3,10 @@
 //! here), the Kubernetes manifests (against the Kubernetes schemas, offline, with
 //! PyPI `kubernetes-validate`), the .deb (built with cargo-deb and taken apart with
 //! `dpkg-deb`: its control files, maintainer scripts and contents; installing it under a
-//! real systemd is tests/systemd_boot.rs) and the Grafana dashboard.
+//! real systemd is tests/suite/systemd_boot.rs) and the Grafana dashboard.
 //! Nothing here listens on the network.
 
-mod deb;
+use crate::deb;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

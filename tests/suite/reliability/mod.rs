@@ -1,4 +1,4 @@
-//! Tools of the reliability suite (`tests/adversarial.rs`, `tests/soak.rs`): what an
+//! Tools of the reliability suite (`tests/suite/adversarial.rs`, `tests/suite/soak.rs`): what an
 //! outsider uses against gpulink where client libraries refuse to misbehave.
 //!
 //! * [`raw_exchange`]: bytes in, bytes out over a raw TCP socket (HTTP/1.1 framing tricks).

@@ -5,11 +5,9 @@
 //!
 //! Loopback block 127.201.x.x belongs to this file.
 
-mod common;
-
 use std::process::Command;
 
-use common::*;
+use crate::common::*;
 
 /// Runs `gpulink health ARGS`; returns (exit code, stdout + stderr).
 async fn health(args: Vec<String>) -> (i32, String) {

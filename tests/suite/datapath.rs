@@ -12,15 +12,13 @@
 //!
 //! Loopback blocks 127.110-115.x.x belong to this file.
 
-mod common;
-
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use gpulink::config::Config;
 use gpulink::proxy::ProxyHandle;
 use gpulink::seal::{KeyService, KmsKeys};

@@ -3,14 +3,12 @@
 //! awaits state changes (the proxy's endpoint state, the simulator's counters) and uses
 //! fixed request counts; none asserts on time.
 
-mod common;
-
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use gpulink::sim::EndpointState;
 
 /// Sends `total` requests with `concurrency` workers; returns (ok, failed).

@@ -24,7 +24,7 @@
 //! failure. Loopback block 127.200.x.x (inside the container's own network) belongs to
 //! this file.
 
-mod deb;
+use crate::deb;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -325,7 +325,7 @@ const CA: &str = "/etc/gpulink/ca.pem";
 
 fn config(key_arn: &str, phase: &str, ca_file: &str) -> String {
     format!(
-        r#"# written by tests/systemd_boot.rs
+        r#"# written by tests/suite/systemd_boot.rs
 [listen]
 address = "{LISTEN}"
 drain_delay = "1s"

@@ -2,8 +2,6 @@
 //! separate processes, with moto as KMS. Reload by SIGHUP and by file change under load,
 //! and graceful shutdown on SIGTERM with requests in flight.
 
-mod common;
-
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -11,7 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 
 struct Guard(Child);
 

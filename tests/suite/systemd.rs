@@ -6,12 +6,10 @@
 //!
 //! Loopback block 127.75.x.x belongs to this file.
 
-mod common;
-
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use tokio::net::UnixDatagram;
 
 /// Receives notifications until one contains `wanted`; returns everything received.

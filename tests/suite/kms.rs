@@ -9,8 +9,6 @@
 //! (141-143). Waits poll `/ready`, `/status` or the log with a deadline; nothing sleeps
 //! to synchronise.
 
-mod common;
-
 use std::io::BufRead;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -18,9 +16,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::common::*;
 use base64::Engine as _;
 use bytes::Bytes;
-use common::*;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;

@@ -5,18 +5,15 @@
 //!
 //! Blocks 127.174-176.x.y.
 
-mod common;
-mod reliability;
-
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
+use crate::reliability::*;
 use gpulink::config::Config;
 use gpulink::proxy::ProxyHandle;
 use gpulink::seal::{KeyService, KmsKeys};
-use reliability::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 

@@ -1,10 +1,8 @@
 //! Ingress behaviour seen by real clients: a 413 that ordinary clients read instead of a
 //! reset, HTTP/2 with prior knowledge, and a streamed (server-sent events) answer.
 
-mod common;
-
+use crate::common::*;
 use bytes::Bytes;
-use common::*;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;

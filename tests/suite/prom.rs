@@ -1,6 +1,5 @@
 //! `/metrics` read the way Prometheus reads it: fetched from the admin server and parsed
-//! with the official Python client's parser (`parse_metrics.py`, next to this file).
-//! Included by the tests that assert on metrics with `#[path]`.
+//! with the official Python client's parser (`tests/support/parse_metrics.py`).
 
 #![allow(dead_code)]
 

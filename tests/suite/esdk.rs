@@ -12,16 +12,14 @@
 //! Nothing sleeps to synchronise; the one wait (for an age-driven refresh) polls the
 //! cache's own state for the event.
 
-mod common;
-
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::common::*;
 use bytes::Bytes;
-use common::*;
 use gpulink::seal::esdk::{self, EncryptedDataKey};
 use gpulink::seal::{EncryptionContext, KeyService};
 use http::{Method, Request, StatusCode};

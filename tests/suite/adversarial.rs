@@ -7,19 +7,16 @@
 //!
 //! Blocks 127.180-189.x.y.
 
-mod common;
-mod reliability;
-
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
+use crate::reliability::*;
 use gpulink::config::Config;
 use gpulink::proxy::ProxyHandle;
 use gpulink::seal::{KeyService, KmsKeys};
-use reliability::*;
 
 const TENANT: &str = "tenant-123";
 

@@ -6,15 +6,13 @@
 //!
 //! Raw sockets throughout: the point is clients that no library would be.
 
-mod common;
-
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use crate::common::*;
 use bytes::Bytes;
-use common::*;
 use gpulink::config::Config;
 use gpulink::seal::{KeyService, KmsKeys};
 use http_body_util::Full;

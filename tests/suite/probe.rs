@@ -5,13 +5,11 @@
 //!
 //! Loopback block 127.73.x.x belongs to this file. No KMS: probe never calls it.
 
-mod common;
-
 use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 
-use common::Layout;
+use crate::common::Layout;
 use gpulink::seal::{DevKeys, KeyService};
 use gpulink::sim::{EndpointState, Sim};
 

@@ -14,14 +14,11 @@
 //!
 //! Block 127.192.x.y (short) and 127.193.x.y (long).
 
-mod common;
-mod reliability;
-
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use reliability::*;
+use crate::reliability::*;
 
 /// One request that did not get a 200.
 #[derive(Debug, Clone)]

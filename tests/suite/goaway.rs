@@ -3,9 +3,7 @@
 //! configurations reloaded, under concurrent load. Every test counts failed requests
 //! and deliveries on the cluster's side; none asserts on time.
 
-mod common;
-#[path = "support/prom.rs"]
-mod prom;
+use crate::prom;
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -14,7 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use gpulink::config::Config;
 use gpulink::seal::{KeyService, KmsKeys};
 
