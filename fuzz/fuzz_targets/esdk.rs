@@ -1,4 +1,4 @@
-//! The ESDK message decoder (`gpulink::seal::esdk`), in two modes chosen by the first byte:
+//! The ESDK message decoder (the `gpulink-esdk` crate, `crates/esdk`), in two modes chosen by the first byte:
 //!
 //! * even: `[mode][32-byte data key][message]`: an arbitrary message is parsed and
 //!   decrypted; whatever it holds, the answer is a value or an error, never a panic. The
@@ -9,7 +9,7 @@
 //!   the message truncated) must be refused: every byte of a message is authenticated.
 #![no_main]
 
-use gpulink::seal::esdk::{self, EncryptedDataKey, EncryptionContext};
+use gpulink_esdk::{self as esdk, EncryptedDataKey, EncryptionContext};
 use libfuzzer_sys::fuzz_target;
 
 const KEY: [u8; 32] = [0x42; 32];

@@ -15,8 +15,11 @@
 //! [`esdk`] (the message format), and [`Sealer`] here, which chooses and applies them.
 
 pub mod cache;
-pub mod esdk;
 pub mod keys;
+
+/// The message format, a crate of its own (`crates/esdk`); re-exported so the sealing
+/// code and its users name it in one place.
+pub use gpulink_esdk as esdk;
 
 use std::sync::Arc;
 

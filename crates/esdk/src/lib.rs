@@ -3,6 +3,10 @@
 //! Seals request bodies under a KMS data key so that any official ESDK holding the KMS key
 //! can open them, and opens messages those SDKs produce. Whole-message (non-streaming) API.
 
+#![forbid(unsafe_code)]
+#![deny(clippy::unwrap_used, clippy::expect_used)]
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
+
 use std::collections::BTreeMap;
 
 use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
