@@ -22,12 +22,14 @@
 //! * [`probe`]: `gpulink probe`, the guide's connectivity test and troubleshooting.
 //! * [`healthcheck`]: `gpulink health`, the readiness probe for containers and exec.
 //! * [`systemd`]: readiness, watchdog and reload notifications for `Type=notify` units.
-//! * [`config`]: the TOML contract and its validation.
+//! * [`config`]: the TOML contract and its validation; [`check`], the warnings of
+//!   `gpulink check` about a valid file that is likely not what was meant.
 //! * [`sim`]: the cluster simulator used by tests, benchmarks and the demo.
 //! * [`demo`]: `gpulink demo`, the whole journey on loopback without AWS.
 
 pub mod admin;
 pub mod body;
+pub mod check;
 pub mod config;
 pub mod demo;
 pub mod error;

@@ -33,7 +33,8 @@ enum Command {
         #[arg(long, value_enum, env = "GPULINK_LOG_FORMAT")]
         log_format: Option<gpulink::telemetry::LogFormatFlag>,
     },
-    /// Validate a configuration file: exit 0 when valid, 78 (EX_CONFIG) when not.
+    /// Validate a configuration file: exit 0 when valid (warnings, on stderr, do not
+    /// change that), 78 (EX_CONFIG) when not.
     Check {
         #[arg(
             long,
@@ -41,6 +42,9 @@ enum Command {
             default_value = "/etc/gpulink/gpulink.toml"
         )]
         config: PathBuf,
+        /// Do not resolve the public endpoint names (no DNS look-ups).
+        #[arg(long)]
+        no_resolve: bool,
     },
     /// Test connectivity to every endpoint (TCP, TLS, /health, latency) and diagnose
     /// failures: exit 0 when something can serve, 1 when nothing can, 78 for a bad config.
@@ -67,7 +71,7 @@ fn main() -> ExitCode {
     gpulink::tls::install_crypto_provider();
     let cli = Cli::parse();
     match cli.command {
-        Command::Check { config } => check(&config),
+        Command::Check { config, no_resolve } => check(&config, !no_resolve),
         command => {
             let runtime = match tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
@@ -84,12 +88,21 @@ fn main() -> ExitCode {
     }
 }
 
-fn check(path: &std::path::Path) -> ExitCode {
+fn check(path: &std::path::Path, resolve: bool) -> ExitCode {
     match Config::load(path) {
         Ok(config) => {
             let endpoints = config.endpoints().map(|e| e.len()).unwrap_or(0);
+            let warnings = gpulink::check::warnings(&config, chrono::Utc::now(), resolve);
+            for warning in &warnings {
+                report!("gpulink: warning: {warning}");
+            }
+            let noted = match warnings.len() {
+                0 => String::new(),
+                1 => ", 1 warning".to_string(),
+                n => format!(", {n} warnings"),
+            };
             println!(
-                "{}: valid (phase {}, {} regions, {} endpoints)",
+                "{}: valid (phase {}, {} regions, {} endpoints{noted})",
                 path.display(),
                 config.migration.phase.as_str(),
                 config.regions.len(),

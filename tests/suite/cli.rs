@@ -205,3 +205,147 @@ fn unreadable_ca_under_tmp_names_the_key_and_the_private_tmp() {
     assert!(text.contains("`upstream.ca_file`"), "{text}");
     assert!(text.contains("PrivateTmp=yes"), "{text}");
 }
+
+/// Warnings go to stderr, one per line, labelled; the status stays 0.
+fn warnings_of(text: &str) -> Vec<&str> {
+    text.lines()
+        .filter(|l| l.starts_with("gpulink: warning: "))
+        .collect()
+}
+
+/// A configuration with nothing left of the example (its own tenant, key, names and
+/// addresses), plus `extra` lines in `[migration]` and `public` entries in its region.
+fn own_config(dir: &Path, public: &str, migration: &str) -> PathBuf {
+    let text = format!(
+        r#"[tenant]
+id = "acme-prod"
+model_pool = "model-a"
+
+[kms]
+key_id = "arn:aws:kms:us-east-1:444455556666:key/0f1e2d3c-aaaa-bbbb-cccc-1234567890ff"
+region = "us-east-1"
+
+[upstream]
+server_name = "gpu-cluster.acme.internal"
+
+[[regions]]
+name = "us-east-1"
+privatelink = ["10.1.2.3"]
+public = [{public}]
+
+[migration]
+phase = "privatelink"
+{migration}
+"#
+    );
+    let path = dir.join("own.toml");
+    std::fs::write(&path, text).expect("write");
+    path
+}
+
+#[test]
+fn check_warns_about_the_examples_placeholders_and_still_exits_0() {
+    let (code, text) = check(&root().join("config/gpulink.example.toml"));
+    assert_eq!(code, 0, "{text}");
+    let warnings = warnings_of(&text);
+    for key in [
+        "`kms.key_id`",
+        "`tenant.id`",
+        "`upstream.server_name`",
+        "`regions[0].privatelink[0]`",
+        "`regions[0].public[0]`",
+        "`regions[1].privatelink[0]`",
+    ] {
+        assert!(
+            warnings.iter().any(|w| w.contains(key)),
+            "no warning for {key}: {text}"
+        );
+    }
+    assert!(
+        text.contains(&format!("{} warnings", warnings.len())),
+        "{text}"
+    );
+
+    // The same file with every placeholder replaced: no warning at all.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (code, text) = check(&own_config(dir.path(), "", ""));
+    assert_eq!(code, 0, "{text}");
+    assert!(warnings_of(&text).is_empty(), "{text}");
+    assert!(!text.contains("warning"), "{text}");
+}
+
+#[test]
+fn check_warns_about_a_fallback_window_already_past() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let past = own_config(
+        dir.path(),
+        "",
+        "public_fallback_until = \"2020-01-01T00:00:00Z\"",
+    );
+    let (code, text) = check(&past);
+    assert_eq!(code, 0, "{text}");
+    let warnings = warnings_of(&text);
+    assert_eq!(warnings.len(), 1, "{text}");
+    assert!(
+        warnings[0].contains("`migration.public_fallback_until`")
+            && warnings[0].contains("already past"),
+        "{text}"
+    );
+    let future = own_config(
+        dir.path(),
+        "",
+        "public_fallback_until = \"2999-01-01T00:00:00Z\"",
+    );
+    let (code, text) = check(&future);
+    assert_eq!(code, 0, "{text}");
+    assert!(warnings_of(&text).is_empty(), "{text}");
+}
+
+/// The check runs in a network namespace of its own (no interface but a down loopback),
+/// so its look-ups reach no DNS server: only /etc/hosts answers.
+fn check_without_network(path: &Path, args: &[&str]) -> Option<(i32, String)> {
+    let out = Command::new("unshare")
+        .args(["--user", "--map-root-user", "--net"])
+        .arg(env!("CARGO_BIN_EXE_gpulink"))
+        .arg("check")
+        .arg("--config")
+        .arg(path)
+        .args(args)
+        .output()
+        .ok()?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if text.contains("unshare:") {
+        return None;
+    }
+    Some((out.status.code().unwrap_or(-1), text))
+}
+
+#[test]
+fn check_warns_about_public_names_that_do_not_resolve() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = own_config(
+        dir.path(),
+        "\"localhost:8443\", \"gpulink-check-test.invalid:8443\"",
+        "",
+    );
+    let Some((code, text)) = check_without_network(&path, &[]) else {
+        eprintln!("SKIPPED: needs `unshare --user --net` to keep the look-ups off the network");
+        return;
+    };
+    assert_eq!(code, 0, "{text}");
+    let warnings = warnings_of(&text);
+    assert_eq!(warnings.len(), 1, "only the unresolvable name: {text}");
+    assert!(
+        warnings[0].contains("`regions[0].public[1]`")
+            && warnings[0].contains("gpulink-check-test.invalid"),
+        "{text}"
+    );
+    // --no-resolve: no look-up, no warning.
+    let (code, text) = check_without_network(&path, &["--no-resolve"]).expect("unshare");
+    assert_eq!(code, 0, "{text}");
+    assert!(warnings_of(&text).is_empty(), "{text}");
+}

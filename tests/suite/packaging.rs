@@ -66,7 +66,7 @@ fn systemd_unit_is_hardened_notify_and_reloadable() {
         ("ExecReload", "/bin/kill -HUP $MAINPID"),
         (
             "ExecReload",
-            "/usr/bin/gpulink check --config /etc/gpulink/gpulink.toml",
+            "/usr/bin/gpulink check --no-resolve --config /etc/gpulink/gpulink.toml",
         ),
         ("RestartPreventExitStatus", "78"),
         ("ConfigurationDirectory", "gpulink"),
@@ -85,7 +85,7 @@ fn systemd_unit_is_hardened_notify_and_reloadable() {
     // The check runs before the signal: systemd stops at the first failing ExecReload.
     assert_eq!(
         value("ExecReload").first(),
-        Some(&"/usr/bin/gpulink check --config /etc/gpulink/gpulink.toml")
+        Some(&"/usr/bin/gpulink check --no-resolve --config /etc/gpulink/gpulink.toml")
     );
     assert!(
         !value("WatchdogSec").is_empty(),
