@@ -3,8 +3,6 @@
 //! `/ready` through start, a full outage and drain, `/status` and the HTML page
 //! following endpoint state changes made through the simulator, and the Grafana
 //! dashboard querying only metrics that exist.
-//!
-//! Loopback blocks 127.70-72.x.x belong to this file.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -123,7 +121,7 @@ async fn scrape(world: &World) -> Parsed {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_parse_and_count_what_flows() {
-    let world = World::start(70, ProxyOptions::default()).await;
+    let world = World::start(next_block(), ProxyOptions::default()).await;
     let before = scrape(&world).await;
     assert_eq!(
         before.sum(
@@ -361,7 +359,7 @@ async fn ready_follows_start_outage_and_drain() {
         layout,
         dir: _dir,
         sim,
-    } = Cluster::start(71).await;
+    } = Cluster::start(next_block()).await;
     // Every endpoint accepts and never answers: the first health round can only end
     // by its timeout, so the proxy is observably "starting" until then.
     for endpoint in sim.endpoints() {
@@ -369,7 +367,8 @@ async fn ready_follows_start_outage_and_drain() {
             .await
             .expect("blackhole");
     }
-    let admin = "127.71.0.1:9901";
+    let admin = std::net::SocketAddr::new(layout.ip(0, 2), 9901).to_string();
+    let admin = admin.as_str();
     let text = proxy_toml(
         &layout,
         &moto.url,
@@ -486,7 +485,7 @@ fn page_row(page: &str, authority: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_and_page_follow_endpoint_state() {
-    let world = World::start(72, ProxyOptions::default()).await;
+    let world = World::start(next_block(), ProxyOptions::default()).await;
     let [a, b, _] = world.layout.enis();
     let (a_auth, b_auth) = (format!("{a}:8443"), format!("{b}:8443"));
 

@@ -4,8 +4,6 @@
 //! hand-written frame client (rapid reset, HPACK bomb, CONTINUATION flood), certificate
 //! faults on the cluster's side, and a storm of SIGHUPs under load. Every test ends by
 //! showing that the proxy still serves an ordinary request.
-//!
-//! Blocks 127.180-189.x.y.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -173,7 +171,7 @@ fn hidden_request(id: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http1_smuggling_and_framing_tricks_never_reach_the_cluster() {
-    let world = Recorded::start(180, &[CertFault::None]).await;
+    let world = Recorded::start(next_block(), &[CertFault::None]).await;
     world.wait_serving(world.upstream().ip).await;
     let addr = world.addr();
     let head = "POST /inference HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n";
@@ -289,7 +287,7 @@ async fn http1_smuggling_and_framing_tricks_never_reach_the_cluster() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hop_by_hop_and_identity_headers_from_the_app_never_reach_the_cluster() {
-    let world = Recorded::start(181, &[CertFault::None]).await;
+    let world = Recorded::start(next_block(), &[CertFault::None]).await;
     world.wait_serving(world.upstream().ip).await;
     let addr = world.addr();
 
@@ -390,7 +388,7 @@ async fn hop_by_hop_and_identity_headers_from_the_app_never_reach_the_cluster() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spoofed_identity_does_not_change_what_the_cluster_opens() {
-    let world = World::start(182, ProxyOptions::default()).await;
+    let world = World::start(next_block(), ProxyOptions::default()).await;
     for ip in world.layout.enis() {
         world.wait_serving(ip, true).await;
     }
@@ -435,7 +433,7 @@ async fn closed_within(h2: &mut H2, limit: Duration) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http2_rapid_reset_reaches_nothing_and_others_are_served() {
-    let world = Recorded::start(183, &[CertFault::None]).await;
+    let world = Recorded::start(next_block(), &[CertFault::None]).await;
     world.wait_serving(world.upstream().ip).await;
     let addr = world.addr();
 
@@ -470,7 +468,7 @@ async fn http2_rapid_reset_reaches_nothing_and_others_are_served() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hpack_bomb_closes_that_connection_only() {
-    let world = Recorded::start(184, &[CertFault::None]).await;
+    let world = Recorded::start(next_block(), &[CertFault::None]).await;
     world.wait_serving(world.upstream().ip).await;
     let addr = world.addr();
 
@@ -503,7 +501,7 @@ async fn hpack_bomb_closes_that_connection_only() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn continuation_flood_closes_that_connection_only() {
-    let world = Recorded::start(185, &[CertFault::None]).await;
+    let world = Recorded::start(next_block(), &[CertFault::None]).await;
     world.wait_serving(world.upstream().ip).await;
     let addr = world.addr();
 
@@ -561,7 +559,7 @@ async fn certificate_faults_on_the_cluster_side_refuse_the_request_and_send_noth
         CertFault::SelfSigned,
         CertFault::None,
     ];
-    let mut world = Recorded::start(186, &faults).await;
+    let mut world = Recorded::start(next_block(), &faults).await;
     let good = world.upstreams[3].ip;
     world.proxy.take().expect("proxy").shutdown().await;
     for (i, fault) in faults[..3].iter().enumerate() {
@@ -622,7 +620,7 @@ async fn certificate_faults_on_the_cluster_side_refuse_the_request_and_send_noth
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hundred_sighups_under_load_fail_no_request() {
-    let d = Arc::new(Deployment::start(187, "privatelink").await);
+    let d = Arc::new(Deployment::start(next_block(), "privatelink").await);
     let stop = Arc::new(AtomicBool::new(false));
     let ok = Arc::new(AtomicU64::new(0));
     let mut workers = Vec::new();

@@ -14,7 +14,7 @@ const REQUESTS: &str = "gpulink_requests_total";
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn privatelink_failures_are_attributed_to_their_route_region_and_endpoint() {
     let world = World::start(
-        132,
+        next_block(),
         ProxyOptions {
             phase: "privatelink-only",
             // Health checks must not notice first: the requests find out.

@@ -9,8 +9,6 @@
 //!
 //! Real parts: moto as KMS, the simulator's real TLS sockets, real certificates. Every
 //! wait polls a state with a deadline; nothing asserts on time.
-//!
-//! Loopback blocks 127.110-115.x.x belong to this file.
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -327,7 +325,7 @@ fn assert_all_in(served: &[String], allowed: &[String], what: &str) {
 /// side and gpulink notices by itself.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn filtered_443_while_8080_answers_falls_through_to_the_other_region() {
-    let cluster = Cluster::start(110).await;
+    let cluster = Cluster::start(next_block()).await;
     let local_ips = cluster.layout.enis();
     let local = addresses(&local_ips, 8443);
     let remote = addresses(&[cluster.layout.remote_eni()], 8443);
@@ -409,7 +407,7 @@ async fn filtered_443_while_8080_answers_falls_through_to_the_other_region() {
 /// :443 refused while :8080 answers healthy; phase `privatelink` falls back to public.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_443_while_8080_answers_falls_through_to_public() {
-    let cluster = Cluster::start(111).await;
+    let cluster = Cluster::start(next_block()).await;
     let local_ips = cluster.layout.enis();
     let local = addresses(&local_ips, 8443);
     let public = addresses(&[cluster.layout.public()], 8443);
@@ -472,7 +470,7 @@ async fn refused_443_while_8080_answers_falls_through_to_public() {
 /// cannot. Fixed by a reload with the right port.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wrong_port_is_out_with_a_tls_diagnosis_until_a_reload_fixes_it() {
-    let cluster = Cluster::start(112).await;
+    let cluster = Cluster::start(next_block()).await;
     let local_ips = cluster.layout.enis();
     let wrong = addresses(&local_ips, 8080);
     let right = addresses(&local_ips, 8443);
@@ -580,7 +578,7 @@ fn write_wrong_ca(path: &Path) {
 /// with "untrusted CA" until a reload names the right file.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wrong_ca_is_out_with_its_diagnosis_until_a_reload_fixes_it() {
-    let cluster = Cluster::start(113).await;
+    let cluster = Cluster::start(next_block()).await;
     let wrong_ca = cluster.dir.path().join("wrong-ca.pem");
     write_wrong_ca(&wrong_ca);
     let right_ca = cluster.sim.ca_file();
@@ -630,7 +628,7 @@ async fn a_wrong_ca_is_out_with_its_diagnosis_until_a_reload_fixes_it() {
 /// (phase `privatelink`) until a reload drops the wrong `server_name`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wrong_server_name_is_out_with_its_diagnosis_until_a_reload_fixes_it() {
-    let cluster = Cluster::start(114).await;
+    let cluster = Cluster::start(next_block()).await;
     let local = addresses(&cluster.layout.enis(), 8443);
     let public = addresses(&[cluster.layout.public()], 8443);
     let regions = |name: Option<&str>| {
@@ -693,7 +691,7 @@ async fn a_wrong_server_name_is_out_with_its_diagnosis_until_a_reload_fixes_it()
 /// endpoints tried show the request's error and `failed_by: request`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_request_learns_a_broken_tier_and_is_served_by_the_next() {
-    let cluster = Cluster::start(115).await;
+    let cluster = Cluster::start(next_block()).await;
     let local_ips = cluster.layout.enis();
     let local = addresses(&local_ips, 8443);
     let remote = addresses(&[cluster.layout.remote_eni()], 8443);
@@ -767,7 +765,7 @@ async fn one_request_learns_a_broken_tier_and_is_served_by_the_next() {
 /// connects, and `healthy` brings the port back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_simulator_breaks_only_the_inference_port_on_request() {
-    let cluster = Cluster::start(116).await;
+    let cluster = Cluster::start(next_block()).await;
     let ip = cluster.layout.enis()[0];
     let control = format!("http://{}", cluster.sim.control_addr());
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())

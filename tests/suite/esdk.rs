@@ -7,7 +7,7 @@
 //!
 //! The ESDK 3.x line and the ESDK CLI (`.venv-esdk3`) open gpulink's messages too.
 //!
-//! Each test owns a `127.6N.0.0/16` block (or `127.140`). The simulator's opt-in body capture
+//! Each test owns a loopback block ([`next_block`]). The simulator's opt-in body capture
 //! ([`gpulink::sim::Sim::capture_bodies`]) provides the bytes the upstream received.
 //! Nothing sleeps to synchronise; the one wait (for an age-driven refresh) polls the
 //! cache's own state for the event.
@@ -460,7 +460,7 @@ fn moto_addr(moto: &Moto) -> SocketAddr {
 /// the bytes the upstream received and reports the tenant/pool context.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_large_request_goes_end_to_end_and_python_opens_what_the_upstream_received() {
-    let world = World::start(60, options("auto", "")).await;
+    let world = World::start(next_block(), options("auto", "")).await;
     world.sim.capture_bodies(true);
 
     // Small: auto keeps the guide's format.
@@ -513,7 +513,7 @@ async fn a_large_request_goes_end_to_end_and_python_opens_what_the_upstream_rece
 /// (one frame, exactly a frame multiple of nothing, many frames, the largest body).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_opens_gpulink_messages_of_every_size() {
-    let world = World::start(61, options("aws-esdk", "")).await;
+    let world = World::start(next_block(), options("aws-esdk", "")).await;
     world.sim.capture_bodies(true);
     for len in [1, 4096, 1 << 20, 65536 * 3, LARGE] {
         let body = json_of_len(len);
@@ -554,7 +554,7 @@ async fn python_opens_gpulink_messages_of_every_size() {
 /// empty body is no JSON request).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_python_esdk_line_and_the_cli_open_frame_multiples() {
-    let world = World::start(140, options("aws-esdk", "")).await;
+    let world = World::start(next_block(), options("aws-esdk", "")).await;
     world.sim.capture_bodies(true);
     let frame = esdk::DEFAULT_FRAME_LEN as usize;
     let ctx = context("model-a");
@@ -666,7 +666,7 @@ async fn gpulink_opens_python_messages() {
 /// it. The untouched message, resent the same way, opens: the harness can succeed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tampered_messages_are_refused_by_the_cluster() {
-    let world = World::start(62, options("aws-esdk", "")).await;
+    let world = World::start(next_block(), options("aws-esdk", "")).await;
     world.sim.capture_bodies(true);
     let body = json_of_len(200_000);
     let (reply, sealed) = post_captured(&world, &body, &[]).await;
@@ -727,7 +727,11 @@ async fn tampered_messages_are_refused_by_the_cluster() {
 /// second fetched in the background when request 3 reached 3/4 of the limit).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_messages_bounds_the_messages_per_data_key() {
-    let world = World::start(63, options("aws-esdk", "[kms.cache]\nmax_messages = 3\n")).await;
+    let world = World::start(
+        next_block(),
+        options("aws-esdk", "[kms.cache]\nmax_messages = 3\n"),
+    )
+    .await;
     world.sim.capture_bodies(true);
     let mut edks = Vec::new();
     for i in 0..4 {
@@ -758,7 +762,7 @@ async fn max_messages_bounds_the_messages_per_data_key() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_bytes_bounds_the_plaintext_per_data_key() {
     let world = World::start(
-        64,
+        next_block(),
         options("aws-esdk", "[kms.cache]\nmax_bytes = \"20KB\"\n"),
     )
     .await;
@@ -792,7 +796,11 @@ async fn max_bytes_bounds_the_plaintext_per_data_key() {
 /// with no request waiting: the next request is a hit and carries a new data key.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_age_replaces_the_key_in_the_background() {
-    let world = World::start(65, options("aws-esdk", "[kms.cache]\nmax_age = \"2s\"\n")).await;
+    let world = World::start(
+        next_block(),
+        options("aws-esdk", "[kms.cache]\nmax_age = \"2s\"\n"),
+    )
+    .await;
     world.sim.capture_bodies(true);
     let (_, first) = post_captured(&world, &json_of_len(5000), &[]).await;
     assert_eq!(generate_data_key_calls(&world), 1);
@@ -820,7 +828,7 @@ async fn max_age_replaces_the_key_in_the_background() {
 /// default pool's): exactly one GenerateDataKey for it, and every request is served.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cold_start_under_load_makes_one_kms_call() {
-    let world = Arc::new(World::start(67, options("aws-esdk", "")).await);
+    let world = Arc::new(World::start(next_block(), options("aws-esdk", "")).await);
     assert_eq!(generate_data_key_calls(&world), 1, "the start-up proof's");
     let body = Arc::new(String::from_utf8(json_of_len(10_000)).expect("utf-8"));
     let tasks: Vec<_> = (0..24)
@@ -854,9 +862,9 @@ async fn a_cold_start_under_load_makes_one_kms_call() {
 /// cluster, in `aws-esdk` and in `auto` above 4096 bytes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kms_down_with_a_cold_cache_sends_nothing() {
-    let dead_kms = format!("http://127.66.0.9:{}", free_port());
+    let dead_kms = format!("http://127.{}.0.9:{}", next_block(), free_port());
     let world = World::start(
-        66,
+        next_block(),
         ProxyOptions {
             format: "auto",
             kms_url: Some(dead_kms),
@@ -887,9 +895,13 @@ async fn kms_down_with_a_cold_cache_sends_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kms_outage_with_a_warm_cache_serves_until_the_hard_limit() {
     let moto = Moto::get().await;
-    let relay = SwitchRelay::start(SocketAddr::from(([127, 68, 0, 9], 0)), moto_addr(&moto)).await;
+    let relay = SwitchRelay::start(
+        SocketAddr::from(([127, next_block(), 0, 9], 0)),
+        moto_addr(&moto),
+    )
+    .await;
     let world = World::start(
-        68,
+        next_block(),
         ProxyOptions {
             format: "aws-esdk",
             extra: "[kms.cache]\nmax_messages = 4\n",
@@ -939,7 +951,7 @@ async fn kms_outage_with_a_warm_cache_serves_until_the_hard_limit() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sealed_size_limit_and_context_none() {
     let world = World::start(
-        69,
+        next_block(),
         ProxyOptions {
             format: "auto",
             context: "none",

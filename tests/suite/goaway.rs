@@ -284,7 +284,7 @@ http {{
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nginx_rotating_http2_connections_costs_no_request() {
-    let cluster = Cluster::start(130).await;
+    let cluster = Cluster::start(next_block()).await;
     let dir = cluster.dir.path();
     let (front_ca, cert, key) = front_pki(dir);
     let fronts = [cluster.layout.ip(30, 1), cluster.layout.ip(31, 1)];
@@ -417,7 +417,7 @@ phase = "privatelink-only"
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn eni_kills_and_reloads_under_load_replay_nothing_and_retry_every_refusal() {
     let world = World::start(
-        131,
+        next_block(),
         ProxyOptions {
             format: "aws-esdk",
             phase: "privatelink-only",

@@ -2,8 +2,6 @@
 //! `/ready` answers 200; exit 1 with one line naming the reason for a non-200 answer, a
 //! refused connection, and a server that accepts but never answers (bounded by
 //! `--timeout`, so the probe cannot hang).
-//!
-//! Loopback block 127.201.x.x belongs to this file.
 
 use std::process::Command;
 
@@ -29,7 +27,7 @@ async fn health(args: Vec<String>) -> (i32, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_exits_0_only_when_ready_answers_200() {
-    let world = World::start(201, ProxyOptions::default()).await;
+    let world = World::start(next_block(), ProxyOptions::default()).await;
     let admin = world.proxy().admin_addr;
 
     let (code, text) = health(vec!["--url".into(), format!("http://{admin}/ready")]).await;
@@ -43,7 +41,7 @@ async fn health_exits_0_only_when_ready_answers_200() {
     assert!(text.contains("HTTP 404"), "{text}");
 
     // Nothing listening: refused, named.
-    let closed = std::net::TcpListener::bind("127.201.0.9:0").expect("bind");
+    let closed = std::net::TcpListener::bind((world.layout.ip(0, 9), 0)).expect("bind");
     let closed_addr = closed.local_addr().expect("addr");
     drop(closed);
     let (code, text) = health(vec!["--url".into(), format!("http://{closed_addr}/ready")]).await;
@@ -52,7 +50,7 @@ async fn health_exits_0_only_when_ready_answers_200() {
     assert!(text.contains("cannot connect"), "{text}");
 
     // Accepts, never answers: the deadline ends the probe.
-    let silent = tokio::net::TcpListener::bind("127.201.0.10:0")
+    let silent = tokio::net::TcpListener::bind((world.layout.ip(0, 10), 0))
         .await
         .expect("bind");
     let silent_addr = silent.local_addr().expect("addr");

@@ -9,7 +9,7 @@ use hyper_util::rt::TokioExecutor;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_requests_reads_the_413_for_a_huge_body() {
-    let world = World::start(51, ProxyOptions::default()).await;
+    let world = World::start(next_block(), ProxyOptions::default()).await;
     let url = world.url("/inference");
     // 30 MB, three times listen.max_body: far more than socket buffers hold, so a
     // server that closed without draining would make `requests` fail with a reset.
@@ -39,7 +39,7 @@ async fn python_requests_reads_the_413_for_a_huge_body() {
 async fn chunked_body_over_the_limit_is_413() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let world = World::start(
-        52,
+        next_block(),
         ProxyOptions {
             max_body: "1KB",
             ..ProxyOptions::default()
@@ -69,7 +69,7 @@ async fn chunked_body_over_the_limit_is_413() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http2_with_prior_knowledge() {
-    let world = World::start(53, ProxyOptions::default()).await;
+    let world = World::start(next_block(), ProxyOptions::default()).await;
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new())
         .http2_only(true)
         .build_http();
@@ -93,7 +93,7 @@ async fn http2_with_prior_knowledge() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_sent_events_are_relayed_as_a_stream() {
-    let world = World::start(54, ProxyOptions::default()).await;
+    let world = World::start(next_block(), ProxyOptions::default()).await;
     let request = http::Request::post(world.url("/inference"))
         .header("accept", "text/event-stream")
         .body(Full::new(Bytes::from_static(
@@ -151,7 +151,7 @@ async fn read_stream(world: &World, body: &'static str) -> (String, bool) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_long_generation_is_not_cut_but_a_stalled_one_is() {
     let world = World::start(
-        55,
+        next_block(),
         ProxyOptions {
             idle_timeout: "500ms",
             ..ProxyOptions::default()

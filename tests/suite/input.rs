@@ -2,8 +2,6 @@
 //! body), what it never lets through to the cluster (identity-header look-alikes), and a
 //! cluster 503 relayed whole and well-formed. Raw sockets where client libraries refuse
 //! to send the bad input.
-//!
-//! Blocks 127.174-176.x.y.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -115,7 +113,7 @@ async fn bad_input_is_refused_before_kms_with_a_json_body() {
     let moto = Moto::get().await;
     let dir = tempfile::tempdir().expect("tempdir");
     let pki = Pki::new(dir.path());
-    let ip = IpAddr::from([127, 175, 10, 50]);
+    let ip = IpAddr::from([127, next_block(), 10, 50]);
     let upstream = RecordingUpstream::start(ip, &pki, CertFault::None).await;
     let setup = Setup::start(&[ip], moto, dir, &pki).await;
     let limit = Duration::from_secs(20);
@@ -184,7 +182,7 @@ async fn identity_header_look_alikes_never_reach_the_cluster() {
     let moto = Moto::get().await;
     let dir = tempfile::tempdir().expect("tempdir");
     let pki = Pki::new(dir.path());
-    let ip = IpAddr::from([127, 174, 10, 50]);
+    let ip = IpAddr::from([127, next_block(), 10, 50]);
     let upstream = RecordingUpstream::start(ip, &pki, CertFault::None).await;
     let setup = Setup::start(&[ip], moto, dir, &pki).await;
     let spoofed = "X_Tenant_ID: evil\r\nX_KMS_Key_ID: evil\r\nX_Model_Pool: evil\r\n\
@@ -309,7 +307,7 @@ async fn a_large_503_is_relayed_whole_and_a_cut_one_is_replaced() {
     let moto = Moto::get().await;
     let dir = tempfile::tempdir().expect("tempdir");
     let pki = Pki::new(dir.path());
-    let ip = IpAddr::from([127, 176, 10, 50]);
+    let ip = IpAddr::from([127, next_block(), 10, 50]);
     let tasks = start_503_upstream(ip, &pki).await;
     let setup = Setup::start(&[ip], moto, dir, &pki).await;
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())

@@ -5,8 +5,8 @@
 //! against the in-process cluster simulator and moto, with a fault-injecting KMS in front
 //! of moto ([`FaultKms`]): it refuses or blackholes connections, or answers
 //! GenerateDataKey with a valid `Plaintext` and a broken `CiphertextBlob`, errors that
-//! echo the request, garbage, or throttling. Every test owns a `127.14N.0.0/16` block
-//! (141-143). Waits poll `/ready`, `/status` or the log with a deadline; nothing sleeps
+//! echo the request, garbage, or throttling. Every test owns a loopback block
+//! ([`next_block`]). Waits poll `/ready`, `/status` or the log with a deadline; nothing sleeps
 //! to synchronise.
 
 use std::io::BufRead;
@@ -485,7 +485,7 @@ fn assert_waiting_for_kms(ready: &Reply, reason_contains: &[&str]) {
 /// to the missing key is rejected (proven settings are only replaced by proven ones).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_key_keeps_gpulink_unready_until_a_reload_fixes_it() {
-    let cluster = Cluster::start(141).await;
+    let cluster = Cluster::start(next_block()).await;
     let moto_url = cluster.moto.url.clone();
     let good_key = cluster.key_arn.clone();
     let p = Proxied::start(cluster, &moto_url, MISSING_KEY, "auto", "info", &[]).await;
@@ -562,9 +562,9 @@ async fn a_missing_key_keeps_gpulink_unready_until_a_reload_fixes_it() {
 /// not ready, with the reason; once KMS answers, ready without a restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_kms_at_start_delays_ready_until_it_answers() {
-    let cluster = Cluster::start(142).await;
+    let cluster = Cluster::start(next_block()).await;
     let kms = FaultKms::start(
-        SocketAddr::from(([127, 142, 0, 3], 0)),
+        SocketAddr::new(cluster.layout.ip(0, 3), 0),
         cluster.moto.url.clone(),
     )
     .await;
@@ -643,7 +643,7 @@ async fn an_unreachable_kms_at_start_delays_ready_until_it_answers() {
 /// for.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn missing_credentials_say_where_they_are_looked_for() {
-    let cluster = Cluster::start(144).await;
+    let cluster = Cluster::start(next_block()).await;
     let moto_url = cluster.moto.url.clone();
     let key = cluster.key_arn.clone();
     let home = cluster.dir.path().join("empty-home");
@@ -789,10 +789,10 @@ fn scan(channel: &str, text: &str, secrets: &[(String, String)]) {
 /// at trace level are in the log under scan too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_secret_leaves_through_errors_logs_status_or_metrics() {
-    let cluster = Cluster::start(143).await;
+    let cluster = Cluster::start(next_block()).await;
     cluster.sim.capture_bodies(true);
     let kms = FaultKms::start(
-        SocketAddr::from(([127, 143, 0, 3], 0)),
+        SocketAddr::new(cluster.layout.ip(0, 3), 0),
         cluster.moto.url.clone(),
     )
     .await;

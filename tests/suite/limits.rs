@@ -130,8 +130,7 @@ fn assert_body_timeout(answer: &[u8], what: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_partial_and_slow_clients_are_closed() {
-    let world = world(
-        150,
+    let world = world(next_block(),
         "header_read_timeout = \"300ms\"\nbody_read_timeout = \"500ms\"\nbody_min_rate = \"1KiB\"\nidle_timeout = \"300ms\"",
         "header_read_timeout = \"300ms\"\nidle_timeout = \"300ms\"",
     )
@@ -219,8 +218,7 @@ async fn silent_partial_and_slow_clients_are_closed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_http2_peer_that_stops_answering_pings_is_closed() {
     // Long head and idle bounds: only the keep-alive ping can close this connection.
-    let world = world(
-        151,
+    let world = world(next_block(),
         "header_read_timeout = \"5m\"\nidle_timeout = \"1h\"\nh2_keepalive_interval = \"200ms\"\nh2_keepalive_timeout = \"200ms\"",
         "",
     )
@@ -268,7 +266,7 @@ async fn idle_sockets_cannot_lock_out_the_listeners() {
     // Head timeouts far beyond the test: only closing idle connections first can admit
     // the requests below.
     let world = world(
-        152,
+        next_block(),
         "max_connections = 40\nheader_read_timeout = \"5m\"\nidle_timeout = \"1h\"",
         "max_connections = 8\nheader_read_timeout = \"5m\"\nidle_timeout = \"1h\"",
     )
@@ -395,7 +393,7 @@ impl Proxy {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_crowd_cannot_take_file_descriptors_from_the_data_path() {
-    let cluster = Cluster::start(153).await;
+    let cluster = Cluster::start(next_block()).await;
     // 300 descriptors and 400 admin clients: without an admin limit and a reserve, the
     // admin listener takes them all and the app listener cannot accept.
     let proxy = Proxy::start(
@@ -533,7 +531,7 @@ async fn stalled_uploads_cannot_hold_more_than_the_in_flight_budget() {
     /// What the process may use beyond its size before the uploads and the budget: HTTP/2
     /// windows, HTTP/1.1 read buffers, allocator slack.
     const OVERHEAD: u64 = 64 * 1024 * 1024;
-    let cluster = Cluster::start(154).await;
+    let cluster = Cluster::start(next_block()).await;
     let proxy = Proxy::start(
         &cluster,
         "max_in_flight_bytes = \"48MiB\"\nbody_read_timeout = \"5m\"\nbody_min_rate = 0",
@@ -660,7 +658,7 @@ async fn stalled_uploads_cannot_hold_more_than_the_in_flight_budget() {
 async fn a_client_that_stops_reading_its_answers_is_closed() {
     // Long head and idle bounds: only the send bound can end this connection.
     let world = world(
-        155,
+        next_block(),
         "send_timeout = \"300ms\"\nheader_read_timeout = \"5m\"\nidle_timeout = \"1h\"",
         "header_read_timeout = \"5m\"\nidle_timeout = \"1h\"",
     )

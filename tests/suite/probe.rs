@@ -3,13 +3,13 @@
 //! cluster where nothing can serve. Checks the diagnoses, the JSON shape scripts rely
 //! on, the human report, and the exit status.
 //!
-//! Loopback block 127.73.x.x belongs to this file. No KMS: probe never calls it.
+//! No KMS: probe never calls it.
 
 use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 
-use crate::common::Layout;
+use crate::common::{next_block, Layout};
 use gpulink::seal::{DevKeys, KeyService};
 use gpulink::sim::{EndpointState, Sim};
 
@@ -104,7 +104,7 @@ fn diagnosis<'a>(endpoint: &'a serde_json::Value, problem: &str) -> &'a str {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn probe_diagnoses_a_down_eni_and_a_wrong_certificate_name() {
     gpulink::tls::install_crypto_provider();
-    let layout = Layout::new(73);
+    let layout = Layout::new(next_block());
     let dir = tempfile::tempdir().expect("tempdir");
     let keys = KeyService::Dev(Arc::new(DevKeys::new().expect("dev keys")));
     let sim = Sim::start(layout.sim_config(dir.path().join("ca")), keys)

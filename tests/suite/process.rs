@@ -345,7 +345,7 @@ impl Load {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn run_and_sim_serve_the_guide_request() {
-    let p = Processes::start(81, "privatelink", "").await;
+    let p = Processes::start(next_block(), "privatelink", "").await;
     let reply = p.post().await;
     assert_eq!(
         reply.status,
@@ -370,7 +370,7 @@ async fn run_and_sim_serve_the_guide_request() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_changes_phase_under_load_without_failures() {
-    let p = Processes::start(82, "privatelink", "").await;
+    let p = Processes::start(next_block(), "privatelink", "").await;
     let load = Load::start(&p);
     load.wait_for_ok(20).await;
     p.write_config("public", "");
@@ -407,8 +407,15 @@ async fn sighup_with_an_unchanged_file_is_a_no_op() {
     let dir = tempfile::tempdir().expect("tempdir");
     let log_path = dir.path().join("proxy.log");
     let log = std::fs::File::create(&log_path).expect("log file");
-    let p =
-        Processes::launch_with(202, "privatelink", "", None, Stdio::from(log), Some("info")).await;
+    let p = Processes::launch_with(
+        next_block(),
+        "privatelink",
+        "",
+        None,
+        Stdio::from(log),
+        Some("info"),
+    )
+    .await;
     p.write_config("public", "");
     signal(p.proxy(), "HUP");
     p.wait_generation(2).await;
@@ -440,7 +447,7 @@ async fn sighup_with_an_unchanged_file_is_a_no_op() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn file_change_reloads_and_an_invalid_file_changes_nothing() {
-    let p = Processes::start(83, "public", "").await;
+    let p = Processes::start(next_block(), "public", "").await;
     let load = Load::start(&p);
     load.wait_for_ok(10).await;
 
@@ -482,7 +489,7 @@ async fn file_change_reloads_and_an_invalid_file_changes_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_in_flight_requests_finish() {
-    let p = Processes::start(84, "privatelink-only", "").await;
+    let p = Processes::start(next_block(), "privatelink-only", "").await;
     for ip in p.layout.enis() {
         p.set_state(ip, r#"{"state": "slow", "delay_ms": 1500}"#)
             .await;
@@ -549,7 +556,7 @@ async fn privatelink_dns_discovers_enis_and_keeps_unchanged_ones() {
         eprintln!("SKIPPED: needs `unshare --mount` (root) to give the proxy its own /etc/hosts");
         return;
     }
-    let block = 86u8;
+    let block = next_block();
     let layout = Layout::new(block);
     let [a, b, c] = layout.enis();
     let hosts_dir = tempfile::tempdir().expect("tempdir");
@@ -661,7 +668,7 @@ async fn a_closed_log_reader_never_stops_the_proxy() {
     let (reader, writer) = std::io::pipe().expect("pipe");
     drop(reader);
     let p = Processes::launch_with(
-        170,
+        next_block(),
         "privatelink",
         "",
         None,
@@ -695,7 +702,7 @@ async fn a_stalled_log_reader_never_stalls_requests() {
     // `trace` every request writes many lines, so it fills within the first requests.
     let (reader, writer) = std::io::pipe().expect("pipe");
     let p = Processes::launch_with(
-        171,
+        next_block(),
         "privatelink",
         "",
         None,
@@ -731,7 +738,8 @@ async fn health_answers_cannot_forge_log_lines_or_colour_the_log() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     // An endpoint whose health port answers a status with a line break, a forged line
     // and an ANSI colour code.
-    let health_addr = SocketAddr::from(([127, 172, 30, 1], 8080));
+    let block = next_block();
+    let health_addr = SocketAddr::from(([127, block, 30, 1], 8080));
     let listener = tokio::net::TcpListener::bind(health_addr)
         .await
         .expect("bind health");
@@ -754,7 +762,8 @@ async fn health_answers_cannot_forge_log_lines_or_colour_the_log() {
             counter.fetch_add(1, Ordering::SeqCst);
         }
     });
-    let extra = "[[regions]]\nname = \"eu-west-1\"\nprivatelink = [{ address = \"127.172.30.1:8443\", server_name = \"gpu-cluster.yourcompany.internal\", health_port = 8080 }]\n";
+    let extra = format!("[[regions]]\nname = \"eu-west-1\"\nprivatelink = [{{ address = \"127.{block}.30.1:8443\", server_name = \"gpu-cluster.yourcompany.internal\", health_port = 8080 }}]\n");
+    let extra = extra.as_str();
     let (mut reader, writer) = std::io::pipe().expect("pipe");
     let log = std::thread::spawn(move || {
         let mut all = Vec::new();
@@ -762,7 +771,7 @@ async fn health_answers_cannot_forge_log_lines_or_colour_the_log() {
         all
     });
     let p = Processes::launch_with(
-        172,
+        block,
         "privatelink",
         extra,
         None,
@@ -804,7 +813,7 @@ async fn health_answers_cannot_forge_log_lines_or_colour_the_log() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_from_a_fifo_or_dev_zero_is_rejected_while_serving() {
-    let p = Processes::start(173, "privatelink", "").await;
+    let p = Processes::start(next_block(), "privatelink", "").await;
     let load = Load::start(&p);
     load.wait_for_ok(10).await;
     let rejected = |status: &serde_json::Value| status["reloads"]["rejected"].as_u64().unwrap_or(0);

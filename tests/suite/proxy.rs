@@ -5,7 +5,7 @@ use crate::common::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn guide_request_end_to_end() {
-    let world = World::start(31, ProxyOptions::default()).await;
+    let world = World::start(next_block(), ProxyOptions::default()).await;
     let reply = world
         .post(
             "/inference",
@@ -48,7 +48,7 @@ async fn guide_request_end_to_end() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tenant_headers_come_from_configuration_only() {
-    let world = World::start(32, ProxyOptions::default()).await;
+    let world = World::start(next_block(), ProxyOptions::default()).await;
     let reply = world
         .post(
             "/inference",
@@ -87,7 +87,7 @@ async fn tenant_headers_come_from_configuration_only() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refusals_never_reach_kms_or_the_cluster() {
     let world = World::start(
-        33,
+        next_block(),
         ProxyOptions {
             count_kms: true,
             max_body: "2KB",
@@ -148,7 +148,7 @@ async fn refusals_never_reach_kms_or_the_cluster() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn body_over_kms_limit_is_refused_with_the_limit_named() {
-    let world = World::start(34, ProxyOptions::default()).await;
+    let world = World::start(next_block(), ProxyOptions::default()).await;
     let big = format!("{{\"prompt\": \"{}\"}}", "x".repeat(5000));
     let reply = world.post("/inference", &big, &[]).await;
     assert_eq!(reply.status, 413);
@@ -167,7 +167,7 @@ async fn kms_unreachable_fails_closed() {
     // A port nothing listens on.
     let dead_kms = format!("http://127.0.0.1:{}", free_port());
     let world = World::start(
-        35,
+        next_block(),
         ProxyOptions {
             kms_url: Some(dead_kms),
             ..ProxyOptions::default()
@@ -190,7 +190,7 @@ async fn wrong_context_mode_is_detected_by_the_cluster() {
     // context = "none" seals exactly as the guide's example: the cluster opens it
     // without a context.
     let world = World::start(
-        36,
+        next_block(),
         ProxyOptions {
             context: "none",
             ..ProxyOptions::default()
@@ -211,7 +211,7 @@ async fn wrong_context_mode_is_detected_by_the_cluster() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_eni_down_is_served_by_another() {
-    let world = World::start(37, ProxyOptions::default()).await;
+    let world = World::start(next_block(), ProxyOptions::default()).await;
     let [down, ..] = world.layout.enis();
     world
         .sim
@@ -259,7 +259,7 @@ async fn all_enis_down(world: &World) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn all_enis_down_falls_back_to_public_in_phase_privatelink() {
     let world = World::start(
-        38,
+        next_block(),
         ProxyOptions {
             fallback_until: Some("2999-01-01T00:00:00+00:00"),
             ..ProxyOptions::default()
@@ -287,7 +287,7 @@ async fn all_enis_down_falls_back_to_public_in_phase_privatelink() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn all_enis_down_after_the_fallback_window_is_503() {
     let world = World::start(
-        39,
+        next_block(),
         ProxyOptions {
             fallback_until: Some("2020-01-01T00:00:00+00:00"),
             ..ProxyOptions::default()
@@ -305,7 +305,7 @@ async fn all_enis_down_after_the_fallback_window_is_503() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn all_enis_down_in_privatelink_only_is_503() {
     let world = World::start(
-        40,
+        next_block(),
         ProxyOptions {
             phase: "privatelink-only",
             ..ProxyOptions::default()
@@ -323,7 +323,7 @@ async fn all_enis_down_in_privatelink_only_is_503() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn phase_public_sends_everything_public() {
     let world = World::start(
-        41,
+        next_block(),
         ProxyOptions {
             phase: "public",
             ..ProxyOptions::default()
@@ -344,7 +344,7 @@ async fn phase_public_sends_everything_public() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_certificate_name_is_refused_and_nothing_is_sent() {
     let world = World::start(
-        42,
+        next_block(),
         ProxyOptions {
             server_name: "not-the-cluster.example.com",
             phase: "privatelink-only",

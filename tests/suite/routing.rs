@@ -41,7 +41,7 @@ async fn set(world: &World, ip: IpAddr, state: EndpointState) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_eni_that_starts_refusing_under_load_costs_no_request() {
-    let world = World::start(91, ProxyOptions::default()).await;
+    let world = World::start(next_block(), ProxyOptions::default()).await;
     let [a, ..] = world.layout.enis();
     let background = {
         let (client, url) = (world.client.clone(), world.url("/inference"));
@@ -66,7 +66,7 @@ async fn an_eni_that_starts_refusing_under_load_costs_no_request() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_blackholed_eni_costs_only_what_it_swallowed_before_ejection() {
     let world = World::start(
-        92,
+        next_block(),
         ProxyOptions {
             request_timeout: "2s",
             ..ProxyOptions::default()
@@ -98,7 +98,7 @@ async fn a_blackholed_eni_costs_only_what_it_swallowed_before_ejection() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_eni_gets_a_small_share() {
-    let world = World::start(93, ProxyOptions::default()).await;
+    let world = World::start(next_block(), ProxyOptions::default()).await;
     let [slow, ..] = world.layout.enis();
     // Warm every endpoint's latency estimate first.
     let (_, failed) = load(&world, 30, 3).await;
@@ -115,7 +115,7 @@ async fn a_slow_eni_gets_a_small_share() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_eni_gets_nothing_while_others_have_capacity() {
-    let world = World::start(94, ProxyOptions::default()).await;
+    let world = World::start(next_block(), ProxyOptions::default()).await;
     let [full, ..] = world.layout.enis();
     set(&world, full, EndpointState::Full).await;
     // Await the health check that reports capacity 0.
@@ -148,7 +148,7 @@ async fn no_capacity_answers_are_retried_elsewhere_and_never_double_delivered() 
     // Health checks are slow here, so the proxy does not know about the full ENIs and
     // meets the cluster's 503 no_capacity instead.
     let world = World::start(
-        95,
+        next_block(),
         ProxyOptions {
             health_interval: "60s",
             phase: "privatelink-only",
@@ -186,7 +186,7 @@ async fn no_capacity_answers_are_retried_elsewhere_and_never_double_delivered() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_the_cluster_started_is_never_replayed() {
     let world = World::start(
-        96,
+        next_block(),
         ProxyOptions {
             phase: "privatelink-only",
             request_timeout: "30s",
@@ -238,7 +238,7 @@ async fn a_request_the_cluster_started_is_never_replayed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn losing_the_local_region_fails_over_to_the_other_region_then_public() {
     let world = World::start(
-        97,
+        next_block(),
         ProxyOptions {
             with_remote_region: true,
             ..ProxyOptions::default()
@@ -268,8 +268,7 @@ async fn losing_the_local_region_fails_over_to_the_other_region_then_public() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn automatic_rollback_fires_on_slow_privatelink_but_not_below_the_minimum() {
-    let world = World::start(
-        98,
+    let world = World::start(next_block(),
         ProxyOptions {
             fallback_until: Some("2999-01-01T00:00:00+00:00"),
             extra: "[rollback]\nwindow = \"5m\"\nmin_requests = 12\nmax_error_rate = 0.5\nmax_p99 = \"100ms\"\ncooldown = \"10m\"\n",
@@ -311,7 +310,7 @@ async fn automatic_rollback_fires_on_slow_privatelink_but_not_below_the_minimum(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_automatic_rollback_in_privatelink_only() {
     let world = World::start(
-        99,
+        next_block(),
         ProxyOptions {
             phase: "privatelink-only",
             extra: "[rollback]\nwindow = \"5m\"\nmin_requests = 5\nmax_p99 = \"100ms\"\n",

@@ -1,6 +1,6 @@
 //! The cluster simulator from the outside: real sockets on loopback, a TLS client that
 //! trusts only what the simulator wrote to `ca.pem`, and the development key provider
-//! standing in for KMS. Each test owns a 127.77.N.0/24 block, so the tests run in
+//! standing in for KMS. Each test owns a loopback block (`next_block`), so the tests run in
 //! parallel with each other and with the rest of the suite.
 //!
 //! Nothing here sleeps to synchronise: tests await the simulator's own events
@@ -19,13 +19,15 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 
+use crate::common::next_block;
+
 const SERVER_NAME: &str = "gpu-cluster.yourcompany.internal";
 const TENANT: &str = "tenant-123";
 const POOL: &str = "model-a";
 const KEY_ARN: &str = "arn:aws:kms:us-east-1:111122223333:key/test";
 
 fn ip(block: u8, host: u8) -> IpAddr {
-    IpAddr::V4(Ipv4Addr::new(127, 77, block, host))
+    IpAddr::V4(Ipv4Addr::new(127, block, 0, host))
 }
 
 struct Harness {
@@ -34,7 +36,7 @@ struct Harness {
     _ca_dir: tempfile::TempDir,
 }
 
-/// A simulator with `n` endpoints at 127.77.`block`.1..=n, all in us-east-1 except the
+/// A simulator with `n` endpoints at 127.`block`.0.1..=n, all in us-east-1 except the
 /// second, which is in us-west-2.
 async fn start(block: u8, n: u8) -> Harness {
     let ca_dir = tempfile::tempdir().expect("temp dir");
@@ -225,8 +227,9 @@ fn sha256_hex(data: &[u8]) -> String {
 
 #[tokio::test]
 async fn health_reports_the_guides_format() {
-    let h = start(1, 2).await;
-    let answer = health(ip(1, 2)).await.expect("health answers");
+    let block = next_block();
+    let h = start(block, 2).await;
+    let answer = health(ip(block, 2)).await.expect("health answers");
     assert_eq!(answer.status, StatusCode::OK);
     assert_eq!(answer.headers["content-type"], "application/json");
     let json = answer.json();
@@ -235,20 +238,26 @@ async fn health_reports_the_guides_format() {
     assert_eq!(json["available_capacity"], 45);
     assert!(json["timestamp"].as_u64().unwrap() > 1_699_564_800);
     assert_eq!(json.as_object().unwrap().len(), 4, "{json}");
-    assert_eq!(h.sim.stats(ip(1, 2)).unwrap().health_checks, 1);
-    assert_eq!(h.sim.stats(ip(1, 1)).unwrap().health_checks, 0);
+    assert_eq!(h.sim.stats(ip(block, 2)).unwrap().health_checks, 1);
+    assert_eq!(h.sim.stats(ip(block, 1)).unwrap().health_checks, 0);
 
-    let missing = plain(SocketAddr::new(ip(1, 1), 8080), Method::GET, "/nope", "")
-        .await
-        .unwrap();
+    let missing = plain(
+        SocketAddr::new(ip(block, 1), 8080),
+        Method::GET,
+        "/nope",
+        "",
+    )
+    .await
+    .unwrap();
     assert_eq!(missing.status, StatusCode::NOT_FOUND);
     h.sim.shutdown().await;
 }
 
 #[tokio::test]
 async fn a_sealed_body_opens_over_http2_and_http1() {
-    let h = start(2, 1).await;
-    let ep = ip(2, 1);
+    let block = next_block();
+    let h = start(block, 1).await;
+    let ep = ip(block, 1);
     let plaintext = br#"{"prompt":"Hello","max_tokens":50}"#;
 
     let mut h2 = h.connect(ep, &[b"h2", b"http/1.1"]).await;
@@ -260,7 +269,7 @@ async fn a_sealed_body_opens_over_http2_and_http1() {
     assert_eq!(answer.headers["content-type"], "application/json");
     let json = answer.json();
     assert_eq!(json["region"], "us-east-1");
-    assert_eq!(json["endpoint"], "127.77.2.1:8443");
+    assert_eq!(json["endpoint"], format!("{}:8443", ip(block, 1)));
     assert_eq!(json["tenant_id"], TENANT);
     assert_eq!(json["model_pool"], POOL);
     assert_eq!(json["request_id"], "req-h2");
@@ -298,13 +307,14 @@ async fn a_sealed_body_opens_over_http2_and_http1() {
 
 #[tokio::test]
 async fn the_certificate_names_the_endpoint_ips_too() {
-    let h = start(3, 1).await;
+    let block = next_block();
+    let h = start(block, 1).await;
     let ca = h.sim.ca_file();
     assert!(ca.ends_with("ca.pem") && ca.exists());
     let mut conn = Conn::open(
-        h.tls_addr(ip(3, 1)),
+        h.tls_addr(ip(block, 1)),
         &ca,
-        ServerName::IpAddress(ip(3, 1).into()),
+        ServerName::IpAddress(ip(block, 1).into()),
         &[b"h2"],
     )
     .await
@@ -316,11 +326,11 @@ async fn the_certificate_names_the_endpoint_ips_too() {
     );
     // The other name in the default list verifies as well; a foreign one does not.
     let public = ServerName::try_from("gpu-cluster.public.example.com").unwrap();
-    assert!(Conn::open(h.tls_addr(ip(3, 1)), &ca, public, &[b"h2"])
+    assert!(Conn::open(h.tls_addr(ip(block, 1)), &ca, public, &[b"h2"])
         .await
         .is_ok());
     let foreign = ServerName::try_from("example.org").unwrap();
-    assert!(Conn::open(h.tls_addr(ip(3, 1)), &ca, foreign, &[b"h2"])
+    assert!(Conn::open(h.tls_addr(ip(block, 1)), &ca, foreign, &[b"h2"])
         .await
         .is_err());
     h.sim.shutdown().await;
@@ -328,8 +338,9 @@ async fn the_certificate_names_the_endpoint_ips_too() {
 
 #[tokio::test]
 async fn plaintext_wrong_context_and_no_context_are_told_apart() {
-    let h = start(4, 1).await;
-    let ep = ip(4, 1);
+    let block = next_block();
+    let h = start(block, 1).await;
+    let ep = ip(block, 1);
     let mut conn = h.connect(ep, &[b"h2"]).await;
 
     let leak = conn
@@ -375,8 +386,9 @@ async fn plaintext_wrong_context_and_no_context_are_told_apart() {
 
 #[tokio::test]
 async fn missing_headers_and_unsupported_formats_get_clear_codes() {
-    let h = start(5, 1).await;
-    let mut conn = h.connect(ip(5, 1), &[b"h2"]).await;
+    let block = next_block();
+    let h = start(block, 1).await;
+    let mut conn = h.connect(ip(block, 1), &[b"h2"]).await;
     let body = h.seal(b"{}", &tenant_context()).await;
     for (header, code) in [
         ("x-tenant-id", "missing_tenant_id"),
@@ -414,8 +426,9 @@ async fn missing_headers_and_unsupported_formats_get_clear_codes() {
 
 #[tokio::test]
 async fn a_stream_request_gets_server_sent_events() {
-    let h = start(6, 1).await;
-    let mut conn = h.connect(ip(6, 1), &[b"h2"]).await;
+    let block = next_block();
+    let h = start(block, 1).await;
+    let mut conn = h.connect(ip(block, 1), &[b"h2"]).await;
     let body = h
         .seal(
             br#"{"prompt":"hi","stream":true,"max_tokens":3}"#,
@@ -432,15 +445,16 @@ async fn a_stream_request_gets_server_sent_events() {
     );
     // The request stays in flight until the stream ends, then the gauge returns to 0.
     h.sim
-        .wait_for(ip(6, 1), |s| s.in_flight == 0 && s.ok == 1)
+        .wait_for(ip(block, 1), |s| s.in_flight == 0 && s.ok == 1)
         .await;
     h.sim.shutdown().await;
 }
 
 #[tokio::test]
 async fn down_refuses_connects_closes_open_ones_and_comes_back() {
-    let h = start(7, 2).await;
-    let ep = ip(7, 1);
+    let block = next_block();
+    let h = start(block, 2).await;
+    let ep = ip(block, 1);
     let mut open = h.connect(ep, &[b"h2"]).await;
     let body = h.seal(b"{}", &tenant_context()).await;
     assert_eq!(
@@ -464,7 +478,7 @@ async fn down_refuses_connects_closes_open_ones_and_comes_back() {
         "the open connection was closed"
     );
     // The other endpoint is unaffected.
-    assert_eq!(health(ip(7, 2)).await.unwrap().status, StatusCode::OK);
+    assert_eq!(health(ip(block, 2)).await.unwrap().status, StatusCode::OK);
 
     h.sim.set_state(ep, EndpointState::Healthy).await.unwrap();
     assert_eq!(health(ep).await.unwrap().json()["status"], "healthy");
@@ -485,8 +499,9 @@ async fn down_refuses_connects_closes_open_ones_and_comes_back() {
 
 #[tokio::test]
 async fn full_refuses_with_no_capacity_without_delivering() {
-    let h = start(8, 1).await;
-    let ep = ip(8, 1);
+    let block = next_block();
+    let h = start(block, 1).await;
+    let ep = ip(block, 1);
     h.sim.set_state(ep, EndpointState::Full).await.unwrap();
     let json = health(ep).await.unwrap().json();
     assert_eq!(json["available_capacity"], 0);
@@ -508,8 +523,9 @@ async fn full_refuses_with_no_capacity_without_delivering() {
 
 #[tokio::test]
 async fn failing_answers_500_and_reports_unhealthy() {
-    let h = start(9, 1).await;
-    let ep = ip(9, 1);
+    let block = next_block();
+    let h = start(block, 1).await;
+    let ep = ip(block, 1);
     h.sim.set_state(ep, EndpointState::Failing).await.unwrap();
     assert_eq!(health(ep).await.unwrap().json()["status"], "unhealthy");
     let mut conn = h.connect(ep, &[b"http/1.1"]).await;
@@ -524,8 +540,9 @@ async fn failing_answers_500_and_reports_unhealthy() {
 
 #[tokio::test]
 async fn slow_still_answers() {
-    let h = start(10, 1).await;
-    let ep = ip(10, 1);
+    let block = next_block();
+    let h = start(block, 1).await;
+    let ep = ip(block, 1);
     h.sim
         .set_state(ep, EndpointState::Slow { delay_ms: 20 })
         .await
@@ -543,8 +560,9 @@ async fn slow_still_answers() {
 
 #[tokio::test]
 async fn blackhole_holds_requests_on_open_and_new_connections() {
-    let h = start(11, 1).await;
-    let ep = ip(11, 1);
+    let block = next_block();
+    let h = start(block, 1).await;
+    let ep = ip(block, 1);
     let body = h.seal(b"{}", &tenant_context()).await;
     let mut open = h.connect(ep, &[b"h2"]).await;
     assert_eq!(
@@ -594,7 +612,8 @@ async fn blackhole_holds_requests_on_open_and_new_connections() {
 
 #[tokio::test]
 async fn the_control_api_reads_counters_and_changes_states() {
-    let h = start(12, 2).await;
+    let block = next_block();
+    let h = start(block, 2).await;
     let control = h.sim.control_addr();
     assert!(control.ip().is_loopback() && control.port() != 0);
 
@@ -603,56 +622,61 @@ async fn the_control_api_reads_counters_and_changes_states() {
     let list = list.json();
     let list = list.as_array().unwrap();
     assert_eq!(list.len(), 2);
-    assert_eq!(list[1]["ip"], "127.77.12.2");
+    assert_eq!(list[1]["ip"], ip(block, 2).to_string());
     assert_eq!(list[1]["region"], "us-west-2");
     assert_eq!(list[1]["state"], "healthy");
 
     let set = plain(
         control,
         Method::PUT,
-        "/endpoints/127.77.12.1/state",
+        &format!("/endpoints/{}/state", ip(block, 1)),
         r#"{"state":"full"}"#,
     )
     .await
     .unwrap();
     assert_eq!(set.status, StatusCode::OK);
     assert_eq!(set.json()["state"], "full");
-    assert_eq!(h.sim.state(ip(12, 1)), Some(EndpointState::Full));
+    assert_eq!(h.sim.state(ip(block, 1)), Some(EndpointState::Full));
     assert_eq!(
-        health(ip(12, 1)).await.unwrap().json()["available_capacity"],
+        health(ip(block, 1)).await.unwrap().json()["available_capacity"],
         0
     );
 
     let slow = plain(
         control,
         Method::PUT,
-        "/endpoints/127.77.12.2/state",
+        &format!("/endpoints/{}/state", ip(block, 2)),
         r#"{"state":"slow","delay_ms":1}"#,
     )
     .await
     .unwrap();
     assert_eq!(slow.status, StatusCode::OK);
-    let state = plain(control, Method::GET, "/endpoints/127.77.12.2/state", "")
-        .await
-        .unwrap()
-        .json();
+    let state = plain(
+        control,
+        Method::GET,
+        &format!("/endpoints/{}/state", ip(block, 2)),
+        "",
+    )
+    .await
+    .unwrap()
+    .json();
     assert_eq!(state, serde_json::json!({"state": "slow", "delay_ms": 1}));
 
     let down = plain(
         control,
         Method::PUT,
-        "/endpoints/127.77.12.2/state",
+        &format!("/endpoints/{}/state", ip(block, 2)),
         r#"{"state":"down"}"#,
     )
     .await
     .unwrap();
     assert_eq!(down.status, StatusCode::OK);
-    assert!(health(ip(12, 2)).await.is_err());
+    assert!(health(ip(block, 2)).await.is_err());
 
     let bad = plain(
         control,
         Method::PUT,
-        "/endpoints/127.77.12.1/state",
+        &format!("/endpoints/{}/state", ip(block, 1)),
         r#"{"state":"on fire"}"#,
     )
     .await
@@ -664,7 +688,7 @@ async fn the_control_api_reads_counters_and_changes_states() {
     let unknown = plain(
         control,
         Method::PUT,
-        "/endpoints/127.77.99.1/state",
+        &format!("/endpoints/127.{block}.99.1/state"),
         r#"{"state":"down"}"#,
     )
     .await
@@ -673,10 +697,10 @@ async fn the_control_api_reads_counters_and_changes_states() {
 
     // Deliveries and reset.
     h.sim
-        .set_state(ip(12, 1), EndpointState::Healthy)
+        .set_state(ip(block, 1), EndpointState::Healthy)
         .await
         .unwrap();
-    let mut conn = h.connect(ip(12, 1), &[b"h2"]).await;
+    let mut conn = h.connect(ip(block, 1), &[b"h2"]).await;
     let body = h.seal(b"{}", &tenant_context()).await;
     assert_eq!(
         conn.send(inference(body, "ctl/1")).await.unwrap().status,
@@ -693,7 +717,7 @@ async fn the_control_api_reads_counters_and_changes_states() {
 
     let reset = plain(control, Method::POST, "/reset", "").await.unwrap();
     assert_eq!(reset.status, StatusCode::OK);
-    let stats = h.sim.stats(ip(12, 1)).unwrap();
+    let stats = h.sim.stats(ip(block, 1)).unwrap();
     assert_eq!((stats.requests, stats.ok, stats.health_checks), (0, 0, 0));
     assert_eq!(h.sim.deliveries("ctl/1"), 0);
     h.sim.shutdown().await;
@@ -701,12 +725,13 @@ async fn the_control_api_reads_counters_and_changes_states() {
 
 #[tokio::test]
 async fn bad_configurations_are_refused() {
+    let block = next_block();
     let keys = KeyService::Dev(Arc::new(DevKeys::new().unwrap()));
     let dir = tempfile::tempdir().unwrap();
     let mut config = SimConfig::default_layout(dir.path().to_owned());
     config.endpoints = vec![
-        SimEndpointConfig::new(ip(13, 1), "us-east-1"),
-        SimEndpointConfig::new(ip(13, 1), "us-west-2"),
+        SimEndpointConfig::new(ip(block, 1), "us-east-1"),
+        SimEndpointConfig::new(ip(block, 1), "us-west-2"),
     ];
     assert!(matches!(
         Sim::start(config.clone(), keys.clone()).await,
@@ -727,15 +752,16 @@ async fn bad_configurations_are_refused() {
 
 #[tokio::test]
 async fn a_busy_port_is_reported_and_nothing_stays_bound() {
-    let taken = tokio::net::TcpListener::bind(SocketAddr::new(ip(14, 2), 8080))
+    let block = next_block();
+    let taken = tokio::net::TcpListener::bind(SocketAddr::new(ip(block, 2), 8080))
         .await
         .unwrap();
     let keys = KeyService::Dev(Arc::new(DevKeys::new().unwrap()));
     let dir = tempfile::tempdir().unwrap();
     let mut config = SimConfig::default_layout(dir.path().to_owned());
     config.endpoints = vec![
-        SimEndpointConfig::new(ip(14, 1), "us-east-1"),
-        SimEndpointConfig::new(ip(14, 2), "us-east-1"),
+        SimEndpointConfig::new(ip(block, 1), "us-east-1"),
+        SimEndpointConfig::new(ip(block, 2), "us-east-1"),
     ];
     let error = Sim::start(config.clone(), keys.clone())
         .await

@@ -11,13 +11,12 @@
 //! `soak_short` is the short version (two warm-up rounds and two more), in the normal
 //! suite. `soak_long` is the documented soak:
 //! `scripts/soak.sh [seconds]` (default 600), which sets `GPULINK_SOAK_SECS`.
-//!
-//! Block 127.192.x.y (short) and 127.193.x.y (long).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::common::next_block;
 use crate::reliability::*;
 
 /// One request that did not get a 200.
@@ -222,7 +221,7 @@ async fn soak(block: u8, duration: Duration) {
 // (GPULINK_TEST_PROXY_LOG=warn) names each retried attempt and why.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn soak_short() {
-    soak(192, Duration::from_secs(20)).await;
+    soak(next_block(), Duration::from_secs(20)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -232,5 +231,5 @@ async fn soak_long() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(600);
-    soak(193, Duration::from_secs(secs)).await;
+    soak(next_block(), Duration::from_secs(secs)).await;
 }

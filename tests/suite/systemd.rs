@@ -3,8 +3,6 @@
 //! `WATCHDOG_USEC`, and `STOPPING=1` on SIGTERM, after which the process exits 0. The
 //! same run checks `--log-format json`: every stderr line is JSON, a request's lines
 //! carry its request id, and the body never appears.
-//!
-//! Loopback block 127.75.x.x belongs to this file.
 
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -42,8 +40,10 @@ async fn run_notifies_systemd_and_logs_json_with_request_ids() {
         layout,
         dir,
         sim,
-    } = Cluster::start(75).await;
-    let (listen, admin) = ("127.75.0.1:8000", "127.75.0.1:9901");
+    } = Cluster::start(next_block()).await;
+    let ip = layout.ip(0, 2);
+    let (listen, admin) = (format!("{ip}:8000"), format!("{ip}:9901"));
+    let (listen, admin) = (listen.as_str(), admin.as_str());
     let text = proxy_toml(
         &layout,
         &moto.url,

@@ -21,8 +21,8 @@
 //!
 //! Needs root, systemd-nspawn and debootstrap (`scripts/test.sh` installs them), and
 //! cargo-deb. Without them the test is skipped, except in CI (`CI` set), where that is a
-//! failure. Loopback block 127.200.x.x (inside the container's own network) belongs to
-//! this file.
+//! failure. Its addresses, 127.200.x.x, exist only inside the container's own network,
+//! so they cannot meet the blocks the rest of the suite takes on the host.
 
 use crate::deb;
 

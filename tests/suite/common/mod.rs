@@ -1,8 +1,8 @@
 //! Shared test harness: a real KMS-API server (moto), the cluster simulator on a loopback
 //! block of the test's own, a proxy configured for both, and a small HTTP client.
 //!
-//! Every test takes its own `127.<block>.0.0/16` so that tests run in parallel without
-//! sharing a port. moto comes from `GPULINK_TEST_MOTO_URL` (the test script starts one)
+//! Every test takes its own `127.<block>.0.0/16` from [`next_block`] so that tests run in
+//! parallel without sharing a port. moto comes from `GPULINK_TEST_MOTO_URL` (the test script starts one)
 //! or is started here from `.venv` for the duration of the test.
 
 #![allow(dead_code)]
@@ -10,6 +10,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Once};
 use std::time::Duration;
 
@@ -126,6 +127,26 @@ pub async fn wait_for_listener(addr: SocketAddr, limit: Duration) {
             "nothing listens on {addr}"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The last loopback block [`next_block`] hands out. Blocks above it are fixed blocks that
+/// tests may take by hand (220..=252) and the benchmarks' (253, 254): the allocator never
+/// hands them out, so those tests stay safe while every test runs in one process.
+pub const LAST_ALLOCATED_BLOCK: u8 = 219;
+
+static NEXT_BLOCK: AtomicU32 = AtomicU32::new(1);
+
+/// A loopback block `127.<block>.0.0/16` of the caller's own for the rest of the process
+/// (blocks are never handed out twice: a closed listener's port may linger).
+pub fn next_block() -> u8 {
+    let block = NEXT_BLOCK.fetch_add(1, Ordering::Relaxed);
+    match u8::try_from(block) {
+        Ok(block) if block <= LAST_ALLOCATED_BLOCK => block,
+        _ => panic!(
+            "the suite asked for more than {LAST_ALLOCATED_BLOCK} loopback blocks: \
+             share a block between the servers of one test (Layout::ip) before adding blocks"
+        ),
     }
 }
 
