@@ -754,7 +754,9 @@ fn components(config: &Config, keys: &KeyService, bodies: &[Arc<Body>]) -> Vec<S
     }
     // Futures live inline in the task that polls them: every request's service future
     // is as large as `forward::handle`'s, and is moved (copied) as a whole.
-    let handle = size_of_return(gpulink::forward::handle);
+    let handle = size_of_return(|forwarder: &'static gpulink::forward::Forwarder, request| {
+        gpulink::forward::handle(forwarder, request)
+    });
     let seal = sealer.seal(b"{}", MODEL_POOL);
     let seal_size = std::mem::size_of_val(&seal);
     drop(seal);

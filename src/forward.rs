@@ -32,16 +32,57 @@ use crate::body::{self as request_body, BodyError, BodyLimits, ProxyBodyExt};
 use crate::body::{IdleTimeoutBody, ProxyBody};
 use crate::config::RouteKind;
 use crate::error::ProxyError;
+use crate::generation::{Current, Generation};
 use crate::headers::{self, X_GPULINK_ENDPOINT, X_GPULINK_ROUTE, X_MODEL_POOL, X_REQUEST_ID};
+use crate::history::History;
 use crate::inflight::InFlightBytes;
+use crate::ingress::Handler;
+use crate::listener::ConnectionSettings;
 use crate::metrics::{EndpointLabels, Metrics, ServedBy};
-use crate::proxy::{Generation, Proxy};
 use crate::seal::{SealError, Sealed};
 use crate::upstream::{health, outlier, ConnectError, ConnectedPeer, Endpoint};
 
+/// The request path: what a request needs from the running gpulink, and nothing more.
+pub struct Forwarder {
+    generations: Arc<Current>,
+    metrics: Arc<Metrics>,
+    history: Arc<History>,
+    in_flight: Arc<InFlightBytes>,
+}
+
+impl Forwarder {
+    pub fn new(
+        generations: Arc<Current>,
+        metrics: Arc<Metrics>,
+        history: Arc<History>,
+        in_flight: Arc<InFlightBytes>,
+    ) -> Self {
+        Self {
+            generations,
+            metrics,
+            history,
+            in_flight,
+        }
+    }
+}
+
+impl Handler for Forwarder {
+    async fn handle(&self, request: Request<Incoming>) -> Response<ProxyBody> {
+        handle(self, request).await
+    }
+
+    fn connection_settings(&self) -> ConnectionSettings {
+        ConnectionSettings::app(&self.generations.get().config.listen)
+    }
+
+    fn shutdown_grace(&self) -> std::time::Duration {
+        self.generations.get().config.listen.shutdown_grace.get()
+    }
+}
+
 /// Serves one app request. Never fails: every error becomes a JSON answer.
-pub async fn handle(proxy: Arc<Proxy>, request: Request<Incoming>) -> Response<ProxyBody> {
-    let generation = proxy.current();
+pub async fn handle(forwarder: &Forwarder, request: Request<Incoming>) -> Response<ProxyBody> {
+    let generation = forwarder.generations.get();
     let request_id = request_id_for(request.headers());
     let span = tracing::info_span!(
         "request",
@@ -53,19 +94,19 @@ pub async fn handle(proxy: Arc<Proxy>, request: Request<Incoming>) -> Response<P
     let mut attribution = None;
     let result = journey(
         &generation,
-        proxy.metrics(),
-        proxy.in_flight_bytes(),
+        &forwarder.metrics,
+        &forwarder.in_flight,
         request,
         &request_id,
         &mut attribution,
     )
     .instrument(span.clone())
     .await;
-    proxy
-        .metrics()
+    forwarder
+        .metrics
         .request_finished(&result, attribution.as_ref(), started.elapsed());
-    proxy
-        .history()
+    forwarder
+        .history
         .request_finished(&result, attribution.as_ref(), started.elapsed());
     let _enter = span.enter();
     match result {

@@ -12,6 +12,8 @@
 //!   with [`body`], the bounded request body reader.
 //! * [`forward`]: **the one place that tells a request's journey**: validate, seal, route,
 //!   send with safe retries, relay.
+//! * [`generation`]: one configuration's endpoints, routes and sealer, built once per load
+//!   or reload; a request keeps the generation it started with.
 //! * [`seal`]: KMS (or the development key provider) and the sealed-body formats.
 //! * [`route`]: migration phases and the ordered tiers of endpoints a request may use.
 //! * [`upstream`]: endpoints, TLS, per-endpoint connection pools, active health checks and
@@ -26,6 +28,8 @@
 //!   `gpulink check` about a valid file that is likely not what was meant.
 //! * [`sim`]: the cluster simulator used by tests, benchmarks and the demo.
 //! * [`demo`]: `gpulink demo`, the whole journey on loopback without AWS.
+//! * [`proxy`]: the runtime that starts all of the above, reloads and shuts down; only
+//!   `main`, the demo and [`reload`] see it.
 
 pub mod admin;
 pub mod body;
@@ -34,6 +38,7 @@ pub mod config;
 pub mod demo;
 pub mod error;
 pub mod forward;
+pub mod generation;
 pub mod headers;
 pub mod healthcheck;
 pub mod history;

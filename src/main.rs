@@ -172,11 +172,13 @@ async fn run(
     }
     let keys = KeyService::Kms(KmsKeys::from_config(&config.kms).await);
     let handle = gpulink::proxy::start(config, keys).await?;
+    // The tasks started here (the proxy tracks its own), awaited before exit.
+    let tasks = tokio_util::task::TaskTracker::new();
     let stop_reloading = tokio_util::sync::CancellationToken::new();
-    reload_triggers.spawn(handle.proxy().clone(), stop_reloading.clone());
+    reload_triggers.spawn(handle.proxy().clone(), &tasks, stop_reloading.clone());
     // The process is alive while it waits for KMS: ping the watchdog from now on.
     let stop_watchdog = tokio_util::sync::CancellationToken::new();
-    gpulink::systemd::spawn_watchdog(stop_watchdog.clone());
+    gpulink::systemd::spawn_watchdog(&tasks, stop_watchdog.clone());
     let shutdown = wait_for_shutdown_signal();
     tokio::pin!(shutdown);
     // systemd (Type=notify): ready only once KMS is proven, as `/ready` is; a SIGTERM
@@ -189,14 +191,21 @@ async fn run(
         }
     };
     if proven {
-        gpulink::systemd::ready(&gpulink::systemd::status_line(handle.proxy()));
-        gpulink::systemd::spawn_status(handle.proxy().clone(), stop_reloading.clone());
+        gpulink::systemd::ready(&gpulink::systemd::status_line(&handle.proxy().current()));
+        gpulink::systemd::spawn_status(
+            handle.proxy().generations().clone(),
+            &tasks,
+            stop_reloading.clone(),
+        );
         shutdown.await?;
     }
     stop_reloading.cancel();
     gpulink::systemd::stopping();
     handle.shutdown().await;
     stop_watchdog.cancel();
+    tasks.close();
+    // A reload under way finishes first (it is bounded by the file and KMS timeouts).
+    tasks.wait().await;
     Ok(ExitCode::SUCCESS)
 }
 

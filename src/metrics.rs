@@ -38,8 +38,8 @@ use prometheus_client::registry::{Registry, Unit};
 use crate::body::ProxyBody;
 use crate::config::RouteKind;
 use crate::error::ProxyError;
+use crate::generation::Generation;
 use crate::headers::X_GPULINK_ROUTE;
-use crate::proxy::Proxy;
 use crate::seal::{KeyError, SealError, Sealed};
 use crate::upstream::Endpoint;
 
@@ -171,6 +171,16 @@ pub struct PhaseLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BuildLabels {
     pub version: &'static str,
+}
+
+/// The state `/metrics` copies into its gauges at each scrape: the generation in service
+/// and the runtime's lifecycle.
+pub struct Snapshot<'a> {
+    pub generation: &'a Generation,
+    pub ready: bool,
+    pub draining: bool,
+    /// Reloads by result: (applied, rejected).
+    pub reloads: (u64, u64),
 }
 
 /// Which endpoint answered a request: put into the response's extensions by the
@@ -841,8 +851,8 @@ impl Metrics {
 
     /// KMS calls and request-refusing KMS failures so far: (calls, failures). Cache
     /// counters are included as of the last scrape or status read.
-    pub fn kms_totals(&self, proxy: &Proxy) -> (u64, u64) {
-        self.sync_cache_counters(proxy);
+    pub fn kms_totals(&self, generation: &Generation) -> (u64, u64) {
+        self.sync_cache_counters(generation);
         let calls = ["Encrypt", "GenerateDataKey"]
             .into_iter()
             .filter_map(|operation| self.kms_calls.get(&OperationLabels { operation }))
@@ -859,8 +869,7 @@ impl Metrics {
     /// Catches the counters mirrored from the data-key cache up with it. The cache's
     /// counters are monotonic and survive reloads (the sealer hands them on), so the
     /// difference is never negative.
-    fn sync_cache_counters(&self, proxy: &Proxy) {
-        let generation = proxy.current();
+    fn sync_cache_counters(&self, generation: &Generation) {
         let cache = generation.sealer.cache_counters();
         catch_up(&self.key_cache_hits, cache.hits());
         catch_up(&self.key_cache_misses, cache.misses());
@@ -875,13 +884,13 @@ impl Metrics {
 
     // ---- Exposition ----------------------------------------------------------------
 
-    /// Copies the proxy's current state into the gauges and encodes every metric.
-    pub fn render(&self, proxy: &Proxy, format: Format) -> Result<String, std::fmt::Error> {
+    /// Copies `state` into the gauges and encodes every metric.
+    pub fn render(&self, state: &Snapshot<'_>, format: Format) -> Result<String, std::fmt::Error> {
         let _scrape = self
             .scrape
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        self.refresh(proxy);
+        self.refresh(state);
         let mut out = String::with_capacity(16 * 1024);
         match format {
             Format::OpenMetrics => {
@@ -894,8 +903,8 @@ impl Metrics {
         Ok(out)
     }
 
-    fn refresh(&self, proxy: &Proxy) {
-        let generation = proxy.current();
+    fn refresh(&self, state: &Snapshot<'_>) {
+        let generation = state.generation;
         let now = chrono::Utc::now();
         for family in [
             &self.endpoint_healthy,
@@ -955,8 +964,8 @@ impl Metrics {
         }
         self.config_generation
             .set(i64::try_from(generation.number).unwrap_or(i64::MAX));
-        self.ready.set(i64::from(proxy.is_ready()));
-        self.draining.set(i64::from(proxy.is_draining()));
+        self.ready.set(i64::from(state.ready));
+        self.draining.set(i64::from(state.draining));
         let current = generation.routes.phase();
         for phase in PHASES {
             self.phase
@@ -967,25 +976,21 @@ impl Metrics {
         }
         self.public_fallback_open
             .set(i64::from(generation.routes.public_fallback_open(now)));
+        // Whether automatic rollback currently sends PrivateLink traffic to public.
         self.rollback_active
-            .set(i64::from(rollback_active(proxy, now)));
-        // The proxy counts reloads itself; catch the counters up (monotonic, so the
+            .set(i64::from(generation.routes.is_rolled_back(now)));
+        // The runtime counts reloads itself; catch the counters up (monotonic, so the
         // difference is never negative).
-        let (applied, rejected) = proxy.reload_counts();
+        let (applied, rejected) = state.reloads;
         for (result, total) in [("success", applied), ("failure", rejected)] {
             catch_up(
                 &self.config_reloads.get_or_create(&ResultLabels { result }),
                 total,
             );
         }
-        self.sync_cache_counters(proxy);
+        self.sync_cache_counters(generation);
         catch_up(&self.log_lines_dropped, crate::logwriter::lines_dropped());
     }
-}
-
-/// Whether automatic rollback currently sends PrivateLink traffic to public endpoints.
-fn rollback_active(proxy: &Proxy, now: chrono::DateTime<chrono::Utc>) -> bool {
-    proxy.current().routes.is_rolled_back(now)
 }
 
 /// Every `error.code` gpulink answers with (see `crate::error::ProxyError::code`).

@@ -1,6 +1,8 @@
-//! The running proxy: the current configuration generation (swapped atomically on
-//! reload), the lifecycle flags the admin server reports, and start-up, reload and
-//! shutdown in the order `docs/design.md` gives.
+//! The running proxy: it owns the generation in service ([`crate::generation`]) and the
+//! lifecycle flags, starts the listeners and the background tasks, and applies reloads
+//! and shutdown in the order `docs/design.md` gives. Only `main`, the demo and the reload
+//! triggers see it: the request path gets a [`Forwarder`], the admin server the
+//! [`admin::Source`] this type implements.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -8,35 +10,21 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
-use arc_swap::ArcSwap;
+use serde_json::Value;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
+use crate::admin::{self, Readiness};
 use crate::config::{Config, ConfigError};
-use crate::route::{Chooser, RetryBudget, RouteTable};
-use crate::seal::{KeyService, KmsKeys, Sealer};
+use crate::forward::Forwarder;
+use crate::generation::{Current, Generation};
+use crate::listener::ConnectionSettings;
+use crate::metrics::{Format, Snapshot};
+use crate::seal::{KeyService, KmsKeys, KmsProof};
 use crate::upstream::discovery::{self, Resolved};
 use crate::upstream::{self, health, Endpoint};
-
-/// Everything one configuration generation needs to serve a request. A request holds
-/// its generation for its whole life, so a reload never changes a request mid-way.
-pub struct Generation {
-    pub number: u64,
-    pub config: Arc<Config>,
-    pub endpoints: Vec<Arc<Endpoint>>,
-    pub routes: RouteTable,
-    pub sealer: Sealer,
-    pub retry_budget: RetryBudget,
-    pub chooser: Chooser,
-    pub loaded_at: chrono::DateTime<chrono::Utc>,
-}
-
-impl Generation {
-    pub fn contains(&self, endpoint: &Arc<Endpoint>) -> bool {
-        self.endpoints.iter().any(|e| Arc::ptr_eq(e, endpoint))
-    }
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -70,7 +58,7 @@ pub struct StartOptions {
 }
 
 pub struct Proxy {
-    current: ArcSwap<Generation>,
+    current: Arc<Current>,
     next_generation: AtomicU64,
     options: StartOptions,
     ready: AtomicBool,
@@ -85,11 +73,13 @@ pub struct Proxy {
     /// Wakes background loops that depend on the configuration when it changes.
     generation_changed: Arc<tokio::sync::Notify>,
     stop_background: CancellationToken,
+    /// Every background task, so that shutdown can wait for them to end.
+    tasks: TaskTracker,
     this: Weak<Proxy>,
     /// Prometheus metrics; owned here so they outlive every configuration generation.
     metrics: Arc<crate::metrics::Metrics>,
     /// The last 15 minutes of request outcomes for `/status` (outlives generations too).
-    history: crate::history::History,
+    history: Arc<crate::history::History>,
     /// The app and admin listeners' connections and limits (fixed at start).
     app_connections: Arc<crate::listener::Listener>,
     admin_connections: Arc<crate::listener::Listener>,
@@ -99,16 +89,8 @@ pub struct Proxy {
     kms_proof: tokio::sync::watch::Sender<KmsProof>,
 }
 
-/// Where the start-up proof of KMS stands: gpulink is not ready until one seal with the
-/// configured key and context succeeded ([`Sealer::prove`]).
-#[derive(Debug, Clone, Default, serde::Serialize)]
-pub struct KmsProof {
-    pub proven: bool,
-    /// Failed attempts so far.
-    pub failures: u32,
-    /// Why the last attempt failed: the short, classified message (never what KMS said).
-    pub last_error: Option<String>,
-}
+/// How long shutdown waits for the background tasks once they are told to stop.
+const BACKGROUND_STOP: Duration = Duration::from_secs(5);
 
 /// Backoff between start-up proof attempts: doubling from the first to the last.
 const PROOF_RETRY_FIRST: Duration = Duration::from_millis(500);
@@ -129,7 +111,12 @@ impl Proxy {
 
     /// The generation new requests use.
     pub fn current(&self) -> Arc<Generation> {
-        self.current.load_full()
+        self.current.get()
+    }
+
+    /// The cell holding the generation in service, for readers that outlive one.
+    pub fn generations(&self) -> &Arc<Current> {
+        &self.current
     }
 
     pub fn keys(&self) -> KeyService {
@@ -213,8 +200,15 @@ impl Proxy {
         let kms_changed = kms_settings_changed(&old.config, &config);
         let resolved = self.resolve_new_names(&config).await;
         let number = self.next_generation.fetch_add(1, Ordering::Relaxed);
-        let generation =
-            build_generation(number, config, keys, Some(&old), &self.options, &resolved)?;
+        let generation = Generation::build(
+            number,
+            config,
+            keys,
+            Some(&old),
+            self.options.random_seed,
+            &resolved,
+        )
+        .map_err(StartError::from)?;
         // New KMS settings must work before they replace working ones; while the start-up
         // proof has not succeeded there is nothing working to protect, and the proof loop
         // tries the new settings at once.
@@ -237,7 +231,7 @@ impl Proxy {
             .collect();
         health::first_round(&fresh, &generation.config.health).await;
         let generation = Arc::new(generation);
-        self.current.store(generation.clone());
+        self.current.replace(generation.clone());
         self.generation_changed.notify_waiters();
         for endpoint in fresh {
             self.spawn_health_checker(endpoint);
@@ -308,7 +302,7 @@ impl Proxy {
     fn spawn_health_checker(&self, endpoint: Arc<Endpoint>) {
         let proxy = self.this.clone();
         let stop = self.stop_background.clone();
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             loop {
                 let Some(settings) = proxy.upgrade().and_then(|p| {
                     let generation = p.current();
@@ -328,6 +322,61 @@ impl Proxy {
                 }
             }
         });
+    }
+}
+
+/// The admin server's view of the proxy.
+impl admin::Source for Proxy {
+    fn readiness(&self) -> Readiness {
+        if self.is_draining() {
+            return Readiness::Draining;
+        }
+        if self.is_ready() {
+            return Readiness::Ready;
+        }
+        let proof = self.kms_proof();
+        if proof.proven {
+            Readiness::Starting
+        } else {
+            Readiness::WaitingForKms {
+                reason: proof.last_error,
+            }
+        }
+    }
+
+    fn status(&self) -> Value {
+        let generation = self.current();
+        admin::status::document(&admin::status::Inputs {
+            state: self.snapshot(&generation),
+            uptime: self.uptime(),
+            app_connections: &self.app_connections,
+            admin_connections: &self.admin_connections,
+            held_bytes: self.in_flight_bytes.held(),
+            metrics: &self.metrics,
+            history: &self.history,
+            kms_proof: self.kms_proof(),
+        })
+    }
+
+    fn metrics(&self, format: Format) -> Result<String, std::fmt::Error> {
+        let generation = self.current();
+        self.metrics.render(&self.snapshot(&generation), format)
+    }
+
+    fn connection_settings(&self) -> ConnectionSettings {
+        ConnectionSettings::admin(&self.current().config)
+    }
+}
+
+impl Proxy {
+    /// The lifecycle state the metrics and `/status` report, with `generation`.
+    fn snapshot<'a>(&self, generation: &'a Generation) -> Snapshot<'a> {
+        Snapshot {
+            generation,
+            ready: self.is_ready(),
+            draining: self.is_draining(),
+            reloads: self.reload_counts(),
+        }
     }
 }
 
@@ -445,37 +494,6 @@ async fn keys_for(old: &Generation, config: &Config) -> Result<KeyService, Start
     Ok(keys)
 }
 
-/// Builds the endpoints, routes and sealer of one configuration, reusing endpoints from
-/// `reusable` whose settings are unchanged.
-fn build_generation(
-    number: u64,
-    config: Config,
-    keys: KeyService,
-    previous: Option<&Generation>,
-    options: &StartOptions,
-    resolved: &Resolved,
-) -> Result<Generation, StartError> {
-    let reusable = previous.map_or(&[][..], |p| p.endpoints.as_slice());
-    let endpoints = upstream::build_endpoints(&config, reusable, resolved)?;
-    let routes = RouteTable::new(&config, &endpoints);
-    // The data-key cache survives a reload that keeps the key and its limits: a reload
-    // must not cost a KMS call or reset the counters.
-    let sealer = match previous {
-        Some(p) => Sealer::after_reload(&p.sealer, &config, keys),
-        None => Sealer::new(&config, keys),
-    };
-    Ok(Generation {
-        number,
-        retry_budget: RetryBudget::new(&config.retry),
-        chooser: Chooser::new(options.random_seed),
-        config: Arc::new(config),
-        endpoints,
-        routes,
-        sealer,
-        loaded_at: chrono::Utc::now(),
-    })
-}
-
 /// A started proxy. Dropping it does not stop it; call [`ProxyHandle::shutdown`].
 pub struct ProxyHandle {
     pub listen_addr: SocketAddr,
@@ -504,6 +522,18 @@ impl ProxyHandle {
         self.stop_accepting.cancel();
         let _ = self.ingress.await;
         self.proxy.stop_background.cancel();
+        self.proxy.tasks.close();
+        // Each task stops at its next await on the token; the bound keeps one stuck in a
+        // health check or a reload from holding the exit.
+        if tokio::time::timeout(BACKGROUND_STOP, self.proxy.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                tasks = self.proxy.tasks.len(),
+                "background tasks still running after {BACKGROUND_STOP:?}; exiting without them"
+            );
+        }
         tracing::info!("shutdown complete");
     }
 }
@@ -526,8 +556,13 @@ pub async fn start_with(
         let ips = resolve_logged(&dns).await.unwrap_or_default();
         resolved.insert(dns.region.clone(), ips);
     }
-    let generation = Arc::new(build_generation(
-        1, config, keys, None, &options, &resolved,
+    let generation = Arc::new(Generation::build(
+        1,
+        config,
+        keys,
+        None,
+        options.random_seed,
+        &resolved,
     )?);
     let max_connections =
         crate::listener::fit_file_descriptors(&generation.config, generation.endpoints.len())?;
@@ -535,8 +570,9 @@ pub async fn start_with(
     let admin_connections =
         crate::listener::Listener::new("admin", generation.config.admin.max_connections);
     let stop_background = CancellationToken::new();
+    let tasks = TaskTracker::new();
     let proxy = Arc::new_cyclic(|this| Proxy {
-        current: ArcSwap::new(generation.clone()),
+        current: Current::new(generation.clone()),
         next_generation: AtomicU64::new(2),
         options,
         ready: AtomicBool::new(false),
@@ -548,9 +584,10 @@ pub async fn start_with(
         resolved: std::sync::Mutex::new(resolved),
         generation_changed: Arc::new(tokio::sync::Notify::new()),
         stop_background: stop_background.clone(),
+        tasks: tasks.clone(),
         this: this.clone(),
         metrics: Arc::new(crate::metrics::Metrics::new()),
-        history: crate::history::History::new(),
+        history: Arc::new(crate::history::History::new()),
         app_connections,
         admin_connections,
         in_flight_bytes: crate::inflight::InFlightBytes::new(),
@@ -588,39 +625,43 @@ pub async fn start_with(
     let (listener, listen_addr) = bind("listen.address", config.listen.address).await?;
     let (admin_listener, admin_addr) = bind("admin.address", config.admin.address).await?;
 
-    tokio::spawn(crate::admin::serve(
+    tasks.spawn(admin::serve(
         admin_listener,
+        proxy.admin_connections.clone(),
         proxy.clone(),
         stop_background.clone(),
     ));
 
-    tokio::spawn(prove_kms(Arc::downgrade(&proxy), stop_background.clone()));
+    tasks.spawn(prove_kms(Arc::downgrade(&proxy), stop_background.clone()));
     health::first_round(&generation.endpoints, &config.health).await;
     for endpoint in &generation.endpoints {
         proxy.spawn_health_checker(endpoint.clone());
     }
 
-    tokio::spawn(rediscover_periodically(
+    tasks.spawn(rediscover_periodically(
         Arc::downgrade(&proxy),
         stop_background.clone(),
     ));
-    tokio::spawn(watch_fallback_window(
+    tasks.spawn(watch_fallback_window(
         Arc::downgrade(&proxy),
         stop_background.clone(),
     ));
 
     let stop_accepting = CancellationToken::new();
+    let forwarder = Forwarder::new(
+        proxy.current.clone(),
+        proxy.metrics.clone(),
+        proxy.history.clone(),
+        proxy.in_flight_bytes.clone(),
+    );
     let ingress = tokio::spawn(crate::ingress::serve(
         listener,
-        proxy.clone(),
+        proxy.app_connections.clone(),
+        Arc::new(forwarder),
         stop_accepting.clone(),
     ));
     proxy.ready.store(true, Ordering::Release);
-    let serving = generation
-        .endpoints
-        .iter()
-        .filter(|e| e.is_serving())
-        .count();
+    let serving = generation.serving();
     tracing::info!(
         listen = %listen_addr,
         admin = %admin_addr,
@@ -715,7 +756,10 @@ async fn rediscover_periodically(proxy: Weak<Proxy>, stop: CancellationToken) {
             for d in &due {
                 last.insert(d.region.clone(), Instant::now());
             }
-            proxy_now.rediscover(&due).await;
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                () = proxy_now.rediscover(&due) => {}
+            }
         }
         let next = regions
             .iter()

@@ -12,6 +12,7 @@ use std::time::Duration;
 use notify::{RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::proxy::Proxy;
 
@@ -79,7 +80,7 @@ pub fn watch(path: PathBuf, loaded: Vec<u8>) -> Result<Triggers, WatchError> {
 
 impl Triggers {
     /// Reloads into `proxy` on SIGHUP and on file changes until `stop` is cancelled.
-    pub fn spawn(self, proxy: Arc<Proxy>, stop: CancellationToken) {
+    pub fn spawn(self, proxy: Arc<Proxy>, tasks: &TaskTracker, stop: CancellationToken) {
         let Triggers {
             path,
             loaded,
@@ -87,7 +88,7 @@ impl Triggers {
             mut changed,
             watcher,
         } = self;
-        tokio::spawn(async move {
+        tasks.spawn(async move {
             // The watcher stops when dropped; it lives as long as this task.
             let _watcher = watcher;
             let mut last = Some(digest(&loaded));
@@ -164,10 +165,10 @@ async fn read_digest(path: &Path) -> Option<Digest> {
 async fn reload_notifying_systemd(proxy: &Proxy, path: &Path) {
     crate::systemd::reloading();
     let status = match proxy.reload_from_file(path).await {
-        Ok(_) => crate::systemd::status_line(proxy),
+        Ok(_) => crate::systemd::status_line(&proxy.current()),
         Err(_) => format!(
             "reload rejected (see the log); {}",
-            crate::systemd::status_line(proxy)
+            crate::systemd::status_line(&proxy.current())
         ),
     };
     crate::systemd::reloaded(&status);

@@ -12,8 +12,9 @@ use std::time::Duration;
 
 use sd_notify::NotifyState;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
-use crate::proxy::Proxy;
+use crate::generation::{Current, Generation};
 
 /// How often `STATUS=` is brought up to date (only sent when it changed).
 const STATUS_INTERVAL: Duration = Duration::from_secs(2);
@@ -56,13 +57,8 @@ pub fn reloaded(status: &str) {
 
 /// What the proxy serves right now, in one line for `systemctl status`, e.g.
 /// `phase privatelink, 3/4 endpoints serving, generation 2; listening on 127.0.0.1:8000`.
-pub fn status_line(proxy: &Proxy) -> String {
-    let generation = proxy.current();
-    let serving = generation
-        .endpoints
-        .iter()
-        .filter(|e| e.is_serving())
-        .count();
+pub fn status_line(generation: &Generation) -> String {
+    let serving = generation.serving();
     format!(
         "phase {}, {serving}/{} endpoints serving, generation {}; listening on {}, admin on {}",
         generation.routes.phase().as_str(),
@@ -75,11 +71,11 @@ pub fn status_line(proxy: &Proxy) -> String {
 
 /// Keeps `STATUS=` current until `stop` is cancelled (cancel it before [`stopping`], so
 /// that "draining" is the last word).
-pub fn spawn_status(proxy: Arc<Proxy>, stop: CancellationToken) {
+pub fn spawn_status(generations: Arc<Current>, tasks: &TaskTracker, stop: CancellationToken) {
     if std::env::var_os("NOTIFY_SOCKET").is_none() {
         return;
     }
-    tokio::spawn(async move {
+    tasks.spawn(async move {
         let mut last = String::new();
         let mut ticks = tokio::time::interval(STATUS_INTERVAL);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -87,7 +83,7 @@ pub fn spawn_status(proxy: Arc<Proxy>, stop: CancellationToken) {
             tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = ticks.tick() => {
-                    let line = status_line(&proxy);
+                    let line = status_line(&generations.get());
                     if line != last {
                         notify("STATUS", &[NotifyState::Status(&line)]);
                         last = line;
@@ -108,12 +104,12 @@ pub fn watchdog_interval() -> Option<Duration> {
 
 /// Pings the watchdog from the async runtime until `stop` is cancelled. A runtime that
 /// stops scheduling tasks stops the pings, and systemd restarts the service.
-pub fn spawn_watchdog(stop: CancellationToken) {
+pub fn spawn_watchdog(tasks: &TaskTracker, stop: CancellationToken) {
     let Some(interval) = watchdog_interval() else {
         return;
     };
     tracing::info!(?interval, "systemd watchdog enabled");
-    tokio::spawn(async move {
+    tasks.spawn(async move {
         let mut ticks = tokio::time::interval(interval);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {

@@ -14,43 +14,79 @@
 //!   `kubectl port-forward`.
 //!
 //! The page is rendered from the `/status` document ([`page`]), so the two never disagree.
+//!
+//! The server sees only a [`Source`]: readiness, the status document and the metrics.
+//! The runtime implements it (building the document with [`status::document`]); tests
+//! use a fake.
 
 use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
-use hyper::body::Incoming;
-use serde_json::{json, Value};
+use serde_json::Value;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::body::{ProxyBody, ProxyBodyExt};
-use crate::listener::ConnectionSettings;
+use crate::listener::{ConnectionSettings, Listener};
 use crate::metrics::Format;
-use crate::proxy::Proxy;
 
 mod page;
+pub mod status;
 pub use page::render_page;
+
+/// What the admin server reports: the runtime in gpulink, a fake in tests.
+pub trait Source: Send + Sync + 'static {
+    fn readiness(&self) -> Readiness;
+
+    /// The `/status` document (the page is rendered from it).
+    fn status(&self) -> Value;
+
+    /// Every metric as of now, encoded in `format`.
+    fn metrics(&self, format: Format) -> Result<String, std::fmt::Error>;
+
+    /// The time bounds for a new admin connection (read at each accept, so a reload
+    /// applies to new connections).
+    fn connection_settings(&self) -> ConnectionSettings;
+}
+
+/// What `/ready` answers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Readiness {
+    Ready,
+    /// Shutting down: the app should stop sending here.
+    Draining,
+    /// KMS has not been proven yet; `reason` is why the last attempt failed, if one has.
+    WaitingForKms {
+        reason: Option<String>,
+    },
+    /// Listeners, the first health round or the background tasks are not up yet.
+    Starting,
+}
 
 /// Serves until `stop`; connections are held to `admin.max_connections` (idle ones make
 /// room for new ones) and the admin time bounds, so a crowd of admin clients neither
 /// locks `/ready` out nor takes file descriptors from the data path.
-pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, stop: CancellationToken) {
-    let connections = proxy.admin_connections().clone();
+pub async fn serve<S: Source>(
+    listener: TcpListener,
+    connections: Arc<Listener>,
+    source: Arc<S>,
+    stop: CancellationToken,
+) {
     let settings = {
-        let proxy = proxy.clone();
-        move || ConnectionSettings::admin(&proxy.current().config)
+        let source = source.clone();
+        move || source.connection_settings()
     };
-    let handler = move |request| {
-        let proxy = proxy.clone();
-        async move { route(&proxy, request) }
+    let handler = move |request: Request<hyper::body::Incoming>| {
+        let source = source.clone();
+        async move { route(&*source, &request) }
     };
     connections
         .serve(listener, settings, handler, stop, || None)
         .await;
 }
 
-fn route(proxy: &Proxy, request: Request<Incoming>) -> Response<ProxyBody> {
+fn route<S: Source, B>(source: &S, request: &Request<B>) -> Response<ProxyBody> {
     if request.method() != Method::GET && request.method() != Method::HEAD {
         let mut response = text(StatusCode::METHOD_NOT_ALLOWED, "use GET\n");
         response
@@ -60,27 +96,10 @@ fn route(proxy: &Proxy, request: Request<Incoming>) -> Response<ProxyBody> {
     }
     match request.uri().path() {
         "/live" => text(StatusCode::OK, "live\n"),
-        "/ready" => {
-            if proxy.is_draining() {
-                text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
-            } else if proxy.is_ready() {
-                text(StatusCode::OK, "ready\n")
-            } else if !proxy.kms_proof().proven {
-                let proof = proxy.kms_proof();
-                let mut response = json_response(serde_json::json!({
-                    "status": "starting",
-                    "waiting_for": "kms",
-                    "reason": proof.last_error.as_deref().unwrap_or("the first KMS seal is under way"),
-                }));
-                *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
-                response
-            } else {
-                text(StatusCode::SERVICE_UNAVAILABLE, "starting\n")
-            }
-        }
-        "/metrics" => metrics(proxy, Format::negotiate(request.headers())),
-        "/status" => json_response(status(proxy)),
-        "/" => html_response(render_page(&status(proxy))),
+        "/ready" => ready(source.readiness()),
+        "/metrics" => metrics(source, Format::negotiate(request.headers())),
+        "/status" => json_response(source.status()),
+        "/" => html_response(render_page(&source.status())),
         _ => text(
             StatusCode::NOT_FOUND,
             "not found; try /, /live, /ready, /metrics or /status\n",
@@ -88,8 +107,25 @@ fn route(proxy: &Proxy, request: Request<Incoming>) -> Response<ProxyBody> {
     }
 }
 
-fn metrics(proxy: &Proxy, format: Format) -> Response<ProxyBody> {
-    match proxy.metrics().render(proxy, format) {
+fn ready(readiness: Readiness) -> Response<ProxyBody> {
+    match readiness {
+        Readiness::Ready => text(StatusCode::OK, "ready\n"),
+        Readiness::Draining => text(StatusCode::SERVICE_UNAVAILABLE, "draining\n"),
+        Readiness::WaitingForKms { reason } => {
+            let mut response = json_response(serde_json::json!({
+                "status": "starting",
+                "waiting_for": "kms",
+                "reason": reason.as_deref().unwrap_or("the first KMS seal is under way"),
+            }));
+            *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+            response
+        }
+        Readiness::Starting => text(StatusCode::SERVICE_UNAVAILABLE, "starting\n"),
+    }
+}
+
+fn metrics<S: Source>(source: &S, format: Format) -> Response<ProxyBody> {
+    match source.metrics(format) {
         Ok(body) => {
             let mut response = Response::new(ProxyBody::full(Bytes::from(body)));
             response.headers_mut().insert(
@@ -107,130 +143,6 @@ fn metrics(proxy: &Proxy, format: Format) -> Response<ProxyBody> {
             )
         }
     }
-}
-
-/// The JSON document behind `/status`.
-pub fn status(proxy: &Proxy) -> Value {
-    let generation = proxy.current();
-    let config = &generation.config;
-    let now = chrono::Utc::now();
-    let endpoints: Vec<Value> = generation
-        .endpoints
-        .iter()
-        .map(|e| {
-            let health = e.health_snapshot();
-            let data_path = e.data_path_snapshot();
-            // Which checks keep the endpoint out right now, so an operator sees at once
-            // whether it is the health port or the inference port.
-            let mut failing: Vec<&str> = Vec::new();
-            if !e.is_healthy() {
-                failing.push("health");
-            }
-            if !e.is_data_path_ok() {
-                failing.push("data_path");
-            }
-            json!({
-                "address": e.authority,
-                "region": e.region(),
-                "route": e.kind().as_str(),
-                "tier": tier_name(e.kind().as_str(), e.region() == config.local_region()),
-                "local": e.region() == config.local_region(),
-                "server_name": e.config.server_name,
-                "health": health.state,
-                "serving": e.is_serving(),
-                "ejected": e.outlier.is_ejected(),
-                "ejected_for_ms": e.outlier.ejected_for().map(|d| d.as_millis() as u64),
-                "ejections": e.outlier.ejections(),
-                "capacity": e.capacity(),
-                "latency_ms": e.latency().map(|d| d.as_secs_f64() * 1000.0),
-                "in_flight": e.in_flight(),
-                "requests": e.requests(),
-                "failures": e.failures(),
-                "health_checks": health.checks,
-                "last_error": health.last_error,
-                "health_problem": health.problem,
-                "health_diagnosis": health.diagnosis,
-                "reported_region": health.region,
-                "data_path": data_path,
-                "failing_checks": failing,
-                "last_request_error": e.last_request_error(),
-                // The last 5xx answer attributed to it (the cluster's or gpulink's).
-                "last_failed_request": proxy.history().last_failure(&e.authority),
-            })
-        })
-        .collect();
-    let metrics = proxy.metrics();
-    let kms_state = metrics.kms_state();
-    let (kms_calls, kms_failures) = metrics.kms_totals(proxy);
-    let key_cache = serde_json::to_value(generation.sealer.cache_state()).unwrap_or(Value::Null);
-    let keys = proxy.keys();
-    let (reloads_ok, reloads_failed) = proxy.reload_counts();
-    json!({
-        "version": env!("CARGO_PKG_VERSION"),
-        "generation": generation.number,
-        "loaded_at": generation.loaded_at.to_rfc3339(),
-        // The page's relative times ("3 s ago") are measured from here.
-        "now": now.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-        "ready": proxy.is_ready(),
-        "draining": proxy.is_draining(),
-        "uptime_seconds": proxy.uptime().as_secs(),
-        "phase": generation.routes.phase().as_str(),
-        "public_fallback_until": config.migration.public_fallback_until.map(|t| t.to_rfc3339()),
-        "public_fallback_open": generation.routes.public_fallback_open(now),
-        "rollback": {
-            "configured": generation.routes.rollback().is_some(),
-            // Whether it may act now (phase and fallback window allow it).
-            "allowed": generation.routes.rollback_allowed(now),
-            "active": generation.routes.is_rolled_back(now),
-            "fired": generation.routes.rollback().map_or(0, |r| r.times_fired()),
-            "last_breach": generation.routes.rollback().and_then(|r| r.last_breach()),
-        },
-        "reloads": { "applied": reloads_ok, "rejected": reloads_failed },
-        // Open client connections per listener against its limit; `evicted` counts idle
-        // connections closed to admit new ones at the limit.
-        "connections": {
-            "listen": listener_status(proxy.app_connections()),
-            "admin": listener_status(proxy.admin_connections()),
-        },
-        // Request bytes held now (plaintext and sealed copies) against
-        // listen.max_in_flight_bytes; past it new requests get 503 overloaded.
-        "request_bodies": {
-            "held_bytes": proxy.in_flight_bytes().held(),
-            "limit_bytes": config.listen.max_in_flight_bytes.bytes(),
-        },
-        "tenant": config.tenant.id,
-        "kms": {
-            "provider": if keys.is_development() { "development" } else { "aws-kms" },
-            "key_id": config.kms.key_id,
-            "region": config.kms.region,
-            "format": config.kms.format.as_str(),
-            "context": format!("{:?}", config.kms.context),
-            "calls": kms_calls,
-            "failures": kms_failures,
-            "last_success": kms_state.last_success.map(|t| t.to_rfc3339()),
-            "last_error": kms_state.last_error.map(|t| t.to_rfc3339()),
-            "last_error_message": kms_state.last_error_message,
-            // The start-up proof `/ready` waits for.
-            "proof": proxy.kms_proof(),
-        },
-        // The aws-esdk data-key cache: limits, counters, and each entry's key age and
-        // use (never key material).
-        "key_cache": key_cache,
-        "endpoints": endpoints,
-        "traffic": proxy.history().to_json(),
-    })
-}
-
-fn listener_status(listener: &crate::listener::Listener) -> Value {
-    json!({
-        "open": listener.open(),
-        "limit": listener.limit(),
-        "evicted": listener.evicted(),
-    })
-}
-
-fn tier_name(route: &str, local: bool) -> String {
-    format!("{} {route}", if local { "local" } else { "remote" })
 }
 
 fn no_store(response: &mut Response<ProxyBody>) {
@@ -274,4 +186,133 @@ fn html_response(page: String) -> Response<ProxyBody> {
     );
     no_store(&mut response);
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use http_body_util::BodyExt;
+
+    use super::*;
+
+    /// A stand-in for the runtime: whatever a test sets is what the server reports.
+    struct Fake {
+        readiness: Mutex<Readiness>,
+        metrics: Result<String, std::fmt::Error>,
+    }
+
+    impl Fake {
+        fn new(readiness: Readiness) -> Self {
+            Self {
+                readiness: Mutex::new(readiness),
+                metrics: Ok("# TYPE gpulink_up gauge\ngpulink_up 1\n".into()),
+            }
+        }
+    }
+
+    impl Source for Fake {
+        fn readiness(&self) -> Readiness {
+            self.readiness.lock().unwrap().clone()
+        }
+
+        fn status(&self) -> Value {
+            serde_json::json!({ "generation": 7, "phase": "canary", "endpoints": [] })
+        }
+
+        fn metrics(&self, _format: Format) -> Result<String, std::fmt::Error> {
+            self.metrics.clone()
+        }
+
+        fn connection_settings(&self) -> ConnectionSettings {
+            unreachable!("route() does not ask")
+        }
+    }
+
+    fn get(path: &str) -> Request<()> {
+        Request::get(path).body(()).unwrap()
+    }
+
+    async fn body(response: Response<ProxyBody>) -> String {
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        String::from_utf8(bytes.to_vec()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn ready_follows_the_source() {
+        let fake = Fake::new(Readiness::Ready);
+        let response = route(&fake, &get("/ready"));
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(body(response).await, "ready\n");
+
+        *fake.readiness.lock().unwrap() = Readiness::WaitingForKms {
+            reason: Some("KMS refuses kms.key_id".into()),
+        };
+        let response = route(&fake, &get("/ready"));
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let answer: Value = serde_json::from_str(&body(response).await).unwrap();
+        assert_eq!(answer["waiting_for"], "kms");
+        assert_eq!(answer["reason"], "KMS refuses kms.key_id");
+
+        *fake.readiness.lock().unwrap() = Readiness::WaitingForKms { reason: None };
+        let answer: Value =
+            serde_json::from_str(&body(route(&fake, &get("/ready"))).await).unwrap();
+        assert_eq!(answer["reason"], "the first KMS seal is under way");
+
+        *fake.readiness.lock().unwrap() = Readiness::Draining;
+        let response = route(&fake, &get("/ready"));
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(body(response).await, "draining\n");
+
+        *fake.readiness.lock().unwrap() = Readiness::Starting;
+        let response = route(&fake, &get("/ready"));
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(body(response).await, "starting\n");
+    }
+
+    #[tokio::test]
+    async fn status_and_page_come_from_the_same_document() {
+        let fake = Fake::new(Readiness::Ready);
+        let response = route(&fake, &get("/status"));
+        assert_eq!(response.headers()[header::CACHE_CONTROL], "no-store");
+        let document: Value = serde_json::from_str(&body(response).await).unwrap();
+        assert_eq!(document, fake.status());
+
+        let response = route(&fake, &get("/"));
+        assert!(response.headers()[header::CONTENT_TYPE]
+            .to_str()
+            .unwrap()
+            .starts_with("text/html"));
+        assert!(response
+            .headers()
+            .contains_key(header::CONTENT_SECURITY_POLICY));
+        assert!(body(response).await.contains("canary"));
+    }
+
+    #[tokio::test]
+    async fn metrics_are_served_with_their_format_or_a_500() {
+        let mut fake = Fake::new(Readiness::Ready);
+        let response = route(&fake, &get("/metrics"));
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(
+            response.headers()[header::CONTENT_TYPE],
+            Format::PrometheusText.content_type()
+        );
+        assert!(body(response).await.contains("gpulink_up 1"));
+
+        fake.metrics = Err(std::fmt::Error);
+        let response = route(&fake, &get("/metrics"));
+        assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    }
+
+    #[tokio::test]
+    async fn only_get_and_known_paths() {
+        let fake = Fake::new(Readiness::Ready);
+        let post = Request::post("/ready").body(()).unwrap();
+        let response = route(&fake, &post);
+        assert_eq!(response.status(), StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(response.headers()[header::ALLOW], "GET, HEAD");
+        assert_eq!(route(&fake, &get("/nope")).status(), StatusCode::NOT_FOUND);
+        assert_eq!(route(&fake, &get("/live")).status(), StatusCode::OK);
+    }
 }

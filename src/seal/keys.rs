@@ -6,7 +6,6 @@
 //! with exponential backoff on throttling and transient errors, and is counted in
 //! [`KeyStats`] (calls, errors, latency) for the metrics.
 
-use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -20,8 +19,9 @@ use zeroize::{Zeroize, Zeroizing};
 
 use super::esdk::EsdkError;
 
-/// The encryption context, serialised by KMS in key order.
-pub type EncryptionContext = BTreeMap<String, String>;
+/// The encryption context: one type for KMS (which serialises it in key order) and the
+/// envelope format (which writes it sorted), so the two can never disagree.
+pub use super::esdk::EncryptionContext;
 
 /// Why a key operation failed. Messages never contain key material, plaintext, or
 /// anything KMS or the SDK answered beyond a recognised error code and the HTTP status:

@@ -280,6 +280,17 @@ fn can_block_in_place() -> bool {
         .is_ok_and(|handle| handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread)
 }
 
+/// Where the start-up proof of KMS stands: gpulink is not ready until one seal with the
+/// configured key and context succeeded ([`Sealer::prove`]).
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct KmsProof {
+    pub proven: bool,
+    /// Failed attempts so far.
+    pub failures: u32,
+    /// Why the last attempt failed: the short, classified message (never what KMS said).
+    pub last_error: Option<String>,
+}
+
 /// `{"tenant_id": ..., "model_pool": ...}`, or nothing for a cluster that decrypts
 /// without a context (the guide's own example).
 pub fn encryption_context(
