@@ -203,19 +203,12 @@ impl Processes {
     }
 
     async fn wait_ready(&self) {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Some(reply) = self.get(self.admin, "/ready").await {
-                if reply.status == 200 {
-                    return;
-                }
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "proxy never became ready"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        assert_eventually!(
+            within = Duration::from_secs(60),
+            self.get(self.admin, "/ready").await.map(|r| r.status),
+            |status| *status == Some(200),
+            "proxy never became ready"
+        );
     }
 
     async fn status(&self) -> serde_json::Value {
@@ -228,17 +221,11 @@ impl Processes {
     /// Waits until `/status` shows configuration generation `n` or later (a SIGHUP and
     /// the file watch may both reload the same change).
     async fn wait_generation(&self, n: u64) {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        loop {
-            if self.status().await["generation"].as_u64() >= Some(n) {
-                return;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "generation {n} never appeared"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        assert_eventually!(
+            self.status().await["generation"].as_u64(),
+            |generation| *generation >= Some(n),
+            "generation {n} never appeared"
+        );
     }
 
     async fn post(&self) -> Reply {
@@ -327,10 +314,12 @@ impl Load {
     }
 
     async fn wait_for_ok(&self, at_least: u64) {
-        while self.ok.load(Ordering::SeqCst) < at_least {
-            assert!(!self.task.is_finished(), "load ended early");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        let (ok, ended) = assert_eventually!(
+            (self.ok.load(Ordering::SeqCst), self.task.is_finished()),
+            |(ok, ended)| *ok >= at_least || *ended,
+            "{at_least} requests answered ok (ok, load ended)"
+        );
+        assert!(ok >= at_least && !ended, "load ended early after {ok} ok");
     }
 
     async fn finish(self) -> (u64, u64) {
@@ -376,19 +365,12 @@ async fn sighup_changes_phase_under_load_without_failures() {
     p.write_config("public", "");
     // The file watcher may also pick this up; SIGHUP makes it certain.
     signal(p.proxy(), "HUP");
-    let status_deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let status = p.status().await;
-        if status["phase"] == "public" {
-            assert!(status["generation"].as_u64().unwrap_or(0) >= 2);
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < status_deadline,
-            "reload never applied"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let status = assert_eventually!(
+        p.status().await,
+        |status| status["phase"] == "public",
+        "reload never applied"
+    );
+    assert!(status["generation"].as_u64().unwrap_or(0) >= 2);
     let before = load.ok.load(Ordering::SeqCst);
     load.wait_for_ok(before + 20).await;
     let (ok, failed) = load.finish().await;
@@ -430,15 +412,12 @@ async fn sighup_with_an_unchanged_file_is_a_no_op() {
     };
     let before = count();
     signal(p.proxy(), "HUP");
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while count() == before {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the SIGHUP was never handled:\n{}",
-            std::fs::read_to_string(&log_path).unwrap_or_default()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    assert_eventually!(
+        count(),
+        |n| *n != before,
+        "the SIGHUP was never handled:\n{}",
+        std::fs::read_to_string(&log_path).unwrap_or_default()
+    );
     let status = p.status().await;
     assert_eq!(status["generation"].as_u64(), Some(2), "{status}");
     assert_eq!(status["reloads"]["applied"].as_u64(), Some(1), "{status}");
@@ -464,14 +443,11 @@ async fn file_change_reloads_and_an_invalid_file_changes_nothing() {
     let generation = p.status().await["generation"].as_u64().unwrap_or(0);
     write_atomically(&p.config_path, "[listen]\nthis is not toml\n");
     signal(p.proxy(), "HUP");
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while p.status().await["reloads"]["rejected"].as_u64() < Some(1) {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the invalid file was never rejected"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    assert_eventually!(
+        p.status().await["reloads"]["rejected"].as_u64(),
+        |rejected| *rejected >= Some(1),
+        "the invalid file was never rejected"
+    );
     let before = load.ok.load(Ordering::SeqCst);
     load.wait_for_ok(before + 10).await;
     let status = p.status().await;
@@ -504,27 +480,27 @@ async fn sigterm_lets_in_flight_requests_finish() {
                 .status
         }));
     }
-    while p.sim_in_flight().await < N {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    assert_eventually!(
+        p.sim_in_flight().await,
+        |in_flight| *in_flight >= N,
+        "{N} requests in flight at the cluster"
+    );
     signal(p.proxy(), "TERM");
     // Draining: not ready any more, while the in-flight requests continue.
-    loop {
-        match p.get(p.admin, "/ready").await {
-            Some(reply) if reply.status == 503 => break,
-            None => break,
-            _ => tokio::time::sleep(Duration::from_millis(20)).await,
-        }
-    }
+    assert_eventually!(
+        p.get(p.admin, "/ready").await.map(|r| r.status),
+        |ready| matches!(ready, Some(503) | None),
+        "/ready stops answering 200 once draining"
+    );
     for task in held {
         assert_eq!(task.await.expect("join"), 200);
     }
     // After the drain delay the listener is closed: new connections are refused.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while tokio::net::TcpStream::connect(p.listen).await.is_ok() {
-        assert!(tokio::time::Instant::now() < deadline, "still accepting");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    assert_eventually!(
+        tokio::net::TcpStream::connect(p.listen).await.is_ok(),
+        |accepting| !*accepting,
+        "the listener closes after the drain delay (observed: still accepting)"
+    );
     let mut proxy = p.proxy;
     let code = proxy
         .as_mut()
@@ -611,28 +587,23 @@ async fn privatelink_dns_discovers_enis_and_keeps_unchanged_ones() {
     }
     // Wait for a few health checks on `a`, to see them survive re-resolution.
     let a_address = format!("{a}:8443");
-    while checks_of(&p.status().await, &a_address) < 3 {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    assert_eventually!(
+        checks_of(&p.status().await, &a_address),
+        |checks| *checks >= 3,
+        "three health checks of {a_address}"
+    );
     let checks_before = checks_of(&p.status().await, &a_address);
 
     write_hosts(&[a, c]);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let status = p.status().await;
-        if addresses(&status) == vec![format!("{a}:8443"), format!("{c}:8443")] {
-            assert!(
-                checks_of(&status, &a_address) >= checks_before,
-                "the unchanged ENI lost its health state"
-            );
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the DNS change was never applied"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let status = assert_eventually!(
+        p.status().await,
+        |status| addresses(status) == vec![format!("{a}:8443"), format!("{c}:8443")],
+        "the DNS change was never applied"
+    );
+    assert!(
+        checks_of(&status, &a_address) >= checks_before,
+        "the unchanged ENI lost its health state"
+    );
     for _ in 0..4 {
         let reply = p.post().await;
         assert_eq!(reply.status, 200);
@@ -710,17 +681,22 @@ async fn a_stalled_log_reader_never_stalls_requests() {
         Some("trace"),
     )
     .await;
+    // Requests until lines are being dropped (the stall is real), then some more.
     let mut i = 0;
-    // Until lines are being dropped (the stall is real), then some more requests.
-    while log_lines_dropped(&p).await == 0 {
-        assert!(i < 2_000, "the log never backed up");
-        assert_eq!(
-            post_within(&p, Duration::from_secs(20)).await,
-            200,
-            "request {i}"
-        );
-        i += 1;
-    }
+    assert_eventually!(
+        within = Duration::from_secs(120),
+        {
+            assert_eq!(
+                post_within(&p, Duration::from_secs(20)).await,
+                200,
+                "request {i}"
+            );
+            i += 1;
+            log_lines_dropped(&p).await
+        },
+        |dropped| *dropped > 0,
+        "the log never backed up ({i} requests)"
+    );
     for i in 0..20 {
         assert_eq!(
             post_within(&p, Duration::from_secs(20)).await,
@@ -780,14 +756,11 @@ async fn health_answers_cannot_forge_log_lines_or_colour_the_log() {
     )
     .await;
     // Two answers: the first check's result has been recorded (and logged).
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while answered.load(Ordering::SeqCst) < 2 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "never health-checked"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    assert_eventually!(
+        answered.load(Ordering::SeqCst),
+        |answered| *answered >= 2,
+        "never health-checked"
+    );
     assert_eq!(p.post().await.status, 200);
     let mut proxy = p.proxy;
     let guard = proxy.as_mut().expect("proxy");
@@ -829,16 +802,13 @@ async fn a_reload_from_a_fifo_or_dev_zero_is_rejected_while_serving() {
             std::os::unix::fs::symlink("/dev/zero", &p.config_path).expect("symlink");
         }
         signal(p.proxy(), "HUP");
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         // `/status` and `/live` answering while the reload is under way is the point:
         // a read that hangs would hang them too.
-        while rejected(&p.status().await) < n as u64 + 1 {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "a reload from {what} was never rejected"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        assert_eventually!(
+            rejected(&p.status().await),
+            |count| *count > n as u64,
+            "a reload from {what} was never rejected"
+        );
         assert_eq!(p.get(p.admin, "/live").await.map(|r| r.status), Some(200));
         let before = load.ok.load(Ordering::SeqCst);
         load.wait_for_ok(before + 10).await;
@@ -931,28 +901,29 @@ async fn sim_print_config_is_a_configuration_run_serves_with() {
     );
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .build_http();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    let reply = loop {
-        let request = http::Request::post(format!("http://{listen}/inference"))
-            .header("content-type", "application/json")
-            .body(http_body_util::Full::new(bytes::Bytes::from(GUIDE_REQUEST)))
-            .expect("request");
-        if let Ok(response) = client.request(request).await {
-            if response.status() == 200 {
-                let route = response.headers().get("x-gpulink-route").cloned();
-                let body = http_body_util::BodyExt::collect(response.into_body())
-                    .await
-                    .expect("body")
-                    .to_bytes();
-                break (route, body);
+    let served = assert_eventually!(
+        within = Duration::from_secs(60),
+        {
+            let request = http::Request::post(format!("http://{listen}/inference"))
+                .header("content-type", "application/json")
+                .body(http_body_util::Full::new(bytes::Bytes::from(GUIDE_REQUEST)))
+                .expect("request");
+            match client.request(request).await {
+                Ok(response) if response.status() == 200 => {
+                    let route = response.headers().get("x-gpulink-route").cloned();
+                    let body = http_body_util::BodyExt::collect(response.into_body())
+                        .await
+                        .expect("body")
+                        .to_bytes();
+                    Some((route, body))
+                }
+                _ => None,
             }
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the proxy never served a request"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+        },
+        |served| served.is_some(),
+        "the proxy never served a request"
+    );
+    let reply = served.expect("accepted");
     assert_eq!(
         reply.0.as_ref().and_then(|v| v.to_str().ok()),
         Some("privatelink")

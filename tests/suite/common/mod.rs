@@ -115,19 +115,62 @@ pub fn free_port() -> u16 {
     listener.local_addr().expect("local addr").port()
 }
 
+/// How long [`assert_eventually!`] waits unless told otherwise: far above what any event
+/// here takes on a loaded CI machine, so that only a real failure reaches it.
+pub const EVENTUALLY: Duration = Duration::from_secs(30);
+
+/// How often [`assert_eventually!`] looks again.
+pub const POLL: Duration = Duration::from_millis(20);
+
+/// Polls `$observe` (any expression; `.await` allowed) until `$accept` (a closure taking a
+/// reference to the observed value) holds, and returns the value it accepted. Past the
+/// deadline ([`EVENTUALLY`], or `within = <Duration>` first) it fails with the message and
+/// the last value observed (which must be `Debug`). Waits in tests go through it: every
+/// wait has a deadline, and a failure says what was seen instead.
+///
+/// ```ignore
+/// let status = assert_eventually!(p.status().await, |s| s["phase"] == "public", "reload applied");
+/// ```
+macro_rules! assert_eventually {
+    (within = $limit:expr, $observe:expr, $accept:expr, $($message:tt)+) => {{
+        let limit: ::std::time::Duration = $limit;
+        let deadline = ::tokio::time::Instant::now() + limit;
+        loop {
+            let observed = $observe;
+            if $crate::common::accepts($accept, &observed) {
+                break observed;
+            }
+            if ::tokio::time::Instant::now() >= deadline {
+                panic!(
+                    "{} (not within {limit:?}; last observed: {observed:?})",
+                    format_args!($($message)+)
+                );
+            }
+            ::tokio::time::sleep($crate::common::POLL).await;
+        }
+    }};
+    ($observe:expr, $accept:expr, $($message:tt)+) => {
+        $crate::common::assert_eventually!(
+            within = $crate::common::EVENTUALLY, $observe, $accept, $($message)+
+        )
+    };
+}
+pub(crate) use assert_eventually;
+
+/// [`assert_eventually!`]'s test of a value: a function, so that the closure's argument
+/// type comes from the value.
+pub fn accepts<T>(accept: impl FnOnce(&T) -> bool, value: &T) -> bool {
+    accept(value)
+}
+
 /// Waits until something listens on `addr` (the event is the listener appearing).
 pub async fn wait_for_listener(addr: SocketAddr, limit: Duration) {
-    let deadline = tokio::time::Instant::now() + limit;
-    loop {
-        if tokio::net::TcpStream::connect(addr).await.is_ok() {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "nothing listens on {addr}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    assert_eventually!(
+        within = limit,
+        tokio::net::TcpStream::connect(addr).await.is_ok(),
+        |listening| *listening,
+        "nothing listens on {addr}"
+    );
 }
 
 /// The last loopback block [`next_block`] hands out. Blocks above it are fixed blocks that
@@ -424,23 +467,17 @@ impl World {
     /// Waits until the proxy's health checks agree with `serving` for `ip`.
     pub async fn wait_serving(&self, ip: IpAddr, serving: bool) {
         let authority = format!("{ip}:8443");
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        loop {
-            let generation = self.proxy().proxy().current();
-            let state = generation
+        assert_eventually!(
+            self.proxy()
+                .proxy()
+                .current()
                 .endpoints
                 .iter()
                 .find(|e| e.authority == authority)
-                .map(|e| e.is_serving());
-            if state == Some(serving) {
-                return;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "{authority} never became serving={serving}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+                .map(|e| e.is_serving()),
+            |state| *state == Some(serving),
+            "{authority} becomes serving={serving}"
+        );
     }
 
     pub fn requests_at(&self, ip: IpAddr) -> u64 {
