@@ -2,9 +2,14 @@
 //! The simulator plays the cluster (four PrivateLink ENIs in two regions and one public
 //! endpoint), the development key provider plays KMS, and a scripted workload shows where
 //! traffic goes as ENIs fail: the remaining ENIs, then the other region, then public.
+//!
+//! It shares the simulator's addresses (127.0.x.y) but not its ports: the demo picks
+//! free ones, so it runs beside a `gpulink sim`. The proxy's log goes to a file (or to
+//! stderr with `--verbose`), never into the middle of the report.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -32,23 +37,151 @@ pub struct DemoArgs {
     /// Requests sent in each step of the scenario.
     #[arg(long, default_value_t = 30)]
     pub requests: usize,
+    /// Show the proxy's log (warnings and errors, or `RUST_LOG`) on stderr instead of
+    /// writing it to a file.
+    #[arg(long, short)]
+    pub verbose: bool,
+    /// Where the proxy's log goes without `--verbose`. Default: gpulink-demo-PID.log in
+    /// the temporary directory.
+    #[arg(long, value_name = "FILE")]
+    pub log_file: Option<PathBuf>,
+    /// The second byte of every loopback address the demo uses (127.N.x.y), so that tests
+    /// can run it inside their own block.
+    #[arg(long, value_name = "N", default_value_t = 0, hide = true)]
+    pub loopback_block: u8,
 }
 
 struct StepResult {
     name: String,
     sent: usize,
     ok: usize,
-    by_endpoint: BTreeMap<String, usize>,
+    by_endpoint: BTreeMap<Served, usize>,
+}
+
+/// Where one request was served, as the proxy's response headers say.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct Served {
+    endpoint: String,
+    route: String,
+    region: String,
+}
+
+/// The addresses of one demo run: the simulator's layout inside `127.<block>`, on ports
+/// nothing else holds.
+struct Layout {
+    block: u8,
+    tls_port: u16,
+    health_port: u16,
+}
+
+impl Layout {
+    fn ip(&self, base: &str) -> IpAddr {
+        let base: Ipv4Addr = base.parse().unwrap_or(Ipv4Addr::LOCALHOST);
+        let [a, _, c, d] = base.octets();
+        IpAddr::V4(Ipv4Addr::new(a, self.block, c, d))
+    }
+
+    fn authority(&self, base: &str) -> String {
+        SocketAddr::new(self.ip(base), self.tls_port).to_string()
+    }
+
+    /// The demo configuration with this layout's addresses and ports.
+    fn config_text(&self, ca_file: &Path) -> String {
+        DEMO_CONFIG
+            .replace("127.0.", &format!("127.{}.", self.block))
+            .replace(":8443\"", &format!(":{}\"", self.tls_port))
+            .replace("port = 8080", &format!("port = {}", self.health_port))
+            .replace("SIM_CA_FILE", &ca_file.display().to_string())
+    }
+
+    fn sim_config(&self, ca_dir: PathBuf) -> SimConfig {
+        let mut config = SimConfig::default_layout(ca_dir);
+        for endpoint in &mut config.endpoints {
+            endpoint.ip = self.ip(&endpoint.ip.to_string());
+            endpoint.tls_port = self.tls_port;
+            endpoint.health_port = self.health_port;
+        }
+        config.control_addr = SocketAddr::new(self.ip("127.0.0.1"), 0);
+        config
+    }
+
+    /// Two ports free on every endpoint address (a `gpulink sim` holds 8443 and 8080).
+    /// Another process may still take one before the simulator binds it: the caller
+    /// retries with a new layout.
+    fn pick(block: u8) -> anyhow::Result<Layout> {
+        let ips: Vec<IpAddr> = SimConfig::default_layout(PathBuf::new())
+            .endpoints
+            .iter()
+            .map(|e| match e.ip {
+                IpAddr::V4(ip) => {
+                    let [a, _, c, d] = ip.octets();
+                    IpAddr::V4(Ipv4Addr::new(a, block, c, d))
+                }
+                other => other,
+            })
+            .collect();
+        let first = *ips
+            .first()
+            .context("the simulator layout has no endpoint")?;
+        let mut ports = Vec::new();
+        let mut held = Vec::new();
+        for _ in 0..50 {
+            let probe = TcpListener::bind(SocketAddr::new(first, 0))
+                .with_context(|| format!("cannot bind a port on {first}"))?;
+            let port = probe.local_addr()?.port();
+            let others: Result<Vec<TcpListener>, _> = ips[1..]
+                .iter()
+                .map(|ip| TcpListener::bind(SocketAddr::new(*ip, port)))
+                .collect();
+            // Held until both ports are chosen, so the second cannot equal the first.
+            if let Ok(others) = others {
+                ports.push(port);
+                held.push(probe);
+                held.extend(others);
+                if ports.len() == 2 {
+                    return Ok(Layout {
+                        block,
+                        tls_port: ports[0],
+                        health_port: ports[1],
+                    });
+                }
+            }
+        }
+        anyhow::bail!("found no port free on all of the demo's addresses 127.{block}.x.y")
+    }
 }
 
 pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
-    crate::telemetry::init_with_default(crate::config::LogFormat::Text, "warn");
+    let log_file = if args.verbose {
+        crate::telemetry::init_with_default(crate::config::LogFormat::Text, "warn");
+        None
+    } else {
+        let path = args.log_file.clone().unwrap_or_else(|| {
+            std::env::temp_dir().join(format!("gpulink-demo-{}.log", std::process::id()))
+        });
+        let file = std::fs::File::create(&path)
+            .with_context(|| format!("cannot create the demo's log file {}", path.display()))?;
+        crate::telemetry::init_to_file(crate::config::LogFormat::Text, "warn", file);
+        Some(path)
+    };
     let scratch = tempfile_dir()?;
     let keys = KeyService::Dev(Arc::new(DevKeys::new()?));
-    let sim = Sim::start(SimConfig::default_layout(scratch.clone()), keys.clone())
-        .await
-        .context("starting the simulator (it needs 127.0.10.50 and friends on ports 8443/8080)")?;
-    let text = DEMO_CONFIG.replace("SIM_CA_FILE", &sim.ca_file().display().to_string());
+    let mut attempt = 0;
+    let (layout, sim) = loop {
+        let layout = Layout::pick(args.loopback_block)?;
+        match Sim::start(layout.sim_config(scratch.clone()), keys.clone()).await {
+            Ok(sim) => break (layout, sim),
+            // Lost a race for a port: pick again.
+            Err(_) if attempt < 3 => attempt += 1,
+            Err(error) => {
+                return Err(anyhow::Error::new(error).context(format!(
+                    "starting the simulator on 127.{}.x.y",
+                    args.loopback_block
+                )))
+            }
+        }
+    };
+    let text = layout.config_text(&sim.ca_file());
     let config = Config::from_toml(&text, Path::new("config/demo.toml"))?;
     let proxy = crate::proxy::start(config, keys).await?;
     println!(
@@ -93,27 +226,28 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     // Failover: the guide's "if one ENI fails, traffic routes to the others", then AZs
     // and regions, then the public endpoints inside the fallback window.
     println!("failover: ENIs go down one by one");
-    sim.set_state("127.0.10.50".parse()?, EndpointState::Down)
-        .await?;
-    wait_until_out(&proxy, "127.0.10.50:8443").await?;
-    steps.push(step("ENI 127.0.10.50 down", &client, &proxy, args.requests).await);
-    for ip in ["127.0.11.50", "127.0.12.50"] {
-        sim.set_state(ip.parse()?, EndpointState::Down).await?;
-        wait_until_out(&proxy, &format!("{ip}:8443")).await?;
+    let first = ENIS[0];
+    sim.set_state(layout.ip(first), EndpointState::Down).await?;
+    wait_until_out(&proxy, &layout.authority(first)).await?;
+    let name = format!("ENI {} down", layout.ip(first));
+    steps.push(step(&name, &client, &proxy, args.requests).await);
+    for ip in &ENIS[1..3] {
+        sim.set_state(layout.ip(ip), EndpointState::Down).await?;
+        wait_until_out(&proxy, &layout.authority(ip)).await?;
     }
     steps.push(step("all us-east-1 ENIs down", &client, &proxy, args.requests).await);
-    sim.set_state("127.0.13.50".parse()?, EndpointState::Down)
+    sim.set_state(layout.ip(ENIS[3]), EndpointState::Down)
         .await?;
-    wait_until_out(&proxy, "127.0.13.50:8443").await?;
+    wait_until_out(&proxy, &layout.authority(ENIS[3])).await?;
     steps.push(step("all PrivateLink ENIs down", &client, &proxy, args.requests).await);
 
     // Automatic rollback: PrivateLink comes back but slow; its p99 breaches
     // rollback.max_p99 and traffic moves to public without an operator.
     println!("rollback: PrivateLink recovers but is slow (p99 over rollback.max_p99)");
     for ip in ENIS {
-        sim.set_state(ip.parse()?, EndpointState::Slow { delay_ms: 300 })
+        sim.set_state(layout.ip(ip), EndpointState::Slow { delay_ms: 300 })
             .await?;
-        wait_until_in(&proxy, &format!("{ip}:8443")).await?;
+        wait_until_in(&proxy, &layout.authority(ip)).await?;
     }
     steps.push(step("PrivateLink back, but slow", &client, &proxy, args.requests).await);
     let generation = proxy.proxy().current();
@@ -147,6 +281,17 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     proxy.shutdown().await;
     sim.shutdown().await;
     let _ = std::fs::remove_dir_all(&scratch);
+    if let Some(path) = log_file {
+        crate::telemetry::flush(Duration::from_secs(2));
+        let lines = std::fs::read_to_string(&path)
+            .map(|t| t.lines().count())
+            .unwrap_or(0);
+        // Warnings are expected here: the demo fails endpoints on purpose.
+        println!(
+            "the proxy's log ({lines} lines; the demo fails endpoints on purpose, so warnings are expected): {}",
+            path.display()
+        );
+    }
     if failed == 0 && leaks == 0 && decrypt_failures == 0 {
         println!("every request succeeded.");
         Ok(ExitCode::SUCCESS)
@@ -162,7 +307,7 @@ fn tempfile_dir() -> anyhow::Result<std::path::PathBuf> {
     Ok(dir)
 }
 
-/// The simulator's PrivateLink ENIs in the demo layout.
+/// The simulator's PrivateLink ENIs in the demo layout (in block 0; see [`Layout::ip`]).
 const ENIS: [&str; 4] = ["127.0.10.50", "127.0.11.50", "127.0.12.50", "127.0.13.50"];
 
 /// Waits until the proxy's health checks admit `authority` again.
@@ -233,7 +378,7 @@ async fn step(name: &str, client: &DemoClient, proxy: &ProxyHandle, requests: us
 }
 
 /// One request; `Some(where it was served)` when it succeeded.
-async fn one_request(client: &DemoClient, url: &str, i: usize) -> Option<String> {
+async fn one_request(client: &DemoClient, url: &str, i: usize) -> Option<Served> {
     let body = format!(r#"{{"prompt": "Hello {i}", "max_tokens": 50}}"#);
     let request = http::Request::post(url)
         .header("content-type", "application/json")
@@ -248,43 +393,126 @@ async fn one_request(client: &DemoClient, url: &str, i: usize) -> Option<String>
             .unwrap_or("?")
             .to_string()
     };
-    let label = format!(
-        "{} {} {}",
-        header("x-gpulink-endpoint"),
-        header("x-gpulink-route"),
-        header("x-region")
-    );
+    let label = Served {
+        endpoint: header("x-gpulink-endpoint"),
+        route: header("x-gpulink-route"),
+        region: header("x-region"),
+    };
     let ok = response.status().is_success();
     let _ = response.into_body().collect().await;
     ok.then_some(label)
 }
 
 fn print_table(steps: &[StepResult]) {
-    let mut rows: Vec<String> = steps
-        .iter()
-        .flat_map(|s| s.by_endpoint.keys().cloned())
-        .collect();
+    print!("{}", table(steps));
+}
+
+/// The report's table: one row per place requests were served, one column per step,
+/// every column as wide as its widest cell.
+fn table(steps: &[StepResult]) -> String {
+    use std::fmt::Write as _;
+    let mut rows: Vec<&Served> = steps.iter().flat_map(|s| s.by_endpoint.keys()).collect();
     rows.sort();
     rows.dedup();
-    println!("where the requests went (one column per step of the scenario):\n");
-    print!("{:<42}", "endpoint  route  region that answered");
-    for (i, _) in steps.iter().enumerate() {
-        print!(" | {:>7}", format!("step {}", i + 1));
+    let width =
+        |header: &str, cells: &mut dyn Iterator<Item = usize>| cells.fold(header.len(), usize::max);
+    let endpoint_w = width("endpoint", &mut rows.iter().map(|r| r.endpoint.len()));
+    let route_w = width("route", &mut rows.iter().map(|r| r.route.len()));
+    let region_w = width("region", &mut rows.iter().map(|r| r.region.len()));
+    let label_w = endpoint_w + route_w + region_w + 4;
+    let totals: Vec<String> = steps
+        .iter()
+        .map(|s| format!("{}/{}", s.ok, s.sent))
+        .collect();
+    let step_w: Vec<usize> = steps
+        .iter()
+        .enumerate()
+        .map(|(i, _)| format!("step {}", i + 1).len().max(totals[i].len()))
+        .collect();
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "where the requests went (one column per step of the scenario):\n"
+    );
+    let _ = write!(
+        out,
+        "{:<endpoint_w$}  {:<route_w$}  {:<region_w$}",
+        "endpoint", "route", "region"
+    );
+    for (i, w) in step_w.iter().enumerate() {
+        let _ = write!(out, " | {:>w$}", format!("step {}", i + 1));
     }
-    println!();
+    out.push('\n');
     for row in &rows {
-        print!("{row:<42}");
-        for s in steps {
-            print!(" | {:>7}", s.by_endpoint.get(row).copied().unwrap_or(0));
+        let _ = write!(
+            out,
+            "{:<endpoint_w$}  {:<route_w$}  {:<region_w$}",
+            row.endpoint, row.route, row.region
+        );
+        for (s, w) in steps.iter().zip(&step_w) {
+            let _ = write!(
+                out,
+                " | {:>w$}",
+                s.by_endpoint.get(*row).copied().unwrap_or(0)
+            );
         }
-        println!();
+        out.push('\n');
     }
-    print!("{:<42}", "succeeded / sent");
-    for s in steps {
-        print!(" | {:>7}", format!("{}/{}", s.ok, s.sent));
+    let _ = write!(out, "{:<label_w$}", "succeeded / sent");
+    for (total, w) in totals.iter().zip(&step_w) {
+        let _ = write!(out, " | {total:>w$}");
     }
-    println!("\n");
+    out.push_str("\n\n");
     for (i, s) in steps.iter().enumerate() {
-        println!("step {}: {}", i + 1, s.name);
+        let _ = writeln!(out, "step {}: {}", i + 1, s.name);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_table_columns_line_up() {
+        let served = |endpoint: &str, route: &str, region: &str| Served {
+            endpoint: endpoint.into(),
+            route: route.into(),
+            region: region.into(),
+        };
+        let steps = vec![
+            StepResult {
+                name: "one".into(),
+                sent: 30,
+                ok: 30,
+                by_endpoint: BTreeMap::from([
+                    (served("127.0.10.50:41234", "privatelink", "us-east-1"), 29),
+                    (served("127.0.20.1:41234", "public", "us-east-1"), 1),
+                ]),
+            },
+            StepResult {
+                name: "two".into(),
+                sent: 1000,
+                ok: 999,
+                by_endpoint: BTreeMap::from([(
+                    served("127.0.13.50:41234", "privatelink", "us-west-2"),
+                    999,
+                )]),
+            },
+        ];
+        let text = table(&steps);
+        let lines: Vec<&str> = text.lines().filter(|l| l.contains(" | ")).collect();
+        assert_eq!(lines.len(), 5, "{text}");
+        let bars =
+            |line: &str| -> Vec<usize> { line.match_indices(" | ").map(|(i, _)| i).collect() };
+        for line in &lines {
+            assert_eq!(bars(line), bars(lines[0]), "{text}");
+            assert_eq!(line.len(), lines[0].len(), "{text}");
+        }
+        // The region column starts at the same place in every row and the header.
+        let region_at = lines[0].find("region").unwrap();
+        for line in &lines[1..4] {
+            assert!(line[region_at..].starts_with("us-"), "{text}");
+        }
     }
 }

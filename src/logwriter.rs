@@ -71,7 +71,16 @@ impl NonBlocking {
 
     /// Starts the writer on the process's stderr and makes it the one [`flush`] waits for.
     pub fn stderr(single_line: bool) -> std::io::Result<Self> {
-        let writer = Self::spawn(std::io::stderr(), single_line)?;
+        Self::installed(std::io::stderr(), single_line)
+    }
+
+    /// Starts the writer on `out` (the demo's log file) and makes it the one [`flush`]
+    /// waits for.
+    pub fn installed<W: Write + Send + 'static>(
+        out: W,
+        single_line: bool,
+    ) -> std::io::Result<Self> {
+        let writer = Self::spawn(out, single_line)?;
         let _ = INSTALLED.set(writer.clone());
         Ok(writer)
     }

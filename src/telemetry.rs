@@ -48,19 +48,37 @@ pub fn init(format: LogFormat) {
 /// As [`init`], with another filter when `RUST_LOG` is unset (the demo prints its own
 /// report and keeps the log to warnings).
 pub fn init_with_default(format: LogFormat, default_filter: &str) {
+    let writer = crate::logwriter::NonBlocking::stderr(format == LogFormat::Text);
+    let colour = use_colour(
+        std::io::IsTerminal::is_terminal(&std::io::stderr()),
+        std::env::var_os("NO_COLOR"),
+    );
+    install(format, default_filter, writer, colour);
+}
+
+/// As [`init_with_default`], writing to `file` instead of stderr (the demo keeps the
+/// proxy's log out of its report), never in colour.
+pub fn init_to_file(format: LogFormat, default_filter: &str, file: std::fs::File) {
+    let writer = crate::logwriter::NonBlocking::installed(file, format == LogFormat::Text);
+    install(format, default_filter, writer, false);
+}
+
+fn install(
+    format: LogFormat,
+    default_filter: &str,
+    writer: std::io::Result<crate::logwriter::NonBlocking>,
+    colour: bool,
+) {
     let filter = cap_dependencies(
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter)),
     );
-    let Ok(writer) = crate::logwriter::NonBlocking::stderr(format == LogFormat::Text) else {
+    let Ok(writer) = writer else {
         // No thread for the writer: run without a log rather than with a blocking one.
         return;
     };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(use_colour(
-            std::io::IsTerminal::is_terminal(&std::io::stderr()),
-            std::env::var_os("NO_COLOR"),
-        ))
+        .with_ansi(colour)
         // tracing-subscriber reports a failed write with `eprintln!`, which panics when
         // stderr is a closed pipe; the writer never fails, and nothing must panic here.
         .log_internal_errors(false)

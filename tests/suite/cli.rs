@@ -349,3 +349,67 @@ fn check_warns_about_public_names_that_do_not_resolve() {
     assert_eq!(code, 0, "{text}");
     assert!(warnings_of(&text).is_empty(), "{text}");
 }
+
+/// `gpulink demo` beside a running simulator (something holds the simulator's ports
+/// 8443 and 8080 on the demo's addresses): it picks other ports, succeeds, keeps the
+/// proxy's log lines out of its report (they go to the log file), and its table's
+/// columns line up.
+#[test]
+fn demo_runs_beside_a_simulator_with_its_log_in_a_file_and_an_aligned_table() {
+    let block = 241u8;
+    let mut held = Vec::new();
+    for (c, d) in [(10, 50), (11, 50), (12, 50), (13, 50), (20, 1)] {
+        for port in [8443, 8080] {
+            held.push(
+                std::net::TcpListener::bind(((std::net::Ipv4Addr::new(127, block, c, d)), port))
+                    .expect("hold a simulator port"),
+            );
+        }
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = dir.path().join("demo.log");
+    let out = gpulink()
+        .args([
+            "demo",
+            "--requests",
+            "6",
+            "--loopback-block",
+            &block.to_string(),
+        ])
+        .arg("--log-file")
+        .arg(&log)
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("gpulink demo");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("every request succeeded."), "{stdout}");
+    assert!(stderr.is_empty(), "the log went to stderr: {stderr}");
+    for level in [" WARN ", " ERROR "] {
+        assert!(
+            !stdout.contains(level),
+            "a log line in the report: {stdout}"
+        );
+    }
+    // The log is in the file: the demo takes ENIs down, which the proxy reports.
+    let logged = std::fs::read_to_string(&log).expect("log file");
+    assert!(logged.contains(" WARN "), "{logged}");
+    assert!(stdout.contains(&log.display().to_string()), "{stdout}");
+    assert!(
+        !stdout.contains(":8443"),
+        "the simulator's port was taken: {stdout}"
+    );
+
+    let rows: Vec<&str> = stdout.lines().filter(|l| l.contains(" | ")).collect();
+    assert!(rows.len() >= 4, "header, rows, totals: {stdout}");
+    let bars = |line: &str| -> Vec<usize> { line.match_indices(" | ").map(|(i, _)| i).collect() };
+    for row in &rows {
+        assert_eq!(bars(row), bars(rows[0]), "misaligned:\n{stdout}");
+    }
+    let region_at = rows[0].find("region").expect("region column");
+    for row in &rows[1..rows.len() - 1] {
+        assert!(row[region_at..].starts_with("us-"), "misaligned:\n{stdout}");
+    }
+    drop(held);
+}
