@@ -162,7 +162,7 @@ pub enum BodyError {
     #[error("the in-flight body budget is spent")]
     Overloaded,
     #[error("{0}")]
-    Read(String),
+    Read(#[source] hyper::Error),
 }
 
 /// Reads the whole body, refusing it as soon as it passes `limits.max`, falls behind its
@@ -197,7 +197,7 @@ pub async fn read_body(
             }
         };
         last = Instant::now();
-        let frame = frame.map_err(|e| BodyError::Read(e.to_string()))?;
+        let frame = frame.map_err(BodyError::Read)?;
         let Ok(data) = frame.into_data() else {
             continue; // trailers carry nothing we forward
         };

@@ -1,27 +1,38 @@
 //! A request's journey, from the app's plain JSON to the cluster's answer. This is the
-//! one place that tells it, phase by phase:
+//! one place that tells it; `journey` reads as its four phases:
 //!
-//! 1. **Ingress**: POST only; the app's `X-Model-Pool` checked; body bounded by
-//!    `listen.max_body` and proven to be JSON; inbound identity headers dropped.
-//! 2. **Seal**: KMS (or the development key provider) encrypts the body under the
-//!    tenant's context. Any failure is a 503 and nothing leaves the host.
-//! 3. **Route**: the migration phase orders the tiers; the balancer picks the healthiest
-//!    endpoint of the first tier that has one.
-//! 4. **Send** over the endpoint's pooled TLS connection, with the tenant headers.
-//! 5. **Retry** only when the cluster cannot have started the request: the connection
-//!    was never established (on a different endpoint), or HTTP/2 said the request was
-//!    not processed (GOAWAY, REFUSED_STREAM; a connection going away is retried on a
-//!    fresh one, perhaps to the same endpoint, which is not counted as failing). A
+//! 1. **Admit** (`admit`): POST only, an origin-form target and a bounded head; the
+//!    app's `X-Model-Pool` checked; memory reserved from the in-flight budget; the body
+//!    read within `listen.max_body` and its time bounds, and proven to be UTF-8 JSON;
+//!    inbound identity headers dropped. Every refusal here happens before KMS or the
+//!    cluster see anything.
+//! 2. **Seal** (`seal`): KMS (or the development key provider) encrypts the body under
+//!    the tenant's context, and the tenant headers are set. Any failure is an error
+//!    answer and nothing leaves the host.
+//! 3. **Dispatch** (`dispatch`): the migration phase orders the tiers; the balancer
+//!    picks the healthiest endpoint of the first tier that has one; the request goes
+//!    over that endpoint's pooled TLS connection. It is retried only when the cluster
+//!    cannot have started it: the connection was never established (on a different
+//!    endpoint), or HTTP/2 said the request was not processed (GOAWAY, REFUSED_STREAM; a
+//!    connection going away is retried on a fresh one, perhaps to the same endpoint,
+//!    which is not counted as failing), or the endpoint answered `503 no_capacity`. A
 //!    connect or TLS failure takes the endpoint's data path out at once, and when every
 //!    attempt failed unsent the last one falls through to the next tier (see
 //!    [`crate::route`]).
-//! 6. **Relay** the answer as a stream, bounded by `upstream.idle_timeout` per silence.
+//! 4. **Relay** (`relay`): the answer as a stream, bounded by `upstream.idle_timeout`
+//!    per silence, with gpulink's headers.
+//!
+//! The request's `Context` carries what the phases share and what the edge
+//! ([`handle`]) reports: the generation, the request id, and where the answer is
+//! counted. Errors are typed ([`crate::error`]) and become the JSON answer once, in
+//! [`handle`].
 
 use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
+use http::request::Parts;
 use http::uri::PathAndQuery;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
@@ -31,15 +42,18 @@ use tracing::Instrument;
 use crate::body::{self as request_body, BodyError, BodyLimits, ProxyBodyExt};
 use crate::body::{IdleTimeoutBody, ProxyBody};
 use crate::config::RouteKind;
-use crate::error::ProxyError;
+use crate::error::{
+    AttemptError, AttemptKind, Causes, JsonError, NoEndpoint, NotSent, ProxyError, Unprocessed,
+};
 use crate::generation::{Current, Generation};
 use crate::headers::{self, X_GPULINK_ENDPOINT, X_GPULINK_ROUTE, X_MODEL_POOL, X_REQUEST_ID};
 use crate::history::History;
-use crate::inflight::InFlightBytes;
+use crate::inflight::{InFlightBytes, Reservation};
 use crate::ingress::Handler;
 use crate::listener::ConnectionSettings;
-use crate::metrics::{EndpointLabels, Metrics, ServedBy};
-use crate::seal::{SealError, Sealed};
+use crate::metrics::{EndpointLabels, Metrics};
+use crate::route::Plan;
+use crate::seal::Sealed;
 use crate::upstream::{health, outlier, ConnectError, ConnectedPeer, Endpoint};
 
 /// The request path: what a request needs from the running gpulink, and nothing more.
@@ -80,296 +94,484 @@ impl Handler for Forwarder {
     }
 }
 
-/// Serves one app request. Never fails: every error becomes a JSON answer.
+/// What one request carries through its phases.
+struct Context<'a> {
+    /// The generation the request started with and keeps to its end.
+    generation: &'a Generation,
+    metrics: &'a Metrics,
+    in_flight: &'a Arc<InFlightBytes>,
+    /// The app's `X-Request-ID`, or the one gpulink made.
+    id: HeaderValue,
+    /// Where the answer is counted: the endpoint of the last attempt (the one that
+    /// answered, or the one whose failure gpulink answers with), or the route the
+    /// request would have taken when there was no endpoint to try; `None` before routing.
+    attribution: Option<EndpointLabels>,
+}
+
+/// Serves one app request. Never fails: every error becomes a JSON answer, here.
 pub async fn handle(forwarder: &Forwarder, request: Request<Incoming>) -> Response<ProxyBody> {
     let generation = forwarder.generations.get();
-    let request_id = request_id_for(request.headers());
+    let mut cx = Context {
+        generation: &generation,
+        metrics: &forwarder.metrics,
+        in_flight: &forwarder.in_flight,
+        id: request_id_for(request.headers()),
+        attribution: None,
+    };
     let span = tracing::info_span!(
         "request",
-        id = %request_id.to_str().unwrap_or("-"),
+        id = %cx.id.to_str().unwrap_or("-"),
         path = %request.uri().path(),
     );
     let started = Instant::now();
-    // Where an answer gpulink makes itself is counted: the last attempt's endpoint.
-    let mut attribution = None;
-    let result = journey(
-        &generation,
-        &forwarder.metrics,
-        &forwarder.in_flight,
-        request,
-        &request_id,
-        &mut attribution,
-    )
-    .instrument(span.clone())
-    .await;
-    forwarder
-        .metrics
-        .request_finished(&result, attribution.as_ref(), started.elapsed());
+    let result = journey(&mut cx, request).instrument(span.clone()).await;
+    let (status, code) = match &result {
+        Ok(response) => (response.status(), None),
+        Err(error) => (error.status(), Some(error.code())),
+    };
+    cx.metrics
+        .request_finished(status, code, cx.attribution.as_ref(), started.elapsed());
     forwarder
         .history
-        .request_finished(&result, attribution.as_ref(), started.elapsed());
+        .request_finished(&result, cx.attribution.as_ref(), started.elapsed());
     let _enter = span.enter();
     match result {
         Ok(response) => {
             tracing::info!(
-                status = response.status().as_u16(),
+                status = status.as_u16(),
                 elapsed_ms = started.elapsed().as_millis() as u64,
                 "relayed"
             );
             response
         }
         Err(error) => {
-            let status = error.status();
+            let code = error.code().as_str();
             if status.is_server_error() {
-                tracing::warn!(status = status.as_u16(), code = error.code(), %error, "request failed");
+                tracing::warn!(status = status.as_u16(), code, %error, "request failed");
             } else {
-                tracing::info!(status = status.as_u16(), code = error.code(), %error, "request refused");
+                tracing::info!(status = status.as_u16(), code, %error, "request refused");
             }
-            error.into_response(Some(&request_id))
+            error.into_response(Some(&cx.id))
         }
     }
 }
 
+/// The journey, phase by phase.
 async fn journey(
-    generation: &Generation,
-    metrics: &Metrics,
-    in_flight: &Arc<InFlightBytes>,
+    cx: &mut Context<'_>,
     request: Request<Incoming>,
-    request_id: &HeaderValue,
-    attribution: &mut Option<EndpointLabels>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
-    let config = &generation.config;
-    let (mut parts, mut body) = request.into_parts();
+    let admitted = admit(cx, request).await?;
+    let outbound = seal(cx, admitted).await?;
+    let (endpoint, upstream) = dispatch(cx, &outbound).await?;
+    // The reservation ends with the journey: the sealed copy is not needed once the
+    // cluster answered.
+    Ok(relay(cx, &endpoint, upstream))
+}
 
-    // 1. Ingress. Every refusal here happens before KMS or the cluster see anything.
-    if parts.method != Method::POST {
-        request_body::drain_in_background(body);
-        return Err(ProxyError::MethodNotAllowed(parts.method));
-    }
-    if let Err(error) = check_head(&parts) {
-        request_body::drain_in_background(body);
-        return Err(error);
-    }
-    let model_pool = match parts.headers.get(X_MODEL_POOL) {
-        None => config.tenant.model_pool.clone(),
-        Some(value) => {
-            let pool = value.to_str().unwrap_or("").to_string();
-            if !config.tenant.allows_pool(&pool) {
-                request_body::drain_in_background(body);
-                return Err(ProxyError::ModelPoolNotAllowed(
-                    String::from_utf8_lossy(value.as_bytes()).into_owned(),
-                ));
-            }
-            pool
+// ---- 1. Admit ------------------------------------------------------------------------
+
+/// A request admitted: its head (identity headers dropped), its model pool, its JSON
+/// body, and the in-flight bytes it holds.
+struct Admitted {
+    parts: Parts,
+    model_pool: String,
+    plaintext: Bytes,
+    held: Reservation,
+}
+
+async fn admit(cx: &Context<'_>, request: Request<Incoming>) -> Result<Admitted, ProxyError> {
+    let (mut parts, body) = request.into_parts();
+    let model_pool = match check_head(cx, &parts) {
+        Ok(pool) => pool,
+        Err(error) => {
+            request_body::drain_in_background(body);
+            return Err(error);
         }
     };
-    let limits = BodyLimits::from_config(config);
-    let limit = limits.max;
+    let (plaintext, held) = read_body(cx, &parts, body).await?;
+    check_json(&plaintext).map_err(ProxyError::InvalidJson)?;
+    headers::sanitize_inbound(&mut parts.headers);
+    Ok(Admitted {
+        parts,
+        model_pool,
+        plaintext,
+        held,
+    })
+}
+
+/// The largest request head forwarded: target plus header names and values. Larger
+/// heads are refused here, before KMS, rather than sealed and refused by the cluster.
+pub const MAX_REQUEST_HEAD: usize = 32 * 1024;
+
+/// What the head must be, and the model pool it names: POST; an origin-form target (a
+/// path; absolute-form `POST http://host/path` is accepted and forwarded as its path,
+/// since gpulink always sends to the cluster whatever authority the app named; `*` and
+/// anything else that is not a path is refused); a head of at most [`MAX_REQUEST_HEAD`]
+/// bytes; an `X-Model-Pool` (if any) among the tenant's pools.
+fn check_head(cx: &Context<'_>, parts: &Parts) -> Result<String, ProxyError> {
+    if parts.method != Method::POST {
+        return Err(ProxyError::MethodNotAllowed(parts.method.clone()));
+    }
+    if !parts.uri.path().starts_with('/') {
+        return Err(ProxyError::TargetNotPath {
+            target: parts.uri.to_string(),
+        });
+    }
+    let size = parts.uri.to_string().len()
+        + parts
+            .headers
+            .iter()
+            .map(|(name, value)| name.as_str().len() + value.len() + 4)
+            .sum::<usize>();
+    if size > MAX_REQUEST_HEAD {
+        return Err(ProxyError::HeadersTooLarge {
+            size,
+            limit: MAX_REQUEST_HEAD,
+        });
+    }
+    let tenant = &cx.generation.config.tenant;
+    match parts.headers.get(X_MODEL_POOL) {
+        None => Ok(tenant.model_pool.clone()),
+        Some(value) => {
+            let pool = value.to_str().unwrap_or("");
+            if tenant.allows_pool(pool) {
+                Ok(pool.to_string())
+            } else {
+                Err(ProxyError::ModelPoolNotAllowed(
+                    String::from_utf8_lossy(value.as_bytes()).into_owned(),
+                ))
+            }
+        }
+    }
+}
+
+/// The whole body, within `listen.max_body` and its time bounds, with the memory it
+/// holds reserved before it is held (the declared body and its sealed copy). A refused
+/// body is drained when the client is still sending it, so that it reads the answer.
+async fn read_body(
+    cx: &Context<'_>,
+    parts: &Parts,
+    mut body: Incoming,
+) -> Result<(Bytes, Reservation), ProxyError> {
+    let limits = BodyLimits::from_config(&cx.generation.config);
     let declared_len = content_length(&parts.headers);
+    // A client waiting for `100 Continue` has not sent the body: nothing to drain.
     let expects_continue = parts
         .headers
         .get(header::EXPECT)
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
-    if declared_len.is_some_and(|n| n > limit as u64) {
-        // A client waiting for `100 Continue` has not sent the body: nothing to drain.
+    if declared_len.is_some_and(|n| n > limits.max as u64) {
         if !expects_continue {
             request_body::drain_in_background(body);
         }
-        return Err(too_large(limit));
+        return Err(ProxyError::BodyTooLarge { limit: limits.max });
     }
-    // Memory is reserved before it is held: the declared body and its sealed copy.
     let up_front = limits.needed_for(declared_len.unwrap_or(0));
-    let Some(mut held) = in_flight.try_reserve(up_front, limits.in_flight) else {
-        // A client waiting for `100 Continue` has not sent the body: nothing to drain.
+    let Some(mut held) = cx.in_flight.try_reserve(up_front, limits.in_flight) else {
         if !expects_continue {
             request_body::refuse_for_budget(body, parts.version);
         }
         return Err(ProxyError::Overloaded(limits.in_flight));
     };
-    let read = request_body::read_body(&mut body, &limits, declared_len, &mut held).await;
-    let plaintext = match read {
-        Ok(bytes) => bytes,
+    match request_body::read_body(&mut body, &limits, declared_len, &mut held).await {
+        Ok(plaintext) => Ok((plaintext, held)),
         Err(BodyError::Overloaded) => {
             request_body::refuse_for_budget(body, parts.version);
-            return Err(ProxyError::Overloaded(limits.in_flight));
+            Err(ProxyError::Overloaded(limits.in_flight))
         }
         Err(BodyError::TooLarge { limit }) => {
             request_body::drain_in_background(body);
-            return Err(too_large(limit));
+            Err(ProxyError::BodyTooLarge { limit })
         }
-        Err(error @ BodyError::TooSlow { .. }) => {
-            return Err(ProxyError::BodyTimeout(error.to_string()))
-        }
-        Err(BodyError::Read(message)) => return Err(ProxyError::BadRequestBody(message)),
-    };
-    // RFC 8259: JSON exchanged between systems is UTF-8. serde_json skips over the
-    // strings of a document it only checks, invalid UTF-8 inside them included.
-    if let Err(error) = std::str::from_utf8(&plaintext) {
-        return Err(ProxyError::InvalidJson(format!(
-            "the body is not UTF-8 (byte {} is not valid UTF-8); JSON must be UTF-8 (RFC 8259)",
-            error.valid_up_to()
-        )));
+        Err(error @ BodyError::TooSlow { .. }) => Err(ProxyError::BodyTimeout(error)),
+        Err(BodyError::Read(error)) => Err(ProxyError::BodyRead(error)),
     }
-    if let Err(error) = serde_json::from_slice::<serde::de::IgnoredAny>(&plaintext) {
-        // serde_json's message gives line and column, never the content.
-        return Err(ProxyError::InvalidJson(error.to_string()));
-    }
-    headers::sanitize_inbound(&mut parts.headers);
+}
 
-    // 2. Seal. Fail closed.
-    let seal_started = Instant::now();
-    let sealed = generation.sealer.seal(&plaintext, &model_pool).await;
-    metrics.seal_finished(&sealed, seal_started.elapsed());
-    let sealed = sealed.map_err(|error| match error {
-        SealError::TooLarge { .. } => ProxyError::BodyTooLarge(error.to_string()),
-        SealError::Key(key_error) => ProxyError::KmsUnavailable(key_error.to_string()),
-    })?;
+/// RFC 8259: JSON exchanged between systems is UTF-8. serde_json skips over the strings
+/// of a document it only checks, invalid UTF-8 inside them included, hence both checks.
+fn check_json(body: &[u8]) -> Result<(), JsonError> {
+    std::str::from_utf8(body).map_err(JsonError::NotUtf8)?;
+    serde_json::from_slice::<serde::de::IgnoredAny>(body).map_err(JsonError::Syntax)?;
+    Ok(())
+}
+
+// ---- 2. Seal -------------------------------------------------------------------------
+
+/// What goes to the cluster: the sealed body, the headers and the path.
+struct Outbound {
+    headers: HeaderMap,
+    path: PathAndQuery,
+    body: Bytes,
+    /// The in-flight bytes, shrunk to the sealed copy.
+    _held: Reservation,
+}
+
+/// Seals the body (fail closed: any failure is an error answer and nothing is sent) and
+/// sets the tenant headers.
+async fn seal(cx: &Context<'_>, admitted: Admitted) -> Result<Outbound, ProxyError> {
+    let Admitted {
+        parts,
+        model_pool,
+        plaintext,
+        mut held,
+    } = admitted;
+    let started = Instant::now();
+    let sealed = cx.generation.sealer.seal(&plaintext, &model_pool).await;
+    cx.metrics.seal_finished(&sealed, started.elapsed());
+    let sealed = sealed?;
     drop(plaintext);
     held.shrink_to(sealed.body.len() as u64);
-    let upstream_headers = upstream_headers(
-        parts.headers,
-        &sealed,
-        &config.tenant.id,
-        &model_pool,
-        request_id,
-    )?;
+    let tenant_id = &cx.generation.config.tenant.id;
+    let headers = upstream_headers(parts.headers, &sealed, tenant_id, &model_pool, &cx.id)?;
     let path = parts
         .uri
         .path_and_query()
         .cloned()
         .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    Ok(Outbound {
+        headers,
+        path,
+        body: sealed.body,
+        _held: held,
+    })
+}
 
-    // 3-5. Route, send, retry only when safe.
+/// The headers the cluster receives: the app's end-to-end headers plus the tenant's.
+fn upstream_headers(
+    mut headers: HeaderMap,
+    sealed: &Sealed,
+    tenant_id: &str,
+    model_pool: &str,
+    request_id: &HeaderValue,
+) -> Result<HeaderMap, ProxyError> {
+    // The configuration's values are checked when it is loaded, so only the key id (from
+    // KMS's answer) can fail here; the value is never echoed.
+    let value = |header: &'static str, origin: &'static str, value: &str| {
+        HeaderValue::from_str(value).map_err(|_| ProxyError::UnsendableHeader { header, origin })
+    };
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    headers.insert(
+        headers::X_TENANT_ID,
+        value("X-Tenant-ID", "tenant.id", tenant_id)?,
+    );
+    headers.insert(
+        headers::X_KMS_KEY_ID,
+        value(
+            "X-KMS-Key-ID",
+            "the key id KMS answered with",
+            &sealed.key_arn,
+        )?,
+    );
+    headers.insert(
+        X_MODEL_POOL,
+        value("X-Model-Pool", "the model pool", model_pool)?,
+    );
+    headers.insert(
+        headers::X_ENCRYPTION_FORMAT,
+        HeaderValue::from_static(sealed.format),
+    );
+    headers.insert(X_REQUEST_ID, request_id.clone());
+    Ok(headers)
+}
+
+// ---- 3. Dispatch ---------------------------------------------------------------------
+
+/// Sends the request to the endpoints the plan allows, one attempt at a time, until one
+/// answers or no attempt is left that is safe and allowed.
+async fn dispatch(
+    cx: &mut Context<'_>,
+    outbound: &Outbound,
+) -> Result<(Arc<Endpoint>, Upstream), ProxyError> {
+    let generation = cx.generation;
     let now = chrono::Utc::now();
     let plan = generation.routes.plan(now, &mut generation.chooser.rng());
     // With no endpoint to try, an error still belongs to the route it would have taken.
-    *attribution = plan.first_route().map(EndpointLabels::route_only);
+    cx.attribution = plan.first_route().map(EndpointLabels::route_only);
     generation.retry_budget.record_request();
-    let max_attempts = config.retry.max_attempts.max(1) as usize;
-    // Attempts count against retry.max_attempts and (after the first) the retry
-    // budget, except those a connection refused unprocessed because it was going away
-    // (GOAWAY, closed before writing): the cluster did no work for them, so they are
-    // retried on a fresh connection, bounded by MAX_CONNECTION_REFUSALS instead.
-    let mut attempts = 0;
-    let mut refusals = 0;
-    let mut free_retry = false;
-    // Endpoints not to choose again for this request: those that failed, refused the
-    // stream or had no capacity. One whose connection was going away stays eligible.
-    let mut tried: Vec<Arc<Endpoint>> = Vec::with_capacity(max_attempts);
-    let mut last_error: Option<ProxyError> = None;
-    // Whether every attempt so far failed before the request was sent: then the last
-    // attempt falls through to a lower tier (see `route`'s "Fall-through across tiers").
-    let mut all_unsent = true;
-    while attempts < max_attempts {
-        let retry = attempts + refusals > 0;
-        let charged = retry && !std::mem::take(&mut free_retry);
-        if charged && !generation.retry_budget.try_retry() {
-            tracing::warn!("retry budget spent (retry.budget_percent); not retrying");
-            break;
-        }
-        let last_attempt = attempts + 1 == max_attempts;
-        let chosen = if last_attempt && all_unsent && !tried.is_empty() {
-            plan.select_fall_through(&tried, &mut generation.chooser.rng())
-        } else {
-            plan.select(&tried, &mut generation.chooser.rng())
-        };
-        let Some(endpoint) = chosen else {
-            break;
-        };
-        *attribution = Some(EndpointLabels::of(&endpoint));
+    let mut tries = Tries::new(generation.config.retry.max_attempts);
+    while let Some((endpoint, retry)) = tries.next(generation, &plan) {
+        cx.attribution = Some(EndpointLabels::of(&endpoint));
         let uri = endpoint
-            .uri_for(&path)
-            .map_err(|_| ProxyError::BadRequestBody(format!("invalid path `{path}`")))?;
+            .uri_for(&outbound.path)
+            .map_err(ProxyError::TargetNotForwardable)?;
         if retry {
-            metrics.upstream_retry();
+            cx.metrics.upstream_retry();
         }
-        let started = tokio::time::Instant::now();
-        let outcome = send(
-            generation,
-            metrics,
-            &endpoint,
-            uri,
-            &upstream_headers,
-            &sealed.body,
-        )
-        .await;
-        let upstream = match outcome {
-            Ok(upstream) => upstream,
-            Err(failure) => {
-                match &failure {
-                    AttemptError::NotSent(NotSent::Unreachable, _) => {
-                        metrics.upstream_connect_failed(&endpoint);
-                    }
-                    AttemptError::NotSent(NotSent::Unprocessed(why), _) => {
-                        metrics.upstream_unprocessed(&endpoint, why.as_str());
-                    }
-                    AttemptError::FailedAfterSend(_) => metrics.upstream_send_failed(&endpoint),
-                    AttemptError::NoResponseHeaders(_) => metrics.upstream_timed_out(&endpoint),
-                }
-                // A refusal says nothing about the endpoint's health: not an outlier
-                // failure, nor a PrivateLink error for the rollback monitor.
-                if failure.endpoint_failed() {
-                    settle(generation, &endpoint, now, started, true);
-                }
-                free_retry = failure.connection_going_away();
-                if free_retry {
-                    refusals += 1;
-                } else {
-                    attempts += 1;
-                    tried.push(endpoint.clone());
-                }
-                let exhausted = refusals > MAX_CONNECTION_REFUSALS;
-                if !failure.retryable() || exhausted {
-                    return Err(failure.into_error());
-                }
-                let error = failure.into_error();
-                tracing::warn!(endpoint = %endpoint.authority, %error, "the request was not sent; retrying");
-                last_error = Some(error);
-                continue;
-            }
-        };
-        attempts += 1;
-        if upstream.response.status() != StatusCode::SERVICE_UNAVAILABLE {
-            let failed = upstream.response.status().is_server_error();
-            settle(generation, &endpoint, now, started, failed);
-            return Ok(relay(&endpoint, upstream, request_id));
-        }
-        match check_no_capacity(upstream).await {
-            Capacity::Refused => {
-                all_unsent = false;
-                // The cluster did not start the work: safe to go elsewhere.
-                tracing::info!(endpoint = %endpoint.authority, "endpoint has no capacity (503 no_capacity); trying another");
-                tried.push(endpoint.clone());
-                last_error = Some(ProxyError::NoEndpoint(format!(
-                    "{} and every other endpoint tried reported no capacity",
-                    endpoint.authority
-                )));
-            }
-            Capacity::Relay(upstream) => {
-                settle(generation, &endpoint, now, started, true);
-                return Ok(relay(&endpoint, upstream, request_id));
-            }
-            Capacity::Failed(error) => {
-                settle(generation, &endpoint, now, started, true);
-                return Err(error);
-            }
+        match attempt(cx, &endpoint, uri, outbound, now).await {
+            Outcome::Answered(upstream) => return Ok((endpoint, upstream)),
+            Outcome::Failed(failure) => tries.failed(&endpoint, failure)?,
+            Outcome::NoCapacity => tries.no_capacity(&endpoint),
+            Outcome::Broken(error) => return Err(ProxyError::Attempt(error)),
         }
     }
-    Err(last_error.unwrap_or_else(|| {
-        let why = plan.why_none_serve();
-        ProxyError::NoEndpoint(format!(
-            "no endpoint can serve: every endpoint allowed in phase `{}` is out of service{}",
-            generation.routes.phase().as_str(),
-            if plan.is_empty() {
-                " or none is configured".to_string()
-            } else if why.is_empty() {
-                String::new()
-            } else {
-                format!(" ({why}; /status and `gpulink probe` say what to change)")
-            }
-        ))
-    }))
+    Err(tries.into_error(generation, &plan))
 }
+
+/// How one attempt ended.
+enum Outcome {
+    /// Response headers to relay.
+    Answered(Upstream),
+    /// No response headers: retried when [`AttemptError::retryable`].
+    Failed(AttemptError),
+    /// `503 no_capacity`: the cluster did not start the work; safe to go elsewhere.
+    NoCapacity,
+    /// The cluster's 503 broke off while gpulink read it: never retried.
+    Broken(AttemptError),
+}
+
+/// One attempt on `endpoint`, with its feedback to metrics, passive outlier detection
+/// and the rollback monitor.
+async fn attempt(
+    cx: &Context<'_>,
+    endpoint: &Arc<Endpoint>,
+    uri: http::Uri,
+    outbound: &Outbound,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Outcome {
+    let started = tokio::time::Instant::now();
+    let upstream = match send(cx, endpoint, uri, outbound).await {
+        Ok(upstream) => upstream,
+        Err(failure) => {
+            cx.metrics.upstream_failed(endpoint, failure.kind);
+            // A refusal says nothing about the endpoint's health: not an outlier
+            // failure, nor a PrivateLink error for the rollback monitor.
+            if failure.endpoint_failed() {
+                settle(cx.generation, endpoint, now, started, true);
+            }
+            return Outcome::Failed(failure);
+        }
+    };
+    if upstream.response.status() != StatusCode::SERVICE_UNAVAILABLE {
+        let failed = upstream.response.status().is_server_error();
+        settle(cx.generation, endpoint, now, started, failed);
+        return Outcome::Answered(upstream);
+    }
+    match check_no_capacity(endpoint, upstream).await {
+        Capacity::Refused => Outcome::NoCapacity,
+        Capacity::Relay(upstream) => {
+            settle(cx.generation, endpoint, now, started, true);
+            Outcome::Answered(upstream)
+        }
+        Capacity::Failed(error) => {
+            settle(cx.generation, endpoint, now, started, true);
+            Outcome::Broken(error)
+        }
+    }
+}
+
+/// A request's attempts so far, and what they allow next. Attempts count against
+/// `retry.max_attempts` and (after the first) the retry budget, except those a
+/// connection refused unprocessed because it was going away (GOAWAY, closed before
+/// writing): the cluster did no work for them, so they are retried on a fresh
+/// connection, bounded by [`MAX_CONNECTION_REFUSALS`] instead.
+struct Tries {
+    max: usize,
+    attempts: usize,
+    refusals: usize,
+    /// The next retry is not charged to the budget (the last refusal was a connection
+    /// going away).
+    free_retry: bool,
+    /// Endpoints not to choose again: those that failed, refused the stream or had no
+    /// capacity. One whose connection was going away stays eligible.
+    tried: Vec<Arc<Endpoint>>,
+    /// Whether every attempt so far failed before the request was sent: then the last
+    /// attempt falls through to a lower tier (see `route`'s "Fall-through across tiers").
+    all_unsent: bool,
+    last_error: Option<ProxyError>,
+}
+
+impl Tries {
+    fn new(max_attempts: u32) -> Self {
+        let max = max_attempts.max(1) as usize;
+        Self {
+            max,
+            attempts: 0,
+            refusals: 0,
+            free_retry: false,
+            tried: Vec::with_capacity(max),
+            all_unsent: true,
+            last_error: None,
+        }
+    }
+
+    /// The endpoint for the next attempt and whether it is a retry; `None` when the
+    /// attempts or the retry budget are spent, or no endpoint is left.
+    fn next(&mut self, generation: &Generation, plan: &Plan<'_>) -> Option<(Arc<Endpoint>, bool)> {
+        if self.attempts >= self.max {
+            return None;
+        }
+        let retry = self.attempts + self.refusals > 0;
+        let charged = retry && !std::mem::take(&mut self.free_retry);
+        if charged && !generation.retry_budget.try_retry() {
+            tracing::warn!("retry budget spent (retry.budget_percent); not retrying");
+            return None;
+        }
+        let last_attempt = self.attempts + 1 == self.max;
+        let mut rng = generation.chooser.rng();
+        let chosen = if last_attempt && self.all_unsent && !self.tried.is_empty() {
+            plan.select_fall_through(&self.tried, &mut rng)
+        } else {
+            plan.select(&self.tried, &mut rng)
+        };
+        chosen.map(|endpoint| (endpoint, retry))
+    }
+
+    /// Books a failed attempt; the error to answer with when no retry is allowed.
+    fn failed(
+        &mut self,
+        endpoint: &Arc<Endpoint>,
+        failure: AttemptError,
+    ) -> Result<(), ProxyError> {
+        self.free_retry = failure.connection_going_away();
+        if self.free_retry {
+            self.refusals += 1;
+        } else {
+            self.attempts += 1;
+            self.tried.push(endpoint.clone());
+        }
+        let exhausted = self.refusals > MAX_CONNECTION_REFUSALS;
+        if !failure.retryable() || exhausted {
+            return Err(ProxyError::Attempt(failure));
+        }
+        tracing::warn!(endpoint = %endpoint.authority, error = %failure, "the request was not sent; retrying");
+        self.last_error = Some(ProxyError::Attempt(failure));
+        Ok(())
+    }
+
+    fn no_capacity(&mut self, endpoint: &Arc<Endpoint>) {
+        self.attempts += 1;
+        self.all_unsent = false;
+        tracing::info!(endpoint = %endpoint.authority, "endpoint has no capacity (503 no_capacity); trying another");
+        self.tried.push(endpoint.clone());
+        self.last_error = Some(ProxyError::NoEndpoint(NoEndpoint::NoCapacity {
+            last: endpoint.authority.clone(),
+        }));
+    }
+
+    /// The answer when no attempt succeeded: the last attempt's error, or why no
+    /// endpoint could be tried.
+    fn into_error(self, generation: &Generation, plan: &Plan<'_>) -> ProxyError {
+        self.last_error.unwrap_or_else(|| {
+            ProxyError::NoEndpoint(NoEndpoint::NoneServes {
+                phase: generation.routes.phase().as_str(),
+                configured: !plan.is_empty(),
+                why: plan.why_none_serve(),
+            })
+        })
+    }
+}
+
+/// How many times one request may be refused by connections going away (GOAWAY, or
+/// closed before the request was written) before it fails. Each refusal costs the
+/// cluster nothing; the bound keeps a server that refuses everything from holding a
+/// request in a loop. Far above what rotation produces: a retry lands early on a fresh
+/// connection, so repeated refusals are rare even with nginx `keepalive_requests = 5`.
+const MAX_CONNECTION_REFUSALS: usize = 10;
 
 /// Feeds one attempt's outcome to passive outlier detection and, for PrivateLink, to
 /// the automatic-rollback monitor.
@@ -394,6 +596,65 @@ fn settle(
     }
 }
 
+/// A response with headers, and the in-flight guard that must live as long as its body.
+struct Upstream {
+    response: Response<ProxyBody>,
+    guard: crate::upstream::InFlightGuard,
+}
+
+async fn send(
+    cx: &Context<'_>,
+    endpoint: &Arc<Endpoint>,
+    uri: http::Uri,
+    outbound: &Outbound,
+) -> Result<Upstream, AttemptError> {
+    let upstream = &cx.generation.config.upstream;
+    let mut request = Request::new(Full::new(outbound.body.clone()));
+    *request.method_mut() = Method::POST;
+    *request.uri_mut() = uri;
+    *request.headers_mut() = outbound.headers.clone();
+
+    let guard = endpoint.start_request();
+    let started = tokio::time::Instant::now();
+    let timeout = upstream.request_timeout.get();
+    match pooled(endpoint, request, timeout).await {
+        Ok(Ok(response)) => {
+            let mut latency = started.elapsed();
+            if let Some(peer) = response.extensions().get::<ConnectedPeer>() {
+                if peer.established >= started {
+                    latency = latency.saturating_sub(peer.setup);
+                }
+            }
+            endpoint.record_latency(latency);
+            cx.metrics.upstream_response(endpoint, latency);
+            let idle = upstream.idle_timeout.get();
+            // The idle bound starts with the body: the first byte may take as long as
+            // the generation needs, each later silence at most `idle_timeout`.
+            let response = response.map(|body| IdleTimeoutBody::new(body, idle).boxed());
+            Ok(Upstream { response, guard })
+        }
+        Ok(Err(error)) => Err(classify(error, endpoint)),
+        Err(_) => Err(attempt_error(
+            endpoint,
+            AttemptKind::NoResponseHeaders { timeout },
+            None,
+        )),
+    }
+}
+
+fn attempt_error(
+    endpoint: &Endpoint,
+    kind: AttemptKind,
+    cause: Option<crate::body::BoxError>,
+) -> AttemptError {
+    AttemptError {
+        kind,
+        endpoint: endpoint.authority.clone(),
+        region: endpoint.region().to_string(),
+        cause,
+    }
+}
+
 /// How much of a 503 body is read to see whether it is the cluster's `no_capacity`.
 const NO_CAPACITY_PEEK: usize = 64 * 1024;
 
@@ -403,10 +664,10 @@ enum Capacity {
     /// Any other 503: relayed to the app as the cluster sent it.
     Relay(Upstream),
     /// The 503's body broke off: gpulink answers with its own error instead.
-    Failed(ProxyError),
+    Failed(AttemptError),
 }
 
-async fn check_no_capacity(upstream: Upstream) -> Capacity {
+async fn check_no_capacity(endpoint: &Endpoint, upstream: Upstream) -> Capacity {
     let Upstream { response, guard } = upstream;
     let (mut parts, mut body) = response.into_parts();
     let mut peeked = bytes::BytesMut::new();
@@ -415,7 +676,7 @@ async fn check_no_capacity(upstream: Upstream) -> Capacity {
     enum Peek {
         Whole,
         Longer(Bytes),
-        Failed(String),
+        Failed(crate::body::BoxError),
     }
     let peek = loop {
         match body.frame().await {
@@ -428,7 +689,7 @@ async fn check_no_capacity(upstream: Upstream) -> Capacity {
                 // Trailers end the body; a 503's trailers carry nothing gpulink relays.
                 Err(_) => break Peek::Whole,
             },
-            Some(Err(error)) => break Peek::Failed(error.to_string()),
+            Some(Err(error)) => break Peek::Failed(error),
         }
     };
     let peeked = peeked.freeze();
@@ -436,9 +697,11 @@ async fn check_no_capacity(upstream: Upstream) -> Capacity {
         Peek::Failed(error) => {
             // Never relay a 503 cut short: its Content-Length would promise bytes that
             // never come. The cluster may have started the request: not retried.
-            return Capacity::Failed(ProxyError::UpstreamConnect(format!(
-                "the connection failed while reading the cluster's 503 answer ({error}); not retried because the cluster may have started the request"
-            )));
+            return Capacity::Failed(attempt_error(
+                endpoint,
+                AttemptKind::AnswerBrokeOff,
+                Some(error),
+            ));
         }
         // Longer than any no_capacity answer: relayed whole, the peeked bytes and then
         // the rest of the stream, so its Content-Length still holds.
@@ -476,176 +739,6 @@ async fn check_no_capacity(upstream: Upstream) -> Capacity {
     }
 }
 
-/// The largest request head forwarded: target plus header names and values. Larger
-/// heads are refused here, before KMS, rather than sealed and refused by the cluster.
-pub const MAX_REQUEST_HEAD: usize = 32 * 1024;
-
-/// The request head gpulink can forward: an origin-form target (a path; absolute-form
-/// `POST http://host/path` is accepted and forwarded as its path, since gpulink always
-/// sends to the cluster whatever authority the app named; `*` and anything else that is
-/// not a path is refused) and a head of at most [`MAX_REQUEST_HEAD`] bytes.
-fn check_head(parts: &http::request::Parts) -> Result<(), ProxyError> {
-    if !parts.uri.path().starts_with('/') {
-        return Err(ProxyError::BadRequest(format!(
-            "the request target {:?} is not a path; send POST /inference",
-            parts.uri.to_string()
-        )));
-    }
-    let size = parts.uri.to_string().len()
-        + parts
-            .headers
-            .iter()
-            .map(|(name, value)| name.as_str().len() + value.len() + 4)
-            .sum::<usize>();
-    if size > MAX_REQUEST_HEAD {
-        return Err(ProxyError::HeadersTooLarge(format!(
-            "the request head is {size} bytes, over gpulink's limit of {MAX_REQUEST_HEAD} bytes"
-        )));
-    }
-    Ok(())
-}
-
-fn too_large(limit: usize) -> ProxyError {
-    ProxyError::BodyTooLarge(format!(
-        "the body is larger than listen.max_body ({limit} bytes)"
-    ))
-}
-
-/// How one attempt ended without response headers, classified once, where hyper's
-/// error is seen: what it means for a retry and for the endpoint's health follows from
-/// the kind.
-enum AttemptError {
-    /// The cluster cannot have processed the request: safe to retry.
-    NotSent(NotSent, ProxyError),
-    /// The connection failed after the request was (perhaps partly) sent: the cluster
-    /// may have started it, so it is never replayed.
-    FailedAfterSend(ProxyError),
-    /// No response headers within `upstream.request_timeout`: never replayed.
-    NoResponseHeaders(ProxyError),
-}
-
-/// Why a request was not sent.
-enum NotSent {
-    /// TCP or TLS set-up failed: the endpoint is unreachable.
-    Unreachable,
-    /// A working connection refused it unprocessed or closed before writing it: the
-    /// endpoint is fine, that one connection is going away.
-    Unprocessed(Unprocessed),
-}
-
-#[derive(Clone, Copy)]
-enum Unprocessed {
-    /// The stream is above the last-stream-id of the server's GOAWAY (RFC 9113 6.8),
-    /// or was opened after a GOAWAY arrived: an HTTP/2 connection being rotated (nginx
-    /// `keepalive_requests`) or drained.
-    GoAway,
-    /// RST_STREAM with REFUSED_STREAM (RFC 9113 8.7).
-    RefusedStream,
-    /// The pooled connection closed before the request was written.
-    Closed,
-}
-
-impl Unprocessed {
-    /// The `reason` label of `gpulink_upstream_unprocessed_total`.
-    fn as_str(self) -> &'static str {
-        match self {
-            Unprocessed::GoAway => "goaway",
-            Unprocessed::RefusedStream => "refused_stream",
-            Unprocessed::Closed => "closed",
-        }
-    }
-}
-
-impl AttemptError {
-    fn retryable(&self) -> bool {
-        matches!(self, AttemptError::NotSent(..))
-    }
-
-    /// Whether the attempt counts against the endpoint (passive outlier detection, the
-    /// rollback monitor).
-    fn endpoint_failed(&self) -> bool {
-        !matches!(self, AttemptError::NotSent(NotSent::Unprocessed(_), _))
-    }
-
-    /// A refusal by one connection that is going away, not by the endpoint: the retry
-    /// may go to the same endpoint, and is not charged to the attempts or the budget.
-    /// REFUSED_STREAM is not one: servers also use it to shed load, so that retry goes
-    /// elsewhere and is charged like any other.
-    fn connection_going_away(&self) -> bool {
-        matches!(
-            self,
-            AttemptError::NotSent(
-                NotSent::Unprocessed(Unprocessed::GoAway | Unprocessed::Closed),
-                _
-            )
-        )
-    }
-
-    fn into_error(self) -> ProxyError {
-        match self {
-            AttemptError::NotSent(_, error)
-            | AttemptError::FailedAfterSend(error)
-            | AttemptError::NoResponseHeaders(error) => error,
-        }
-    }
-}
-
-/// How many times one request may be refused by connections going away (GOAWAY, or
-/// closed before the request was written) before it fails. Each refusal costs the
-/// cluster nothing; the bound keeps a server that refuses everything from holding a
-/// request in a loop. Far above what rotation produces: a retry lands early on a fresh
-/// connection, so repeated refusals are rare even with nginx `keepalive_requests = 5`.
-const MAX_CONNECTION_REFUSALS: usize = 10;
-
-/// A response with headers, and the in-flight guard that must live as long as its body.
-struct Upstream {
-    response: Response<ProxyBody>,
-    guard: crate::upstream::InFlightGuard,
-}
-
-async fn send(
-    generation: &Generation,
-    metrics: &Metrics,
-    endpoint: &Arc<Endpoint>,
-    uri: http::Uri,
-    headers: &HeaderMap,
-    body: &Bytes,
-) -> Result<Upstream, AttemptError> {
-    let upstream = &generation.config.upstream;
-    let mut request = Request::new(Full::new(body.clone()));
-    *request.method_mut() = Method::POST;
-    *request.uri_mut() = uri;
-    *request.headers_mut() = headers.clone();
-
-    let guard = endpoint.start_request();
-    let started = tokio::time::Instant::now();
-    let timeout = upstream.request_timeout.get();
-    match pooled(endpoint, request, timeout).await {
-        Ok(Ok(response)) => {
-            let mut latency = started.elapsed();
-            if let Some(peer) = response.extensions().get::<ConnectedPeer>() {
-                if peer.established >= started {
-                    latency = latency.saturating_sub(peer.setup);
-                }
-            }
-            endpoint.record_latency(latency);
-            metrics.upstream_response(endpoint, latency);
-            let idle = upstream.idle_timeout.get();
-            // The idle bound starts with the body: the first byte may take as long as
-            // the generation needs, each later silence at most `idle_timeout`.
-            let response = response.map(|body| IdleTimeoutBody::new(body, idle).boxed());
-            Ok(Upstream { response, guard })
-        }
-        Ok(Err(error)) => Err(classify(&error, endpoint)),
-        Err(_) => Err(AttemptError::NoResponseHeaders(
-            ProxyError::UpstreamTimeout(format!(
-                "{} sent no response headers within {:?} (upstream.request_timeout)",
-                endpoint.authority, timeout
-            )),
-        )),
-    }
-}
-
 /// The pool's answer within `timeout`. What went wrong is remembered on the endpoint for
 /// `/status`, and a connect or TLS failure takes its data path out at once, so that the
 /// next selection (this request's retry included) skips it.
@@ -663,7 +756,7 @@ async fn pooled(
         Ok(Err(error)) => {
             let diagnosis =
                 connect_error(error).map(|e| health::data_path_failed_by_request(endpoint, e));
-            endpoint.record_request_error(error_chain(error), diagnosis.as_ref());
+            endpoint.record_request_error(Causes(Some(error)).to_string(), diagnosis.as_ref());
         }
         Err(_) => endpoint.record_request_error(
             format!("no response headers within {timeout:?} (upstream.request_timeout)"),
@@ -686,8 +779,8 @@ fn connect_error(error: &hyper_util::client::legacy::Error) -> Option<&ConnectEr
     None
 }
 
-/// 6. Relay: the cluster's answer as a stream, with gpulink's headers added.
-fn relay(endpoint: &Endpoint, upstream: Upstream, request_id: &HeaderValue) -> Response<ProxyBody> {
+/// 4. Relay: the cluster's answer as a stream, with gpulink's headers added.
+fn relay(cx: &Context<'_>, endpoint: &Endpoint, upstream: Upstream) -> Response<ProxyBody> {
     let Upstream { response, guard } = upstream;
     let dialed = response
         .extensions()
@@ -701,9 +794,8 @@ fn relay(endpoint: &Endpoint, upstream: Upstream, request_id: &HeaderValue) -> R
         HeaderValue::from_static(endpoint.kind().as_str()),
     );
     parts.headers.insert(X_GPULINK_ENDPOINT, dialed);
-    parts.headers.insert(X_REQUEST_ID, request_id.clone());
+    parts.headers.insert(X_REQUEST_ID, cx.id.clone());
     parts.extensions.clear();
-    parts.extensions.insert(ServedBy::new(endpoint));
     if parts.status == StatusCode::SWITCHING_PROTOCOLS {
         parts.status = StatusCode::BAD_GATEWAY;
     }
@@ -716,38 +808,6 @@ fn relay(endpoint: &Endpoint, upstream: Upstream, request_id: &HeaderValue) -> R
         })
         .boxed();
     Response::from_parts(parts, body)
-}
-
-/// The headers the cluster receives: the app's end-to-end headers plus the tenant's.
-fn upstream_headers(
-    mut headers: HeaderMap,
-    sealed: &Sealed,
-    tenant_id: &str,
-    model_pool: &str,
-    request_id: &HeaderValue,
-) -> Result<HeaderMap, ProxyError> {
-    let value = |v: &str| {
-        HeaderValue::from_str(v)
-            .map_err(|_| {
-            // Never echoed: the value may come from KMS's answer.
-            ProxyError::KmsUnavailable(
-                "a tenant header (X-Tenant-ID, X-KMS-Key-ID or X-Model-Pool) would not be a valid header value".into(),
-            )
-        })
-    };
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/octet-stream"),
-    );
-    headers.insert(headers::X_TENANT_ID, value(tenant_id)?);
-    headers.insert(headers::X_KMS_KEY_ID, value(&sealed.key_arn)?);
-    headers.insert(X_MODEL_POOL, value(model_pool)?);
-    headers.insert(
-        headers::X_ENCRYPTION_FORMAT,
-        HeaderValue::from_static(sealed.format),
-    );
-    headers.insert(X_REQUEST_ID, request_id.clone());
-    Ok(headers)
 }
 
 /// The app's `X-Request-ID` when it is 1..=128 visible ASCII characters, else a new UUIDv4.
@@ -770,33 +830,12 @@ fn content_length(headers: &HeaderMap) -> Option<u64> {
 }
 
 /// What a failed attempt means, from hyper's error and its causes.
-fn classify(error: &hyper_util::client::legacy::Error, endpoint: &Endpoint) -> AttemptError {
-    let chain = error_chain(error);
-    match never_sent(error) {
-        Some(NotSent::Unreachable) => AttemptError::NotSent(
-            NotSent::Unreachable,
-            ProxyError::UpstreamConnect(format!(
-                "cannot reach {} ({}): {chain}",
-                endpoint.authority,
-                endpoint.region(),
-            )),
-        ),
-        Some(NotSent::Unprocessed(why)) => {
-            let what = match why {
-                Unprocessed::GoAway => "is closing the connection (HTTP/2 GOAWAY) and did not process the request",
-                Unprocessed::RefusedStream => "refused the request unprocessed (HTTP/2 REFUSED_STREAM)",
-                Unprocessed::Closed => "closed the connection before the request was written",
-            };
-            AttemptError::NotSent(
-                NotSent::Unprocessed(why),
-                ProxyError::UpstreamConnect(format!("{} {what}: {chain}", endpoint.authority)),
-            )
-        }
-        None => AttemptError::FailedAfterSend(ProxyError::UpstreamConnect(format!(
-            "the connection to {} failed after the request was sent ({chain}); not retried because the cluster may have started it",
-            endpoint.authority,
-        ))),
-    }
+fn classify(error: hyper_util::client::legacy::Error, endpoint: &Endpoint) -> AttemptError {
+    let kind = match never_sent(&error) {
+        Some(why) => AttemptKind::NotSent(why),
+        None => AttemptKind::FailedAfterSend,
+    };
+    attempt_error(endpoint, kind, Some(Box::new(error)))
 }
 
 /// Whether, and why, the cluster cannot have processed the request:
@@ -832,15 +871,58 @@ fn never_sent(error: &hyper_util::client::legacy::Error) -> Option<NotSent> {
     None
 }
 
-/// The error and its causes on one line: hyper's top-level messages alone ("client
-/// error (Connect)") do not tell an operator what happened.
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sealed(key_arn: &str) -> Sealed {
+        Sealed {
+            body: Bytes::from_static(b"sealed"),
+            format: crate::seal::FORMAT_KMS_DIRECT,
+            key_arn: key_arn.into(),
+            cache_hit: None,
+        }
     }
-    text
+
+    #[test]
+    fn the_tenant_headers_replace_the_apps() {
+        let mut app = HeaderMap::new();
+        app.insert("x-app", HeaderValue::from_static("kept"));
+        app.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        let id = HeaderValue::from_static("req-1");
+        let headers = upstream_headers(app, &sealed("arn:aws:kms:k"), "t1", "pool-a", &id)
+            .expect("valid values");
+        assert_eq!(headers["x-app"], "kept");
+        assert_eq!(headers[header::CONTENT_TYPE], "application/octet-stream");
+        assert_eq!(headers[headers::X_TENANT_ID], "t1");
+        assert_eq!(headers[headers::X_KMS_KEY_ID], "arn:aws:kms:k");
+        assert_eq!(headers[X_MODEL_POOL], "pool-a");
+        assert_eq!(headers[X_REQUEST_ID], "req-1");
+    }
+
+    #[test]
+    fn a_key_id_that_cannot_be_a_header_is_an_internal_error_not_a_kms_outage() {
+        let id = HeaderValue::from_static("req-1");
+        let error = upstream_headers(
+            HeaderMap::new(),
+            &sealed("arn:aws:kms:\nsecret-ish"),
+            "t1",
+            "pool-a",
+            &id,
+        )
+        .expect_err("a newline is not a header value");
+        assert_eq!(error.code(), crate::error::Code::InternalError);
+        let message = error.to_string();
+        assert!(message.contains("X-KMS-Key-ID"), "{message}");
+        assert!(!message.contains("secret-ish"), "{message}");
+    }
+
+    #[test]
+    fn json_must_be_utf8_and_well_formed() {
+        assert!(check_json(br#"{"prompt": "hi"}"#).is_ok());
+        let not_utf8 = check_json(b"{\"prompt\": \"\xff\"}").expect_err("invalid UTF-8");
+        assert!(matches!(not_utf8, JsonError::NotUtf8(_)));
+        assert!(not_utf8.to_string().contains("byte 12"), "{not_utf8}");
+        assert!(matches!(check_json(b"{"), Err(JsonError::Syntax(_))));
+    }
 }

@@ -21,7 +21,7 @@ use serde_json::{json, Value};
 
 use crate::body::ProxyBody;
 use crate::error::ProxyError;
-use crate::metrics::{EndpointLabels, ServedBy};
+use crate::metrics::EndpointLabels;
 
 /// Width of one bucket.
 pub const BUCKET_SECONDS: u64 = 10;
@@ -263,7 +263,8 @@ impl History {
     ) {
         let outcome = match result {
             Ok(response) => {
-                let served = response.extensions().get::<ServedBy>().map(|s| &s.0);
+                // A relayed answer's attribution is the endpoint that answered.
+                let served = attribution;
                 let status = response.status();
                 Outcome {
                     route: served.map_or(Route::None, |s| Route::parse(s.route)),
@@ -277,7 +278,7 @@ impl History {
             Err(error) => Outcome {
                 route: attribution.map_or(Route::None, |a| Route::parse(a.route)),
                 status: error.status().as_u16(),
-                code: Some(ErrorCode::Gpulink(error.code())),
+                code: Some(ErrorCode::Gpulink(error.code().as_str())),
                 latency: None,
                 endpoint: attribution
                     .map(|a| a.endpoint.as_str())

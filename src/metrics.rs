@@ -6,8 +6,7 @@
 //!
 //! * **Events**, recorded on the request path by small methods
 //!   ([`Metrics::request_finished`], [`Metrics::upstream_response`],
-//!   [`Metrics::upstream_connect_failed`], [`Metrics::upstream_unprocessed`],
-//!   [`Metrics::seal_finished`], ...). Each is a
+//!   [`Metrics::upstream_failed`], [`Metrics::seal_finished`], ...). Each is a
 //!   hash lookup and an atomic add; nothing here blocks or allocates much.
 //! * **State** (endpoint health, capacity, in-flight, latency estimate, phase,
 //!   generation, readiness), copied from the current configuration generation when
@@ -27,7 +26,7 @@
 use std::sync::Mutex;
 use std::time::Duration;
 
-use http::{HeaderMap, Response, StatusCode};
+use http::{HeaderMap, StatusCode};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -35,11 +34,9 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
 
-use crate::body::ProxyBody;
 use crate::config::RouteKind;
-use crate::error::ProxyError;
+use crate::error::{AttemptKind, Code, NotSent, Unprocessed};
 use crate::generation::Generation;
-use crate::headers::X_GPULINK_ROUTE;
 use crate::seal::{KeyError, SealError, Sealed};
 use crate::upstream::Endpoint;
 
@@ -123,9 +120,6 @@ impl UnprocessedLabels {
     }
 }
 
-/// The `reason`s of `gpulink_upstream_unprocessed_total`.
-pub const UNPROCESSED_REASONS: [&str; 3] = ["goaway", "refused_stream", "closed"];
-
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RouteLabels {
     pub route: &'static str,
@@ -181,17 +175,6 @@ pub struct Snapshot<'a> {
     pub draining: bool,
     /// Reloads by result: (applied, rejected).
     pub reloads: (u64, u64),
-}
-
-/// Which endpoint answered a request: put into the response's extensions by the
-/// forwarder's relay step so that [`Metrics::request_finished`] can label the answer.
-#[derive(Clone, Debug)]
-pub struct ServedBy(pub EndpointLabels);
-
-impl ServedBy {
-    pub fn new(endpoint: &Endpoint) -> Self {
-        Self(EndpointLabels::of(endpoint))
-    }
 }
 
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
@@ -587,7 +570,8 @@ impl Metrics {
         for route in ["privatelink", "public", "none"] {
             drop(self.request_duration.get_or_create(&RouteLabels { route }));
         }
-        for code in ERROR_CODES {
+        for code in Code::ALL {
+            let code = code.as_str();
             drop(self.request_errors.get_or_create(&CodeLabels { code }));
         }
         // Answers gpulink makes itself: before routing (`none`), and `no_endpoint` on a
@@ -638,7 +622,7 @@ impl Metrics {
         ] {
             drop(family.get_or_create(labels));
         }
-        for reason in UNPROCESSED_REASONS {
+        for reason in Unprocessed::ALL.map(Unprocessed::as_str) {
             drop(
                 self.upstream_unprocessed
                     .get_or_create(&UnprocessedLabels::of(endpoint, reason)),
@@ -660,44 +644,30 @@ impl Metrics {
 
     // ---- App-facing requests -------------------------------------------------------
 
-    /// One answer to the app, relayed or made by gpulink. `elapsed` runs from the
-    /// request's arrival to its response headers. An error gpulink made itself is
-    /// counted under `attribution`, the endpoint of the request's last attempt (or the
-    /// route it would have taken, for `no_endpoint`), so that "errors by route" and
-    /// "latency by route" include what an outage costs; `none` when the request never
-    /// reached routing (refused at ingress, KMS failed).
+    /// One answer to the app, relayed or made by gpulink (then with its `error` code).
+    /// `elapsed` runs from the request's arrival to its response headers. The answer is
+    /// counted under `attribution`: the endpoint that answered or, for an error gpulink
+    /// made itself, the endpoint of the request's last attempt (or the route it would
+    /// have taken, for `no_endpoint`), so that "errors by route" and "latency by route"
+    /// include what an outage costs; `none` when the request never reached routing
+    /// (refused at ingress, KMS failed).
     pub fn request_finished(
         &self,
-        result: &Result<Response<ProxyBody>, ProxyError>,
+        status: StatusCode,
+        error: Option<Code>,
         attribution: Option<&EndpointLabels>,
         elapsed: Duration,
     ) {
-        let (route, region, endpoint, status) = match result {
-            Ok(response) => {
-                let served = response.extensions().get::<ServedBy>();
-                let route = served
-                    .map(|s| s.0.route)
-                    .or_else(|| route_of(response.headers()))
-                    .unwrap_or("none");
-                let (region, endpoint) = served
-                    .map(|s| (s.0.region.clone(), s.0.endpoint.clone()))
-                    .unwrap_or_else(|| ("none".into(), "none".into()));
-                (route, region, endpoint, response.status())
-            }
-            Err(error) => {
-                self.request_errors
-                    .get_or_create(&CodeLabels { code: error.code() })
-                    .inc();
-                match attribution {
-                    Some(to) => (
-                        to.route,
-                        to.region.clone(),
-                        to.endpoint.clone(),
-                        error.status(),
-                    ),
-                    None => ("none", "none".into(), "none".into(), error.status()),
-                }
-            }
+        if let Some(code) = error {
+            self.request_errors
+                .get_or_create(&CodeLabels {
+                    code: code.as_str(),
+                })
+                .inc();
+        }
+        let (route, region, endpoint) = match attribution {
+            Some(to) => (to.route, to.region.clone(), to.endpoint.clone()),
+            None => ("none", "none".into(), "none".into()),
         };
         self.requests
             .get_or_create(&RequestLabels {
@@ -728,36 +698,50 @@ impl Metrics {
             .observe(latency.as_secs_f64());
     }
 
+    /// An attempt that ended without response headers, counted by how it failed.
+    pub fn upstream_failed(&self, endpoint: &Endpoint, kind: AttemptKind) {
+        match kind {
+            AttemptKind::NotSent(NotSent::Unreachable) => self.upstream_connect_failed(endpoint),
+            AttemptKind::NotSent(NotSent::Unprocessed(why)) => {
+                self.upstream_unprocessed(endpoint, why)
+            }
+            AttemptKind::FailedAfterSend | AttemptKind::AnswerBrokeOff => {
+                self.upstream_send_failed(endpoint)
+            }
+            AttemptKind::NoResponseHeaders { .. } => self.upstream_timed_out(endpoint),
+        }
+    }
+
     /// The request was never sent: TCP or TLS set-up with the endpoint failed. It may
     /// be retried elsewhere.
-    pub fn upstream_connect_failed(&self, endpoint: &Endpoint) {
+    fn upstream_connect_failed(&self, endpoint: &Endpoint) {
         let labels = EndpointLabels::of(endpoint);
         self.upstream_attempts.get_or_create(&labels).inc();
         self.upstream_connect_failures.get_or_create(&labels).inc();
     }
 
     /// No response headers within `upstream.request_timeout`.
-    pub fn upstream_timed_out(&self, endpoint: &Endpoint) {
+    fn upstream_timed_out(&self, endpoint: &Endpoint) {
         let labels = EndpointLabels::of(endpoint);
         self.upstream_attempts.get_or_create(&labels).inc();
         self.upstream_timeouts.get_or_create(&labels).inc();
     }
 
     /// The connection failed after the request was (perhaps partly) sent.
-    pub fn upstream_send_failed(&self, endpoint: &Endpoint) {
+    fn upstream_send_failed(&self, endpoint: &Endpoint) {
         let labels = EndpointLabels::of(endpoint);
         self.upstream_attempts.get_or_create(&labels).inc();
         self.upstream_send_failures.get_or_create(&labels).inc();
     }
 
     /// A working connection to the endpoint refused the request unprocessed (HTTP/2
-    /// GOAWAY or REFUSED_STREAM) or closed before writing it; `reason` is one of
-    /// [`UNPROCESSED_REASONS`]. Retried, and not a failure of the endpoint.
-    pub fn upstream_unprocessed(&self, endpoint: &Endpoint, reason: &'static str) {
+    /// GOAWAY or REFUSED_STREAM) or closed before writing it. Retried, and not a
+    /// failure of the endpoint.
+    fn upstream_unprocessed(&self, endpoint: &Endpoint, reason: Unprocessed) {
         let labels = EndpointLabels::of(endpoint);
         self.upstream_attempts.get_or_create(&labels).inc();
         self.upstream_unprocessed
-            .get_or_create(&UnprocessedLabels::of(endpoint, reason))
+            .get_or_create(&UnprocessedLabels::of(endpoint, reason.as_str()))
             .inc();
     }
 
@@ -993,22 +977,6 @@ impl Metrics {
     }
 }
 
-/// Every `error.code` gpulink answers with (see `crate::error::ProxyError::code`).
-const ERROR_CODES: [&str; 12] = [
-    "method_not_allowed",
-    "invalid_json",
-    "model_pool_not_allowed",
-    "body_too_large",
-    "bad_request",
-    "body_timeout",
-    "overloaded",
-    "headers_too_large",
-    "kms_unavailable",
-    "no_endpoint",
-    "upstream_connect",
-    "upstream_timeout",
-];
-
 /// Raises a counter that mirrors a monotonic total kept elsewhere.
 fn catch_up(counter: &Counter, total: u64) {
     counter.inc_by(total.saturating_sub(counter.get()));
@@ -1030,14 +998,6 @@ pub fn status_class(status: StatusCode) -> &'static str {
         3 => "3xx",
         4 => "4xx",
         _ => "5xx",
-    }
-}
-
-fn route_of(headers: &HeaderMap) -> Option<&'static str> {
-    match headers.get(X_GPULINK_ROUTE).map(|v| v.as_bytes()) {
-        Some(b"privatelink") => Some("privatelink"),
-        Some(b"public") => Some("public"),
-        _ => None,
     }
 }
 
