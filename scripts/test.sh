@@ -9,7 +9,8 @@ cd "$(dirname "$0")/.."
 # The packaging tests: cargo-deb builds the .deb (tests/suite/packaging.rs), and, as root,
 # debootstrap + systemd-nspawn boot a real systemd to install it in
 # (tests/suite/systemd_boot.rs); nginx is the cluster's TLS + HTTP/2 front in tests/suite/goaway.rs,
-# and Prometheus's promtool lints /metrics in tests/suite/cutover_metrics.rs.
+# Prometheus's promtool lints /metrics in tests/suite/cutover_metrics.rs, and headless
+# Chromium renders the status page in tests/suite/status_page.rs.
 # Each is installed only when missing.
 if ! cargo deb --version >/dev/null 2>&1; then
   cargo install --locked cargo-deb@3.8.0
@@ -21,6 +22,7 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   command -v dpkg-deb >/dev/null || missing="$missing dpkg"
   [ -x /usr/sbin/nginx ] || command -v nginx >/dev/null || missing="$missing nginx-light"
   command -v promtool >/dev/null || missing="$missing prometheus"
+  command -v chromium >/dev/null || missing="$missing chromium"
   if [ -n "$missing" ]; then
     # No service may start from these packages (nginx's default site would listen on
     # :80, Prometheus on :9090): a policy-rc.d that refuses, for the install only.

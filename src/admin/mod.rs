@@ -31,6 +31,7 @@ use crate::body::{ProxyBody, ProxyBodyExt};
 use crate::listener::{ConnectionSettings, Listener};
 use crate::metrics::Format;
 
+mod chart;
 mod page;
 pub mod status;
 pub use page::render_page;

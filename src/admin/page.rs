@@ -6,6 +6,8 @@ use std::fmt::Write as _;
 
 use serde_json::Value;
 
+use super::chart;
+
 /// How often the status page reloads itself.
 const PAGE_REFRESH_SECONDS: u32 = 5;
 
@@ -44,19 +46,281 @@ h1{font-size:1.3em;margin:0 0 .3em}h2{font-size:1.05em;margin:1.4em 0 .4em}\
 .fact b{display:block;font-size:.75em;color:#5a6570;font-weight:600;text-transform:uppercase}\
 table{border-collapse:collapse;background:#fff;border:1px solid #dde1e6;width:100%}\
 th,td{padding:.35em .7em;border-bottom:1px solid #eef0f2;text-align:left;white-space:nowrap}\
+td.num{text-align:right;font-variant-numeric:tabular-nums}\
 th{background:#eef1f4;font-size:.8em;text-transform:uppercase;color:#4a5560}\
 td.err{white-space:normal;color:#8a2a1f;font-size:.9em}\
 .ok{color:#fff;background:#1f8a4c}.bad{color:#fff;background:#c0392b}.warn{color:#1d2329;background:#f1c40f}.mute{color:#fff;background:#7f8c8d}\
 .badge{border-radius:4px;padding:.05em .5em;font-size:.85em;font-weight:600}\
+.since{display:block;font-size:.8em;color:#5a6570}\
+.charts{display:flex;flex-wrap:wrap;gap:.8em}.panel{background:#fff;border:1px solid #dde1e6;border-radius:6px;padding:.5em .7em}\
+.panel h3{font-size:.85em;margin:0 0 .2em;color:#4a5560;text-transform:uppercase}\
+.legend{font-size:.8em;color:#4a5560}.legend span{margin-right:1em}.legend i{display:inline-block;width:1.6em;margin-right:.3em;vertical-align:middle}\
+.codes{margin:.5em 0 0;font-size:.9em}.codes code{background:#eef1f4;border-radius:3px;padding:0 .3em}\
 footer{margin-top:1.5em;color:#6b7680;font-size:.85em}";
+
+/// The two routes the charts compare, with their colours.
+const ROUTES: [(&str, &str, &str); 2] = [
+    ("privatelink", "PrivateLink", "#2563eb"),
+    ("public", "public", "#d97706"),
+];
 
 fn badge(class: &str, label: &str) -> String {
     format!("<span class=\"badge {class}\">{}</span>", esc(label))
 }
 
+/// A duration the way an operator says it: "45 s", "4 min", "2 h 5 min", "3 d 2 h".
+pub(crate) fn human_duration(seconds: u64) -> String {
+    match seconds {
+        s if s < 60 => format!("{s} s"),
+        s if s < 3600 => format!("{} min", s / 60),
+        s if s < 86_400 => match (s / 3600, s % 3600 / 60) {
+            (h, 0) => format!("{h} h"),
+            (h, m) => format!("{h} h {m} min"),
+        },
+        s => match (s / 86_400, s % 86_400 / 3600) {
+            (d, 0) => format!("{d} d"),
+            (d, h) => format!("{d} d {h} h"),
+        },
+    }
+}
+
+type Time = chrono::DateTime<chrono::Utc>;
+
+fn parse_time(value: &Value) -> Option<Time> {
+    let text = value.as_str()?;
+    chrono::DateTime::parse_from_rfc3339(text)
+        .ok()
+        .map(|t| t.with_timezone(&chrono::Utc))
+}
+
+fn seconds_between(from: Time, to: Time) -> u64 {
+    u64::try_from((to - from).num_seconds()).unwrap_or(0)
+}
+
+/// `at` relative to `now` ("3 s ago"), the exact time (to the second) as its tooltip;
+/// a dash for no time.
+fn ago(now: Time, at: &Value) -> String {
+    match parse_time(at) {
+        None => "-".into(),
+        Some(t) => {
+            let exact = t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+            let seconds = seconds_between(t, now);
+            let text = if seconds == 0 {
+                "just now".to_string()
+            } else {
+                format!("{} ago", human_duration(seconds))
+            };
+            format!("<time datetime=\"{exact}\" title=\"{exact}\">{text}</time>")
+        }
+    }
+}
+
+/// Milliseconds with the precision that means something at that size.
+fn millis(ms: f64) -> String {
+    if !ms.is_finite() {
+        "-".into()
+    } else if ms < 1.0 {
+        "&lt;1 ms".into()
+    } else if ms < 100.0 {
+        format!("{ms:.1} ms")
+    } else {
+        format!("{ms:.0} ms")
+    }
+}
+
+fn percent(share: f64) -> String {
+    let p = share * 100.0;
+    if p == 0.0 {
+        "0%".into()
+    } else if p < 0.1 {
+        "&lt;0.1%".into()
+    } else if p < 10.0 {
+        format!("{p:.1}%")
+    } else {
+        format!("{p:.0}%")
+    }
+}
+
+fn points(values: &Value) -> Vec<Option<f64>> {
+    values
+        .as_array()
+        .map(|a| a.iter().map(Value::as_f64).collect())
+        .unwrap_or_default()
+}
+
+/// Top error codes as `code × n` items.
+fn codes(list: &Value) -> String {
+    let items: Vec<String> = list
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|c| format!("<code>{}</code> × {}", show(&c["code"]), show(&c["count"])))
+                .collect()
+        })
+        .unwrap_or_default();
+    if items.is_empty() {
+        "-".into()
+    } else {
+        items.join(", ")
+    }
+}
+
+/// Whether requests are succeeding, over the ring's window: the verdict an operator
+/// reads first, next to readiness (a ready gpulink whose requests all fail is not green).
+fn traffic_verdict(traffic: &Value) -> (String, String) {
+    let routes = &traffic["routes"];
+    let sum = |key: &str| -> u64 {
+        ["privatelink", "public", "none"]
+            .iter()
+            .map(|r| routes[r][key].as_u64().unwrap_or(0))
+            .sum()
+    };
+    let (total, failed) = (sum("requests"), sum("5xx"));
+    let minutes = traffic["window_seconds"].as_f64().unwrap_or(0.0) / 60.0;
+    let span = if minutes >= 14.5 {
+        "15 min".to_string()
+    } else {
+        human_duration((minutes * 60.0) as u64)
+    };
+    if total == 0 {
+        return (
+            badge("mute", "no requests"),
+            format!("none in the last {span}"),
+        );
+    }
+    let share = failed as f64 / total as f64;
+    let class = if failed == 0 {
+        "ok"
+    } else if share < 0.05 {
+        "warn"
+    } else {
+        "bad"
+    };
+    let label = if failed == 0 {
+        "requests succeeding".to_string()
+    } else {
+        format!(
+            "{} of requests failing",
+            percent(share).replace("&lt;", "<")
+        )
+    };
+    (
+        badge(class, &label),
+        format!("{total} in the last {span}, {failed} failed (5xx)"),
+    )
+}
+
+fn traffic_section(page: &mut String, traffic: &Value) {
+    let routes = &traffic["routes"];
+    page.push_str(
+        "<h2>Requests, last 15 minutes</h2><table id=\"traffic\"><thead><tr><th>route</th>\
+         <th>requests</th><th>rate</th><th>2xx</th><th>4xx</th><th>5xx</th><th>error rate (5xx)</th>\
+         <th>p50</th><th>p99</th><th>top error codes</th></tr></thead><tbody>",
+    );
+    let rows = [
+        ("privatelink", "PrivateLink"),
+        ("public", "public"),
+        ("none", "before routing"),
+    ];
+    for (key, name) in rows {
+        let r = &routes[key];
+        let total = r["requests"].as_u64().unwrap_or(0);
+        // Answers made before routing (refusals, KMS down) only when there are some.
+        if key == "none" && total == 0 {
+            continue;
+        }
+        let rate = r["per_second"].as_f64().unwrap_or(0.0);
+        let error_rate = r["error_rate"].as_f64().map_or("-".to_string(), percent);
+        let error_class = match r["5xx"].as_u64() {
+            Some(0) | None => "",
+            Some(_) => " err",
+        };
+        let quantile = |k: &str| r[k].as_f64().map_or("-".to_string(), millis);
+        let _ = write!(
+            page,
+            "<tr data-route=\"{key}\"><td>{name}</td><td class=\"num\">{total}</td>\
+             <td class=\"num\">{rate:.2}/s</td><td class=\"num\">{}</td><td class=\"num\">{}</td>\
+             <td class=\"num{error_class}\">{}</td><td class=\"num{error_class}\">{error_rate}</td>\
+             <td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"err\">{}</td></tr>",
+            show(&r["2xx"]),
+            show(&r["4xx"]),
+            show(&r["5xx"]),
+            quantile("p50_ms"),
+            quantile("p99_ms"),
+            codes(&r["top_errors"]),
+        );
+    }
+    page.push_str("</tbody></table>");
+    let _ = write!(
+        page,
+        "<p class=\"codes\"><b>Top error codes</b>: {} <span class=\"since\">gpulink's codes \
+         (<code>no_endpoint</code>, <code>upstream_timeout</code>, ...) as the app received them; \
+         <code>cluster_NNN</code>: the cluster answered with that status. Latency: to the \
+         response headers, answers from the cluster only.</span></p>",
+        codes(&traffic["top_errors"])
+    );
+
+    let series = &traffic["series"];
+    let span = (traffic["buckets"].as_u64().unwrap_or(90)
+        * traffic["bucket_seconds"].as_u64().unwrap_or(10)
+        / 60) as u32;
+    let per_route = |metric: &str, dashed: bool, suffix: &str| -> Vec<chart::Series<'static>> {
+        ROUTES
+            .iter()
+            .map(|(key, name, color)| chart::Series {
+                label: format!("{name}{suffix}"),
+                color,
+                dashed,
+                points: points(&series[*key][metric]),
+            })
+            .collect()
+    };
+    let requests = per_route("requests_per_second", false, "");
+    let errors = per_route("error_rate", false, "");
+    let mut latency = Vec::new();
+    for (p50, p99) in per_route("p50_ms", false, " p50")
+        .into_iter()
+        .zip(per_route("p99_ms", true, " p99"))
+    {
+        latency.push(p50);
+        latency.push(p99);
+    }
+    page.push_str("<div class=\"charts\">");
+    for (id, title, unit, lines) in [
+        (
+            "requests_per_second",
+            "requests per second",
+            chart::Unit::PerSecond,
+            &requests,
+        ),
+        (
+            "error_rate",
+            "error rate (5xx)",
+            chart::Unit::Share,
+            &errors,
+        ),
+        (
+            "latency",
+            "latency p50 / p99",
+            chart::Unit::Milliseconds,
+            &latency,
+        ),
+    ] {
+        let _ = write!(
+            page,
+            "<div class=\"panel\"><h3>{}</h3>{}{}</div>",
+            esc(title),
+            chart::line_chart(id, title, unit, span, lines),
+            chart::legend(lines)
+        );
+    }
+    page.push_str("</div>");
+}
+
 /// The status page: the `/status` document, readable at a glance.
 pub fn render_page(status: &Value) -> String {
-    let mut page = String::with_capacity(8 * 1024);
+    let now = parse_time(&status["now"]).unwrap_or_else(chrono::Utc::now);
+    let mut page = String::with_capacity(32 * 1024);
     let ready = status["ready"].as_bool().unwrap_or(false);
     let draining = status["draining"].as_bool().unwrap_or(false);
     let state = if draining {
@@ -66,6 +330,7 @@ pub fn render_page(status: &Value) -> String {
     } else {
         badge("bad", "starting")
     };
+    let (verdict, verdict_text) = traffic_verdict(&status["traffic"]);
     let endpoints = status["endpoints"].as_array().cloned().unwrap_or_default();
     let serving = endpoints
         .iter()
@@ -83,7 +348,7 @@ pub fn render_page(status: &Value) -> String {
     );
     let _ = write!(
         page,
-        "<h1>gpulink {} {state}</h1>",
+        "<h1>gpulink {} {state} {verdict}</h1>",
         show(&status["version"])
     );
     let rollback = if status["rollback"]["active"].as_bool() == Some(true) {
@@ -92,6 +357,18 @@ pub fn render_page(status: &Value) -> String {
         badge("ok", "armed")
     } else {
         badge("mute", "off")
+    };
+    let fallback_until = match parse_time(&status["public_fallback_until"]) {
+        None => "no end set".to_string(),
+        Some(until) if until > now => format!(
+            "until {} (in {})",
+            until.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            human_duration(seconds_between(now, until))
+        ),
+        Some(until) => format!(
+            "ended {}",
+            until.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+        ),
     };
     let fallback = if status["public_fallback_open"].as_bool() == Some(true) {
         "open"
@@ -105,26 +382,32 @@ pub fn render_page(status: &Value) -> String {
     } else {
         badge("ok", &format!("{serving} of {}", endpoints.len()))
     };
+    let uptime = status["uptime_seconds"]
+        .as_u64()
+        .map_or("-".to_string(), human_duration);
     let _ = write!(
         page,
         "<div class=\"facts\">\
+         <div class=\"fact\"><b>requests</b>{verdict_text}</div>\
          <div class=\"fact\"><b>phase</b>{}</div>\
-         <div class=\"fact\"><b>generation</b><span id=\"generation\">{}</span></div>\
+         <div class=\"fact\"><b>generation</b><span id=\"generation\">{}</span> (loaded {})</div>\
          <div class=\"fact\"><b>endpoints serving</b>{serving_badge}</div>\
-         <div class=\"fact\"><b>public fallback</b>{fallback} (until {})</div>\
+         <div class=\"fact\"><b>public fallback</b>{fallback} ({})</div>\
          <div class=\"fact\"><b>auto rollback</b>{rollback}</div>\
          <div class=\"fact\"><b>tenant</b>{}</div>\
-         <div class=\"fact\"><b>uptime</b>{} s</div>\
+         <div class=\"fact\"><b>uptime</b>{uptime}</div>\
          <div class=\"fact\"><b>reloads</b>{} applied, {} rejected</div>\
          </div>",
         show(&status["phase"]),
         show(&status["generation"]),
-        show(&status["public_fallback_until"]),
+        ago(now, &status["loaded_at"]),
+        esc(&fallback_until),
         show(&status["tenant"]),
-        show(&status["uptime_seconds"]),
         show(&status["reloads"]["applied"]),
         show(&status["reloads"]["rejected"]),
     );
+
+    traffic_section(&mut page, &status["traffic"]);
 
     page.push_str(
         "<h2>Endpoints</h2><table><thead><tr><th>endpoint</th><th>tier</th><th>region</th>\
@@ -132,85 +415,7 @@ pub fn render_page(status: &Value) -> String {
          <th>failures</th><th>ejections</th><th>why not serving</th><th>last request error</th></tr></thead><tbody>",
     );
     for e in &endpoints {
-        let health = e["health"].as_str().unwrap_or("unknown");
-        let health_badge = if e["ejected"].as_bool() == Some(true) {
-            badge("bad", "ejected")
-        } else if health == "healthy" && e["capacity"].as_u64() == Some(0) {
-            badge("warn", "full")
-        } else if health == "healthy" {
-            badge("ok", "healthy")
-        } else if health == "unhealthy" {
-            badge("bad", "unhealthy")
-        } else {
-            badge("mute", health)
-        };
-        let data_path = e["data_path"]["state"].as_str().unwrap_or("unknown");
-        let data_path_badge = match data_path {
-            "ok" => badge("ok", "ok"),
-            "failed" => badge("bad", "failed"),
-            other => badge("mute", other),
-        };
-        let latency = match e["latency_ms"].as_f64() {
-            Some(ms) => format!("{ms:.1} ms"),
-            None => "-".into(),
-        };
-        // The failing checks' diagnoses (the same words `gpulink probe` uses), else the
-        // last health error while below the threshold.
-        let mut why = Vec::new();
-        if e["health"] == "unhealthy" {
-            let text = e["health_diagnosis"]
-                .as_str()
-                .or(e["last_error"].as_str())
-                .unwrap_or("health check failing");
-            why.push(format!("<b>health</b>: {}", esc(text)));
-        }
-        if data_path == "failed" {
-            let problem = e["data_path"]["problem"].as_str().unwrap_or("failed");
-            let text = e["data_path"]["diagnosis"]
-                .as_str()
-                .or(e["data_path"]["last_error"].as_str())
-                .unwrap_or("data-path check failing");
-            why.push(format!(
-                "<b>data path</b> ({}): {}",
-                esc(problem),
-                esc(text)
-            ));
-        }
-        if why.is_empty() && !e["last_error"].is_null() {
-            why.push(show(&e["last_error"]));
-        }
-        let why = if why.is_empty() {
-            "-".to_string()
-        } else {
-            why.join("<br>")
-        };
-        let request_error = &e["last_request_error"];
-        let request_error = if request_error.is_null() {
-            "-".to_string()
-        } else {
-            format!(
-                "{} {}",
-                show(&request_error["at"]),
-                show(&request_error["message"])
-            )
-        };
-        let _ = write!(
-            page,
-            "<tr data-endpoint=\"{}\" data-health=\"{}\" data-path=\"{}\"><td>{}</td><td>{}</td><td>{}</td><td>{health_badge}</td>\
-             <td>{data_path_badge}</td><td>{}</td><td>{latency}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td>\
-             <td class=\"err\">{why}</td><td class=\"err\">{request_error}</td></tr>",
-            show(&e["address"]),
-            esc(health),
-            esc(data_path),
-            show(&e["address"]),
-            show(&e["tier"]),
-            show(&e["region"]),
-            show(&e["capacity"]),
-            show(&e["in_flight"]),
-            show(&e["requests"]),
-            show(&e["failures"]),
-            show(&e["ejections"]),
-        );
+        endpoint_row(&mut page, e, now);
     }
     page.push_str("</tbody></table>");
 
@@ -221,10 +426,19 @@ pub fn render_page(status: &Value) -> String {
         } else {
             badge("ok", "ok")
         }
-    } else if kms["last_success"].as_str() > kms["last_error"].as_str() {
+    } else if parse_time(&kms["last_success"]) > parse_time(&kms["last_error"]) {
         badge("warn", "recovered")
     } else {
         badge("bad", "failing")
+    };
+    let kms_last_error = if kms["last_error"].is_null() {
+        "none".to_string()
+    } else {
+        format!(
+            "{}: {}",
+            ago(now, &kms["last_error"]),
+            show(&kms["last_error_message"])
+        )
     };
     let _ = write!(
         page,
@@ -235,7 +449,7 @@ pub fn render_page(status: &Value) -> String {
          <div class=\"fact\"><b>format</b>{} / context {}</div>\
          <div class=\"fact\"><b>calls</b>{} ({} failed)</div>\
          <div class=\"fact\"><b>last success</b>{}</div>\
-         <div class=\"fact\"><b>last error</b>{} {}</div>\
+         <div class=\"fact\"><b>last error</b>{kms_last_error}</div>\
          <div class=\"fact\"><b>data-key cache</b>{} hits, {} misses, {} entries</div>\
          </div>",
         show(&kms["provider"]),
@@ -245,9 +459,7 @@ pub fn render_page(status: &Value) -> String {
         show(&kms["context"]),
         show(&kms["calls"]),
         show(&kms["failures"]),
-        show(&kms["last_success"]),
-        show(&kms["last_error"]),
-        show(&kms["last_error_message"]),
+        ago(now, &kms["last_success"]),
         show(&status["key_cache"]["hits"]),
         show(&status["key_cache"]["misses"]),
         status["key_cache"]["entries"]
@@ -256,11 +468,143 @@ pub fn render_page(status: &Value) -> String {
     );
     let _ = write!(
         page,
-        "<footer>Refreshes every {PAGE_REFRESH_SECONDS} s. Machine-readable: \
-         <a href=\"/status\">/status</a>, <a href=\"/metrics\">/metrics</a>; \
-         <a href=\"/ready\">/ready</a>, <a href=\"/live\">/live</a>.</footer></body></html>"
+        "<footer>As of <time datetime=\"{now}\">{now}</time>; refreshes every {PAGE_REFRESH_SECONDS} s. \
+         Machine-readable: <a href=\"/status\">/status</a>, <a href=\"/metrics\">/metrics</a>; \
+         <a href=\"/ready\">/ready</a>, <a href=\"/live\">/live</a>.</footer></body></html>",
+        now = now.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
     );
     page
+}
+
+fn endpoint_row(page: &mut String, e: &Value, now: Time) {
+    let health = e["health"].as_str().unwrap_or("unknown");
+    let data_path = e["data_path"]["state"].as_str().unwrap_or("unknown");
+    let healthy = health == "healthy";
+    let health_badge = if e["ejected"].as_bool() == Some(true) {
+        badge("bad", "ejected")
+    } else if healthy && e["capacity"].as_u64() == Some(0) {
+        badge("warn", "full")
+    } else if healthy {
+        badge("ok", "healthy")
+    } else if health == "unhealthy" {
+        badge("bad", "unhealthy")
+    } else {
+        badge("mute", health)
+    };
+    // How long it has been out, from the check that took it out.
+    let down_since = |since: &Value| {
+        parse_time(since).map_or(String::new(), |t| {
+            format!(
+                "<span class=\"since\">down for {}</span>",
+                human_duration(seconds_between(t, now))
+            )
+        })
+    };
+    let health_since = if e["ejected"].as_bool() == Some(true) {
+        e["ejected_for_ms"].as_u64().map_or(String::new(), |ms| {
+            format!(
+                "<span class=\"since\">for {}</span>",
+                human_duration(ms / 1000)
+            )
+        })
+    } else if health == "unhealthy" {
+        down_since(&e["health_since"])
+    } else {
+        String::new()
+    };
+    let data_path_badge = match data_path {
+        "ok" => badge("ok", "ok"),
+        "failed" => format!(
+            "{}{}",
+            badge("bad", "failed"),
+            down_since(&e["data_path"]["since"])
+        ),
+        other => badge("mute", other),
+    };
+    // A down endpoint's capacity and latency are the last ones it had: not shown as
+    // if current.
+    let capacity = if healthy {
+        show(&e["capacity"])
+    } else {
+        "-".to_string()
+    };
+    let latency = match e["latency_ms"].as_f64() {
+        Some(ms) if e["serving"].as_bool() == Some(true) => millis(ms),
+        _ => "-".into(),
+    };
+    // The failing checks' diagnoses (the same words `gpulink probe` uses), else the
+    // last health error while below the threshold.
+    let mut why = Vec::new();
+    if health == "unhealthy" {
+        let text = e["health_diagnosis"]
+            .as_str()
+            .or(e["last_error"].as_str())
+            .unwrap_or("health check failing");
+        why.push(format!("<b>health</b>: {}", esc(text)));
+    }
+    if data_path == "failed" {
+        let problem = e["data_path"]["problem"].as_str().unwrap_or("failed");
+        let text = e["data_path"]["diagnosis"]
+            .as_str()
+            .or(e["data_path"]["last_error"].as_str())
+            .unwrap_or("data-path check failing");
+        why.push(format!(
+            "<b>data path</b> ({}): {}",
+            esc(problem),
+            esc(text)
+        ));
+    }
+    if why.is_empty() && !e["last_error"].is_null() {
+        why.push(show(&e["last_error"]));
+    }
+    let why = if why.is_empty() {
+        "-".to_string()
+    } else {
+        why.join("<br>")
+    };
+    // The newer of the last connection-level failure and the last 5xx answer.
+    let connect = &e["last_request_error"];
+    let answered = &e["last_failed_request"];
+    let newest = match (parse_time(&connect["at"]), parse_time(&answered["at"])) {
+        (Some(c), Some(a)) if a > c => Some(answered),
+        (Some(_), _) => Some(connect),
+        (None, Some(_)) => Some(answered),
+        (None, None) => None,
+    };
+    let request_error = match newest {
+        None => "-".to_string(),
+        Some(error) => {
+            let mut text = ago(now, &error["at"]);
+            if !error["code"].is_null() {
+                let _ = write!(
+                    text,
+                    " {} <code>{}</code>",
+                    show(&error["status"]),
+                    show(&error["code"])
+                );
+            }
+            if !error["message"].is_null() {
+                let _ = write!(text, ": {}", show(&error["message"]));
+            }
+            text
+        }
+    };
+    let _ = write!(
+        page,
+        "<tr data-endpoint=\"{}\" data-health=\"{}\" data-path=\"{}\"><td>{}</td><td>{}</td><td>{}</td><td>{health_badge}{health_since}</td>\
+         <td>{data_path_badge}</td><td class=\"num\">{capacity}</td><td class=\"num\">{latency}</td><td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td>\
+         <td class=\"err\">{why}</td><td class=\"err\">{request_error}</td></tr>",
+        show(&e["address"]),
+        esc(health),
+        esc(data_path),
+        show(&e["address"]),
+        show(&e["tier"]),
+        show(&e["region"]),
+        show(&e["in_flight"]),
+        show(&e["requests"]),
+        show(&e["failures"]),
+        show(&e["ejections"]),
+    );
 }
 
 #[cfg(test)]
@@ -285,7 +629,7 @@ mod tests {
             "rollback": {"configured": false, "active": false},
             "reloads": {"applied": 2, "rejected": 0},
             "kms": {"provider": "aws-kms", "key_id": "arn:k", "region": "us-east-1",
-                    "format": "KmsDirect", "context": "Tenant", "calls": 1, "failures": 0,
+                    "format": "KmsDirect", "context": "tenant", "calls": 1, "failures": 0,
                     "last_success": "2026-01-01T00:00:00Z", "last_error": null, "last_error_message": null},
             "key_cache": {"hits": 0, "misses": 0},
             "endpoints": [
@@ -314,5 +658,119 @@ mod tests {
         assert!(!page.contains("<script>"));
         assert!(page.contains("http-equiv=\"refresh\""));
         assert!(!page.contains("http://") && !page.contains("https://"));
+    }
+
+    /// A `/status` document with traffic on both routes and a down endpoint.
+    fn busy_status() -> Value {
+        let mut rps = vec![Value::Null; 60];
+        rps.extend((0..30).map(|i| json!(2.0 + f64::from(i % 5))));
+        let mut p50 = vec![Value::Null; 60];
+        p50.extend((0..30).map(|i| json!(150.0 + f64::from(i % 3))));
+        let mut errors = vec![Value::Null; 60];
+        errors.extend((0..30).map(|i| json!(if i == 20 { 0.5 } else { 0.0 })));
+        json!({
+            "version": "0.1.0", "ready": true, "draining": false, "generation": 2,
+            "now": "2026-01-01T00:10:00.000Z",
+            "loaded_at": "2026-01-01T00:07:00.123456789+00:00",
+            "phase": "canary", "tenant": "t", "uptime_seconds": 300,
+            "public_fallback_open": true, "public_fallback_until": "2026-01-01T01:10:00Z",
+            "rollback": {"configured": true, "active": false},
+            "reloads": {"applied": 1, "rejected": 0},
+            "kms": {"provider": "aws-kms", "key_id": "arn:k", "region": "us-east-1",
+                    "format": "aws-esdk", "context": "tenant", "calls": 1, "failures": 0,
+                    "last_success": "2026-01-01T00:09:57.987654321+00:00", "last_error": null,
+                    "last_error_message": null},
+            "key_cache": {"hits": 0, "misses": 0},
+            "traffic": {
+                "bucket_seconds": 10, "buckets": 90, "window_seconds": 300.0,
+                "routes": {
+                    "privatelink": {"requests": 1200, "2xx": 1190, "4xx": 4, "5xx": 6, "other": 0,
+                        "per_second": 4.0, "error_rate": 0.005, "p50_ms": 151.0, "p99_ms": 240.0,
+                        "top_errors": [{"code": "upstream_timeout", "count": 6}]},
+                    "public": {"requests": 300, "2xx": 300, "4xx": 0, "5xx": 0, "other": 0,
+                        "per_second": 1.0, "error_rate": 0.0, "p50_ms": 171.0, "p99_ms": 260.0,
+                        "top_errors": []},
+                    "none": {"requests": 0, "2xx": 0, "4xx": 0, "5xx": 0, "other": 0,
+                        "per_second": 0.0, "error_rate": null, "p50_ms": null, "p99_ms": null,
+                        "top_errors": []}
+                },
+                "top_errors": [{"code": "upstream_timeout", "count": 6}, {"code": "cluster_500", "count": 2}],
+                "series": {
+                    "privatelink": {"requests_per_second": rps, "error_rate": errors, "p50_ms": p50, "p99_ms": p50},
+                    "public": {"requests_per_second": rps, "error_rate": errors, "p50_ms": p50, "p99_ms": p50}
+                }
+            },
+            "endpoints": [
+                {"address": "10.0.0.2:443", "tier": "local privatelink", "region": "us-east-1",
+                 "health": "unhealthy", "health_since": "2026-01-01T00:06:00Z", "serving": false,
+                 "capacity": 45, "latency_ms": 0.0, "in_flight": 0, "requests": 7, "failures": 3,
+                 "ejections": 0, "last_error": "connection refused",
+                 "data_path": {"state": "ok"},
+                 "last_request_error": {"at": "2026-01-01T00:09:50.5Z", "message": "connect refused"},
+                 "last_failed_request": {"at": "2026-01-01T00:09:57Z", "status": 504,
+                                         "code": "upstream_timeout", "message": "no headers <in> 30s"}}
+            ]
+        })
+    }
+
+    #[test]
+    fn page_shows_outcomes_charts_and_relative_times() {
+        let page = render_page(&busy_status());
+        // Outcomes per route, the top codes and the verdict.
+        assert!(page.contains("<tr data-route=\"privatelink\">"));
+        assert!(page.contains(">1200<") && page.contains("4.00/s") && page.contains(">0.5%<"));
+        assert!(page.contains("<code>upstream_timeout</code> × 6"));
+        assert!(page.contains("<code>cluster_500</code> × 2"));
+        assert!(page.contains("0.4% of requests failing"), "6 of 1500");
+        assert!(!page.contains("data-route=\"none\""), "no refusals, no row");
+        assert!(page.contains("151 ms") && page.contains("171 ms"));
+        // Three charts, both routes drawn.
+        for chart in ["requests_per_second", "error_rate", "latency"] {
+            assert!(page.contains(&format!("data-chart=\"{chart}\"")), "{chart}");
+        }
+        assert!(page.contains("data-series=\"PrivateLink p99\""));
+        assert!(page.matches("<polyline").count() >= 6);
+        // Relative times, exact ones to the second, never nanoseconds.
+        assert!(page.contains("loaded <time datetime=\"2026-01-01T00:07:00Z\" title=\"2026-01-01T00:07:00Z\">2 min ago"));
+        assert!(page.contains(">2 s ago<"), "KMS last success");
+        assert!(page.contains("title=\"2026-01-01T00:09:57Z\""));
+        assert!(!page.contains("987654321") && !page.contains("123456789"));
+        assert!(page.contains("in 1 h"));
+        assert!(page.contains("uptime</b>5 min"));
+        // The down endpoint: how long, no stale capacity or latency, the newest request
+        // error (the 504 answer, newer than the connect failure), escaped.
+        let row = &page[page.find("<tr data-endpoint=\"10.0.0.2:443\"").unwrap()..];
+        let row = &row[..row.find("</tr>").unwrap()];
+        assert!(row.contains("down for 4 min"), "{row}");
+        assert!(!row.contains("0.0 ms") && !row.contains(">45<"), "{row}");
+        assert!(row.contains("504 <code>upstream_timeout</code>"), "{row}");
+        assert!(row.contains("no headers &lt;in&gt; 30s"), "{row}");
+        // KMS without an error says so, not "- -".
+        assert!(page.contains("last error</b>none"));
+        assert!(!page.contains("- -"));
+        assert!(page.contains("context tenant"));
+    }
+
+    #[test]
+    fn page_without_traffic_says_so() {
+        if let Ok(path) = std::env::var("GPULINK_WRITE_SAMPLE_PAGE") {
+            let _ = std::fs::write(path, render_page(&busy_status()));
+        }
+        let mut status = busy_status();
+        status["traffic"] = Value::Null;
+        let page = render_page(&status);
+        assert!(page.contains(">no requests<"));
+        assert_eq!(page.matches("no requests yet").count(), 3);
+        assert!(!page.contains("<polyline"));
+    }
+
+    #[test]
+    fn durations_read_like_an_operator_says_them() {
+        assert_eq!(human_duration(0), "0 s");
+        assert_eq!(human_duration(59), "59 s");
+        assert_eq!(human_duration(240), "4 min");
+        assert_eq!(human_duration(3600), "1 h");
+        assert_eq!(human_duration(3900), "1 h 5 min");
+        assert_eq!(human_duration(90_000), "1 d 1 h");
     }
 }

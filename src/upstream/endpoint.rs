@@ -24,6 +24,8 @@ pub type PoolClient = Client<EndpointConnector, Full<Bytes>>;
 pub struct HealthSnapshot {
     /// `unknown` until the first check, then `healthy` or `unhealthy`.
     pub state: &'static str,
+    /// When `state` last changed (the status page's "down for 4 min").
+    pub since: Option<chrono::DateTime<chrono::Utc>>,
     /// Why the last check failed, if it did.
     pub last_error: Option<String>,
     /// The kind of that failure, and what to do about it (as `gpulink probe` says).
@@ -42,6 +44,8 @@ pub struct HealthSnapshot {
 pub struct DataPathSnapshot {
     /// `unknown` until the first check, then `ok` or `failed`.
     pub state: &'static str,
+    /// When `state` last changed.
+    pub since: Option<chrono::DateTime<chrono::Utc>>,
     /// What failed it last: `check` (the health round's handshake) or `request` (a real
     /// request's connect or TLS failure).
     pub failed_by: Option<&'static str>,

@@ -199,6 +199,7 @@ pub fn record(endpoint: &Endpoint, result: &Result<HealthOk, HealthError>, setti
                     tracing::info!(endpoint = %endpoint.authority, region = endpoint.region(), "endpoint is healthy again");
                 }
                 h.state = "healthy";
+                h.since = Some(chrono::Utc::now());
                 endpoint.set_healthy(true);
             }
         }
@@ -228,6 +229,7 @@ pub fn record(endpoint: &Endpoint, result: &Result<HealthOk, HealthError>, setti
                     "endpoint is unhealthy (health check failed); no new requests go to it"
                 );
                 h.state = "unhealthy";
+                h.since = Some(chrono::Utc::now());
                 endpoint.set_healthy(false);
             }
         }
@@ -265,6 +267,7 @@ pub fn record_data_path(
                     );
                 }
                 d.state = "ok";
+                d.since = Some(chrono::Utc::now());
                 d.failed_by = None;
                 d.problem = None;
                 d.diagnosis = None;
@@ -323,6 +326,9 @@ fn mark_failed(
             diagnosis = %diagnosis.message,
             "data path failed (no TCP/TLS connection to the inference port); no new requests go to this endpoint until a data-path check passes"
         );
+    }
+    if d.state != "failed" {
+        d.since = Some(chrono::Utc::now());
     }
     d.state = "failed";
     d.failed_by = Some(by);

@@ -35,5 +35,6 @@ mod proxy;
 mod routing;
 mod sim;
 mod soak;
+mod status_page;
 mod systemd;
 mod systemd_boot;
