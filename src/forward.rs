@@ -888,7 +888,10 @@ mod tests {
     fn the_tenant_headers_replace_the_apps() {
         let mut app = HeaderMap::new();
         app.insert("x-app", HeaderValue::from_static("kept"));
-        app.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        app.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
         let id = HeaderValue::from_static("req-1");
         let headers = upstream_headers(app, &sealed("arn:aws:kms:k"), "t1", "pool-a", &id)
             .expect("valid values");
