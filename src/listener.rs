@@ -56,6 +56,10 @@ const FD_RESERVE: u64 = 128;
 /// Upstream descriptors budgeted per endpoint: its pooled connections and health checks.
 const FD_PER_ENDPOINT: u64 = 8;
 
+/// hyper's own default (8 KiB + 100 × 4 KiB), stated so the documented limit is ours:
+/// a request head over it gets hyper's 431 without a JSON body.
+const H1_MAX_BUF_SIZE: usize = 8192 + 4096 * 100;
+
 /// Per-connection settings, read from the current configuration at each accept so a
 /// reload applies to new connections.
 #[derive(Debug, Clone, Copy)]
@@ -72,6 +76,12 @@ pub struct ConnectionSettings {
     /// connection may have in flight, so a stalled reader stops the client.
     pub h2_stream_window: u32,
     pub h2_connection_window: u32,
+    /// HTTP/2 SETTINGS_MAX_HEADER_LIST_SIZE (RFC 9113 counts 32 bytes per field on top
+    /// of name and value); a larger header block gets the h2 library's bare 431.
+    pub h2_max_header_list_size: u32,
+    /// HTTP/1.1: bytes hyper buffers while reading a head (and body chunks); a head that
+    /// does not fit gets hyper's bare 431.
+    pub h1_max_buf_size: usize,
     pub nodelay: bool,
 }
 
@@ -88,6 +98,11 @@ impl ConnectionSettings {
             h2_max_streams: 128,
             h2_stream_window: 1024 * 1024,
             h2_connection_window: 4 * 1024 * 1024,
+            // Twice the head gpulink forwards: every head the handler would accept
+            // reaches it (h2 counts 32 bytes per field, the handler 4), and heads between
+            // the two limits get the handler's JSON 431 `headers_too_large`, as on h1.
+            h2_max_header_list_size: 2 * crate::forward::MAX_REQUEST_HEAD as u32,
+            h1_max_buf_size: H1_MAX_BUF_SIZE,
             nodelay: true,
         }
     }
@@ -103,6 +118,8 @@ impl ConnectionSettings {
             h2_max_streams: 16,
             h2_stream_window: 64 * 1024,
             h2_connection_window: 256 * 1024,
+            h2_max_header_list_size: 16 * 1024,
+            h1_max_buf_size: H1_MAX_BUF_SIZE,
             nodelay: false,
         }
     }
@@ -115,13 +132,18 @@ impl ConnectionSettings {
         builder
             .http1()
             .timer(TokioTimer::new())
-            .header_read_timeout(self.header_read_timeout.max(self.idle_timeout));
+            .header_read_timeout(self.header_read_timeout.max(self.idle_timeout))
+            // A client that shuts down its sending side after a whole request still
+            // reads: it gets its response (hyper's default closes at once on EOF).
+            .half_close(true)
+            .max_buf_size(self.h1_max_buf_size);
         builder
             .http2()
             .timer(TokioTimer::new())
             .max_concurrent_streams(self.h2_max_streams)
             .initial_stream_window_size(self.h2_stream_window)
             .initial_connection_window_size(self.h2_connection_window)
+            .max_header_list_size(self.h2_max_header_list_size)
             .keep_alive_interval(self.h2_keepalive_interval)
             .keep_alive_timeout(self.h2_keepalive_timeout);
         builder

@@ -1,5 +1,7 @@
 //! Ingress behaviour seen by real clients: a 413 that ordinary clients read instead of a
-//! reset, HTTP/2 with prior knowledge, and a streamed (server-sent events) answer.
+//! reset, HTTP/2 with prior knowledge (and its header list limit, consistent with
+//! HTTP/1.1's), a client that half-closes after its request, and a streamed
+//! (server-sent events) answer.
 
 use crate::common::*;
 use bytes::Bytes;
@@ -175,5 +177,80 @@ async fn a_long_generation_is_not_cut_but_a_stalled_one_is() {
     assert!(!clean, "a stalled stream ended cleanly: {text}");
     assert!(text.starts_with("data: {\"token\": 0}"), "{text}");
     assert!(!text.contains("[DONE]"), "{text}");
+    world.stop().await;
+}
+
+/// The HTTP/2 header list limit lets every head gpulink forwards through, and a head
+/// over gpulink's 32 KiB limit gets the same JSON 431 `headers_too_large` as on h1, not
+/// the h2 library's bare 431 (hyper's default list limit was 16 KiB).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_header_list_limit_matches_the_http1_head_limit() {
+    let world = World::start(242, ProxyOptions::default()).await;
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http();
+    // (The simulated cluster's own h2 list limit is hyper's default 16 KiB.)
+    let padding = "a".repeat(12_000);
+    let reply = send(
+        &client,
+        "POST",
+        &world.url("/inference"),
+        GUIDE_REQUEST.into(),
+        &[("x-padding", &padding)],
+    )
+    .await;
+    assert_eq!(
+        reply.status,
+        200,
+        "a 12 KB head is under the limit: {}",
+        String::from_utf8_lossy(&reply.body)
+    );
+    let before = world.total_requests();
+    let padding = "a".repeat(40_000);
+    let reply = send(
+        &client,
+        "POST",
+        &world.url("/inference"),
+        GUIDE_REQUEST.into(),
+        &[("x-padding", &padding)],
+    )
+    .await;
+    assert_eq!(reply.status, 431);
+    assert_eq!(reply.error_code(), "headers_too_large");
+    assert_eq!(world.total_requests(), before, "refused before the cluster");
+    world.stop().await;
+}
+
+/// A client that shuts down its sending side once its request is sent (`shutdown(SHUT_WR)`,
+/// as `nc -N` and some scripts do) still gets its response.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http1_client_that_half_closes_after_its_request_gets_the_response() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let world = World::start(243, ProxyOptions::default()).await;
+    let body = GUIDE_REQUEST;
+    let request = format!(
+        "POST /inference HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let mut stream = tokio::net::TcpStream::connect(world.proxy().listen_addr)
+        .await
+        .expect("connect");
+    stream.write_all(request.as_bytes()).await.expect("write");
+    stream.shutdown().await.expect("shutdown write");
+    let mut answer = Vec::new();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        stream.read_to_end(&mut answer),
+    )
+    .await
+    .expect("the proxy answers or closes")
+    .expect("read");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
+    assert!(
+        answer.contains(&sha256_hex(body.as_bytes())),
+        "the cluster's answer: {answer:?}"
+    );
     world.stop().await;
 }
