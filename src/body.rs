@@ -121,14 +121,14 @@ pub struct BodyLimits {
 }
 
 impl BodyLimits {
-    pub fn from_config(config: &crate::config::Config) -> Self {
-        let listen = &config.listen;
+    /// `[listen]`'s body bounds, and `upstream.max_body` for the sealed copy.
+    pub fn new(listen: &crate::config::Listen, upstream: &crate::config::Upstream) -> Self {
         Self {
             max: usize::try_from(listen.max_body.bytes()).unwrap_or(usize::MAX),
             read_timeout: listen.body_read_timeout.get(),
             min_rate: listen.body_min_rate.bytes(),
             in_flight: listen.max_in_flight_bytes.bytes(),
-            max_sealed: config.upstream.max_body.bytes(),
+            max_sealed: upstream.max_body.bytes(),
         }
     }
 

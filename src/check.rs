@@ -65,7 +65,8 @@ pub fn warnings(config: &Config, now: DateTime<Utc>, resolve: bool) -> Vec<Warni
         })
     };
 
-    if config.kms.key_id.contains(EXAMPLE_ACCOUNT) || config.kms.key_id.contains(EXAMPLE_KEY_ID) {
+    let key_id = config.kms.key_id.as_str();
+    if key_id.contains(EXAMPLE_ACCOUNT) || key_id.contains(EXAMPLE_KEY_ID) {
         warn(
             "kms.key_id",
             "the example's placeholder key ARN; set your key's ARN \
@@ -93,10 +94,9 @@ pub fn warnings(config: &Config, now: DateTime<Utc>, resolve: bool) -> Vec<Warni
     let mut to_resolve: Vec<(String, String, u16)> = Vec::new();
     // In file order (region, then its privatelink list, then its public list), so the
     // key can be named as the file writes it.
-    let endpoints = config.endpoints().unwrap_or_default();
-    let region_index = |name: &str| config.regions.iter().position(|r| r.name == name);
+    let region_index = |name: &str| config.regions.iter().position(|r| r == name);
     let mut position: (Option<usize>, RouteKind, usize) = (None, RouteKind::Privatelink, 0);
-    for endpoint in &endpoints {
+    for endpoint in &config.endpoints {
         let region = region_index(&endpoint.region);
         position = if position.0 == region && position.1 == endpoint.kind {
             (region, endpoint.kind, position.2 + 1)
@@ -138,7 +138,7 @@ pub fn warnings(config: &Config, now: DateTime<Utc>, resolve: bool) -> Vec<Warni
             to_resolve.push((key, host.clone(), endpoint.port));
         }
     }
-    for discovery in config.dns_discovery() {
+    for discovery in &config.discovery {
         if let Some(why) = placeholder_name(&discovery.host) {
             let i = region_index(&discovery.region).unwrap_or_default();
             warn(

@@ -254,7 +254,7 @@ async fn read_body(
     parts: &Parts,
     mut body: Incoming,
 ) -> Result<(Bytes, Reservation), ProxyError> {
-    let limits = BodyLimits::from_config(&cx.generation.config);
+    let limits = BodyLimits::new(&cx.generation.config.listen, &cx.generation.config.upstream);
     let declared_len = content_length(&parts.headers);
     // A client waiting for `100 Continue` has not sent the body: nothing to drain.
     let expects_continue = parts

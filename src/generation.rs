@@ -43,7 +43,13 @@ impl Generation {
         resolved: &Resolved,
     ) -> Result<Generation, UpstreamError> {
         let reusable = previous.map_or(&[][..], |p| p.endpoints.as_slice());
-        let endpoints = upstream::build_endpoints(&config, reusable, resolved)?;
+        let endpoints = upstream::build_endpoints(
+            &config.endpoints,
+            &config.discovery,
+            &config.upstream,
+            reusable,
+            resolved,
+        )?;
         let routes = RouteTable::new(&config, &endpoints);
         // The data-key cache survives a reload that keeps the key and its limits: a reload
         // must not cost a KMS call or reset the counters.

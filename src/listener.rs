@@ -108,13 +108,14 @@ impl ConnectionSettings {
     }
 
     /// The admin listener: GETs with small answers.
-    pub fn admin(config: &crate::config::Config) -> Self {
+    /// Its own timeouts; the HTTP/2 pings and the send bound are `[listen]`'s.
+    pub fn admin(admin: &crate::config::Admin, listen: &crate::config::Listen) -> Self {
         Self {
-            header_read_timeout: config.admin.header_read_timeout.get(),
-            idle_timeout: config.admin.idle_timeout.get(),
-            h2_keepalive_interval: config.listen.h2_keepalive_interval.get(),
-            h2_keepalive_timeout: config.listen.h2_keepalive_timeout.get(),
-            send_timeout: config.listen.send_timeout.get(),
+            header_read_timeout: admin.header_read_timeout.get(),
+            idle_timeout: admin.idle_timeout.get(),
+            h2_keepalive_interval: listen.h2_keepalive_interval.get(),
+            h2_keepalive_timeout: listen.h2_keepalive_timeout.get(),
+            send_timeout: listen.send_timeout.get(),
             h2_max_streams: 16,
             h2_stream_window: 64 * 1024,
             h2_connection_window: 256 * 1024,
@@ -552,15 +553,16 @@ pub struct NoFileDescriptors {
 /// configured `listen.max_connections`, or fewer (with a warning) when the limit is
 /// too low for it.
 pub fn fit_file_descriptors(
-    config: &crate::config::Config,
+    listen: &crate::config::Listen,
+    admin: &crate::config::Admin,
     endpoints: usize,
 ) -> Result<usize, NoFileDescriptors> {
     let limit = raise_nofile_limit();
-    let admin = config.admin.max_connections as u64;
+    let wanted = listen.max_connections as u64;
+    let admin = admin.max_connections as u64;
     let upstream = endpoints as u64 * FD_PER_ENDPOINT;
-    let wanted = config.listen.max_connections as u64;
     let Some(limit) = limit else {
-        return Ok(config.listen.max_connections);
+        return Ok(listen.max_connections);
     };
     let room = limit.saturating_sub(admin + upstream + FD_RESERVE);
     if room == 0 {
@@ -579,7 +581,7 @@ pub fn fit_file_descriptors(
         );
         return Ok(room as usize);
     }
-    Ok(config.listen.max_connections)
+    Ok(listen.max_connections)
 }
 
 /// The soft `RLIMIT_NOFILE` after raising it to the hard limit; `None` if unlimited or

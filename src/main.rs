@@ -91,7 +91,7 @@ fn main() -> ExitCode {
 fn check(path: &std::path::Path, resolve: bool) -> ExitCode {
     match Config::load(path) {
         Ok(config) => {
-            let endpoints = config.endpoints().map(|e| e.len()).unwrap_or(0);
+            let endpoints = config.endpoints.len();
             let warnings = gpulink::check::warnings(&config, chrono::Utc::now(), resolve);
             for warning in &warnings {
                 report!("gpulink: warning: {warning}");

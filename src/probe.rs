@@ -201,22 +201,18 @@ pub async fn run(args: ProbeArgs) -> anyhow::Result<ExitCode> {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProbeError {
-    #[error("{key}: {message}")]
-    Config { key: String, message: String },
     #[error(transparent)]
     Tls(#[from] crate::tls::TlsError),
 }
 
 /// Probes every endpoint of `config` concurrently.
 pub async fn probe(config: &Config, path: &Path, samples: u32) -> Result<Report, ProbeError> {
-    let mut endpoints = config
-        .endpoints()
-        .map_err(|(key, message)| ProbeError::Config { key, message })?;
+    let mut endpoints = config.endpoints.clone();
     // Regions that name their VPC endpoint's DNS name: probe every address it resolves
     // to, as the proxy would use them; a name that does not resolve is probed as is, so
     // its report carries the DNS diagnosis.
-    for discovery in config.dns_discovery() {
-        match crate::upstream::discovery::resolve(&discovery).await {
+    for discovery in &config.discovery {
+        match crate::upstream::discovery::resolve(discovery).await {
             Ok(ips) => endpoints.extend(ips.into_iter().map(|ip| discovery.endpoint(ip))),
             Err(_) => {
                 let mut unresolved = discovery.endpoint(std::net::IpAddr::from([0, 0, 0, 0]));

@@ -259,10 +259,10 @@ impl Proxy {
     async fn resolve_new_names(&self, config: &Config) -> Resolved {
         let known = self.resolved.lock().map(|r| r.clone()).unwrap_or_default();
         let mut resolved = Resolved::new();
-        for dns in config.dns_discovery() {
+        for dns in &config.discovery {
             let ips = match known.get(&dns.region) {
                 Some(ips) => ips.clone(),
-                None => resolve_logged(&dns).await.unwrap_or_default(),
+                None => resolve_logged(dns).await.unwrap_or_default(),
             };
             resolved.insert(dns.region.clone(), ips);
         }
@@ -364,7 +364,8 @@ impl admin::Source for Proxy {
     }
 
     fn connection_settings(&self) -> ConnectionSettings {
-        ConnectionSettings::admin(&self.current().config)
+        let config = &self.current().config;
+        ConnectionSettings::admin(&config.admin, &config.listen)
     }
 }
 
@@ -552,8 +553,8 @@ pub async fn start_with(
     // Credentials and the key are proven by `prove_kms` below, retried until they work:
     // a KMS problem keeps gpulink unready (and says why), it does not stop it.
     let mut resolved = Resolved::new();
-    for dns in config.dns_discovery() {
-        let ips = resolve_logged(&dns).await.unwrap_or_default();
+    for dns in &config.discovery {
+        let ips = resolve_logged(dns).await.unwrap_or_default();
         resolved.insert(dns.region.clone(), ips);
     }
     let generation = Arc::new(Generation::build(
@@ -564,8 +565,11 @@ pub async fn start_with(
         options.random_seed,
         &resolved,
     )?);
-    let max_connections =
-        crate::listener::fit_file_descriptors(&generation.config, generation.endpoints.len())?;
+    let max_connections = crate::listener::fit_file_descriptors(
+        &generation.config.listen,
+        &generation.config.admin,
+        generation.endpoints.len(),
+    )?;
     let app_connections = crate::listener::Listener::new("listen", max_connections);
     let admin_connections =
         crate::listener::Listener::new("admin", generation.config.admin.max_connections);
@@ -746,7 +750,7 @@ async fn rediscover_periodically(proxy: Weak<Proxy>, stop: CancellationToken) {
         let notified = changed.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
-        let regions = proxy_now.current().config.dns_discovery();
+        let regions = proxy_now.current().config.discovery.clone();
         let due: Vec<_> = regions
             .iter()
             .filter(|d| last.get(&d.region).is_none_or(|t| t.elapsed() >= d.refresh))

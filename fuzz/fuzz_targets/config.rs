@@ -1,5 +1,5 @@
-//! Config parsing: arbitrary TOML text through `Config::from_toml` (parse and every
-//! validation rule), then the views the proxy derives from a valid config. A panic or a
+//! Config parsing: arbitrary TOML text through `Config::from_toml` (parse and compile,
+//! every validation rule), then what the proxy reads from a compiled config. A panic or a
 //! hang (libFuzzer's `-timeout`) is a crash; an error is the expected answer to garbage.
 #![no_main]
 
@@ -12,8 +12,12 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     if let Ok(config) = gpulink::config::Config::from_toml(text, Path::new("fuzz.toml")) {
-        let _ = config.endpoints();
-        let _ = config.dns_discovery();
+        for endpoint in &config.endpoints {
+            let _ = endpoint.authority();
+        }
+        for dns in &config.discovery {
+            let _ = dns.endpoint(std::net::IpAddr::from([127, 0, 0, 1]));
+        }
         let _ = config.local_region();
     }
 });

@@ -119,7 +119,7 @@ pub fn document(inputs: &Inputs<'_>) -> Value {
         "tenant": config.tenant.id,
         "kms": {
             "provider": if keys.is_development() { "development" } else { "aws-kms" },
-            "key_id": config.kms.key_id,
+            "key_id": config.kms.key_id.as_str(),
             "region": config.kms.region,
             "format": config.kms.format.as_str(),
             "context": match config.kms.context {

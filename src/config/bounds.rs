@@ -9,7 +9,9 @@
 
 use std::time::Duration;
 
-use super::Config;
+use super::compile::Problems;
+use super::raw::{EndpointSpec, RawConfig};
+use super::units::HumanDuration;
 
 const MS: Duration = Duration::from_millis(1);
 const SECOND: Duration = Duration::from_secs(1);
@@ -23,26 +25,23 @@ pub const MAX_BODY: u64 = 1_000_000_000;
 pub const MAX_CONNECTIONS: u64 = 1_000_000;
 pub const MAX_ATTEMPTS: u64 = 10;
 
-/// `(key, problem)` pairs, in file order.
-#[derive(Default)]
-pub(super) struct Problems(pub(super) Vec<(String, String)>);
-
+/// The range checks, one helper per kind of value, each message in the same form.
 impl Problems {
     fn int(&mut self, key: &str, value: u64, min: u64, max: u64) {
         if !(min..=max).contains(&value) {
-            self.0.push((
-                key.to_string(),
+            self.push(
+                key,
                 format!("{value} is out of range: must be {min}..={max}"),
-            ));
+            );
         }
     }
 
     fn size(&mut self, key: &str, bytes: u64, min: u64, max: u64) {
         if !(min..=max).contains(&bytes) {
-            self.0.push((
-                key.to_string(),
+            self.push(
+                key,
                 format!("{bytes} bytes is out of range: must be {min}..={max} bytes"),
-            ));
+            );
         }
     }
 
@@ -53,10 +52,10 @@ impl Problems {
             } else {
                 format!("{min:?}")
             };
-            self.0.push((
-                key.to_string(),
+            self.push(
+                key,
                 format!("{value:?} is out of range: must be {min}..={max:?}"),
-            ));
+            );
         }
     }
 
@@ -67,12 +66,7 @@ impl Problems {
 
     /// Explains the problem just found for `key`, if any.
     fn because(&mut self, key: &str, why: &str) {
-        if let Some((k, message)) = self.0.last_mut() {
-            if k == key {
-                message.push_str("; ");
-                message.push_str(why);
-            }
-        }
+        self.explain_last(key, why);
     }
 
     fn percent(&mut self, key: &str, value: u32) {
@@ -81,9 +75,7 @@ impl Problems {
 }
 
 /// Checks every numeric and duration key against its range.
-pub(super) fn check(c: &Config) -> Problems {
-    let mut p = Problems::default();
-
+pub(super) fn check(c: &RawConfig, p: &mut Problems) {
     p.size("listen.max_body", c.listen.max_body.bytes(), 1, MAX_BODY);
     p.int(
         "listen.max_connections",
@@ -205,10 +197,10 @@ pub(super) fn check(c: &Config) -> Problems {
         p.duration("rollback.window", r.window.get(), SECOND, HOUR);
         p.int("rollback.min_requests", r.min_requests, 0, 1_000_000_000);
         if !(0.0..=1.0).contains(&r.max_error_rate) {
-            p.0.push((
-                "rollback.max_error_rate".into(),
+            p.push(
+                "rollback.max_error_rate",
                 format!("{} is out of range: must be 0..=1", r.max_error_rate),
-            ));
+            );
         }
         p.positive("rollback.max_p99", r.max_p99.get(), HOUR);
         p.duration("rollback.cooldown", r.cooldown.get(), SECOND, DAY);
@@ -228,16 +220,96 @@ pub(super) fn check(c: &Config) -> Problems {
             ("public", &region.public),
         ] {
             for (j, spec) in list.iter().enumerate() {
-                if let super::EndpointSpec::Table(t) = spec {
+                if let EndpointSpec::Table(t) = spec {
                     if t.health_port == Some(0) {
-                        p.0.push((
+                        p.push(
                             format!("regions[{i}].{field}[{j}].health_port"),
-                            "0 is out of range: must be 1..=65535".into(),
-                        ));
+                            "0 is out of range: must be 1..=65535",
+                        );
                     }
                 }
             }
         }
     }
-    p
+    client_limits(c, p);
+}
+
+/// The bounds on what clients can hold: time per connection and body, connections,
+/// and the in-flight body budget.
+fn client_limits(c: &RawConfig, p: &mut Problems) {
+    for (key, value, min, max) in [
+        (
+            "listen.header_read_timeout",
+            c.listen.header_read_timeout,
+            100 * MS,
+            5 * MINUTE,
+        ),
+        (
+            "listen.body_read_timeout",
+            c.listen.body_read_timeout,
+            100 * MS,
+            10 * MINUTE,
+        ),
+        ("listen.idle_timeout", c.listen.idle_timeout, 100 * MS, HOUR),
+        (
+            "listen.h2_keepalive_interval",
+            c.listen.h2_keepalive_interval,
+            100 * MS,
+            HOUR,
+        ),
+        (
+            "listen.h2_keepalive_timeout",
+            c.listen.h2_keepalive_timeout,
+            100 * MS,
+            5 * MINUTE,
+        ),
+        (
+            "listen.send_timeout",
+            c.listen.send_timeout,
+            100 * MS,
+            10 * MINUTE,
+        ),
+        (
+            "admin.header_read_timeout",
+            c.admin.header_read_timeout,
+            100 * MS,
+            5 * MINUTE,
+        ),
+        ("admin.idle_timeout", c.admin.idle_timeout, 100 * MS, HOUR),
+    ] {
+        if value.get() < min || value.get() > max {
+            p.push(
+                key,
+                format!(
+                    "{value} is out of range; use {} to {}",
+                    HumanDuration(min),
+                    HumanDuration(max)
+                ),
+            );
+        }
+    }
+    if c.listen.body_min_rate.bytes() > 1 << 30 {
+        p.push(
+            "listen.body_min_rate",
+            "must be at most 1GiB (bytes per second); 0 turns the rate check off",
+        );
+    }
+    if !(1..=10_000).contains(&c.admin.max_connections) {
+        p.push("admin.max_connections", "must be between 1 and 10000");
+    }
+    // One request of the largest size must fit, or it could never be served.
+    let one_request = c
+        .listen
+        .max_body
+        .bytes()
+        .saturating_add(c.upstream.max_body.bytes());
+    let budget = c.listen.max_in_flight_bytes.bytes();
+    if budget < one_request || budget > 1 << 40 {
+        p.push(
+            "listen.max_in_flight_bytes",
+            format!(
+                "{budget} bytes is out of range; use at least listen.max_body + upstream.max_body ({one_request} bytes: one request of the largest size, plaintext and sealed) and at most 1TiB"
+            ),
+        );
+    }
 }

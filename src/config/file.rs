@@ -1,11 +1,15 @@
 //! Reading the files the configuration names (itself, CA files) without ever hanging or
 //! exhausting memory: only a regular file (after following symlinks: a FIFO, a device
 //! such as `/dev/zero` or a directory is refused), at most a size limit, opened so that
-//! even a file swapped for a FIFO at the last moment cannot block the open.
+//! even a file swapped for a FIFO at the last moment cannot block the open. A CA file
+//! is checked when the configuration is compiled exactly as `run` loads it, and a file
+//! the systemd sandbox hides gets a hint saying why.
 
 use std::io::{self, Read};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
+
+use super::compile::Problems;
 
 /// The largest configuration file read (a real one is a few KiB).
 pub const MAX_CONFIG_FILE: u64 = 1024 * 1024;
@@ -49,6 +53,53 @@ fn too_large(limit: u64) -> io::Error {
         io::ErrorKind::InvalidData,
         format!("larger than {} KiB", limit / 1024),
     )
+}
+
+/// Loads the CA file exactly as `run` does, so that `check` and `run` never disagree.
+/// Opening it first names the sandbox cause when it cannot be read: under the systemd
+/// unit a root-owned 0600 file exists but cannot be opened.
+pub(super) fn check_ca_file(key: &str, path: &Path, problems: &mut Problems) {
+    // Non-blocking: opening a FIFO for reading would otherwise wait for a writer.
+    let opened = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path);
+    if let Err(e) = opened {
+        problems.push(
+            key,
+            format!(
+                "cannot read `{}`: {e}{}",
+                path.display(),
+                sandbox_hint(key, path, &e)
+            ),
+        );
+        return;
+    }
+    if let Err(e) = crate::tls::check_ca_file(path) {
+        problems.push(key, e.to_string());
+    }
+}
+
+/// What to check when a file that works from a shell fails under the systemd unit
+/// (packaging/systemd/gpulink.service): DynamicUser= runs gpulink as an unprivileged
+/// user of its own, and PrivateTmp= gives it an empty /tmp of its own.
+pub fn sandbox_hint(key: &str, path: &Path, error: &std::io::Error) -> String {
+    let in_tmp = path.starts_with("/tmp") || path.starts_with("/var/tmp");
+    match error.kind() {
+        io::ErrorKind::PermissionDenied => format!(
+            ". Under the systemd unit gpulink runs as an unprivileged dynamic user \
+             (DynamicUser=yes): make the file readable by it (a CA certificate is not secret: \
+             chmod 0644, and its directories o+x), or hand it over with LoadCredential= and \
+             point `{key}` at /run/credentials/gpulink.service/NAME (recipe: \
+             /usr/share/doc/gpulink/examples/credentials.conf)"
+        ),
+        io::ErrorKind::NotFound if in_tmp => format!(
+            ". Under the systemd unit /tmp and /var/tmp are private to the service \
+             (PrivateTmp=yes), so files placed there from a shell are not visible to it: \
+             move the file (e.g. to /etc/gpulink/) and update `{key}`"
+        ),
+        _ => String::new(),
+    }
 }
 
 #[cfg(test)]

@@ -135,10 +135,10 @@ impl RouteTable {
                 .iter()
                 .map(|region| Tier {
                     kind,
-                    region: region.name.clone(),
+                    region: region.clone(),
                     endpoints: endpoints
                         .iter()
-                        .filter(|e| e.kind() == kind && e.region() == region.name)
+                        .filter(|e| e.kind() == kind && e.region() == region)
                         .cloned()
                         .collect(),
                 })
@@ -403,8 +403,14 @@ mod tests {
             "#
         );
         let config = Config::from_toml(&text, Path::new("t.toml")).expect("config");
-        let endpoints =
-            crate::upstream::build_endpoints(&config, &[], &Default::default()).expect("endpoints");
+        let endpoints = crate::upstream::build_endpoints(
+            &config.endpoints,
+            &config.discovery,
+            &config.upstream,
+            &[],
+            &Default::default(),
+        )
+        .expect("endpoints");
         (RouteTable::new(&config, &endpoints), endpoints)
     }
 

@@ -100,7 +100,7 @@ impl Sealer {
     pub fn new(config: &Config, keys: KeyService) -> Self {
         let cache = Arc::new(DataKeyCache::new(
             keys.clone(),
-            &config.kms.key_id,
+            config.kms.key_id.as_str(),
             CacheLimits::from_config(&config.kms.cache),
         ));
         Self::with_cache(config, keys, cache)
@@ -112,12 +112,12 @@ impl Sealer {
     pub fn after_reload(previous: &Sealer, config: &Config, keys: KeyService) -> Self {
         let limits = CacheLimits::from_config(&config.kms.cache);
         let cache =
-            if previous.cache.key_id() == config.kms.key_id && previous.cache.limits() == limits {
+            if config.kms.key_id == *previous.cache.key_id() && previous.cache.limits() == limits {
                 previous.cache.clone()
             } else {
                 Arc::new(DataKeyCache::with_counters(
                     keys.clone(),
-                    &config.kms.key_id,
+                    config.kms.key_id.as_str(),
                     limits,
                     previous.cache.counters().clone(),
                 ))
@@ -128,7 +128,7 @@ impl Sealer {
     fn with_cache(config: &Config, keys: KeyService, cache: Arc<DataKeyCache>) -> Self {
         Self {
             keys,
-            key_id: config.kms.key_id.clone(),
+            key_id: config.kms.key_id.as_str().to_string(),
             format: config.kms.format,
             context_mode: config.kms.context,
             tenant_id: config.tenant.id.clone(),

@@ -422,7 +422,7 @@ mod tests {
             "arn:aws:kms:us-east-1:123456789012:key/abc"
         );
         assert!(config.upstream.ca_file.as_ref().unwrap().is_absolute());
-        let endpoints = config.endpoints().unwrap();
+        let endpoints = &config.endpoints;
         let described: Vec<(String, String, crate::config::RouteKind)> = endpoints
             .iter()
             .map(|e| (e.region.clone(), e.authority(), e.kind))

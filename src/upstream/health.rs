@@ -369,9 +369,15 @@ mod tests {
                     privatelink = [\"10.0.0.1\"]\n";
         let config =
             crate::config::Config::from_toml(text, std::path::Path::new("t.toml")).expect("config");
-        crate::upstream::build_endpoints(&config, &[], &Default::default())
-            .expect("endpoints")
-            .remove(0)
+        crate::upstream::build_endpoints(
+            &config.endpoints,
+            &config.discovery,
+            &config.upstream,
+            &[],
+            &Default::default(),
+        )
+        .expect("endpoints")
+        .remove(0)
     }
 
     fn refused() -> ConnectError {

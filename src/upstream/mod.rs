@@ -16,29 +16,30 @@ use std::sync::Arc;
 pub use connector::{ConnectError, ConnectedPeer};
 pub use endpoint::{Endpoint, InFlightGuard};
 
-use crate::config::Config;
+use crate::config::{DnsDiscovery, EndpointConfig, Upstream};
 use crate::tls::{client_config, TlsError};
 
-/// Builds every endpoint of a configuration (with the addresses DNS discovery found for
-/// `privatelink_dns` regions), sharing one TLS client configuration per distinct set of
-/// trusted CA files. An endpoint in `reusable` with identical settings (and the same
-/// connection settings) is kept as it is, with its health and its pool.
+/// Builds every endpoint a configuration lists (`listed`, and the addresses DNS discovery
+/// found for the `privatelink_dns` regions in `discovery`), sharing one TLS client
+/// configuration per distinct set of trusted CA files. An endpoint in `reusable` with
+/// identical settings (and the same connection settings) is kept as it is, with its
+/// health and its pool.
 pub fn build_endpoints(
-    config: &Config,
+    listed: &[EndpointConfig],
+    discovery: &[DnsDiscovery],
+    upstream: &Upstream,
     reusable: &[Arc<Endpoint>],
     resolved: &discovery::Resolved,
 ) -> Result<Vec<Arc<Endpoint>>, UpstreamError> {
-    let mut endpoint_configs = config
-        .endpoints()
-        .map_err(|(key, message)| UpstreamError::Config(format!("{key}: {message}")))?;
-    for dns in config.dns_discovery() {
+    let mut endpoint_configs = listed.to_vec();
+    for dns in discovery {
         for ip in resolved.get(&dns.region).into_iter().flatten() {
             endpoint_configs.push(dns.endpoint(*ip));
         }
     }
     let mut tls_by_ca: BTreeMap<Vec<PathBuf>, Arc<rustls::ClientConfig>> = BTreeMap::new();
     let mut endpoints = Vec::with_capacity(endpoint_configs.len());
-    let settings = connection_settings(config);
+    let settings = connection_settings(upstream);
     for ec in endpoint_configs {
         if let Some(same) = reusable
             .iter()
@@ -47,8 +48,7 @@ pub fn build_endpoints(
             endpoints.push(same.clone());
             continue;
         }
-        let cas: Vec<PathBuf> = config
-            .upstream
+        let cas: Vec<PathBuf> = upstream
             .ca_file
             .iter()
             .chain(ec.ca_file.iter())
@@ -63,8 +63,7 @@ pub fn build_endpoints(
                 tls
             }
         };
-        let endpoint =
-            Endpoint::new(ec, tls, connection_settings(config)).map_err(UpstreamError::Config)?;
+        let endpoint = Endpoint::new(ec, tls, settings.clone()).map_err(UpstreamError::Config)?;
         endpoints.push(Arc::new(endpoint));
     }
     Ok(endpoints)
@@ -79,11 +78,11 @@ pub enum UpstreamError {
 }
 
 /// The global settings baked into an endpoint's pool: a change means a new endpoint.
-pub(crate) fn connection_settings(config: &Config) -> ConnectionSettings {
+pub(crate) fn connection_settings(upstream: &Upstream) -> ConnectionSettings {
     ConnectionSettings {
-        connect_timeout: config.upstream.connect_timeout.get(),
-        pool_idle_timeout: config.upstream.pool_idle_timeout.get(),
-        ca_file: config.upstream.ca_file.clone(),
+        connect_timeout: upstream.connect_timeout.get(),
+        pool_idle_timeout: upstream.pool_idle_timeout.get(),
+        ca_file: upstream.ca_file.clone(),
     }
 }
 

@@ -127,7 +127,14 @@ mod tests {
             addresses.join(", ")
         );
         let config = Config::from_toml(&text, std::path::Path::new("t.toml")).expect("config");
-        crate::upstream::build_endpoints(&config, &[], &Default::default()).expect("endpoints")
+        crate::upstream::build_endpoints(
+            &config.endpoints,
+            &config.discovery,
+            &config.upstream,
+            &[],
+            &Default::default(),
+        )
+        .expect("endpoints")
     }
 
     fn settings(percent: u32) -> Outlier {

@@ -1,0 +1,131 @@
+//! The configuration file exactly as written: the serde shape of the TOML, unknown keys
+//! rejected, defaults of single keys applied. Nothing here is validated beyond what
+//! serde and the unit parsers check; [`super::compile`] turns it into a [`super::Config`].
+//!
+//! Sections whose parsed form is already their final one (`[listen]`, `[health]`, ...)
+//! are the compiled types themselves (see `sections.rs`); only what compiling changes has
+//! a raw type here.
+
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+use super::sections::{
+    Admin, ContextMode, Health, KeyCache, Listen, Log, Migration, Outlier, Retry, Rollback,
+    SealFormat, Upstream,
+};
+use super::units::HumanDuration;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawConfig {
+    #[serde(default)]
+    pub listen: Listen,
+    #[serde(default)]
+    pub admin: Admin,
+    #[serde(default)]
+    pub log: Log,
+    pub tenant: RawTenant,
+    pub kms: RawKms,
+    #[serde(default)]
+    pub upstream: Upstream,
+    #[serde(default)]
+    pub health: Health,
+    #[serde(default)]
+    pub outlier: Outlier,
+    #[serde(default)]
+    pub retry: Retry,
+    #[serde(default)]
+    pub regions: Vec<RawRegion>,
+    #[serde(default)]
+    pub migration: Migration,
+    #[serde(default)]
+    pub rollback: Option<Rollback>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawTenant {
+    pub id: String,
+    pub model_pool: String,
+    /// Empty: only `model_pool`.
+    #[serde(default)]
+    pub model_pools: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawKms {
+    pub key_id: String,
+    pub region: String,
+    #[serde(default)]
+    pub format: SealFormat,
+    #[serde(default)]
+    pub context: ContextMode,
+    #[serde(default = "RawKms::default_timeout")]
+    pub timeout: HumanDuration,
+    #[serde(default)]
+    pub endpoint_url: Option<String>,
+    #[serde(default)]
+    pub cache: KeyCache,
+}
+
+impl RawKms {
+    fn default_timeout() -> HumanDuration {
+        HumanDuration::from_secs(3)
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawRegion {
+    pub name: String,
+    #[serde(default)]
+    pub privatelink: Vec<EndpointSpec>,
+    #[serde(default)]
+    pub public: Vec<EndpointSpec>,
+    #[serde(default)]
+    pub privatelink_dns: Option<String>,
+    #[serde(default = "RawRegion::default_dns_refresh")]
+    pub dns_refresh: HumanDuration,
+}
+
+impl RawRegion {
+    fn default_dns_refresh() -> HumanDuration {
+        HumanDuration::from_secs(30)
+    }
+}
+
+/// One endpoint as written in the file: `"host[:port]"` or a table.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub(super) enum EndpointSpec {
+    Address(String),
+    Table(EndpointTable),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct EndpointTable {
+    pub address: String,
+    #[serde(default)]
+    pub server_name: Option<String>,
+    #[serde(default)]
+    pub health_port: Option<u16>,
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+}
+
+impl EndpointSpec {
+    pub fn table(&self) -> EndpointTable {
+        match self {
+            EndpointSpec::Address(address) => EndpointTable {
+                address: address.clone(),
+                server_name: None,
+                health_port: None,
+                ca_file: None,
+            },
+            EndpointSpec::Table(t) => t.clone(),
+        }
+    }
+}
