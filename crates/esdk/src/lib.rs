@@ -10,7 +10,7 @@
 use std::collections::BTreeMap;
 
 use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
-use aws_lc_rs::hkdf::{self, Salt, HKDF_SHA512};
+use aws_lc_rs::hmac::{self, HMAC_SHA512};
 use zeroize::{Zeroize, Zeroizing};
 
 /// Algorithm suite `ALG_AES_256_GCM_HKDF_SHA512_COMMIT_KEY`.
@@ -29,6 +29,8 @@ const CONTENT_TYPE_FRAMED: u8 = 0x02;
 const MESSAGE_ID_LEN: usize = 32;
 const COMMITMENT_LEN: usize = 32;
 const KEY_LEN: usize = 32;
+/// HMAC-SHA512 output: the PRK, and one block of HKDF-Expand output.
+const PRK_LEN: usize = 64;
 const IV_LEN: usize = 12;
 const TAG_LEN: usize = 16;
 const SEQUENCE_NUMBER_END: u32 = 0xFFFF_FFFF;
@@ -260,14 +262,6 @@ pub fn decrypt_expecting_context(
 // ---------------------------------------------------------------------------------------
 // Key derivation
 
-struct OkmLen(usize);
-
-impl hkdf::KeyType for OkmLen {
-    fn len(&self) -> usize {
-        self.0
-    }
-}
-
 /// The derived data key (as an AEAD key) and the commitment key of one message.
 /// The raw derived key bytes are zeroized as soon as the AEAD key is built; the
 /// commitment key is zeroized on drop.
@@ -276,29 +270,71 @@ struct MessageKeys {
     commitment: Zeroizing<[u8; COMMITMENT_LEN]>,
 }
 
-/// HKDF-SHA512 with salt = message ID and IKM = data key; expand with
+/// HKDF-Expand's input for the encryption key: info = suite ID (big-endian) ||
+/// "DERIVEKEY", then the block counter 0x01 (RFC 5869: T(1) = HMAC(PRK, info || 0x01)).
+const DERIVE_KEY_BLOCK: [u8; 12] = {
+    let mut block = [0u8; 12];
+    let suite = SUITE_ID.to_be_bytes();
+    block[0] = suite[0];
+    block[1] = suite[1];
+    let mut i = 0;
+    while i < DERIVE_KEY_LABEL.len() {
+        block[2 + i] = DERIVE_KEY_LABEL[i];
+        i += 1;
+    }
+    block[11] = 0x01;
+    block
+};
+/// The same for the commitment key: info = "COMMITKEY", then 0x01.
+const COMMIT_KEY_BLOCK: [u8; 10] = {
+    let mut block = [0u8; 10];
+    let mut i = 0;
+    while i < COMMIT_KEY_LABEL.len() {
+        block[i] = COMMIT_KEY_LABEL[i];
+        i += 1;
+    }
+    block[9] = 0x01;
+    block
+};
+
+/// HKDF-SHA512 (RFC 5869) with salt = message ID and IKM = data key; expanded with
 /// info = suite ID (big-endian) || "DERIVEKEY" for the encryption key and
 /// info = "COMMITKEY" for the commitment key.
+///
+/// Written out on HMAC rather than through `hkdf::Prk::expand` because that runs the
+/// whole HKDF (extract and expand, each with its own HMAC key schedule) per output and
+/// allocates the salt and the secret: this is most of what a small message costs. Here
+/// the extract runs once, the PRK's HMAC key schedule is computed once and shared by both
+/// expands, and nothing is allocated. Both outputs (32 bytes) are shorter than one
+/// SHA-512 block of output (64), so each expand is the single block T(1).
 fn derive_keys(
     data_key: &[u8; KEY_LEN],
     message_id: &[u8; MESSAGE_ID_LEN],
 ) -> Result<MessageKeys, EsdkError> {
-    let prk = Salt::new(HKDF_SHA512, message_id).extract(data_key);
-    let suite = SUITE_ID.to_be_bytes();
-    let enc_info: [&[u8]; 2] = [&suite, DERIVE_KEY_LABEL];
-    let commit_info: [&[u8]; 1] = [COMMIT_KEY_LABEL];
+    // Every output goes straight into a buffer that is zeroized on drop (no `hmac::Tag`
+    // copies of key material are left behind).
+    let mut prk = Zeroizing::new([0u8; PRK_LEN]);
+    hmac::sign_to_buffer(
+        &hmac::Key::new(HMAC_SHA512, message_id),
+        data_key,
+        &mut prk[..],
+    )
+    .map_err(|_| EsdkError::Crypto("HKDF-Extract"))?;
+    // The key schedule of HMAC under the PRK, shared by both expands (the context's
+    // cleanup wipes it on drop).
+    let prk_key = hmac::Key::new(HMAC_SHA512, &prk[..]);
 
-    let mut enc_key = Zeroizing::new([0u8; KEY_LEN]);
-    prk.expand(&enc_info, OkmLen(KEY_LEN))
-        .and_then(|okm| okm.fill(&mut enc_key[..]))
+    let mut block = Zeroizing::new([0u8; PRK_LEN]);
+    hmac::sign_to_buffer(&prk_key, &DERIVE_KEY_BLOCK, &mut block[..])
         .map_err(|_| EsdkError::Crypto("HKDF (data key derivation)"))?;
-    let mut commitment = Zeroizing::new([0u8; COMMITMENT_LEN]);
-    prk.expand(&commit_info, OkmLen(COMMITMENT_LEN))
-        .and_then(|okm| okm.fill(&mut commitment[..]))
-        .map_err(|_| EsdkError::Crypto("HKDF (commitment key derivation)"))?;
-
-    let unbound = UnboundKey::new(&AES_256_GCM, &enc_key[..])
+    let unbound = UnboundKey::new(&AES_256_GCM, &block[..KEY_LEN])
         .map_err(|_| EsdkError::Crypto("AES-256-GCM key setup"))?;
+
+    hmac::sign_to_buffer(&prk_key, &COMMIT_KEY_BLOCK, &mut block[..])
+        .map_err(|_| EsdkError::Crypto("HKDF (commitment key derivation)"))?;
+    let mut commitment = Zeroizing::new([0u8; COMMITMENT_LEN]);
+    commitment.copy_from_slice(&block[..COMMITMENT_LEN]);
+
     Ok(MessageKeys {
         aead: LessSafeKey::new(unbound),
         commitment,
@@ -904,6 +940,50 @@ mod tests {
             }
         }
         v
+    }
+
+    /// The derivation written out on HMAC is RFC 5869's HKDF: the same keys as
+    /// aws-lc-rs's own HKDF-SHA512 for assorted data keys and message IDs.
+    #[test]
+    fn key_derivation_equals_hkdf_sha512() {
+        use aws_lc_rs::hkdf::{KeyType, Salt, HKDF_SHA512};
+        struct Len(usize);
+        impl KeyType for Len {
+            fn len(&self) -> usize {
+                self.0
+            }
+        }
+        let reference = |key: &[u8; 32], mid: &[u8; 32], info: &[&[u8]]| {
+            let mut out = [0u8; 32];
+            Salt::new(HKDF_SHA512, mid)
+                .extract(key)
+                .expand(info, Len(32))
+                .unwrap()
+                .fill(&mut out)
+                .unwrap();
+            out
+        };
+        for seed in 0u8..16 {
+            let key: [u8; 32] = std::array::from_fn(|i| seed.wrapping_mul(37) ^ i as u8);
+            let mid: [u8; 32] = std::array::from_fn(|i| seed.wrapping_add((i as u8).wrapping_mul(11)));
+            let keys = derive_keys(&key, &mid).unwrap();
+            let suite = SUITE_ID.to_be_bytes();
+            let commit = reference(&key, &mid, &[COMMIT_KEY_LABEL]);
+            assert_eq!(*keys.commitment, commit, "commitment key, seed {seed}");
+            let enc = reference(&key, &mid, &[&suite, DERIVE_KEY_LABEL]);
+            let expected = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &enc).unwrap());
+            let seal = |k: &LessSafeKey| {
+                let mut block = b"one block of plaintext".to_vec();
+                k.seal_in_place_append_tag(
+                    Nonce::assume_unique_for_key([seed; IV_LEN]),
+                    Aad::from(&mid[..]),
+                    &mut block,
+                )
+                .unwrap();
+                block
+            };
+            assert_eq!(seal(&keys.aead), seal(&expected), "data key, seed {seed}");
+        }
     }
 
     #[test]
