@@ -1,7 +1,7 @@
 //! End-to-end benchmark (`cargo bench --bench proxy`): what gpulink costs on the request
 //! path, as ratios against a baseline measured in the same run.
 //!
-//! Three ways to get the same inference request to the simulated cluster (`gpulink::sim`,
+//! Three ways to get the same inference request to the simulated cluster (`gpulink_sim`,
 //! with `skip_open`, so it only counts bodies and is never the bottleneck):
 //!
 //! * **baseline**: the app talks to the cluster itself, as the setup guide's
@@ -66,7 +66,7 @@ use gpulink::headers::{
     X_ENCRYPTION_FORMAT, X_GPULINK_ROUTE, X_KMS_KEY_ID, X_MODEL_POOL, X_REQUEST_ID, X_TENANT_ID,
 };
 use gpulink::seal::{DevKeys, KeyService, Sealer, DEV_KEY_ARN};
-use gpulink::sim::{Sim, SimConfig, SimEndpointConfig, DEFAULT_SERVER_NAME};
+use gpulink_sim::{Sim, SimConfig, SimEndpointConfig, DEFAULT_SERVER_NAME};
 
 /// Requests per path before each cell is measured (pools warm, data key cached).
 const WARM_UP: usize = 500;

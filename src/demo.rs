@@ -20,10 +20,10 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
-use crate::config::Config;
-use crate::proxy::ProxyHandle;
-use crate::seal::{DevKeys, KeyService};
-use crate::sim::{EndpointState, Sim, SimConfig};
+use gpulink::config::Config;
+use gpulink::proxy::ProxyHandle;
+use gpulink::seal::{DevKeys, KeyService};
+use gpulink_sim::{EndpointState, Sim, SimConfig};
 
 const DEMO_CONFIG: &str = include_str!("../config/demo.toml");
 
@@ -153,7 +153,7 @@ impl Layout {
 
 pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     let log_file = if args.verbose {
-        crate::telemetry::init_with_default(crate::config::LogFormat::Text, "warn");
+        gpulink::telemetry::init_with_default(gpulink::config::LogFormat::Text, "warn");
         None
     } else {
         let path = args.log_file.clone().unwrap_or_else(|| {
@@ -161,7 +161,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         });
         let file = std::fs::File::create(&path)
             .with_context(|| format!("cannot create the demo's log file {}", path.display()))?;
-        crate::telemetry::init_to_file(crate::config::LogFormat::Text, "warn", file);
+        gpulink::telemetry::init_to_file(gpulink::config::LogFormat::Text, "warn", file);
         Some(path)
     };
     let scratch = tempfile_dir()?;
@@ -183,7 +183,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     };
     let text = layout.config_text(&sim.ca_file());
     let config = Config::from_toml(&text, Path::new("config/demo.toml"))?;
-    let proxy = crate::proxy::start(config, keys).await?;
+    let proxy = gpulink::proxy::start(config, keys).await?;
     println!(
         "gpulink demo: proxy on http://{} (admin http://{}), simulated cluster CA {}\n",
         proxy.listen_addr,
@@ -282,7 +282,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     sim.shutdown().await;
     let _ = std::fs::remove_dir_all(&scratch);
     if let Some(path) = log_file {
-        crate::telemetry::flush(Duration::from_secs(2));
+        gpulink::telemetry::flush(Duration::from_secs(2));
         let lines = std::fs::read_to_string(&path)
             .map(|t| t.lines().count())
             .unwrap_or(0);

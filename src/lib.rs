@@ -26,16 +26,19 @@
 //! * [`systemd`]: readiness, watchdog and reload notifications for `Type=notify` units.
 //! * [`config`]: the TOML contract and its validation; [`check`], the warnings of
 //!   `gpulink check` about a valid file that is likely not what was meant.
-//! * [`sim`]: the cluster simulator used by tests, benchmarks and the demo.
-//! * [`demo`]: `gpulink demo`, the whole journey on loopback without AWS.
 //! * [`proxy`]: the runtime that starts all of the above, reloads and shuts down; only
 //!   `main`, the demo and [`reload`] see it.
+//!
+//! Not here, on purpose: the cluster simulator (the `gpulink-sim` crate, `crates/sim`)
+//! and `gpulink demo` (the binary's `src/demo.rs`), test equipment behind the binary's
+//! `dev-tools` feature. The simulator depends on this library, so this library cannot
+//! depend on it. The ESDK message codec is the `gpulink-esdk` crate, re-exported as
+//! [`seal::esdk`].
 
 pub mod admin;
 pub mod body;
 pub mod check;
 pub mod config;
-pub mod demo;
 pub mod error;
 pub mod forward;
 pub mod generation;
@@ -52,7 +55,6 @@ pub mod proxy;
 pub mod reload;
 pub mod route;
 pub mod seal;
-pub mod sim;
 pub mod systemd;
 pub mod telemetry;
 pub mod tls;

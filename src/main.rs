@@ -1,4 +1,11 @@
 //! The `gpulink` command: `run`, `check`, `health`, `probe`, `demo` and `sim`.
+//!
+//! `demo` and `sim` are test equipment (the simulator, the development key provider):
+//! they exist only with the `dev-tools` feature (on by default; the .deb and the image
+//! build without it, and there they explain where to find them).
+
+#[cfg(feature = "dev-tools")]
+mod demo;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -53,9 +60,27 @@ enum Command {
     /// (for Docker HEALTHCHECK, ECS and `kubectl exec` probes; no shell or curl needed).
     Health(gpulink::healthcheck::HealthArgs),
     /// A self-contained scenario on loopback: no AWS account, no network.
-    Demo(gpulink::demo::DemoArgs),
+    #[cfg(feature = "dev-tools")]
+    Demo(demo::DemoArgs),
     /// The cluster simulator: TLS endpoints, health ports and a control API on loopback.
-    Sim(gpulink::sim::SimArgs),
+    #[cfg(feature = "dev-tools")]
+    Sim(gpulink_sim::SimArgs),
+    /// Not in this build (`demo`, `sim`: built without the `dev-tools` feature).
+    #[cfg(not(feature = "dev-tools"))]
+    #[command(hide = true)]
+    Demo(NotBuilt),
+    #[cfg(not(feature = "dev-tools"))]
+    #[command(hide = true)]
+    Sim(NotBuilt),
+}
+
+/// The arguments of a subcommand this build leaves out, taken as they come so that the
+/// answer is the explanation rather than a usage error.
+#[cfg(not(feature = "dev-tools"))]
+#[derive(clap::Args)]
+struct NotBuilt {
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
+    _args: Vec<std::ffi::OsString>,
 }
 
 /// `eprintln!` panics when stderr is a closed pipe; a message to a missing reader is
@@ -122,10 +147,14 @@ async fn async_main(command: Command) -> ExitCode {
         Command::Run { config, log_format } => run(&config, log_format).await,
         Command::Probe(args) => gpulink::probe::run(args).await,
         Command::Health(args) => Ok(gpulink::healthcheck::run(args).await),
-        Command::Demo(args) => gpulink::demo::run(args).await,
-        Command::Sim(args) => gpulink::sim::run_cli(args)
-            .await
-            .map(|()| ExitCode::SUCCESS),
+        #[cfg(feature = "dev-tools")]
+        Command::Demo(args) => demo::run(args).await,
+        #[cfg(feature = "dev-tools")]
+        Command::Sim(args) => gpulink_sim::run_cli(args).await.map(|()| ExitCode::SUCCESS),
+        #[cfg(not(feature = "dev-tools"))]
+        Command::Demo(_) => not_built("demo"),
+        #[cfg(not(feature = "dev-tools"))]
+        Command::Sim(_) => not_built("sim"),
         Command::Check { .. } => unreachable!("handled before the runtime starts"),
     };
     let code = match result {
@@ -238,4 +267,15 @@ async fn wait_for_shutdown_signal() -> anyhow::Result<()> {
         _ = interrupt.recv() => tracing::info!("SIGINT received"),
     }
     Ok(())
+}
+
+/// What `gpulink demo` and `gpulink sim` say in a build without them.
+#[cfg(not(feature = "dev-tools"))]
+fn not_built(name: &str) -> anyhow::Result<ExitCode> {
+    report!(
+        "gpulink: `gpulink {name}` is not in this build: the packaged sidecar (.deb, container \
+         image) leaves out the simulator and the development key provider. Build from \
+         source with the default features (`cargo build --release`) to get `demo` and `sim`."
+    );
+    Ok(ExitCode::from(2))
 }

@@ -663,7 +663,7 @@ pub struct CacheEntryState {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::seal::keys::DevKeys;
+    use crate::seal::DevKeys;
 
     fn dev() -> (KeyService, Arc<DevKeys>) {
         let dev = Arc::new(DevKeys::new().expect("dev keys"));

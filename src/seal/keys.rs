@@ -1,23 +1,24 @@
-//! Where data keys and ciphertexts come from: AWS KMS in production, or an in-process
-//! development key provider that stands in for KMS in `gpulink demo` (and that
-//! `gpulink run` refuses).
+//! Where data keys and ciphertexts come from: AWS KMS in production, or, in builds with
+//! the `dev-tools` feature, the in-process development key provider ([`super::DevKeys`],
+//! `seal/dev.rs`) that stands in for KMS in `gpulink demo` (and that `gpulink run`
+//! refuses).
 //!
 //! Every KMS call has a deadline (`kms.timeout`, retries included), is retried by the SDK
 //! with exponential backoff on throttling and transient errors, and is counted in
 //! [`KeyStats`] (calls, errors, latency) for the metrics.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, NONCE_LEN};
-use aws_lc_rs::rand::{SecureRandom, SystemRandom};
 use aws_sdk_kms::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_kms::primitives::Blob;
 use aws_sdk_kms::types::DataKeySpec;
 use zeroize::{Zeroize, Zeroizing};
 
 use super::esdk::EsdkError;
+#[cfg(any(test, feature = "dev-tools"))]
+use super::DevKeys;
 
 /// The encryption context: one type for KMS (which serialises it in key order) and the
 /// envelope format (which writes it sorted), so the two can never disagree.
@@ -76,7 +77,7 @@ impl KeyError {
         )
     }
 
-    fn kms(operation: &'static str, kind: KmsErrorKind) -> Self {
+    pub(super) fn kms(operation: &'static str, kind: KmsErrorKind) -> Self {
         KeyError::Kms {
             operation,
             kind,
@@ -374,12 +375,16 @@ pub struct Encrypted {
 #[derive(Clone)]
 pub enum KeyService {
     Kms(KmsKeys),
+    #[cfg(any(test, feature = "dev-tools"))]
     Dev(Arc<DevKeys>),
 }
 
 impl KeyService {
     pub fn is_development(&self) -> bool {
-        matches!(self, KeyService::Dev(_))
+        #[cfg(any(test, feature = "dev-tools"))]
+        return matches!(self, KeyService::Dev(_));
+        #[cfg(not(any(test, feature = "dev-tools")))]
+        false
     }
 
     /// KMS `Encrypt`: seals up to 4096 bytes under `key_id` bound to `context`.
@@ -394,6 +399,7 @@ impl KeyService {
             // Boxed: the SDK call's future is ~12 KB, and every request's future would
             // otherwise carry it inline even when no KMS call happens.
             KeyService::Kms(kms) => Box::pin(kms.encrypt(key_id, plaintext, context)).await,
+            #[cfg(any(test, feature = "dev-tools"))]
             KeyService::Dev(dev) => dev.encrypt(plaintext, context),
         };
         self.stats().encrypt.record(started, &result);
@@ -410,6 +416,7 @@ impl KeyService {
         let started = Instant::now();
         let result = match self {
             KeyService::Kms(kms) => Box::pin(kms.decrypt(ciphertext, context)).await,
+            #[cfg(any(test, feature = "dev-tools"))]
             KeyService::Dev(dev) => dev.decrypt(ciphertext, context),
         };
         self.stats().decrypt.record(started, &result);
@@ -427,6 +434,7 @@ impl KeyService {
         let started = Instant::now();
         let result = match self {
             KeyService::Kms(kms) => Box::pin(kms.generate_data_key(key_id, context)).await,
+            #[cfg(any(test, feature = "dev-tools"))]
             KeyService::Dev(dev) => dev.generate_data_key(context),
         };
         self.stats().generate_data_key.record(started, &result);
@@ -437,6 +445,7 @@ impl KeyService {
     pub fn stats(&self) -> &KeyStats {
         match self {
             KeyService::Kms(kms) => &kms.stats,
+            #[cfg(any(test, feature = "dev-tools"))]
             KeyService::Dev(dev) => &dev.stats,
         }
     }
@@ -446,6 +455,7 @@ impl KeyService {
     pub async fn check_credentials(&self) -> Result<(), KeyError> {
         match self {
             KeyService::Kms(kms) => kms.check_credentials().await,
+            #[cfg(any(test, feature = "dev-tools"))]
             KeyService::Dev(_) => Ok(()),
         }
     }
@@ -660,117 +670,10 @@ fn is_key_arn(text: &str) -> bool {
             .is_some_and(|id| word(id) && id.len() <= 128)
 }
 
-/// The development key provider: AES-256-GCM under a random key that lives only in this
-/// process. Its ciphertexts mean nothing outside the process, which is the point: it lets
-/// `gpulink demo` run the whole journey without an AWS account.
-pub struct DevKeys {
-    key: LessSafeKey,
-    rng: SystemRandom,
-    stats: KeyStats,
-    /// When set, every operation fails as KMS would during an outage (tests and demos).
-    unavailable: AtomicBool,
-}
-
-/// Marks development ciphertexts so they are never mistaken for KMS ones.
-const DEV_MAGIC: &[u8; 6] = b"GLDEV1";
-pub const DEV_KEY_ARN: &str = "arn:aws:kms:local:000000000000:key/gpulink-development-key";
-
-impl DevKeys {
-    pub fn new() -> Result<Self, KeyError> {
-        let rng = SystemRandom::new();
-        let mut bytes = zeroize::Zeroizing::new([0u8; 32]);
-        rng.fill(bytes.as_mut()).map_err(|_| KeyError::Open)?;
-        let key = UnboundKey::new(&AES_256_GCM, bytes.as_ref()).map_err(|_| KeyError::Open)?;
-        Ok(Self {
-            key: LessSafeKey::new(key),
-            rng,
-            stats: KeyStats::default(),
-            unavailable: AtomicBool::new(false),
-        })
-    }
-
-    /// Switches the provider off (`true`) or back on, to stand for a KMS outage: while
-    /// off, every operation fails with [`KeyError::Unavailable`].
-    pub fn set_unavailable(&self, unavailable: bool) {
-        self.unavailable.store(unavailable, Ordering::SeqCst);
-    }
-
-    fn check_available(&self) -> Result<(), KeyError> {
-        if self.unavailable.load(Ordering::SeqCst) {
-            Err(KeyError::Unavailable)
-        } else {
-            Ok(())
-        }
-    }
-
-    fn generate_data_key(&self, context: &EncryptionContext) -> Result<DataKey, KeyError> {
-        self.check_available()?;
-        let mut plaintext = Zeroizing::new([0u8; 32]);
-        self.rng
-            .fill(plaintext.as_mut())
-            .map_err(|_| KeyError::kms("GenerateDataKey", KmsErrorKind::ServiceFailure))?;
-        let sealed = self.encrypt(plaintext.as_ref(), context)?;
-        Ok(DataKey {
-            plaintext,
-            ciphertext: sealed.ciphertext,
-            key_arn: sealed.key_arn,
-        })
-    }
-
-    fn aad(context: &EncryptionContext) -> Vec<u8> {
-        serde_json::to_vec(context).unwrap_or_default()
-    }
-
-    fn encrypt(
-        &self,
-        plaintext: &[u8],
-        context: &EncryptionContext,
-    ) -> Result<Encrypted, KeyError> {
-        self.check_available()?;
-        let mut nonce = [0u8; NONCE_LEN];
-        self.rng.fill(&mut nonce).map_err(|_| KeyError::Open)?;
-        let mut out = Vec::with_capacity(DEV_MAGIC.len() + NONCE_LEN + plaintext.len() + 16);
-        out.extend_from_slice(DEV_MAGIC);
-        out.extend_from_slice(&nonce);
-        out.extend_from_slice(plaintext);
-        let start = DEV_MAGIC.len() + NONCE_LEN;
-        let tag = self
-            .key
-            .seal_in_place_separate_tag(
-                Nonce::assume_unique_for_key(nonce),
-                Aad::from(Self::aad(context)),
-                &mut out[start..],
-            )
-            .map_err(|_| KeyError::Open)?;
-        out.extend_from_slice(tag.as_ref());
-        Ok(Encrypted {
-            ciphertext: out,
-            key_arn: DEV_KEY_ARN.to_string(),
-        })
-    }
-
-    fn decrypt(&self, ciphertext: &[u8], context: &EncryptionContext) -> Result<Vec<u8>, KeyError> {
-        self.check_available()?;
-        let start = DEV_MAGIC.len() + NONCE_LEN;
-        if ciphertext.len() < start + 16 || &ciphertext[..DEV_MAGIC.len()] != DEV_MAGIC {
-            return Err(KeyError::Open);
-        }
-        let nonce = Nonce::try_assume_unique_for_key(&ciphertext[DEV_MAGIC.len()..start])
-            .map_err(|_| KeyError::Open)?;
-        let mut buffer = ciphertext[start..].to_vec();
-        let plaintext = self
-            .key
-            .open_in_place(nonce, Aad::from(Self::aad(context)), &mut buffer)
-            .map_err(|_| KeyError::Open)?;
-        let len = plaintext.len();
-        buffer.truncate(len);
-        Ok(buffer)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::seal::DEV_KEY_ARN;
 
     #[test]
     fn only_key_arns_pass_as_the_reported_key() {

@@ -11,10 +11,13 @@
 //!   and one KMS call per many requests.
 //! * `auto`: `kms-direct` when the body fits 4096 bytes, else `aws-esdk`.
 //!
-//! The pieces: [`keys`] (KMS and the development key provider), [`cache`] (data keys),
+//! The pieces: [`keys`] (KMS; with the `dev-tools` feature, also the development key
+//! provider of `dev.rs`), [`cache`] (data keys),
 //! [`esdk`] (the message format), and [`Sealer`] here, which chooses and applies them.
 
 pub mod cache;
+#[cfg(any(test, feature = "dev-tools"))]
+mod dev;
 pub mod keys;
 
 /// The message format, a crate of its own (`crates/esdk`); re-exported so the sealing
@@ -29,9 +32,9 @@ use crate::config::{Config, ContextMode, SealFormat, KMS_DIRECT_MAX_PLAINTEXT};
 pub use cache::{
     Acquired, CacheCounters, CacheLimits, CacheState, DataKeyCache, PROVIDER_ID_AWS_KMS,
 };
-pub use keys::{
-    DataKey, DevKeys, EncryptionContext, KeyError, KeyService, KeyStats, KmsKeys, DEV_KEY_ARN,
-};
+#[cfg(any(test, feature = "dev-tools"))]
+pub use dev::{DevKeys, DEV_KEY_ARN};
+pub use keys::{DataKey, EncryptionContext, KeyError, KeyService, KeyStats, KmsKeys};
 
 /// The value of `X-Encryption-Format` for a body sealed by KMS `Encrypt`.
 pub const FORMAT_KMS_DIRECT: &str = "kms-direct-v1";

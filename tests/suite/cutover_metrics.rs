@@ -7,7 +7,7 @@
 use crate::prom;
 
 use crate::common::*;
-use gpulink::sim::EndpointState;
+use gpulink_sim::EndpointState;
 
 const REQUESTS: &str = "gpulink_requests_total";
 

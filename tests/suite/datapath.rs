@@ -20,7 +20,7 @@ use crate::common::*;
 use gpulink::config::Config;
 use gpulink::proxy::ProxyHandle;
 use gpulink::seal::{KeyService, KmsKeys};
-use gpulink::sim::EndpointState;
+use gpulink_sim::EndpointState;
 use serde_json::Value;
 
 /// moto, the simulator and a proxy whose configuration file the test writes (so that a

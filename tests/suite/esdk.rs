@@ -8,7 +8,7 @@
 //! The ESDK 3.x line and the ESDK CLI (`.venv-esdk3`) open gpulink's messages too.
 //!
 //! Each test owns a loopback block ([`next_block`]). The simulator's opt-in body capture
-//! ([`gpulink::sim::Sim::capture_bodies`]) provides the bytes the upstream received.
+//! ([`gpulink_sim::Sim::capture_bodies`]) provides the bytes the upstream received.
 //! Nothing sleeps to synchronise; the one wait (for an age-driven refresh) polls the
 //! cache's own state for the event.
 

@@ -80,7 +80,7 @@ async fn load(
 
 /// Failures grouped by message (addresses left out) and by how many times the cluster
 /// received the request, most frequent first.
-fn kinds(sim: &gpulink::sim::Sim, failures: &[(String, String)]) -> Vec<(usize, String)> {
+fn kinds(sim: &gpulink_sim::Sim, failures: &[(String, String)]) -> Vec<(usize, String)> {
     let mut by_kind = std::collections::BTreeMap::<String, usize>::new();
     for (id, failure) in failures {
         let mut kind: String = failure
@@ -98,7 +98,7 @@ fn kinds(sim: &gpulink::sim::Sim, failures: &[(String, String)]) -> Vec<(usize, 
 
 /// The cluster received each request exactly once: nothing lost on its side, nothing
 /// replayed.
-fn assert_delivered_once(sim: &gpulink::sim::Sim, ids: &[String]) {
+fn assert_delivered_once(sim: &gpulink_sim::Sim, ids: &[String]) {
     let wrong: Vec<(String, u64)> = ids
         .iter()
         .map(|id| (id.clone(), sim.deliveries(id)))

@@ -208,10 +208,12 @@ fn dockerfile_is_multi_stage_non_root_and_ships_the_release_binary() {
     let build: Vec<&(String, String)> = steps[build_index..final_index].iter().collect();
     let runtime: Vec<&(String, String)> = steps[final_index..].iter().collect();
 
-    // The build stage builds exactly what `cargo build --release` produces.
-    assert!(build
-        .iter()
-        .any(|(w, r)| w == "RUN" && r.contains("cargo build --release") && r.contains("--locked")));
+    // The build stage builds exactly what `cargo build --release` produces, without the
+    // test equipment (the `dev-tools` feature: simulator, development keys, rcgen).
+    assert!(build.iter().any(|(w, r)| w == "RUN"
+        && r.contains("cargo build --release")
+        && r.contains("--locked")
+        && r.contains("--no-default-features")));
     let manifest: toml::Value = toml::from_str(&read("Cargo.toml")).expect("Cargo.toml");
     let bin = manifest["bin"][0]["name"].as_str().expect("bin name");
     let artifact = format!("target/release/{bin}");
@@ -518,6 +520,13 @@ fn deb_metadata_ships_examples_and_no_conffile_in_etc() {
     // Nothing under /etc: cargo-deb would make it a conffile, and the operator's
     // configuration is created by postinst instead (never a prompt on upgrade).
     assert!(deb.get("conf-files").is_none(), "no conffiles: {deb:?}");
+    // The packaged sidecar is built without the test equipment (`dev-tools`).
+    assert_eq!(deb["default-features"].as_bool(), Some(false), "{deb:?}");
+    assert_eq!(
+        manifest["features"]["default"].as_array().map(Vec::len),
+        Some(1),
+        "dev-tools is the one default feature"
+    );
     let assets = deb["assets"].as_array().expect("assets");
     let mut targets = Vec::new();
     for asset in assets {

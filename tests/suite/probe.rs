@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use crate::common::{next_block, Layout};
 use gpulink::seal::{DevKeys, KeyService};
-use gpulink::sim::{EndpointState, Sim};
+use gpulink_sim::{EndpointState, Sim};
 
 fn config_text(layout: &Layout, ca: &Path) -> String {
     let [a, b, c] = layout.enis();

@@ -215,7 +215,7 @@ async fn one_eni_down_is_served_by_another() {
     let [down, ..] = world.layout.enis();
     world
         .sim
-        .set_state(down, gpulink::sim::EndpointState::Down)
+        .set_state(down, gpulink_sim::EndpointState::Down)
         .await
         .expect("set state");
     // Before health notices, a request routed to the dead ENI fails to connect and is
@@ -247,7 +247,7 @@ async fn all_enis_down(world: &World) {
     for ip in world.layout.enis() {
         world
             .sim
-            .set_state(ip, gpulink::sim::EndpointState::Down)
+            .set_state(ip, gpulink_sim::EndpointState::Down)
             .await
             .expect("set state");
     }

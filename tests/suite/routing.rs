@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::common::*;
-use gpulink::sim::EndpointState;
+use gpulink_sim::EndpointState;
 
 /// Sends `total` requests with `concurrency` workers; returns (ok, failed).
 async fn load(world: &World, total: u64, concurrency: usize) -> (u64, u64) {

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use gpulink::seal::{DevKeys, EncryptionContext, KeyService, FORMAT_AWS_ESDK, FORMAT_KMS_DIRECT};
-use gpulink::sim::{EndpointState, Sim, SimConfig, SimEndpointConfig, SimError};
+use gpulink_sim::{EndpointState, Sim, SimConfig, SimEndpointConfig, SimError};
 use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};

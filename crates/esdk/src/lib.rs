@@ -965,7 +965,8 @@ mod tests {
         };
         for seed in 0u8..16 {
             let key: [u8; 32] = std::array::from_fn(|i| seed.wrapping_mul(37) ^ i as u8);
-            let mid: [u8; 32] = std::array::from_fn(|i| seed.wrapping_add((i as u8).wrapping_mul(11)));
+            let mid: [u8; 32] =
+                std::array::from_fn(|i| seed.wrapping_add((i as u8).wrapping_mul(11)));
             let keys = derive_keys(&key, &mid).unwrap();
             let suite = SUITE_ID.to_be_bytes();
             let commit = reference(&key, &mid, &[COMMIT_KEY_LABEL]);

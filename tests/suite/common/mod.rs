@@ -18,7 +18,7 @@ use bytes::Bytes;
 use gpulink::config::Config;
 use gpulink::proxy::ProxyHandle;
 use gpulink::seal::{KeyService, KmsKeys};
-use gpulink::sim::{Sim, SimConfig, SimEndpointConfig};
+use gpulink_sim::{Sim, SimConfig, SimEndpointConfig};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;

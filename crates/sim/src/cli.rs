@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 
 use super::{default_server_names, Sim, SimConfig, SimEndpointConfig, DEFAULT_CAPACITY};
-use crate::seal::{KeyService, KmsKeys};
+use gpulink::seal::{KeyService, KmsKeys};
 
 /// Options of `gpulink sim`.
 #[derive(Clone, Debug, clap::Args)]
@@ -46,7 +46,7 @@ pub struct SimArgs {
     #[arg(long, value_name = "REGION", default_value = "us-east-1")]
     pub kms_region: String,
     /// Deadline for each KMS call, e.g. "3s".
-    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = crate::config::parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = gpulink::config::parse_duration)]
     pub kms_timeout: Duration,
     /// Count bodies without opening them (benchmarks: the simulator must not be the
     /// bottleneck). No KMS credentials are needed then.
@@ -266,7 +266,7 @@ pub async fn run_cli(args: SimArgs) -> anyhow::Result<()> {
             .context("cannot write the configuration to stdout")?;
         return Ok(());
     }
-    crate::tls::install_crypto_provider();
+    gpulink::tls::install_crypto_provider();
     let (config, kinds) = args.to_config();
     let kms = KmsKeys::new(
         &args.kms_region,
@@ -410,7 +410,7 @@ mod tests {
         std::fs::create_dir_all(&ca_dir).unwrap();
         let cert = rcgen::generate_simple_self_signed(vec!["ca.test".into()]).unwrap();
         std::fs::write(ca_dir.join("ca.pem"), cert.cert.pem()).unwrap();
-        let config = crate::config::Config::from_toml(&text, std::path::Path::new("sim.toml"))
+        let config = gpulink::config::Config::from_toml(&text, std::path::Path::new("sim.toml"))
             .unwrap_or_else(|e| panic!("{e}\n{text}"));
         assert_eq!(config.health.port, 9080);
         assert_eq!(
@@ -423,11 +423,11 @@ mod tests {
         );
         assert!(config.upstream.ca_file.as_ref().unwrap().is_absolute());
         let endpoints = &config.endpoints;
-        let described: Vec<(String, String, crate::config::RouteKind)> = endpoints
+        let described: Vec<(String, String, gpulink::config::RouteKind)> = endpoints
             .iter()
             .map(|e| (e.region.clone(), e.authority(), e.kind))
             .collect();
-        use crate::config::RouteKind::{Privatelink, Public};
+        use gpulink::config::RouteKind::{Privatelink, Public};
         assert_eq!(
             described,
             vec![

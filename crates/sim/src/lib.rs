@@ -32,7 +32,7 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::seal::KeyService;
+use gpulink::seal::KeyService;
 
 pub use cli::{parse_endpoint_spec, run_cli, EndpointKind, EndpointSpec, SimArgs};
 use endpoint::Endpoint;
@@ -214,7 +214,7 @@ pub enum SimError {
         source: std::io::Error,
     },
     #[error(transparent)]
-    Tls(#[from] crate::tls::TlsError),
+    Tls(#[from] gpulink::tls::TlsError),
     #[error("no simulated endpoint has the address {0}")]
     UnknownEndpoint(IpAddr),
     #[error("the endpoint address {0} is configured twice")]
@@ -314,7 +314,7 @@ impl Sim {
     /// Generates the certificates, writes `ca.pem`, binds every endpoint's ports and the
     /// control API. Every endpoint starts healthy.
     pub async fn start(config: SimConfig, keys: KeyService) -> Result<Sim, SimError> {
-        crate::tls::install_crypto_provider();
+        gpulink::tls::install_crypto_provider();
         if config.endpoints.is_empty() {
             return Err(SimError::NoEndpoints);
         }
@@ -336,7 +336,7 @@ impl Sim {
 
         let ips: Vec<IpAddr> = config.endpoints.iter().map(|e| e.ip).collect();
         let pki = certs::generate(&config.ca_dir, &config.server_names, &ips)?;
-        let server_config = crate::tls::server_config(&pki.leaf_pem, &pki.leaf_key_pem)?;
+        let server_config = gpulink::tls::server_config(&pki.leaf_pem, &pki.leaf_key_pem)?;
 
         let (shutdown, _) = watch::channel(false);
         let shared = Arc::new(Shared {
@@ -500,9 +500,9 @@ async fn stop_all(shared: &Arc<Shared>) {
 pub(crate) fn json_response(
     status: http::StatusCode,
     body: &serde_json::Value,
-) -> http::Response<crate::body::ProxyBody> {
-    use crate::body::ProxyBodyExt;
-    let mut response = http::Response::new(crate::body::ProxyBody::full(bytes::Bytes::from(
+) -> http::Response<gpulink::body::ProxyBody> {
+    use gpulink::body::ProxyBodyExt;
+    let mut response = http::Response::new(gpulink::body::ProxyBody::full(bytes::Bytes::from(
         body.to_string(),
     )));
     *response.status_mut() = status;
@@ -529,7 +529,7 @@ impl Reject {
         }
     }
 
-    pub(crate) fn into_response(self) -> http::Response<crate::body::ProxyBody> {
+    pub(crate) fn into_response(self) -> http::Response<gpulink::body::ProxyBody> {
         error_response(self.status, self.code, &self.message)
     }
 }
@@ -540,7 +540,7 @@ pub(crate) fn error_response(
     status: http::StatusCode,
     code: &str,
     message: &str,
-) -> http::Response<crate::body::ProxyBody> {
+) -> http::Response<gpulink::body::ProxyBody> {
     json_response(
         status,
         &serde_json::json!({ "error": { "code": code, "message": message } }),

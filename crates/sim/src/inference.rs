@@ -24,12 +24,12 @@ use tokio::sync::mpsc;
 
 use super::endpoint::{Endpoint, Hangup, InFlight};
 use super::{error_response, json_response, EndpointState, Reject, Shared, MAX_SEALED_BODY};
-use crate::body::{BoxError, ProxyBody};
-use crate::headers::{
+use gpulink::body::{BoxError, ProxyBody};
+use gpulink::headers::{
     X_ENCRYPTION_FORMAT, X_KMS_KEY_ID, X_MODEL_POOL, X_REGION, X_REQUEST_ID, X_TENANT_ID,
 };
-use crate::seal::esdk;
-use crate::seal::{
+use gpulink::seal::esdk;
+use gpulink::seal::{
     EncryptionContext, KeyService, FORMAT_AWS_ESDK, FORMAT_KMS_DIRECT, PROVIDER_ID_AWS_KMS,
 };
 use zeroize::Zeroizing;

@@ -11,7 +11,7 @@ use hyper::body::Incoming;
 
 use super::endpoint::{Endpoint, Hangup};
 use super::{error_response, json_response, EndpointState};
-use crate::body::ProxyBody;
+use gpulink::body::ProxyBody;
 
 /// Answers one request on the health port. An `Err` hangs up without an answer.
 pub(crate) async fn handle(

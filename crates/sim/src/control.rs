@@ -23,7 +23,7 @@ use tokio::net::TcpListener;
 use tokio::task::{JoinHandle, JoinSet};
 
 use super::{endpoint, error_response, json_response, EndpointState, Reject, Shared, SimError};
-use crate::body::ProxyBody;
+use gpulink::body::ProxyBody;
 
 /// A state change body is a few dozen bytes; anything much larger is a mistake.
 const MAX_CONTROL_BODY: usize = 64 * 1024;
