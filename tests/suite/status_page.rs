@@ -13,7 +13,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use crate::common::*;
-use gpulink::sim::EndpointState;
+use gpulink_sim::EndpointState;
 
 const BLOCK: u8 = 235;
 
