@@ -109,6 +109,17 @@ impl Proxy {
         &self.in_flight_bytes
     }
 
+    /// What the request path needs of this proxy (the ingress gets one; the
+    /// request_head fuzz target calls [`crate::forward::handle`] with another).
+    pub fn forwarder(&self) -> Forwarder {
+        Forwarder::new(
+            self.current.clone(),
+            self.metrics.clone(),
+            self.history.clone(),
+            self.in_flight_bytes.clone(),
+        )
+    }
+
     /// The generation new requests use.
     pub fn current(&self) -> Arc<Generation> {
         self.current.get()
@@ -652,12 +663,7 @@ pub async fn start_with(
     ));
 
     let stop_accepting = CancellationToken::new();
-    let forwarder = Forwarder::new(
-        proxy.current.clone(),
-        proxy.metrics.clone(),
-        proxy.history.clone(),
-        proxy.in_flight_bytes.clone(),
-    );
+    let forwarder = proxy.forwarder();
     let ingress = tokio::spawn(crate::ingress::serve(
         listener,
         proxy.app_connections.clone(),

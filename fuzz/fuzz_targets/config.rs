@@ -1,23 +1,11 @@
-//! Config parsing: arbitrary TOML text through `Config::from_toml` (parse and compile,
-//! every validation rule), then what the proxy reads from a compiled config. A panic or a
-//! hang (libFuzzer's `-timeout`) is a crash; an error is the expected answer to garbage.
+//! Config parsing (see `fuzz/checks/config.rs`).
 #![no_main]
-
-use std::path::Path;
 
 use libfuzzer_sys::fuzz_target;
 
+#[path = "../checks/config.rs"]
+mod check;
+
 fuzz_target!(|data: &[u8]| {
-    let Ok(text) = std::str::from_utf8(data) else {
-        return;
-    };
-    if let Ok(config) = gpulink::config::Config::from_toml(text, Path::new("fuzz.toml")) {
-        for endpoint in &config.endpoints {
-            let _ = endpoint.authority();
-        }
-        for dns in &config.discovery {
-            let _ = dns.endpoint(std::net::IpAddr::from([127, 0, 0, 1]));
-        }
-        let _ = config.local_region();
-    }
+    check::check(data);
 });

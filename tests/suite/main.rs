@@ -22,6 +22,7 @@ mod cutover_metrics;
 mod datapath;
 mod docs;
 mod esdk;
+mod fuzz_replay;
 mod goaway;
 mod health;
 mod ingress;
