@@ -1,6 +1,8 @@
 //! The status page on `/`: the `/status` document rendered as one self-contained HTML page
-//! (inline CSS, no scripts, no external assets), readable at a glance by an operator.
-//! Rendering from the document itself means the page and `/status` never disagree.
+//! (inline CSS and SVG, no scripts, no external assets), readable at a glance by an
+//! operator: whether requests succeed, their outcomes per route, charts of the last 15
+//! minutes, every endpoint's state, KMS. Rendering from the document itself means the
+//! page and `/status` never disagree. Times are relative to the document's `now`.
 
 use std::fmt::Write as _;
 
@@ -48,7 +50,7 @@ table{border-collapse:collapse;background:#fff;border:1px solid #dde1e6;width:10
 th,td{padding:.35em .7em;border-bottom:1px solid #eef0f2;text-align:left;white-space:nowrap}\
 td.num{text-align:right;font-variant-numeric:tabular-nums}\
 th{background:#eef1f4;font-size:.8em;text-transform:uppercase;color:#4a5560}\
-td.err{white-space:normal;color:#8a2a1f;font-size:.9em}\
+td.err{white-space:normal;color:#8a2a1f;font-size:.9em;min-width:12em}td.hot{color:#8a2a1f}\
 .ok{color:#fff;background:#1f8a4c}.bad{color:#fff;background:#c0392b}.warn{color:#1d2329;background:#f1c40f}.mute{color:#fff;background:#7f8c8d}\
 .badge{border-radius:4px;padding:.05em .5em;font-size:.85em;font-weight:600}\
 .since{display:block;font-size:.8em;color:#5a6570}\
@@ -233,7 +235,7 @@ fn traffic_section(page: &mut String, traffic: &Value) {
         let error_rate = r["error_rate"].as_f64().map_or("-".to_string(), percent);
         let error_class = match r["5xx"].as_u64() {
             Some(0) | None => "",
-            Some(_) => " err",
+            Some(_) => " hot",
         };
         let quantile = |k: &str| r[k].as_f64().map_or("-".to_string(), millis);
         let _ = write!(
