@@ -10,7 +10,7 @@
 //!
 //! Shared by the cargo-fuzz target and the stable replay in `tests/suite/fuzz_replay.rs`.
 
-use gpulink_esdk::{self as esdk, EncryptedDataKey, EncryptionContext};
+use gpulink::seal::esdk::{self, EncryptedDataKey, EncryptionContext};
 
 const KEY: [u8; 32] = [0x42; 32];
 
