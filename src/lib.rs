@@ -35,6 +35,13 @@
 //! depend on it. The ESDK message codec is the `gpulink-esdk` crate, re-exported as
 //! [`seal::esdk`].
 
+// No unsafe code but the one audited module that needs it (`rlimit`, the file-descriptor
+// limit through libc), and no unwrap/expect outside tests: a request path answers with
+// an error, never a panic.
+#![deny(unsafe_code)]
+#![deny(clippy::unwrap_used, clippy::expect_used)]
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
+
 pub mod admin;
 pub mod body;
 pub mod check;
@@ -53,6 +60,7 @@ pub mod metrics;
 pub mod probe;
 pub mod proxy;
 pub mod reload;
+mod rlimit;
 pub mod route;
 pub mod seal;
 pub mod systemd;

@@ -557,7 +557,7 @@ pub fn fit_file_descriptors(
     admin: &crate::config::Admin,
     endpoints: usize,
 ) -> Result<usize, NoFileDescriptors> {
-    let limit = raise_nofile_limit();
+    let limit = crate::rlimit::raise_nofile_limit();
     let wanted = listen.max_connections as u64;
     let admin = admin.max_connections as u64;
     let upstream = endpoints as u64 * FD_PER_ENDPOINT;
@@ -582,31 +582,4 @@ pub fn fit_file_descriptors(
         return Ok(room as usize);
     }
     Ok(listen.max_connections)
-}
-
-/// The soft `RLIMIT_NOFILE` after raising it to the hard limit; `None` if unlimited or
-/// unreadable.
-fn raise_nofile_limit() -> Option<u64> {
-    let mut limits = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes into the struct we pass and reads nothing else.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limits) } != 0 {
-        return None;
-    }
-    if limits.rlim_cur < limits.rlim_max {
-        let raised = libc::rlimit {
-            rlim_cur: limits.rlim_max,
-            rlim_max: limits.rlim_max,
-        };
-        // SAFETY: setrlimit only reads the struct we pass.
-        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
-            limits.rlim_cur = limits.rlim_max;
-        }
-    }
-    if limits.rlim_cur == libc::RLIM_INFINITY {
-        return None;
-    }
-    Some(limits.rlim_cur)
 }

@@ -4,6 +4,10 @@
 //! they exist only with the `dev-tools` feature (on by default; the .deb and the image
 //! build without it, and there they explain where to find them).
 
+#![forbid(unsafe_code)]
+#![deny(clippy::unwrap_used, clippy::expect_used)]
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
+
 #[cfg(feature = "dev-tools")]
 mod demo;
 

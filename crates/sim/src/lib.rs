@@ -17,6 +17,10 @@
 //! * `control`: the plain-HTTP control API on loopback.
 //! * `cli`: `gpulink sim`.
 
+#![forbid(unsafe_code)]
+#![deny(clippy::unwrap_used, clippy::expect_used)]
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
+
 pub mod certs;
 mod cli;
 mod control;
