@@ -374,14 +374,11 @@ async fn ready_follows_start_outage_and_drain() {
         &moto.url,
         &key_arn,
         &sim.ca_file(),
-        &ProxyOptions::default(),
-    )
-    .replace(
-        "[admin]\naddress = \"127.0.0.1:0\"",
-        &format!("[admin]\naddress = \"{admin}\""),
-    )
-    .replace("timeout = \"500ms\"", "timeout = \"4s\"")
-    .replace("drain_delay = \"0s\"", "drain_delay = \"3s\"");
+        &ProxyOptions::default()
+            .set("admin.address", admin)
+            .set("health.timeout", "4s")
+            .set("listen.drain_delay", "3s"),
+    );
     assert!(text.contains(admin) && text.contains("drain_delay = \"3s\""));
     let config = gpulink::config::Config::from_toml(&text, std::path::Path::new("ready.toml"))
         .expect("valid config");

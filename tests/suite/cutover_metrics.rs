@@ -15,12 +15,10 @@ const REQUESTS: &str = "gpulink_requests_total";
 async fn privatelink_failures_are_attributed_to_their_route_region_and_endpoint() {
     let world = World::start(
         next_block(),
-        ProxyOptions {
-            phase: "privatelink-only",
+        ProxyOptions::default()
+            .set("migration.phase", "privatelink-only")
             // Health checks must not notice first: the requests find out.
-            health_interval: "1h",
-            ..ProxyOptions::default()
-        },
+            .set("health.interval", "1h"),
     )
     .await;
     let enis: Vec<String> = world

@@ -77,13 +77,9 @@ fn context(pool: &str) -> EncryptionContext {
         .collect()
 }
 
-/// `[kms.cache]` (and anything else) for [`ProxyOptions::extra`].
-fn options(format: &'static str, extra: &'static str) -> ProxyOptions {
-    ProxyOptions {
-        format,
-        extra,
-        ..ProxyOptions::default()
-    }
+/// The proxy with `kms.format = format`.
+fn options(format: &str) -> ProxyOptions {
+    ProxyOptions::default().set("kms.format", format)
 }
 
 /// Posts `body`, requires a 200, and returns the body the simulator received.
@@ -460,7 +456,7 @@ fn moto_addr(moto: &Moto) -> SocketAddr {
 /// the bytes the upstream received and reports the tenant/pool context.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_large_request_goes_end_to_end_and_python_opens_what_the_upstream_received() {
-    let world = World::start(next_block(), options("auto", "")).await;
+    let world = World::start(next_block(), options("auto")).await;
     world.sim.capture_bodies(true);
 
     // Small: auto keeps the guide's format.
@@ -513,7 +509,7 @@ async fn a_large_request_goes_end_to_end_and_python_opens_what_the_upstream_rece
 /// (one frame, exactly a frame multiple of nothing, many frames, the largest body).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_opens_gpulink_messages_of_every_size() {
-    let world = World::start(next_block(), options("aws-esdk", "")).await;
+    let world = World::start(next_block(), options("aws-esdk")).await;
     world.sim.capture_bodies(true);
     for len in [1, 4096, 1 << 20, 65536 * 3, LARGE] {
         let body = json_of_len(len);
@@ -554,7 +550,7 @@ async fn python_opens_gpulink_messages_of_every_size() {
 /// empty body is no JSON request).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_python_esdk_line_and_the_cli_open_frame_multiples() {
-    let world = World::start(next_block(), options("aws-esdk", "")).await;
+    let world = World::start(next_block(), options("aws-esdk")).await;
     world.sim.capture_bodies(true);
     let frame = esdk::DEFAULT_FRAME_LEN as usize;
     let ctx = context("model-a");
@@ -666,7 +662,7 @@ async fn gpulink_opens_python_messages() {
 /// it. The untouched message, resent the same way, opens: the harness can succeed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tampered_messages_are_refused_by_the_cluster() {
-    let world = World::start(next_block(), options("aws-esdk", "")).await;
+    let world = World::start(next_block(), options("aws-esdk")).await;
     world.sim.capture_bodies(true);
     let body = json_of_len(200_000);
     let (reply, sealed) = post_captured(&world, &body, &[]).await;
@@ -729,7 +725,7 @@ async fn tampered_messages_are_refused_by_the_cluster() {
 async fn max_messages_bounds_the_messages_per_data_key() {
     let world = World::start(
         next_block(),
-        options("aws-esdk", "[kms.cache]\nmax_messages = 3\n"),
+        options("aws-esdk").set("kms.cache.max_messages", 3),
     )
     .await;
     world.sim.capture_bodies(true);
@@ -763,7 +759,7 @@ async fn max_messages_bounds_the_messages_per_data_key() {
 async fn max_bytes_bounds_the_plaintext_per_data_key() {
     let world = World::start(
         next_block(),
-        options("aws-esdk", "[kms.cache]\nmax_bytes = \"20KB\"\n"),
+        options("aws-esdk").set("kms.cache.max_bytes", "20KB"),
     )
     .await;
     world.sim.capture_bodies(true);
@@ -798,7 +794,7 @@ async fn max_bytes_bounds_the_plaintext_per_data_key() {
 async fn max_age_replaces_the_key_in_the_background() {
     let world = World::start(
         next_block(),
-        options("aws-esdk", "[kms.cache]\nmax_age = \"2s\"\n"),
+        options("aws-esdk").set("kms.cache.max_age", "2s"),
     )
     .await;
     world.sim.capture_bodies(true);
@@ -828,7 +824,7 @@ async fn max_age_replaces_the_key_in_the_background() {
 /// default pool's): exactly one GenerateDataKey for it, and every request is served.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cold_start_under_load_makes_one_kms_call() {
-    let world = Arc::new(World::start(next_block(), options("aws-esdk", "")).await);
+    let world = Arc::new(World::start(next_block(), options("aws-esdk")).await);
     assert_eq!(generate_data_key_calls(&world), 1, "the start-up proof's");
     let body = Arc::new(String::from_utf8(json_of_len(10_000)).expect("utf-8"));
     let tasks: Vec<_> = (0..24)
@@ -865,11 +861,9 @@ async fn kms_down_with_a_cold_cache_sends_nothing() {
     let dead_kms = format!("http://127.{}.0.9:{}", next_block(), free_port());
     let world = World::start(
         next_block(),
-        ProxyOptions {
-            format: "auto",
-            kms_url: Some(dead_kms),
-            ..ProxyOptions::default()
-        },
+        ProxyOptions::default()
+            .set("kms.format", "auto")
+            .kms_url(dead_kms),
     )
     .await;
     for len in [5000, 1 << 20] {
@@ -902,12 +896,10 @@ async fn kms_outage_with_a_warm_cache_serves_until_the_hard_limit() {
     .await;
     let world = World::start(
         next_block(),
-        ProxyOptions {
-            format: "aws-esdk",
-            extra: "[kms.cache]\nmax_messages = 4\n",
-            kms_url: Some(relay.url()),
-            ..ProxyOptions::default()
-        },
+        ProxyOptions::default()
+            .set("kms.format", "aws-esdk")
+            .set("kms.cache.max_messages", 4)
+            .kms_url(relay.url()),
     )
     .await;
     let body = json_of_len(8000);
@@ -952,11 +944,9 @@ async fn kms_outage_with_a_warm_cache_serves_until_the_hard_limit() {
 async fn sealed_size_limit_and_context_none() {
     let world = World::start(
         next_block(),
-        ProxyOptions {
-            format: "auto",
-            context: "none",
-            ..ProxyOptions::default()
-        },
+        ProxyOptions::default()
+            .set("kms.format", "auto")
+            .set("kms.context", "none"),
     )
     .await;
     world.sim.capture_bodies(true);

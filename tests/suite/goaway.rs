@@ -418,12 +418,10 @@ phase = "privatelink-only"
 async fn eni_kills_and_reloads_under_load_replay_nothing_and_retry_every_refusal() {
     let world = World::start(
         next_block(),
-        ProxyOptions {
-            format: "aws-esdk",
-            phase: "privatelink-only",
-            with_remote_region: true,
-            ..ProxyOptions::default()
-        },
+        ProxyOptions::default()
+            .set("kms.format", "aws-esdk")
+            .set("migration.phase", "privatelink-only")
+            .remote_region(),
     )
     .await;
     let enis = world.layout.enis();

@@ -42,10 +42,7 @@ async fn chunked_body_over_the_limit_is_413() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let world = World::start(
         next_block(),
-        ProxyOptions {
-            max_body: "1KB",
-            ..ProxyOptions::default()
-        },
+        ProxyOptions::default().set("listen.max_body", "1KB"),
     )
     .await;
     // A chunked body has no Content-Length: the limit is enforced while reading.
@@ -154,10 +151,7 @@ async fn read_stream(world: &World, body: &'static str) -> (String, bool) {
 async fn a_long_generation_is_not_cut_but_a_stalled_one_is() {
     let world = World::start(
         next_block(),
-        ProxyOptions {
-            idle_timeout: "500ms",
-            ..ProxyOptions::default()
-        },
+        ProxyOptions::default().set("upstream.idle_timeout", "500ms"),
     )
     .await;
     // 12 tokens 100 ms apart: longer than the idle timeout in total, never silent for it.

@@ -277,24 +277,16 @@ fn config_text(
     key_id: &str,
     format: &'static str,
 ) -> String {
-    let options = ProxyOptions {
-        format,
-        ..ProxyOptions::default()
-    };
+    let options = ProxyOptions::default()
+        .set("kms.format", format)
+        .set("listen.address", listen)
+        .set("admin.address", admin);
     proxy_toml(
         &cluster.layout,
         kms_url,
         key_id,
         &cluster.sim.ca_file(),
         &options,
-    )
-    .replace(
-        "address = \"127.0.0.1:0\"\nmax_body",
-        &format!("address = \"{listen}\"\nmax_body"),
-    )
-    .replace(
-        "[admin]\naddress = \"127.0.0.1:0\"",
-        &format!("[admin]\naddress = \"{admin}\""),
     )
 }
 

@@ -30,36 +30,37 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// An empty SETTINGS frame.
 const H2_SETTINGS: &[u8] = &[0, 0, 0, 4, 0, 0, 0, 0, 0];
 
-/// The proxy's configuration for this test: the shared one with `listen` and `admin`
-/// lines added to those sections and both listeners on the test's block.
-fn config_text(cluster: &Cluster, listen: &str, admin: &str) -> String {
-    let block = cluster.layout.ip(0, 2);
+/// The proxy's configuration for this test: the shared one with `options`' settings and
+/// both listeners on the test's block (`listen`, `admin`).
+fn config_text(
+    cluster: &Cluster,
+    listen: SocketAddr,
+    admin: SocketAddr,
+    options: &ProxyOptions,
+) -> String {
+    let options = options
+        .clone()
+        .set("listen.address", listen)
+        .set("admin.address", admin);
     proxy_toml(
         &cluster.layout,
         &cluster.moto.url,
         &cluster.key_arn,
         &cluster.sim.ca_file(),
-        &ProxyOptions::default(),
-    )
-    .replace(
-        "address = \"127.0.0.1:0\"",
-        &format!("address = \"{block}:0\""),
-    )
-    .replace(
-        "shutdown_grace = \"5s\"\n",
-        &format!("shutdown_grace = \"5s\"\n{listen}\n"),
-    )
-    .replacen(
-        &format!("[admin]\naddress = \"{block}:0\"\n"),
-        &format!("[admin]\naddress = \"{block}:0\"\n{admin}\n"),
-        1,
+        &options,
     )
 }
 
 /// moto, the simulator and an in-process proxy with extra `[listen]`/`[admin]` lines.
-async fn world(block: u8, listen: &str, admin: &str) -> World {
+async fn world(block: u8, options: ProxyOptions) -> World {
     let cluster = Cluster::start(block).await;
-    let text = config_text(&cluster, listen, admin);
+    let ip = cluster.layout.ip(0, 2);
+    let text = config_text(
+        &cluster,
+        SocketAddr::new(ip, 0),
+        SocketAddr::new(ip, 0),
+        &options,
+    );
     let config = Config::from_toml(&text, std::path::Path::new("test.toml")).expect("valid config");
     let keys = KmsKeys::new("us-east-1", Some(&cluster.moto.url), Duration::from_secs(3)).await;
     let options = gpulink::proxy::StartOptions {
@@ -130,9 +131,15 @@ fn assert_body_timeout(answer: &[u8], what: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_partial_and_slow_clients_are_closed() {
-    let world = world(next_block(),
-        "header_read_timeout = \"300ms\"\nbody_read_timeout = \"500ms\"\nbody_min_rate = \"1KiB\"\nidle_timeout = \"300ms\"",
-        "header_read_timeout = \"300ms\"\nidle_timeout = \"300ms\"",
+    let world = world(
+        next_block(),
+        ProxyOptions::default()
+            .set("listen.header_read_timeout", "300ms")
+            .set("listen.body_read_timeout", "500ms")
+            .set("listen.body_min_rate", "1KiB")
+            .set("listen.idle_timeout", "300ms")
+            .set("admin.header_read_timeout", "300ms")
+            .set("admin.idle_timeout", "300ms"),
     )
     .await;
     let listen = world.proxy().listen_addr;
@@ -218,9 +225,13 @@ async fn silent_partial_and_slow_clients_are_closed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_http2_peer_that_stops_answering_pings_is_closed() {
     // Long head and idle bounds: only the keep-alive ping can close this connection.
-    let world = world(next_block(),
-        "header_read_timeout = \"5m\"\nidle_timeout = \"1h\"\nh2_keepalive_interval = \"200ms\"\nh2_keepalive_timeout = \"200ms\"",
-        "",
+    let world = world(
+        next_block(),
+        ProxyOptions::default()
+            .set("listen.header_read_timeout", "5m")
+            .set("listen.idle_timeout", "1h")
+            .set("listen.h2_keepalive_interval", "200ms")
+            .set("listen.h2_keepalive_timeout", "200ms"),
     )
     .await;
     let mut peer = connect(world.proxy().listen_addr).await;
@@ -267,8 +278,13 @@ async fn idle_sockets_cannot_lock_out_the_listeners() {
     // the requests below.
     let world = world(
         next_block(),
-        "max_connections = 40\nheader_read_timeout = \"5m\"\nidle_timeout = \"1h\"",
-        "max_connections = 8\nheader_read_timeout = \"5m\"\nidle_timeout = \"1h\"",
+        ProxyOptions::default()
+            .set("listen.max_connections", 40)
+            .set("listen.header_read_timeout", "5m")
+            .set("listen.idle_timeout", "1h")
+            .set("admin.max_connections", 8)
+            .set("admin.header_read_timeout", "5m")
+            .set("admin.idle_timeout", "1h"),
     )
     .await;
     let mut silent = Vec::new();
@@ -336,20 +352,10 @@ impl Drop for Proxy {
 }
 
 impl Proxy {
-    async fn start(cluster: &Cluster, listen: &str, admin: &str, shell: &str) -> Proxy {
+    async fn start(cluster: &Cluster, options: ProxyOptions, shell: &str) -> Proxy {
         let ip = cluster.layout.ip(0, 2);
         let (listen_addr, admin_addr) = (SocketAddr::new(ip, 8000), SocketAddr::new(ip, 9901));
-        let text = config_text(cluster, listen, admin)
-            .replacen(
-                &format!("address = \"{ip}:0\""),
-                &format!("address = \"{listen_addr}\""),
-                1,
-            )
-            .replacen(
-                &format!("address = \"{ip}:0\""),
-                &format!("address = \"{admin_addr}\""),
-                1,
-            );
+        let text = config_text(cluster, listen_addr, admin_addr, &options);
         let path = cluster.dir.path().join("gpulink.toml");
         std::fs::write(&path, text).expect("write config");
         let child = Command::new("sh")
@@ -398,8 +404,9 @@ async fn admin_crowd_cannot_take_file_descriptors_from_the_data_path() {
     // admin listener takes them all and the app listener cannot accept.
     let proxy = Proxy::start(
         &cluster,
-        "",
-        "header_read_timeout = \"5m\"\nidle_timeout = \"1h\"",
+        ProxyOptions::default()
+            .set("admin.header_read_timeout", "5m")
+            .set("admin.idle_timeout", "1h"),
         "ulimit -n 300 || exit 99",
     )
     .await;
@@ -534,8 +541,10 @@ async fn stalled_uploads_cannot_hold_more_than_the_in_flight_budget() {
     let cluster = Cluster::start(next_block()).await;
     let proxy = Proxy::start(
         &cluster,
-        "max_in_flight_bytes = \"48MiB\"\nbody_read_timeout = \"5m\"\nbody_min_rate = 0",
-        "",
+        ProxyOptions::default()
+            .set("listen.max_in_flight_bytes", "48MiB")
+            .set("listen.body_read_timeout", "5m")
+            .set("listen.body_min_rate", 0),
         "",
     )
     .await;
@@ -659,8 +668,12 @@ async fn a_client_that_stops_reading_its_answers_is_closed() {
     // Long head and idle bounds: only the send bound can end this connection.
     let world = world(
         next_block(),
-        "send_timeout = \"300ms\"\nheader_read_timeout = \"5m\"\nidle_timeout = \"1h\"",
-        "header_read_timeout = \"5m\"\nidle_timeout = \"1h\"",
+        ProxyOptions::default()
+            .set("listen.send_timeout", "300ms")
+            .set("listen.header_read_timeout", "5m")
+            .set("listen.idle_timeout", "1h")
+            .set("admin.header_read_timeout", "5m")
+            .set("admin.idle_timeout", "1h"),
     )
     .await;
     let socket = tokio::net::TcpSocket::new_v4().expect("socket");

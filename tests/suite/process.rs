@@ -42,6 +42,8 @@ struct Processes {
     moto: Moto,
     key_arn: String,
     ca_file: PathBuf,
+    /// The proxy's settings over the shared configuration, kept across rewrites.
+    options: ProxyOptions,
     _dir: tempfile::TempDir,
     client: hyper_util::client::legacy::Client<
         hyper_util::client::legacy::connect::HttpConnector,
@@ -50,21 +52,22 @@ struct Processes {
 }
 
 impl Processes {
-    async fn start(block: u8, phase: &str, extra: &str) -> Processes {
-        Self::launch(block, phase, extra, None).await
+    async fn start(block: u8, phase: &str) -> Processes {
+        Self::launch(block, phase, None).await
     }
 
     /// With `hosts`, the proxy runs in a mount namespace of its own whose /etc/hosts is
     /// that file, so the test controls what the system resolver answers.
-    async fn launch(block: u8, phase: &str, extra: &str, hosts: Option<&Path>) -> Processes {
-        Self::launch_with(block, phase, extra, hosts, Stdio::inherit(), None).await
+    async fn launch(block: u8, phase: &str, hosts: Option<&Path>) -> Processes {
+        let options = ProxyOptions::default();
+        Self::launch_with(block, phase, options, hosts, Stdio::inherit(), None).await
     }
 
     /// As [`Processes::launch`], with the proxy's stderr and `RUST_LOG` chosen by the test.
     async fn launch_with(
         block: u8,
         phase: &str,
-        extra: &str,
+        options: ProxyOptions,
         hosts: Option<&Path>,
         stderr: Stdio,
         rust_log: Option<&str>,
@@ -112,13 +115,14 @@ impl Processes {
             moto,
             key_arn,
             ca_file,
+            options,
             _dir: dir,
             client: hyper_util::client::legacy::Client::builder(
                 hyper_util::rt::TokioExecutor::new(),
             )
             .build_http(),
         };
-        processes.write_config(phase, extra);
+        processes.write_config(phase);
         let mut proxy = match hosts {
             None => Command::new(env!("CARGO_BIN_EXE_gpulink")),
             Some(hosts) => {
@@ -152,12 +156,15 @@ impl Processes {
         processes
     }
 
-    fn config_text(&self, phase: &str, extra: &str) -> String {
-        let options = ProxyOptions {
-            phase: Box::leak(phase.to_string().into_boxed_str()),
-            extra: Box::leak(extra.to_string().into_boxed_str()),
-            ..ProxyOptions::default()
-        };
+    /// The configuration in `phase` with `options`' settings, on the fixed listen and admin
+    /// addresses this proxy keeps across reloads.
+    fn config_text(&self, phase: &str, options: &ProxyOptions) -> String {
+        let options = options
+            .clone()
+            .set("migration.phase", phase)
+            .set("listen.address", self.listen)
+            .set("admin.address", self.admin)
+            .set("listen.drain_delay", "500ms");
         proxy_toml(
             &self.layout,
             &self.moto.url,
@@ -165,19 +172,10 @@ impl Processes {
             &self.ca_file,
             &options,
         )
-        .replace(
-            "address = \"127.0.0.1:0\"\nmax_body",
-            &format!("address = \"{}\"\nmax_body", self.listen),
-        )
-        .replace(
-            "[admin]\naddress = \"127.0.0.1:0\"",
-            &format!("[admin]\naddress = \"{}\"", self.admin),
-        )
-        .replace("drain_delay = \"0s\"", "drain_delay = \"500ms\"")
     }
 
-    fn write_config(&self, phase: &str, extra: &str) {
-        write_atomically(&self.config_path, &self.config_text(phase, extra));
+    fn write_config(&self, phase: &str) {
+        write_atomically(&self.config_path, &self.config_text(phase, &self.options));
     }
 
     fn proxy(&self) -> &Child {
@@ -334,7 +332,7 @@ impl Load {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn run_and_sim_serve_the_guide_request() {
-    let p = Processes::start(next_block(), "privatelink", "").await;
+    let p = Processes::start(next_block(), "privatelink").await;
     let reply = p.post().await;
     assert_eq!(
         reply.status,
@@ -359,10 +357,10 @@ async fn run_and_sim_serve_the_guide_request() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_changes_phase_under_load_without_failures() {
-    let p = Processes::start(next_block(), "privatelink", "").await;
+    let p = Processes::start(next_block(), "privatelink").await;
     let load = Load::start(&p);
     load.wait_for_ok(20).await;
-    p.write_config("public", "");
+    p.write_config("public");
     // The file watcher may also pick this up; SIGHUP makes it certain.
     signal(p.proxy(), "HUP");
     let status = assert_eventually!(
@@ -392,13 +390,13 @@ async fn sighup_with_an_unchanged_file_is_a_no_op() {
     let p = Processes::launch_with(
         next_block(),
         "privatelink",
-        "",
+        ProxyOptions::default(),
         None,
         Stdio::from(log),
         Some("info"),
     )
     .await;
-    p.write_config("public", "");
+    p.write_config("public");
     signal(p.proxy(), "HUP");
     p.wait_generation(2).await;
     assert_eq!(p.status().await["phase"], "public");
@@ -426,12 +424,12 @@ async fn sighup_with_an_unchanged_file_is_a_no_op() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn file_change_reloads_and_an_invalid_file_changes_nothing() {
-    let p = Processes::start(next_block(), "public", "").await;
+    let p = Processes::start(next_block(), "public").await;
     let load = Load::start(&p);
     load.wait_for_ok(10).await;
 
     // Valid change, picked up by the directory watch alone.
-    p.write_config("privatelink", "");
+    p.write_config("privatelink");
     p.wait_generation(2).await;
     assert_eq!(p.status().await["phase"], "privatelink");
     let before = load.ok.load(Ordering::SeqCst);
@@ -453,7 +451,7 @@ async fn file_change_reloads_and_an_invalid_file_changes_nothing() {
     let status = p.status().await;
     assert_eq!(status["generation"].as_u64(), Some(generation));
     assert_eq!(status["phase"], "privatelink");
-    p.write_config("public", "");
+    p.write_config("public");
     p.wait_generation(generation + 1).await;
     assert_eq!(p.status().await["phase"], "public");
     let (ok, failed) = load.finish().await;
@@ -465,7 +463,7 @@ async fn file_change_reloads_and_an_invalid_file_changes_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_in_flight_requests_finish() {
-    let p = Processes::start(next_block(), "privatelink-only", "").await;
+    let p = Processes::start(next_block(), "privatelink-only").await;
     for ip in p.layout.enis() {
         p.set_state(ip, r#"{"state": "slow", "delay_ms": 1500}"#)
             .await;
@@ -546,12 +544,14 @@ async fn privatelink_dns_discovers_enis_and_keeps_unchanged_ones() {
         std::fs::write(&hosts, format!("127.0.0.1 localhost\n{text}")).expect("hosts");
     };
     write_hosts(&[a, b]);
-    // The region's ENIs come from DNS; the static list in the template is replaced.
-    let extra = "";
-    let p = Processes::launch(block, "privatelink", extra, Some(&hosts)).await;
-    let text = p.config_text("privatelink", extra).replace(
-        &format!("privatelink = [\"{a}:8443\", \"{b}:8443\", \"{c}:8443\"]"),
-        "privatelink_dns = \"eni.vpce.test:8443\"\ndns_refresh = \"1s\"",
+    // The region's ENIs come from DNS; the static list in the configuration is replaced.
+    let p = Processes::launch(block, "privatelink", Some(&hosts)).await;
+    let text = p.config_text(
+        "privatelink",
+        &ProxyOptions::default()
+            .remove("regions.0.privatelink")
+            .set("regions.0.privatelink_dns", "eni.vpce.test:8443")
+            .set("regions.0.dns_refresh", "1s"),
     );
     assert!(text.contains("privatelink_dns"));
     write_atomically(&p.config_path, &text);
@@ -641,7 +641,7 @@ async fn a_closed_log_reader_never_stops_the_proxy() {
     let p = Processes::launch_with(
         next_block(),
         "privatelink",
-        "",
+        ProxyOptions::default(),
         None,
         Stdio::from(writer),
         Some("info"),
@@ -675,7 +675,7 @@ async fn a_stalled_log_reader_never_stalls_requests() {
     let p = Processes::launch_with(
         next_block(),
         "privatelink",
-        "",
+        ProxyOptions::default(),
         None,
         Stdio::from(writer),
         Some("trace"),
@@ -738,8 +738,17 @@ async fn health_answers_cannot_forge_log_lines_or_colour_the_log() {
             counter.fetch_add(1, Ordering::SeqCst);
         }
     });
-    let extra = format!("[[regions]]\nname = \"eu-west-1\"\nprivatelink = [{{ address = \"127.{block}.30.1:8443\", server_name = \"gpu-cluster.yourcompany.internal\", health_port = 8080 }}]\n");
-    let extra = extra.as_str();
+    let options = ProxyOptions::default().push(
+        "regions",
+        serde_json::json!({
+            "name": "eu-west-1",
+            "privatelink": [{
+                "address": format!("127.{block}.30.1:8443"),
+                "server_name": "gpu-cluster.yourcompany.internal",
+                "health_port": 8080,
+            }],
+        }),
+    );
     let (mut reader, writer) = std::io::pipe().expect("pipe");
     let log = std::thread::spawn(move || {
         let mut all = Vec::new();
@@ -749,7 +758,7 @@ async fn health_answers_cannot_forge_log_lines_or_colour_the_log() {
     let p = Processes::launch_with(
         block,
         "privatelink",
-        extra,
+        options,
         None,
         Stdio::from(writer),
         Some("info"),
@@ -786,7 +795,7 @@ async fn health_answers_cannot_forge_log_lines_or_colour_the_log() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_from_a_fifo_or_dev_zero_is_rejected_while_serving() {
-    let p = Processes::start(next_block(), "privatelink", "").await;
+    let p = Processes::start(next_block(), "privatelink").await;
     let load = Load::start(&p);
     load.wait_for_ok(10).await;
     let rejected = |status: &serde_json::Value| status["reloads"]["rejected"].as_u64().unwrap_or(0);
@@ -816,7 +825,7 @@ async fn a_reload_from_a_fifo_or_dev_zero_is_rejected_while_serving() {
     }
     // A regular file again: reloaded.
     std::fs::remove_file(&p.config_path).expect("remove link");
-    p.write_config("public", "");
+    p.write_config("public");
     signal(p.proxy(), "HUP");
     p.wait_generation(2).await;
     let (ok, failed) = load.finish().await;

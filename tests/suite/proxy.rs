@@ -88,11 +88,9 @@ async fn tenant_headers_come_from_configuration_only() {
 async fn refusals_never_reach_kms_or_the_cluster() {
     let world = World::start(
         next_block(),
-        ProxyOptions {
-            count_kms: true,
-            max_body: "2KB",
-            ..ProxyOptions::default()
-        },
+        ProxyOptions::default()
+            .count_kms()
+            .set("listen.max_body", "2KB"),
     )
     .await;
     let relay = world.kms_relay.as_ref().expect("relay");
@@ -166,14 +164,7 @@ async fn body_over_kms_limit_is_refused_with_the_limit_named() {
 async fn kms_unreachable_fails_closed() {
     // A port nothing listens on.
     let dead_kms = format!("http://127.0.0.1:{}", free_port());
-    let world = World::start(
-        next_block(),
-        ProxyOptions {
-            kms_url: Some(dead_kms),
-            ..ProxyOptions::default()
-        },
-    )
-    .await;
+    let world = World::start(next_block(), ProxyOptions::default().kms_url(dead_kms)).await;
     let reply = world.post("/inference", GUIDE_REQUEST, &[]).await;
     assert_eq!(reply.status, 503);
     assert_eq!(reply.error_code(), "kms_unavailable");
@@ -191,10 +182,7 @@ async fn wrong_context_mode_is_detected_by_the_cluster() {
     // without a context.
     let world = World::start(
         next_block(),
-        ProxyOptions {
-            context: "none",
-            ..ProxyOptions::default()
-        },
+        ProxyOptions::default().set("kms.context", "none"),
     )
     .await;
     let reply = world.post("/inference", GUIDE_REQUEST, &[]).await;
@@ -260,10 +248,10 @@ async fn all_enis_down(world: &World) {
 async fn all_enis_down_falls_back_to_public_in_phase_privatelink() {
     let world = World::start(
         next_block(),
-        ProxyOptions {
-            fallback_until: Some("2999-01-01T00:00:00+00:00"),
-            ..ProxyOptions::default()
-        },
+        ProxyOptions::default().set(
+            "migration.public_fallback_until",
+            "2999-01-01T00:00:00+00:00",
+        ),
     )
     .await;
     all_enis_down(&world).await;
@@ -288,10 +276,10 @@ async fn all_enis_down_falls_back_to_public_in_phase_privatelink() {
 async fn all_enis_down_after_the_fallback_window_is_503() {
     let world = World::start(
         next_block(),
-        ProxyOptions {
-            fallback_until: Some("2020-01-01T00:00:00+00:00"),
-            ..ProxyOptions::default()
-        },
+        ProxyOptions::default().set(
+            "migration.public_fallback_until",
+            "2020-01-01T00:00:00+00:00",
+        ),
     )
     .await;
     all_enis_down(&world).await;
@@ -306,10 +294,7 @@ async fn all_enis_down_after_the_fallback_window_is_503() {
 async fn all_enis_down_in_privatelink_only_is_503() {
     let world = World::start(
         next_block(),
-        ProxyOptions {
-            phase: "privatelink-only",
-            ..ProxyOptions::default()
-        },
+        ProxyOptions::default().set("migration.phase", "privatelink-only"),
     )
     .await;
     all_enis_down(&world).await;
@@ -324,10 +309,7 @@ async fn all_enis_down_in_privatelink_only_is_503() {
 async fn phase_public_sends_everything_public() {
     let world = World::start(
         next_block(),
-        ProxyOptions {
-            phase: "public",
-            ..ProxyOptions::default()
-        },
+        ProxyOptions::default().set("migration.phase", "public"),
     )
     .await;
     for _ in 0..5 {
@@ -345,11 +327,9 @@ async fn phase_public_sends_everything_public() {
 async fn wrong_certificate_name_is_refused_and_nothing_is_sent() {
     let world = World::start(
         next_block(),
-        ProxyOptions {
-            server_name: "not-the-cluster.example.com",
-            phase: "privatelink-only",
-            ..ProxyOptions::default()
-        },
+        ProxyOptions::default()
+            .set("upstream.server_name", "not-the-cluster.example.com")
+            .set("migration.phase", "privatelink-only"),
     )
     .await;
     // The data-path check found the wrong name before any request: nothing can serve.

@@ -67,10 +67,7 @@ async fn an_eni_that_starts_refusing_under_load_costs_no_request() {
 async fn a_blackholed_eni_costs_only_what_it_swallowed_before_ejection() {
     let world = World::start(
         next_block(),
-        ProxyOptions {
-            request_timeout: "2s",
-            ..ProxyOptions::default()
-        },
+        ProxyOptions::default().set("upstream.request_timeout", "2s"),
     )
     .await;
     let [a, ..] = world.layout.enis();
@@ -149,11 +146,9 @@ async fn no_capacity_answers_are_retried_elsewhere_and_never_double_delivered() 
     // meets the cluster's 503 no_capacity instead.
     let world = World::start(
         next_block(),
-        ProxyOptions {
-            health_interval: "60s",
-            phase: "privatelink-only",
-            ..ProxyOptions::default()
-        },
+        ProxyOptions::default()
+            .set("health.interval", "60s")
+            .set("migration.phase", "privatelink-only"),
     )
     .await;
     let [a, b, c] = world.layout.enis();
@@ -187,11 +182,9 @@ async fn no_capacity_answers_are_retried_elsewhere_and_never_double_delivered() 
 async fn a_request_the_cluster_started_is_never_replayed() {
     let world = World::start(
         next_block(),
-        ProxyOptions {
-            phase: "privatelink-only",
-            request_timeout: "30s",
-            ..ProxyOptions::default()
-        },
+        ProxyOptions::default()
+            .set("migration.phase", "privatelink-only")
+            .set("upstream.request_timeout", "30s"),
     )
     .await;
     for ip in world.layout.enis() {
@@ -237,14 +230,7 @@ async fn a_request_the_cluster_started_is_never_replayed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn losing_the_local_region_fails_over_to_the_other_region_then_public() {
-    let world = World::start(
-        next_block(),
-        ProxyOptions {
-            with_remote_region: true,
-            ..ProxyOptions::default()
-        },
-    )
-    .await;
+    let world = World::start(next_block(), ProxyOptions::default().remote_region()).await;
     for ip in world.layout.enis() {
         set(&world, ip, EndpointState::Down).await;
     }
@@ -269,11 +255,10 @@ async fn losing_the_local_region_fails_over_to_the_other_region_then_public() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn automatic_rollback_fires_on_slow_privatelink_but_not_below_the_minimum() {
     let world = World::start(next_block(),
-        ProxyOptions {
-            fallback_until: Some("2999-01-01T00:00:00+00:00"),
-            extra: "[rollback]\nwindow = \"5m\"\nmin_requests = 12\nmax_error_rate = 0.5\nmax_p99 = \"100ms\"\ncooldown = \"10m\"\n",
-            ..ProxyOptions::default()
-        },
+        ProxyOptions::default().set("migration.public_fallback_until", "2999-01-01T00:00:00+00:00").set(
+ "rollback",
+ serde_json::json!({"window": "5m", "min_requests": 12, "max_error_rate": 0.5, "max_p99": "100ms", "cooldown": "10m"}),
+ ),
     )
     .await;
     for ip in world.layout.enis() {
@@ -311,11 +296,12 @@ async fn automatic_rollback_fires_on_slow_privatelink_but_not_below_the_minimum(
 async fn no_automatic_rollback_in_privatelink_only() {
     let world = World::start(
         next_block(),
-        ProxyOptions {
-            phase: "privatelink-only",
-            extra: "[rollback]\nwindow = \"5m\"\nmin_requests = 5\nmax_p99 = \"100ms\"\n",
-            ..ProxyOptions::default()
-        },
+        ProxyOptions::default()
+            .set("migration.phase", "privatelink-only")
+            .set(
+                "rollback",
+                serde_json::json!({"window": "5m", "min_requests": 5, "max_p99": "100ms"}),
+            ),
     )
     .await;
     for ip in world.layout.enis() {

@@ -49,15 +49,9 @@ async fn run_notifies_systemd_and_logs_json_with_request_ids() {
         &moto.url,
         &key_arn,
         &sim.ca_file(),
-        &ProxyOptions::default(),
-    )
-    .replace(
-        "[listen]\naddress = \"127.0.0.1:0\"",
-        &format!("[listen]\naddress = \"{listen}\""),
-    )
-    .replace(
-        "[admin]\naddress = \"127.0.0.1:0\"",
-        &format!("[admin]\naddress = \"{admin}\""),
+        &ProxyOptions::default()
+            .set("listen.address", listen)
+            .set("admin.address", admin),
     );
     assert!(text.contains(listen) && text.contains(admin));
     let config = dir.path().join("gpulink.toml");

@@ -230,126 +230,187 @@ impl Layout {
     }
 }
 
-/// What a test changes in the proxy's configuration.
+/// What a test changes in the proxy: settings over the shared configuration
+/// ([`proxy_config`]), and where the proxy's KMS traffic goes.
+#[derive(Clone, Default)]
 pub struct ProxyOptions {
-    pub phase: &'static str,
-    pub server_name: &'static str,
-    pub context: &'static str,
-    pub max_body: &'static str,
-    pub with_remote_region: bool,
-    pub fallback_until: Option<&'static str>,
-    pub extra: &'static str,
-    /// Route the proxy's KMS traffic through a [`CountingRelay`].
-    pub count_kms: bool,
-    /// Point the proxy's KMS at this URL instead of moto (e.g. a closed port).
-    pub kms_url: Option<String>,
-    /// `kms.format`: kms-direct (the default here), aws-esdk or auto.
-    pub format: &'static str,
-    pub request_timeout: &'static str,
-    pub health_interval: &'static str,
-    pub idle_timeout: &'static str,
+    changes: Vec<(String, Change)>,
+    remote_region: bool,
+    count_kms: bool,
+    kms_url: Option<String>,
 }
 
-impl Default for ProxyOptions {
-    fn default() -> Self {
-        Self {
-            phase: "privatelink",
-            server_name: "gpu-cluster.yourcompany.internal",
-            context: "tenant",
-            max_body: "10MB",
-            with_remote_region: false,
-            fallback_until: None,
-            extra: "",
-            count_kms: false,
-            kms_url: None,
-            format: "kms-direct",
-            request_timeout: "10s",
-            health_interval: "200ms",
-            idle_timeout: "60s",
+#[derive(Clone)]
+enum Change {
+    Set(toml::Value),
+    Push(toml::Value),
+    Remove,
+}
+
+impl ProxyOptions {
+    /// Sets `key`, a dotted path (`migration.phase`, `kms.cache.max_messages`,
+    /// `regions.0.dns_refresh`), to `value`, making the tables on the way.
+    pub fn set(mut self, key: &str, value: impl serde::Serialize) -> Self {
+        self.changes
+            .push((key.into(), Change::Set(toml_value(value))));
+        self
+    }
+
+    /// Appends `value` to the array at `key` (`regions`).
+    pub fn push(mut self, key: &str, value: impl serde::Serialize) -> Self {
+        self.changes
+            .push((key.into(), Change::Push(toml_value(value))));
+        self
+    }
+
+    /// Removes `key` (`regions.0.privatelink`).
+    pub fn remove(mut self, key: &str) -> Self {
+        self.changes.push((key.into(), Change::Remove));
+        self
+    }
+
+    /// Adds the region `us-west-2` with the layout's remote ENI.
+    pub fn remote_region(mut self) -> Self {
+        self.remote_region = true;
+        self
+    }
+
+    /// Counts the proxy's KMS connections ([`World::kms_relay`]).
+    pub fn count_kms(mut self) -> Self {
+        self.count_kms = true;
+        self
+    }
+
+    /// Sends the proxy's KMS traffic to `url` instead of moto.
+    pub fn kms_url(mut self, url: impl Into<String>) -> Self {
+        self.kms_url = Some(url.into());
+        self
+    }
+
+    fn apply(&self, config: &mut toml::Value) {
+        for (key, change) in &self.changes {
+            let mut parts: Vec<&str> = key.split('.').collect();
+            let last = parts.pop().unwrap_or_default();
+            let mut node = &mut *config;
+            for part in parts {
+                node = match node {
+                    toml::Value::Array(items) => {
+                        let index: usize = part
+                            .parse()
+                            .unwrap_or_else(|_| panic!("{key}: `{part}` is not an index"));
+                        &mut items[index]
+                    }
+                    toml::Value::Table(table) => table
+                        .entry(part)
+                        .or_insert_with(|| toml::Value::Table(toml::Table::new())),
+                    other => panic!("{key}: `{other}` is not a table"),
+                };
+            }
+            let table = node
+                .as_table_mut()
+                .unwrap_or_else(|| panic!("{key}: the parent is not a table"));
+            match change {
+                Change::Set(value) => {
+                    table.insert(last.into(), value.clone());
+                }
+                Change::Push(value) => table
+                    .entry(last)
+                    .or_insert_with(|| toml::Value::Array(Vec::new()))
+                    .as_array_mut()
+                    .unwrap_or_else(|| panic!("{key} is not an array"))
+                    .push(value.clone()),
+                Change::Remove => {
+                    table.remove(last);
+                }
+            }
         }
     }
 }
 
+fn toml_value(value: impl serde::Serialize) -> toml::Value {
+    toml::Value::try_from(value).expect("a value TOML can hold")
+}
+
+/// The configuration every test starts from, as typed values: listeners on port 0, the
+/// layout's three ENIs and its public endpoint in us-east-1, fast health checks, KMS at
+/// `kms_url`; then `options`' changes in order.
+pub fn proxy_config(
+    layout: &Layout,
+    kms_url: &str,
+    key_id: &str,
+    ca_file: &std::path::Path,
+    options: &ProxyOptions,
+) -> toml::Table {
+    let authority = |ip: IpAddr| format!("{ip}:8443");
+    let mut regions = vec![serde_json::json!({
+        "name": "us-east-1",
+        "privatelink": layout.enis().map(authority),
+        "public": [{
+            "address": authority(layout.public()),
+            "server_name": "gpu-cluster.public.example.com",
+        }],
+    })];
+    if options.remote_region {
+        regions.push(serde_json::json!({
+            "name": "us-west-2",
+            "privatelink": [authority(layout.remote_eni())],
+        }));
+    }
+    let config = serde_json::json!({
+        "listen": {
+            "address": "127.0.0.1:0",
+            "max_body": "10MB",
+            "drain_delay": "0s",
+            "shutdown_grace": "5s",
+        },
+        "admin": { "address": "127.0.0.1:0" },
+        "tenant": {
+            "id": "tenant-123",
+            "model_pool": "model-a",
+            "model_pools": ["model-a", "model-b"],
+        },
+        "kms": {
+            "key_id": key_id,
+            "region": "us-east-1",
+            "format": "kms-direct",
+            "context": "tenant",
+            "timeout": "3s",
+            "endpoint_url": kms_url,
+        },
+        "upstream": {
+            "server_name": "gpu-cluster.yourcompany.internal",
+            "ca_file": ca_file,
+            "connect_timeout": "1s",
+            "request_timeout": "10s",
+            "idle_timeout": "60s",
+        },
+        "health": {
+            "interval": "200ms",
+            "timeout": "500ms",
+            "healthy_threshold": 1,
+            "unhealthy_threshold": 1,
+        },
+        "regions": regions,
+        "migration": { "phase": "privatelink" },
+    });
+    let mut config = toml_value(config);
+    options.apply(&mut config);
+    match config {
+        toml::Value::Table(config) => config,
+        _ => unreachable!("a JSON object is a table"),
+    }
+}
+
+/// [`proxy_config`] as the text of a configuration file.
 pub fn proxy_toml(
     layout: &Layout,
     kms_url: &str,
     key_id: &str,
     ca_file: &std::path::Path,
-    o: &ProxyOptions,
+    options: &ProxyOptions,
 ) -> String {
-    let [a, b, c] = layout.enis();
-    let remote = if o.with_remote_region {
-        format!(
-            "[[regions]]\nname = \"us-west-2\"\nprivatelink = [\"{}:8443\"]\n",
-            layout.remote_eni()
-        )
-    } else {
-        String::new()
-    };
-    let fallback = o
-        .fallback_until
-        .map(|t| format!("public_fallback_until = \"{t}\"\n"))
-        .unwrap_or_default();
-    format!(
-        r#"
-[listen]
-address = "127.0.0.1:0"
-max_body = "{max_body}"
-drain_delay = "0s"
-shutdown_grace = "5s"
-
-[admin]
-address = "127.0.0.1:0"
-
-[tenant]
-id = "tenant-123"
-model_pool = "model-a"
-model_pools = ["model-a", "model-b"]
-
-[kms]
-key_id = "{key_id}"
-region = "us-east-1"
-format = "{format}"
-context = "{context}"
-timeout = "3s"
-endpoint_url = "{kms_url}"
-
-[upstream]
-server_name = "{server_name}"
-ca_file = "{ca}"
-connect_timeout = "1s"
-request_timeout = "{request_timeout}"
-idle_timeout = "{idle_timeout}"
-
-[health]
-interval = "{health_interval}"
-timeout = "500ms"
-healthy_threshold = 1
-unhealthy_threshold = 1
-
-[[regions]]
-name = "us-east-1"
-privatelink = ["{a}:8443", "{b}:8443", "{c}:8443"]
-public = [{{ address = "{public}:8443", server_name = "gpu-cluster.public.example.com" }}]
-
-{remote}
-[migration]
-phase = "{phase}"
-{fallback}
-{extra}
-"#,
-        max_body = o.max_body,
-        format = o.format,
-        context = o.context,
-        server_name = o.server_name,
-        ca = ca_file.display(),
-        public = layout.public(),
-        phase = o.phase,
-        extra = o.extra,
-        request_timeout = o.request_timeout,
-        idle_timeout = o.idle_timeout,
-        health_interval = o.health_interval,
-    )
+    toml::to_string(&proxy_config(layout, kms_url, key_id, ca_file, options))
+        .expect("a table serialises")
 }
 
 /// moto with a fresh key, and the simulator on `127.<block>.x.y` opening bodies through
