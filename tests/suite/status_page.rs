@@ -107,12 +107,10 @@ async fn status_page_renders_outcomes_and_charts_in_chromium() {
     // slow on purpose: the failures below are met by requests, not by the checks.
     let world = World::start(
         BLOCK,
-        ProxyOptions {
-            phase: "canary",
-            extra: "canary_percent = 50",
-            health_interval: "60s",
-            ..ProxyOptions::default()
-        },
+        ProxyOptions::default()
+            .set("migration.phase", "canary")
+            .set("migration.canary_percent", 50)
+            .set("health.interval", "60s"),
     )
     .await;
     let [a, b, _] = world.layout.enis();
