@@ -101,7 +101,7 @@ impl Bench {
         let config = Config::load(&config_path).expect("valid config");
         let keys = KmsKeys::new("us-east-1", Some(&cluster.moto.url), Duration::from_secs(3)).await;
         let options = gpulink::proxy::StartOptions {
-            random_seed: Some(u64::from(cluster.layout.block)),
+            random_seed: Some(test_seed()),
         };
         let proxy = gpulink::proxy::start_with(config, KeyService::Kms(keys), options)
             .await

@@ -64,7 +64,7 @@ async fn world(block: u8, options: ProxyOptions) -> World {
     let config = Config::from_toml(&text, std::path::Path::new("test.toml")).expect("valid config");
     let keys = KmsKeys::new("us-east-1", Some(&cluster.moto.url), Duration::from_secs(3)).await;
     let options = gpulink::proxy::StartOptions {
-        random_seed: Some(u64::from(block)),
+        random_seed: Some(test_seed()),
     };
     let proxy = gpulink::proxy::start_with(config, KeyService::Kms(keys), options)
         .await

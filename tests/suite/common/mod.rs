@@ -178,19 +178,34 @@ pub async fn wait_for_listener(addr: SocketAddr, limit: Duration) {
 /// hands them out, so those tests stay safe while every test runs in one process.
 pub const LAST_ALLOCATED_BLOCK: u8 = 219;
 
-static NEXT_BLOCK: AtomicU32 = AtomicU32::new(1);
+static HANDED_OUT: AtomicU32 = AtomicU32::new(0);
 
 /// A loopback block `127.<block>.0.0/16` of the caller's own for the rest of the process
 /// (blocks are never handed out twice: a closed listener's port may linger).
+///
+/// The first block depends on the process id, and the rest follow it round 1..=219: two
+/// test runs at once on one machine (two worktrees) then rarely hold the same block at
+/// the same moment, as they would if both counted up from 1.
 pub fn next_block() -> u8 {
-    let block = NEXT_BLOCK.fetch_add(1, Ordering::Relaxed);
-    match u8::try_from(block) {
-        Ok(block) if block <= LAST_ALLOCATED_BLOCK => block,
-        _ => panic!(
-            "the suite asked for more than {LAST_ALLOCATED_BLOCK} loopback blocks: \
-             share a block between the servers of one test (Layout::ip) before adding blocks"
-        ),
-    }
+    let blocks = u32::from(LAST_ALLOCATED_BLOCK);
+    let n = HANDED_OUT.fetch_add(1, Ordering::Relaxed);
+    assert!(
+        n < blocks,
+        "the suite asked for more than {blocks} loopback blocks: share a block between \
+         the servers of one test (Layout::ip) before adding blocks"
+    );
+    let block = (std::process::id() + n) % blocks + 1;
+    u8::try_from(block).expect("at most LAST_ALLOCATED_BLOCK")
+}
+
+/// A seed for the proxy's randomness that is the same in every run of a test, whatever
+/// block it got: a hash of the test's name (libtest names the thread a test runs on, and
+/// `#[tokio::test]` polls the test on that thread).
+pub fn test_seed() -> u64 {
+    let name = std::thread::current().name().unwrap_or("").to_string();
+    name.bytes().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 /// The addresses of one test's simulated cluster: three ENIs in the local region, one
@@ -484,7 +499,7 @@ impl World {
             Config::from_toml(&text, std::path::Path::new("test.toml")).expect("valid config");
         let proxy_keys = KmsKeys::new("us-east-1", Some(&kms_url), Duration::from_secs(3)).await;
         let options = gpulink::proxy::StartOptions {
-            random_seed: Some(u64::from(block)),
+            random_seed: Some(test_seed()),
         };
         let proxy = gpulink::proxy::start_with(config, KeyService::Kms(proxy_keys), options)
             .await
