@@ -121,7 +121,7 @@ async fn scrape(world: &World) -> Parsed {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_parse_and_count_what_flows() {
-    let world = World::start(next_block(), ProxyOptions::default()).await;
+    let world = World::with(ProxyOptions::default()).await;
     let before = scrape(&world).await;
     assert_eq!(
         before.sum(
@@ -165,12 +165,7 @@ async fn metrics_parse_and_count_what_flows() {
                 &[("x-request-id", id.as_str())],
             )
             .await;
-        assert_eq!(
-            reply.status,
-            200,
-            "{}",
-            String::from_utf8_lossy(&reply.body)
-        );
+        reply.assert_status(200);
     }
     let refused = world.post("/inference", "not json", &[]).await;
     assert_eq!(refused.status, 400);
@@ -451,23 +446,14 @@ async fn await_endpoint(
     what: &str,
     condition: impl Fn(&serde_json::Value) -> bool,
 ) -> serde_json::Value {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let status = get(world, "/status", &[]).await.json();
-        if let Some(endpoint) = status["endpoints"]
+    assert_eventually!(
+        get(world, "/status", &[]).await.json(),
+        |status| status["endpoints"]
             .as_array()
             .and_then(|all| all.iter().find(|e| e["address"] == authority))
-        {
-            if condition(endpoint) {
-                return status;
-            }
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{authority} never became {what}: {status:#}"
-        );
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+            .is_some_and(&condition),
+        "{authority} never became {what}"
+    )
 }
 
 /// The `<tr>` of one endpoint on the status page.
@@ -482,7 +468,7 @@ fn page_row(page: &str, authority: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_and_page_follow_endpoint_state() {
-    let world = World::start(next_block(), ProxyOptions::default()).await;
+    let world = World::with(ProxyOptions::default()).await;
     let [a, b, _] = world.layout.enis();
     let (a_auth, b_auth) = (format!("{a}:8443"), format!("{b}:8443"));
 

@@ -74,23 +74,7 @@ impl Recorded {
 
     /// Waits until the proxy's health checks let `ip` serve.
     async fn wait_serving(&self, ip: IpAddr) {
-        let authority = format!("{ip}:8443");
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        loop {
-            let generation = self.proxy.as_ref().expect("proxy").proxy().current();
-            if generation
-                .endpoints
-                .iter()
-                .any(|e| e.authority == authority && e.is_serving())
-            {
-                return;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "{authority} never became serving"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        wait_serving(self.proxy.as_ref().expect("proxy"), ip, true).await;
     }
 
     async fn stop(mut self) {
@@ -341,14 +325,11 @@ async fn hop_by_hop_and_identity_headers_from_the_app_never_reach_the_cluster() 
     h2.frame(DATA, END_STREAM, 1, GUIDE_REQUEST.as_bytes())
         .await
         .expect("data");
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while world.upstream().with_request_id("spoof-h2") == 0 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the HTTP/2 request never reached the cluster"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    assert_eventually!(
+        world.upstream().with_request_id("spoof-h2"),
+        |seen| *seen > 0,
+        "the HTTP/2 request never reached the cluster"
+    );
     assert_nothing_smuggled(world.upstream(), &world.key_arn, "HTTP/2 spoofing");
 
     // A connection-specific header is malformed in HTTP/2 (RFC 9113 8.2.2): refused.
@@ -388,7 +369,7 @@ async fn hop_by_hop_and_identity_headers_from_the_app_never_reach_the_cluster() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spoofed_identity_does_not_change_what_the_cluster_opens() {
-    let world = World::start(next_block(), ProxyOptions::default()).await;
+    let world = World::with(ProxyOptions::default()).await;
     for ip in world.layout.enis() {
         world.wait_serving(ip, true).await;
     }
@@ -407,12 +388,7 @@ async fn spoofed_identity_does_not_change_what_the_cluster_opens() {
             ],
         )
         .await;
-    assert_eq!(
-        reply.status,
-        200,
-        "{}",
-        String::from_utf8_lossy(&reply.body)
-    );
+    reply.assert_status(200);
     let answer = reply.json();
     // The simulated cluster opened the body under the configured tenant and key.
     assert_eq!(answer["tenant_id"], TENANT);
@@ -599,18 +575,16 @@ async fn certificate_faults_on_the_cluster_side_refuse_the_request_and_send_noth
             .reload(world.config(&[good]))
             .await
             .expect("reload to the good endpoint");
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        loop {
-            let generation = proxy.proxy().current();
-            if generation.endpoints.iter().any(|e| e.is_serving()) {
-                break;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "good endpoint never serving"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        assert_eventually!(
+            proxy
+                .proxy()
+                .current()
+                .endpoints
+                .iter()
+                .any(|e| e.is_serving()),
+            |serving| *serving,
+            "good endpoint never serving"
+        );
         assert_serves(proxy.listen_addr, &format!("{fault:?}")).await;
         assert!(upstream.requests().is_empty());
         proxy.shutdown().await;
@@ -665,14 +639,11 @@ async fn a_hundred_sighups_under_load_fail_no_request() {
         signal(&d.proxy.0, "HUP");
         d.wait_reloads(changes).await;
         // Some requests between SIGHUPs, so the storm really is under load.
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        while ok.load(Ordering::SeqCst) < before + 2 {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "no request succeeded after SIGHUP {i}"
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        assert_eventually!(
+            ok.load(Ordering::SeqCst),
+            |ok| *ok >= before + 2,
+            "no request succeeded after SIGHUP {i}"
+        );
     }
     stop.store(true, Ordering::SeqCst);
     let mut failures = Vec::new();

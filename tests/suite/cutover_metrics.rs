@@ -13,8 +13,7 @@ const REQUESTS: &str = "gpulink_requests_total";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn privatelink_failures_are_attributed_to_their_route_region_and_endpoint() {
-    let world = World::start(
-        next_block(),
+    let world = World::with(
         ProxyOptions::default()
             .set("migration.phase", "privatelink-only")
             // Health checks must not notice first: the requests find out.
@@ -98,20 +97,10 @@ async fn privatelink_failures_are_attributed_to_their_route_region_and_endpoint(
             .expect("sim state");
     }
     let first = world.post("/inference", GUIDE_REQUEST, &[]).await;
-    assert_eq!(
-        first.status,
-        502,
-        "{}",
-        String::from_utf8_lossy(&first.body)
-    );
+    first.assert_status(502);
     assert_eq!(first.error_code(), "upstream_connect");
     let second = world.post("/inference", GUIDE_REQUEST, &[]).await;
-    assert_eq!(
-        second.status,
-        503,
-        "{}",
-        String::from_utf8_lossy(&second.body)
-    );
+    second.assert_status(503);
     assert_eq!(second.error_code(), "no_endpoint");
 
     let text = prom::scrape_text(world.proxy().admin_addr).await;

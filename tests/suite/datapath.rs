@@ -715,12 +715,7 @@ async fn one_request_learns_a_broken_tier_and_is_served_by_the_next() {
     }
 
     let reply = bench.post().await;
-    assert_eq!(
-        reply.status,
-        200,
-        "{}",
-        String::from_utf8_lossy(&reply.body)
-    );
+    reply.assert_status(200);
     assert_eq!(reply.header("x-gpulink-endpoint"), Some(remote[0].as_str()));
     let mut learned = Vec::new();
     for address in &local {
@@ -775,12 +770,7 @@ async fn the_simulator_breaks_only_the_inference_port_on_request() {
         async move {
             let body = format!("{{\"state\":\"{state}\"}}").into_bytes();
             let reply = send(&client, "PUT", &url, body, &[]).await;
-            assert_eq!(
-                reply.status,
-                200,
-                "{}",
-                String::from_utf8_lossy(&reply.body)
-            );
+            reply.assert_status(200);
             assert_eq!(reply.json()["state"], state);
         }
     };

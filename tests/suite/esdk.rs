@@ -16,7 +16,6 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
-use std::time::Duration;
 
 use crate::common::*;
 use bytes::Bytes;
@@ -456,7 +455,7 @@ fn moto_addr(moto: &Moto) -> SocketAddr {
 /// the bytes the upstream received and reports the tenant/pool context.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_large_request_goes_end_to_end_and_python_opens_what_the_upstream_received() {
-    let world = World::start(next_block(), options("auto")).await;
+    let world = World::with(options("auto")).await;
     world.sim.capture_bodies(true);
 
     // Small: auto keeps the guide's format.
@@ -509,7 +508,7 @@ async fn a_large_request_goes_end_to_end_and_python_opens_what_the_upstream_rece
 /// (one frame, exactly a frame multiple of nothing, many frames, the largest body).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_opens_gpulink_messages_of_every_size() {
-    let world = World::start(next_block(), options("aws-esdk")).await;
+    let world = World::with(options("aws-esdk")).await;
     world.sim.capture_bodies(true);
     for len in [1, 4096, 1 << 20, 65536 * 3, LARGE] {
         let body = json_of_len(len);
@@ -550,7 +549,7 @@ async fn python_opens_gpulink_messages_of_every_size() {
 /// empty body is no JSON request).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_python_esdk_line_and_the_cli_open_frame_multiples() {
-    let world = World::start(next_block(), options("aws-esdk")).await;
+    let world = World::with(options("aws-esdk")).await;
     world.sim.capture_bodies(true);
     let frame = esdk::DEFAULT_FRAME_LEN as usize;
     let ctx = context("model-a");
@@ -662,7 +661,7 @@ async fn gpulink_opens_python_messages() {
 /// it. The untouched message, resent the same way, opens: the harness can succeed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tampered_messages_are_refused_by_the_cluster() {
-    let world = World::start(next_block(), options("aws-esdk")).await;
+    let world = World::with(options("aws-esdk")).await;
     world.sim.capture_bodies(true);
     let body = json_of_len(200_000);
     let (reply, sealed) = post_captured(&world, &body, &[]).await;
@@ -723,11 +722,7 @@ async fn tampered_messages_are_refused_by_the_cluster() {
 /// second fetched in the background when request 3 reached 3/4 of the limit).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_messages_bounds_the_messages_per_data_key() {
-    let world = World::start(
-        next_block(),
-        options("aws-esdk").set("kms.cache.max_messages", 3),
-    )
-    .await;
+    let world = World::with(options("aws-esdk").set("kms.cache.max_messages", 3)).await;
     world.sim.capture_bodies(true);
     let mut edks = Vec::new();
     for i in 0..4 {
@@ -757,11 +752,7 @@ async fn max_messages_bounds_the_messages_per_data_key() {
 /// cached key carries on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_bytes_bounds_the_plaintext_per_data_key() {
-    let world = World::start(
-        next_block(),
-        options("aws-esdk").set("kms.cache.max_bytes", "20KB"),
-    )
-    .await;
+    let world = World::with(options("aws-esdk").set("kms.cache.max_bytes", "20KB")).await;
     world.sim.capture_bodies(true);
     let mut edks = Vec::new();
     for _ in 0..4 {
@@ -792,27 +783,16 @@ async fn max_bytes_bounds_the_plaintext_per_data_key() {
 /// with no request waiting: the next request is a hit and carries a new data key.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_age_replaces_the_key_in_the_background() {
-    let world = World::start(
-        next_block(),
-        options("aws-esdk").set("kms.cache.max_age", "2s"),
-    )
-    .await;
+    let world = World::with(options("aws-esdk").set("kms.cache.max_age", "2s")).await;
     world.sim.capture_bodies(true);
     let (_, first) = post_captured(&world, &json_of_len(5000), &[]).await;
     assert_eq!(generate_data_key_calls(&world), 1);
     // The event: the cache reports the refresh done (polled, as /status would be).
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let state = cache_state(&world);
-        if state.refreshes >= 1 && state.kms_calls >= 2 && !state.entries[0].fetching {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no age refresh: {state:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    assert_eventually!(
+        cache_state(&world),
+        |state| state.refreshes >= 1 && state.kms_calls >= 2 && !state.entries[0].fetching,
+        "no age refresh"
+    );
     // The start-up proof fetched the first key, so no request ever waited.
     assert_eq!(cache_state(&world).misses, 0);
     let (_, second) = post_captured(&world, &json_of_len(5000), &[]).await;
@@ -824,7 +804,7 @@ async fn max_age_replaces_the_key_in_the_background() {
 /// default pool's): exactly one GenerateDataKey for it, and every request is served.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cold_start_under_load_makes_one_kms_call() {
-    let world = Arc::new(World::start(next_block(), options("aws-esdk")).await);
+    let world = Arc::new(World::with(options("aws-esdk")).await);
     assert_eq!(generate_data_key_calls(&world), 1, "the start-up proof's");
     let body = Arc::new(String::from_utf8(json_of_len(10_000)).expect("utf-8"));
     let tasks: Vec<_> = (0..24)
@@ -859,8 +839,7 @@ async fn a_cold_start_under_load_makes_one_kms_call() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kms_down_with_a_cold_cache_sends_nothing() {
     let dead_kms = format!("http://127.{}.0.9:{}", next_block(), free_port());
-    let world = World::start(
-        next_block(),
+    let world = World::with(
         ProxyOptions::default()
             .set("kms.format", "auto")
             .kms_url(dead_kms),
@@ -894,8 +873,7 @@ async fn kms_outage_with_a_warm_cache_serves_until_the_hard_limit() {
         moto_addr(&moto),
     )
     .await;
-    let world = World::start(
-        next_block(),
+    let world = World::with(
         ProxyOptions::default()
             .set("kms.format", "aws-esdk")
             .set("kms.cache.max_messages", 4)
@@ -924,12 +902,7 @@ async fn kms_outage_with_a_warm_cache_serves_until_the_hard_limit() {
 
     relay.set_up(true);
     let reply = world.post("/inference", text(&body), &[]).await;
-    assert_eq!(
-        reply.status,
-        200,
-        "{}",
-        String::from_utf8_lossy(&reply.body)
-    );
+    reply.assert_status(200);
     assert_eq!(world.total_requests(), 5);
     world.stop().await;
 }
@@ -942,8 +915,7 @@ async fn kms_outage_with_a_warm_cache_serves_until_the_hard_limit() {
 /// context and the cluster and Python both open it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sealed_size_limit_and_context_none() {
-    let world = World::start(
-        next_block(),
+    let world = World::with(
         ProxyOptions::default()
             .set("kms.format", "auto")
             .set("kms.context", "none"),
@@ -955,12 +927,7 @@ async fn sealed_size_limit_and_context_none() {
     let reply = world
         .post("/inference", text(&json_of_len(9_999_000)), &[])
         .await;
-    assert_eq!(
-        reply.status,
-        413,
-        "{}",
-        String::from_utf8_lossy(&reply.body)
-    );
+    reply.assert_status(413);
     assert_eq!(reply.error_code(), "body_too_large");
     let message = reply.json()["error"]["message"]
         .as_str()

@@ -416,8 +416,7 @@ phase = "privatelink-only"
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn eni_kills_and_reloads_under_load_replay_nothing_and_retry_every_refusal() {
-    let world = World::start(
-        next_block(),
+    let world = World::with(
         ProxyOptions::default()
             .set("kms.format", "aws-esdk")
             .set("migration.phase", "privatelink-only")
@@ -445,7 +444,7 @@ async fn eni_kills_and_reloads_under_load_replay_nothing_and_retry_every_refusal
                 let state = |s: &str| format!(r#"{{"state":"{s}"}}"#);
                 let url = format!("http://{control}/endpoints/{ip}/state");
                 let r = send(&http, "PUT", &url, state("down").into_bytes(), &[]).await;
-                assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+                r.assert_status(200);
                 tokio::time::sleep(Duration::from_millis(150)).await;
                 let mut config = (*base).clone();
                 if rounds % 2 == 1 {
@@ -455,7 +454,7 @@ async fn eni_kills_and_reloads_under_load_replay_nothing_and_retry_every_refusal
                 }
                 proxy.reload(config).await.expect("reload");
                 let r = send(&http, "PUT", &url, state("healthy").into_bytes(), &[]).await;
-                assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+                r.assert_status(200);
                 tokio::time::sleep(Duration::from_millis(150)).await;
                 rounds += 1;
             }

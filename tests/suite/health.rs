@@ -27,7 +27,7 @@ async fn health(args: Vec<String>) -> (i32, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_exits_0_only_when_ready_answers_200() {
-    let world = World::start(next_block(), ProxyOptions::default()).await;
+    let world = World::with(ProxyOptions::default()).await;
     let admin = world.proxy().admin_addr;
 
     let (code, text) = health(vec!["--url".into(), format!("http://{admin}/ready")]).await;

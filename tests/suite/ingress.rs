@@ -11,7 +11,7 @@ use hyper_util::rt::TokioExecutor;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_requests_reads_the_413_for_a_huge_body() {
-    let world = World::start(next_block(), ProxyOptions::default()).await;
+    let world = World::with(ProxyOptions::default()).await;
     let url = world.url("/inference");
     // 30 MB, three times listen.max_body: far more than socket buffers hold, so a
     // server that closed without draining would make `requests` fail with a reset.
@@ -40,11 +40,7 @@ async fn python_requests_reads_the_413_for_a_huge_body() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chunked_body_over_the_limit_is_413() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let world = World::start(
-        next_block(),
-        ProxyOptions::default().set("listen.max_body", "1KB"),
-    )
-    .await;
+    let world = World::with(ProxyOptions::default().set("listen.max_body", "1KB")).await;
     // A chunked body has no Content-Length: the limit is enforced while reading.
     let mut stream = tokio::net::TcpStream::connect(world.proxy().listen_addr)
         .await
@@ -68,7 +64,7 @@ async fn chunked_body_over_the_limit_is_413() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http2_with_prior_knowledge() {
-    let world = World::start(next_block(), ProxyOptions::default()).await;
+    let world = World::with(ProxyOptions::default()).await;
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new())
         .http2_only(true)
         .build_http();
@@ -80,19 +76,14 @@ async fn http2_with_prior_knowledge() {
         &[],
     )
     .await;
-    assert_eq!(
-        reply.status,
-        200,
-        "{}",
-        String::from_utf8_lossy(&reply.body)
-    );
+    reply.assert_status(200);
     assert_eq!(reply.json()["sha256"], sha256_hex(GUIDE_REQUEST.as_bytes()));
     world.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_sent_events_are_relayed_as_a_stream() {
-    let world = World::start(next_block(), ProxyOptions::default()).await;
+    let world = World::with(ProxyOptions::default()).await;
     let request = http::Request::post(world.url("/inference"))
         .header("accept", "text/event-stream")
         .body(Full::new(Bytes::from_static(
@@ -149,11 +140,7 @@ async fn read_stream(world: &World, body: &'static str) -> (String, bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_long_generation_is_not_cut_but_a_stalled_one_is() {
-    let world = World::start(
-        next_block(),
-        ProxyOptions::default().set("upstream.idle_timeout", "500ms"),
-    )
-    .await;
+    let world = World::with(ProxyOptions::default().set("upstream.idle_timeout", "500ms")).await;
     // 12 tokens 100 ms apart: longer than the idle timeout in total, never silent for it.
     let (text, clean) = read_stream(
         &world,

@@ -45,23 +45,8 @@ impl Setup {
     }
 
     async fn wait_serving(&self, ips: &[IpAddr]) {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         for ip in ips {
-            let authority = format!("{ip}:8443");
-            while !self
-                .proxy
-                .proxy()
-                .current()
-                .endpoints
-                .iter()
-                .any(|e| e.authority == authority && e.is_serving())
-            {
-                assert!(
-                    tokio::time::Instant::now() < deadline,
-                    "{authority} never serving"
-                );
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
+            wait_serving(&self.proxy, *ip, true).await;
         }
     }
 }

@@ -399,18 +399,13 @@ impl Proxied {
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = bool>,
     {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-        loop {
-            if check().await {
-                return;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "never: {what}\n--- log ---\n{}",
-                self.log()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        assert_eventually!(
+            within = Duration::from_secs(60),
+            check().await,
+            |done| *done,
+            "never: {what}\n--- log ---\n{}",
+            self.log()
+        );
     }
 
     async fn until_ready(&self) {
@@ -453,12 +448,7 @@ fn request_body(n: usize) -> String {
 }
 
 fn assert_waiting_for_kms(ready: &Reply, reason_contains: &[&str]) {
-    assert_eq!(
-        ready.status,
-        503,
-        "{}",
-        String::from_utf8_lossy(&ready.body)
-    );
+    ready.assert_status(503);
     let doc = ready.json();
     assert_eq!(doc["status"], "starting", "{doc}");
     assert_eq!(doc["waiting_for"], "kms", "{doc}");
@@ -623,12 +613,7 @@ async fn an_unreachable_kms_at_start_delays_ready_until_it_answers() {
     .await;
     assert_eq!(p.status().await["kms"]["proof"]["proven"], true);
     let reply = p.post(&request_body(1), &[]).await;
-    assert_eq!(
-        reply.status,
-        200,
-        "{}",
-        String::from_utf8_lossy(&reply.body)
-    );
+    reply.assert_status(200);
 }
 
 /// No credentials anywhere: not ready, and the reason says where credentials are looked

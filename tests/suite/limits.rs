@@ -213,12 +213,7 @@ async fn silent_partial_and_slow_clients_are_closed() {
 
     // And ordinary requests are still served.
     let reply = world.post("/inference", GUIDE_REQUEST, &[]).await;
-    assert_eq!(
-        reply.status,
-        200,
-        "{}",
-        String::from_utf8_lossy(&reply.body)
-    );
+    reply.assert_status(200);
     world.stop().await;
 }
 
@@ -262,14 +257,12 @@ async fn open_connections(world: &World, listener: &str) -> u64 {
 }
 
 async fn wait_open(world: &World, listener: &str, at_least: u64) {
-    let deadline = tokio::time::Instant::now() + CLOSE_BOUND;
-    while open_connections(world, listener).await < at_least {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{listener}: never saw {at_least} open connections"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    assert_eventually!(
+        within = CLOSE_BOUND,
+        open_connections(world, listener).await,
+        |open| *open >= at_least,
+        "{listener}: never saw {at_least} open connections"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -295,12 +288,7 @@ async fn idle_sockets_cannot_lock_out_the_listeners() {
     let reply = tokio::time::timeout(CLOSE_BOUND, world.post("/inference", GUIDE_REQUEST, &[]))
         .await
         .expect("a request with 40 silent connections at max_connections = 40 was never served");
-    assert_eq!(
-        reply.status,
-        200,
-        "{}",
-        String::from_utf8_lossy(&reply.body)
-    );
+    reply.assert_status(200);
 
     // The admin listener: a crowd far past its limit.
     let mut crowd = Vec::new();
@@ -378,22 +366,22 @@ impl Proxy {
             _config: path,
         };
         let client = Client::builder(TokioExecutor::new()).build_http();
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-        loop {
-            let request = http::Request::get(format!("http://{admin_addr}/ready"))
-                .body(http_body_util::Full::new(bytes::Bytes::new()))
-                .expect("request");
-            if let Ok(response) = client.request(request).await {
-                if response.status() == 200 {
-                    return proxy;
-                }
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "gpulink run never became ready"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        assert_eventually!(
+            within = Duration::from_secs(60),
+            {
+                let request = http::Request::get(format!("http://{admin_addr}/ready"))
+                    .body(http_body_util::Full::new(bytes::Bytes::new()))
+                    .expect("request");
+                client
+                    .request(request)
+                    .await
+                    .map(|r| r.status().as_u16())
+                    .ok()
+            },
+            |status| *status == Some(200),
+            "gpulink run never became ready"
+        );
+        proxy
     }
 }
 
@@ -426,12 +414,7 @@ async fn admin_crowd_cannot_take_file_descriptors_from_the_data_path() {
         )
         .await
         .expect("an app request was never answered with the admin listener crowded");
-        assert_eq!(
-            reply.status,
-            200,
-            "{}",
-            String::from_utf8_lossy(&reply.body)
-        );
+        reply.assert_status(200);
     }
     let ready = format!("http://{}/ready", proxy.admin);
     let reply = tokio::time::timeout(CLOSE_BOUND, send(&client, "GET", &ready, Vec::new(), &[]))
@@ -551,12 +534,7 @@ async fn stalled_uploads_cannot_hold_more_than_the_in_flight_budget() {
     let client = Client::builder(TokioExecutor::new()).build_http();
     let url = format!("http://{}/inference", proxy.listen);
     let reply = send(&client, "POST", &url, GUIDE_REQUEST.into(), &[]).await;
-    assert_eq!(
-        reply.status,
-        200,
-        "{}",
-        String::from_utf8_lossy(&reply.body)
-    );
+    reply.assert_status(200);
     let baseline = rss(&proxy.child);
 
     // 32 HTTP/1.1 uploads and 32 HTTP/2 streams on one connection, each declaring 10 MB
@@ -646,21 +624,14 @@ async fn stalled_uploads_cannot_hold_more_than_the_in_flight_budget() {
     // (c) Once the uploads go away, requests are served again.
     drop((h1_streams, held_streams, fresh, h2_client));
     h2_task.abort();
-    let deadline = tokio::time::Instant::now() + CLOSE_BOUND;
-    while held_bytes(&client, proxy.admin).await > 0 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the uploads' reservations were never released"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let reply = send(&client, "POST", &url, GUIDE_REQUEST.into(), &[]).await;
-    assert_eq!(
-        reply.status,
-        200,
-        "{}",
-        String::from_utf8_lossy(&reply.body)
+    assert_eventually!(
+        within = CLOSE_BOUND,
+        held_bytes(&client, proxy.admin).await,
+        |held| *held == 0,
+        "the uploads' reservations were never released"
     );
+    let reply = send(&client, "POST", &url, GUIDE_REQUEST.into(), &[]).await;
+    reply.assert_status(200);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -334,12 +334,7 @@ impl Load {
 async fn run_and_sim_serve_the_guide_request() {
     let p = Processes::start(next_block(), "privatelink").await;
     let reply = p.post().await;
-    assert_eq!(
-        reply.status,
-        200,
-        "{}",
-        String::from_utf8_lossy(&reply.body)
-    );
+    reply.assert_status(200);
     assert_eq!(reply.json()["sha256"], sha256_hex(GUIDE_REQUEST.as_bytes()));
     assert_eq!(reply.header("x-gpulink-route"), Some("privatelink"));
     let status = p.status().await;

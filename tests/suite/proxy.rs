@@ -5,7 +5,7 @@ use crate::common::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn guide_request_end_to_end() {
-    let world = World::start(next_block(), ProxyOptions::default()).await;
+    let world = World::with(ProxyOptions::default()).await;
     let reply = world
         .post(
             "/inference",
@@ -13,12 +13,7 @@ async fn guide_request_end_to_end() {
             &[("x-request-id", "req-guide-1")],
         )
         .await;
-    assert_eq!(
-        reply.status,
-        200,
-        "{}",
-        String::from_utf8_lossy(&reply.body)
-    );
+    reply.assert_status(200);
     let answer = reply.json();
     // The cluster opened the body with KMS and saw exactly the app's JSON.
     assert_eq!(answer["sha256"], sha256_hex(GUIDE_REQUEST.as_bytes()));
@@ -48,7 +43,7 @@ async fn guide_request_end_to_end() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tenant_headers_come_from_configuration_only() {
-    let world = World::start(next_block(), ProxyOptions::default()).await;
+    let world = World::with(ProxyOptions::default()).await;
     let reply = world
         .post(
             "/inference",
@@ -65,12 +60,7 @@ async fn tenant_headers_come_from_configuration_only() {
             ],
         )
         .await;
-    assert_eq!(
-        reply.status,
-        200,
-        "{}",
-        String::from_utf8_lossy(&reply.body)
-    );
+    reply.assert_status(200);
     let answer = reply.json();
     assert_eq!(answer["tenant_id"], "tenant-123");
     assert_eq!(answer["model_pool"], "model-b");
@@ -86,8 +76,7 @@ async fn tenant_headers_come_from_configuration_only() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refusals_never_reach_kms_or_the_cluster() {
-    let world = World::start(
-        next_block(),
+    let world = World::with(
         ProxyOptions::default()
             .count_kms()
             .set("listen.max_body", "2KB"),
@@ -146,7 +135,7 @@ async fn refusals_never_reach_kms_or_the_cluster() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn body_over_kms_limit_is_refused_with_the_limit_named() {
-    let world = World::start(next_block(), ProxyOptions::default()).await;
+    let world = World::with(ProxyOptions::default()).await;
     let big = format!("{{\"prompt\": \"{}\"}}", "x".repeat(5000));
     let reply = world.post("/inference", &big, &[]).await;
     assert_eq!(reply.status, 413);
@@ -164,7 +153,7 @@ async fn body_over_kms_limit_is_refused_with_the_limit_named() {
 async fn kms_unreachable_fails_closed() {
     // A port nothing listens on.
     let dead_kms = format!("http://127.0.0.1:{}", free_port());
-    let world = World::start(next_block(), ProxyOptions::default().kms_url(dead_kms)).await;
+    let world = World::with(ProxyOptions::default().kms_url(dead_kms)).await;
     let reply = world.post("/inference", GUIDE_REQUEST, &[]).await;
     assert_eq!(reply.status, 503);
     assert_eq!(reply.error_code(), "kms_unavailable");
@@ -180,18 +169,9 @@ async fn kms_unreachable_fails_closed() {
 async fn wrong_context_mode_is_detected_by_the_cluster() {
     // context = "none" seals exactly as the guide's example: the cluster opens it
     // without a context.
-    let world = World::start(
-        next_block(),
-        ProxyOptions::default().set("kms.context", "none"),
-    )
-    .await;
+    let world = World::with(ProxyOptions::default().set("kms.context", "none")).await;
     let reply = world.post("/inference", GUIDE_REQUEST, &[]).await;
-    assert_eq!(
-        reply.status,
-        200,
-        "{}",
-        String::from_utf8_lossy(&reply.body)
-    );
+    reply.assert_status(200);
     let stats = world.sim.all_stats();
     assert_eq!(stats.iter().map(|s| s.context_none).sum::<u64>(), 1);
     world.stop().await;
@@ -199,7 +179,7 @@ async fn wrong_context_mode_is_detected_by_the_cluster() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_eni_down_is_served_by_another() {
-    let world = World::start(next_block(), ProxyOptions::default()).await;
+    let world = World::with(ProxyOptions::default()).await;
     let [down, ..] = world.layout.enis();
     world
         .sim
@@ -246,23 +226,15 @@ async fn all_enis_down(world: &World) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn all_enis_down_falls_back_to_public_in_phase_privatelink() {
-    let world = World::start(
-        next_block(),
-        ProxyOptions::default().set(
-            "migration.public_fallback_until",
-            "2999-01-01T00:00:00+00:00",
-        ),
-    )
+    let world = World::with(ProxyOptions::default().set(
+        "migration.public_fallback_until",
+        "2999-01-01T00:00:00+00:00",
+    ))
     .await;
     all_enis_down(&world).await;
     for _ in 0..5 {
         let reply = world.post("/inference", GUIDE_REQUEST, &[]).await;
-        assert_eq!(
-            reply.status,
-            200,
-            "{}",
-            String::from_utf8_lossy(&reply.body)
-        );
+        reply.assert_status(200);
         assert_eq!(reply.header("x-gpulink-route"), Some("public"));
         assert_eq!(
             reply.header("x-gpulink-endpoint"),
@@ -274,13 +246,10 @@ async fn all_enis_down_falls_back_to_public_in_phase_privatelink() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn all_enis_down_after_the_fallback_window_is_503() {
-    let world = World::start(
-        next_block(),
-        ProxyOptions::default().set(
-            "migration.public_fallback_until",
-            "2020-01-01T00:00:00+00:00",
-        ),
-    )
+    let world = World::with(ProxyOptions::default().set(
+        "migration.public_fallback_until",
+        "2020-01-01T00:00:00+00:00",
+    ))
     .await;
     all_enis_down(&world).await;
     let reply = world.post("/inference", GUIDE_REQUEST, &[]).await;
@@ -292,11 +261,8 @@ async fn all_enis_down_after_the_fallback_window_is_503() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn all_enis_down_in_privatelink_only_is_503() {
-    let world = World::start(
-        next_block(),
-        ProxyOptions::default().set("migration.phase", "privatelink-only"),
-    )
-    .await;
+    let world =
+        World::with(ProxyOptions::default().set("migration.phase", "privatelink-only")).await;
     all_enis_down(&world).await;
     let reply = world.post("/inference", GUIDE_REQUEST, &[]).await;
     assert_eq!(reply.status, 503);
@@ -307,11 +273,7 @@ async fn all_enis_down_in_privatelink_only_is_503() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn phase_public_sends_everything_public() {
-    let world = World::start(
-        next_block(),
-        ProxyOptions::default().set("migration.phase", "public"),
-    )
-    .await;
+    let world = World::with(ProxyOptions::default().set("migration.phase", "public")).await;
     for _ in 0..5 {
         let reply = world.post("/inference", GUIDE_REQUEST, &[]).await;
         assert_eq!(reply.status, 200);
@@ -325,8 +287,7 @@ async fn phase_public_sends_everything_public() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_certificate_name_is_refused_and_nothing_is_sent() {
-    let world = World::start(
-        next_block(),
+    let world = World::with(
         ProxyOptions::default()
             .set("upstream.server_name", "not-the-cluster.example.com")
             .set("migration.phase", "privatelink-only"),
@@ -334,12 +295,7 @@ async fn wrong_certificate_name_is_refused_and_nothing_is_sent() {
     .await;
     // The data-path check found the wrong name before any request: nothing can serve.
     let reply = world.post("/inference", GUIDE_REQUEST, &[]).await;
-    assert_eq!(
-        reply.status,
-        503,
-        "{}",
-        String::from_utf8_lossy(&reply.body)
-    );
+    reply.assert_status(503);
     assert_eq!(reply.error_code(), "no_endpoint");
     let message = reply.json()["error"]["message"]
         .as_str()

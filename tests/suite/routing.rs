@@ -41,7 +41,7 @@ async fn set(world: &World, ip: IpAddr, state: EndpointState) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_eni_that_starts_refusing_under_load_costs_no_request() {
-    let world = World::start(next_block(), ProxyOptions::default()).await;
+    let world = World::with(ProxyOptions::default()).await;
     let [a, ..] = world.layout.enis();
     let background = {
         let (client, url) = (world.client.clone(), world.url("/inference"));
@@ -65,11 +65,7 @@ async fn an_eni_that_starts_refusing_under_load_costs_no_request() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_blackholed_eni_costs_only_what_it_swallowed_before_ejection() {
-    let world = World::start(
-        next_block(),
-        ProxyOptions::default().set("upstream.request_timeout", "2s"),
-    )
-    .await;
+    let world = World::with(ProxyOptions::default().set("upstream.request_timeout", "2s")).await;
     let [a, ..] = world.layout.enis();
     let (_, failed_before) = load(&world, 30, 4).await;
     assert_eq!(failed_before, 0);
@@ -95,7 +91,7 @@ async fn a_blackholed_eni_costs_only_what_it_swallowed_before_ejection() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_eni_gets_a_small_share() {
-    let world = World::start(next_block(), ProxyOptions::default()).await;
+    let world = World::with(ProxyOptions::default()).await;
     let [slow, ..] = world.layout.enis();
     // Warm every endpoint's latency estimate first.
     let (_, failed) = load(&world, 30, 3).await;
@@ -112,27 +108,22 @@ async fn a_slow_eni_gets_a_small_share() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_eni_gets_nothing_while_others_have_capacity() {
-    let world = World::start(next_block(), ProxyOptions::default()).await;
+    let world = World::with(ProxyOptions::default()).await;
     let [full, ..] = world.layout.enis();
     set(&world, full, EndpointState::Full).await;
     // Await the health check that reports capacity 0.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let generation = world.proxy().proxy().current();
-        let capacity = generation
+    assert_eventually!(
+        world
+            .proxy()
+            .proxy()
+            .current()
             .endpoints
             .iter()
             .find(|e| e.authority == format!("{full}:8443"))
-            .and_then(|e| e.capacity());
-        if capacity == Some(0) {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "capacity 0 never seen"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+            .and_then(|e| e.capacity()),
+        |capacity| *capacity == Some(0),
+        "capacity 0 never seen"
+    );
     let before = world.requests_at(full);
     let (_, failed) = load(&world, 60, 3).await;
     assert_eq!(failed, 0);
@@ -144,8 +135,7 @@ async fn a_full_eni_gets_nothing_while_others_have_capacity() {
 async fn no_capacity_answers_are_retried_elsewhere_and_never_double_delivered() {
     // Health checks are slow here, so the proxy does not know about the full ENIs and
     // meets the cluster's 503 no_capacity instead.
-    let world = World::start(
-        next_block(),
+    let world = World::with(
         ProxyOptions::default()
             .set("health.interval", "60s")
             .set("migration.phase", "privatelink-only"),
@@ -159,12 +149,7 @@ async fn no_capacity_answers_are_retried_elsewhere_and_never_double_delivered() 
         let reply = world
             .post("/inference", GUIDE_REQUEST, &[("x-request-id", &id)])
             .await;
-        assert_eq!(
-            reply.status,
-            200,
-            "{}",
-            String::from_utf8_lossy(&reply.body)
-        );
+        reply.assert_status(200);
         assert_eq!(
             reply.header("x-gpulink-endpoint"),
             Some(format!("{c}:8443").as_str())
@@ -180,8 +165,7 @@ async fn no_capacity_answers_are_retried_elsewhere_and_never_double_delivered() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_the_cluster_started_is_never_replayed() {
-    let world = World::start(
-        next_block(),
+    let world = World::with(
         ProxyOptions::default()
             .set("migration.phase", "privatelink-only")
             .set("upstream.request_timeout", "30s"),
@@ -217,12 +201,7 @@ async fn a_request_the_cluster_started_is_never_replayed() {
     };
     set(&world, target, EndpointState::Healthy).await;
     let reply = request.await.expect("join");
-    assert_eq!(
-        reply.status,
-        502,
-        "{}",
-        String::from_utf8_lossy(&reply.body)
-    );
+    reply.assert_status(502);
     assert_eq!(reply.error_code(), "upstream_connect");
     assert_eq!(world.sim.deliveries("started-once"), 1);
     world.stop().await;
@@ -230,7 +209,7 @@ async fn a_request_the_cluster_started_is_never_replayed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn losing_the_local_region_fails_over_to_the_other_region_then_public() {
-    let world = World::start(next_block(), ProxyOptions::default().remote_region()).await;
+    let world = World::with(ProxyOptions::default().remote_region()).await;
     for ip in world.layout.enis() {
         set(&world, ip, EndpointState::Down).await;
     }
@@ -254,8 +233,7 @@ async fn losing_the_local_region_fails_over_to_the_other_region_then_public() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn automatic_rollback_fires_on_slow_privatelink_but_not_below_the_minimum() {
-    let world = World::start(next_block(),
-        ProxyOptions::default().set("migration.public_fallback_until", "2999-01-01T00:00:00+00:00").set(
+    let world = World::with(ProxyOptions::default().set("migration.public_fallback_until", "2999-01-01T00:00:00+00:00").set(
  "rollback",
  serde_json::json!({"window": "5m", "min_requests": 12, "max_error_rate": 0.5, "max_p99": "100ms", "cooldown": "10m"}),
  ),
@@ -294,8 +272,7 @@ async fn automatic_rollback_fires_on_slow_privatelink_but_not_below_the_minimum(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_automatic_rollback_in_privatelink_only() {
-    let world = World::start(
-        next_block(),
+    let world = World::with(
         ProxyOptions::default()
             .set("migration.phase", "privatelink-only")
             .set(

@@ -131,12 +131,7 @@ async fn status_page_renders_outcomes_and_charts_in_chromium() {
     while picture && tokio::time::Instant::now() < spread_until {
         for _ in 0..10 {
             let reply = world.post("/inference", GUIDE_REQUEST, &[]).await;
-            assert_eq!(
-                reply.status,
-                200,
-                "{}",
-                String::from_utf8_lossy(&reply.body)
-            );
+            reply.assert_status(200);
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
@@ -144,12 +139,7 @@ async fn status_page_renders_outcomes_and_charts_in_chromium() {
     loop {
         for _ in 0..10 {
             let reply = world.post("/inference", GUIDE_REQUEST, &[]).await;
-            assert_eq!(
-                reply.status,
-                200,
-                "{}",
-                String::from_utf8_lossy(&reply.body)
-            );
+            reply.assert_status(200);
         }
         let s = status(&world).await;
         let routes = &s["traffic"]["routes"];

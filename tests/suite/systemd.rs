@@ -97,12 +97,7 @@ async fn run_notifies_systemd_and_logs_json_with_request_ids() {
         &[("x-request-id", "systemd-log-1")],
     )
     .await;
-    assert_eq!(
-        reply.status,
-        200,
-        "{}",
-        String::from_utf8_lossy(&reply.body)
-    );
+    reply.assert_status(200);
 
     let pid = child.id().to_string();
     let killed = Command::new("kill")

@@ -378,6 +378,9 @@ fn deb_under_real_systemd_starts_reloads_restarts_drains_upgrades_and_purges() {
     if !prerequisites() {
         return;
     }
+    // Building the root and the packages and booting systemd load the machine: no
+    // other test's health checks should time out because of it.
+    let _alone = crate::common::alone_blocking();
     let root = debian_root();
     let dir = tempfile::tempdir().expect("tempdir");
     let assets = dir.path().join("assets");

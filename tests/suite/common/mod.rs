@@ -45,10 +45,85 @@ pub fn init() {
     });
 }
 
+/// The machine, shared by the tests that run at once. Most tests hold a share for their
+/// whole run (every [`Moto`] carries one); the few that load the machine so much that
+/// health checks of other tests' proxies time out (the soak, a booted systemd) take it
+/// [`alone`], and run while no other harness test does (as they did when each had a test
+/// binary of its own).
+static MACHINE: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
+thread_local! {
+    /// Shares held by the test on this thread (libtest runs each test on a thread of its
+    /// own, and `#[tokio::test]` polls it there): a test that starts a second harness
+    /// must not queue behind a waiting [`alone`] test while it holds the first.
+    static HELD: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// How long a test waits for its share of the machine before failing.
+const MACHINE_WAIT: Duration = Duration::from_secs(20 * 60);
+
+/// A test's hold on the machine; released when dropped.
+pub struct MachineGuard {
+    _guard: Option<MachineLock>,
+}
+
+enum MachineLock {
+    Shared(tokio::sync::RwLockReadGuard<'static, ()>),
+    Alone(tokio::sync::RwLockWriteGuard<'static, ()>),
+}
+
+impl Drop for MachineGuard {
+    fn drop(&mut self) {
+        HELD.with(|held| held.set(held.get().saturating_sub(1)));
+    }
+}
+
+fn held() -> bool {
+    HELD.with(|held| {
+        let before = held.get();
+        held.set(before + 1);
+        before > 0
+    })
+}
+
+/// A share of the machine: waits while an [`alone`] test runs.
+pub async fn share_machine() -> MachineGuard {
+    if held() {
+        return MachineGuard { _guard: None };
+    }
+    let guard = tokio::time::timeout(MACHINE_WAIT, MACHINE.read())
+        .await
+        .expect("a test that runs alone held the machine for 20 minutes");
+    MachineGuard {
+        _guard: Some(MachineLock::Shared(guard)),
+    }
+}
+
+/// The machine alone: waits until no other harness test runs, and keeps new ones waiting.
+pub async fn alone() -> MachineGuard {
+    assert!(!held(), "take the machine alone before any share of it");
+    let guard = tokio::time::timeout(MACHINE_WAIT, MACHINE.write())
+        .await
+        .expect("the other tests held the machine for 20 minutes");
+    MachineGuard {
+        _guard: Some(MachineLock::Alone(guard)),
+    }
+}
+
+/// [`alone`] for a test that is not async.
+pub fn alone_blocking() -> MachineGuard {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .expect("a runtime to wait in")
+        .block_on(alone())
+}
+
 /// A moto server: shared (from the environment) or owned by this test.
 pub struct Moto {
     pub url: String,
     child: Option<Child>,
+    _machine: MachineGuard,
 }
 
 impl Drop for Moto {
@@ -71,8 +146,13 @@ pub fn venv_bin(name: &str) -> PathBuf {
 impl Moto {
     pub async fn get() -> Moto {
         init();
+        let machine = share_machine().await;
         if let Ok(url) = std::env::var("GPULINK_TEST_MOTO_URL") {
-            return Moto { url, child: None };
+            return Moto {
+                url,
+                child: None,
+                _machine: machine,
+            };
         }
         let port = free_port();
         let child = Command::new(venv_bin("moto_server"))
@@ -86,6 +166,7 @@ impl Moto {
         Moto {
             url: format!("http://{addr}"),
             child: Some(child),
+            _machine: machine,
         }
     }
 
@@ -458,6 +539,22 @@ impl Cluster {
     }
 }
 
+/// Waits until `proxy`'s health checks agree with `serving` for `ip`'s endpoint.
+pub async fn wait_serving(proxy: &ProxyHandle, ip: IpAddr, serving: bool) {
+    let authority = format!("{ip}:8443");
+    assert_eventually!(
+        proxy
+            .proxy()
+            .current()
+            .endpoints
+            .iter()
+            .find(|e| e.authority == authority)
+            .map(|e| e.is_serving()),
+        |state| *state == Some(serving),
+        "{authority} never became serving={serving}"
+    );
+}
+
 /// One test's world: moto, the simulator, and a proxy between them.
 pub struct World {
     pub moto: Moto,
@@ -471,6 +568,11 @@ pub struct World {
 }
 
 impl World {
+    /// [`World::start`] on a loopback block of its own.
+    pub async fn with(options: ProxyOptions) -> World {
+        World::start(next_block(), options).await
+    }
+
     pub async fn start(block: u8, options: ProxyOptions) -> World {
         let Cluster {
             moto,
@@ -542,18 +644,7 @@ impl World {
 
     /// Waits until the proxy's health checks agree with `serving` for `ip`.
     pub async fn wait_serving(&self, ip: IpAddr, serving: bool) {
-        let authority = format!("{ip}:8443");
-        assert_eventually!(
-            self.proxy()
-                .proxy()
-                .current()
-                .endpoints
-                .iter()
-                .find(|e| e.authority == authority)
-                .map(|e| e.is_serving()),
-            |state| *state == Some(serving),
-            "{authority} becomes serving={serving}"
-        );
+        wait_serving(self.proxy(), ip, serving).await;
     }
 
     pub fn requests_at(&self, ip: IpAddr) -> u64 {
@@ -579,6 +670,17 @@ pub struct Reply {
 }
 
 impl Reply {
+    /// Fails unless the answer's status is `status`, showing the body.
+    #[track_caller]
+    pub fn assert_status(&self, status: u16) {
+        assert_eq!(
+            self.status,
+            status,
+            "{}",
+            String::from_utf8_lossy(&self.body)
+        );
+    }
+
     pub fn json(&self) -> serde_json::Value {
         serde_json::from_slice(&self.body)
             .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))

@@ -29,7 +29,7 @@ use rcgen::{
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::common::{Moto, Reply};
+use crate::common::{assert_eventually, Moto, Reply};
 
 /// The TLS name the proxy verifies in these tests.
 pub const SERVER_NAME: &str = "gpu-cluster.yourcompany.internal";
@@ -707,19 +707,15 @@ impl Deployment {
 
     /// Waits (bounded) until `/status` shows every endpoint serving.
     pub async fn wait_all_serving(&self) {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-        loop {
-            let status = self.status().await;
-            let endpoints = status["endpoints"].as_array().cloned().unwrap_or_default();
-            if endpoints.len() == 4 && endpoints.iter().all(|e| e["serving"] == true) {
-                return;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "not every endpoint became serving: {status}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        assert_eventually!(
+            within = Duration::from_secs(60),
+            self.status().await,
+            |status| {
+                let endpoints = status["endpoints"].as_array().cloned().unwrap_or_default();
+                endpoints.len() == 4 && endpoints.iter().all(|e| e["serving"] == true)
+            },
+            "not every endpoint became serving"
+        );
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -827,19 +823,12 @@ canary_percent = 50
     }
 
     pub async fn wait_ready(&self) {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Some(reply) = self.get(self.admin, "/ready").await {
-                if reply.status == 200 {
-                    return;
-                }
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "the proxy never became ready"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        assert_eventually!(
+            within = Duration::from_secs(60),
+            self.get(self.admin, "/ready").await.map(|r| r.status),
+            |status| *status == Some(200),
+            "the proxy never became ready"
+        );
     }
 
     pub async fn status(&self) -> serde_json::Value {
@@ -858,14 +847,11 @@ canary_percent = 50
 
     /// Waits (bounded) until `/status` shows at least `n` applied reloads.
     pub async fn wait_reloads(&self, n: u64) {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        while self.reloads_applied().await < n {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "reload {n} was never applied"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        assert_eventually!(
+            self.reloads_applied().await,
+            |applied| *applied >= n,
+            "reload {n} was never applied"
+        );
     }
 
     /// Puts a simulated endpoint into `state` (the control API's JSON) and waits for it
