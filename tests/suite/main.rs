@@ -6,9 +6,16 @@
 //! `bash scripts/test.sh --test suite routing::` runs the routing tests,
 //! `bash scripts/test.sh --test suite -- --exact proxy::guide_request_end_to_end` one test.
 //!
-//! Every test of every module runs in the same process, in parallel: a test takes its own
-//! loopback block and touches no process-wide state (environment, current directory,
-//! rlimits) except through `common::init`, which runs once.
+//! Every test of every module runs in the same process, in parallel. The rules that makes:
+//! - a test takes its loopback blocks from `common::next_block()` (1..=219, each once;
+//!   fixed blocks only from 220..=252);
+//! - it touches no process-wide state (environment, current directory, rlimits: set them
+//!   on the child processes it starts) except through `common::init`, which runs once;
+//! - it waits with `assert_eventually!` (a deadline, and the last value seen on failure);
+//! - it states its configuration as changes by key (`ProxyOptions::set`);
+//! - a test that loads the whole machine (the soak, the booted systemd, the GOAWAY storm)
+//!   takes `common::alone()`: every other harness test holds a share of the machine
+//!   through its `Moto`, so the two never overlap.
 
 mod common;
 mod deb;
