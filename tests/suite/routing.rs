@@ -91,7 +91,9 @@ async fn a_blackholed_eni_costs_only_what_it_swallowed_before_ejection() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_eni_gets_a_small_share() {
-    let world = World::with(ProxyOptions::default()).await;
+    // The share depends on the balancer's random choices: the seed this test always had
+    // (its block number before blocks were allocated).
+    let world = World::with(ProxyOptions::default().seed(93)).await;
     let [slow, ..] = world.layout.enis();
     // Warm every endpoint's latency estimate first.
     let (_, failed) = load(&world, 30, 3).await;

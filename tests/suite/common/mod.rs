@@ -334,6 +334,7 @@ pub struct ProxyOptions {
     remote_region: bool,
     count_kms: bool,
     kms_url: Option<String>,
+    seed: Option<u64>,
 }
 
 #[derive(Clone)]
@@ -374,6 +375,12 @@ impl ProxyOptions {
     /// Counts the proxy's KMS connections ([`World::kms_relay`]).
     pub fn count_kms(mut self) -> Self {
         self.count_kms = true;
+        self
+    }
+
+    /// Seeds the proxy's randomness with `seed` instead of [`test_seed`].
+    pub fn seed(mut self, seed: u64) -> Self {
+        self.seed = Some(seed);
         self
     }
 
@@ -601,7 +608,7 @@ impl World {
             Config::from_toml(&text, std::path::Path::new("test.toml")).expect("valid config");
         let proxy_keys = KmsKeys::new("us-east-1", Some(&kms_url), Duration::from_secs(3)).await;
         let options = gpulink::proxy::StartOptions {
-            random_seed: Some(test_seed()),
+            random_seed: Some(options.seed.unwrap_or_else(test_seed)),
         };
         let proxy = gpulink::proxy::start_with(config, KeyService::Kms(proxy_keys), options)
             .await
