@@ -97,18 +97,6 @@ const PROOF_RETRY_FIRST: Duration = Duration::from_millis(500);
 const PROOF_RETRY_MAX: Duration = Duration::from_secs(30);
 
 impl Proxy {
-    pub fn app_connections(&self) -> &Arc<crate::listener::Listener> {
-        &self.app_connections
-    }
-
-    pub fn admin_connections(&self) -> &Arc<crate::listener::Listener> {
-        &self.admin_connections
-    }
-
-    pub fn in_flight_bytes(&self) -> &Arc<crate::inflight::InFlightBytes> {
-        &self.in_flight_bytes
-    }
-
     /// What the request path needs of this proxy (the ingress gets one; the
     /// request_head fuzz target calls [`crate::forward::handle`] with another).
     pub fn forwarder(&self) -> Forwarder {
@@ -134,12 +122,12 @@ impl Proxy {
         self.current().sealer.keys().clone()
     }
 
-    pub fn is_ready(&self) -> bool {
+    fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Acquire) && self.kms_proof.borrow().proven && !self.is_draining()
     }
 
     /// The start-up proof of KMS, for `/ready` and `/status`.
-    pub fn kms_proof(&self) -> KmsProof {
+    fn kms_proof(&self) -> KmsProof {
         self.kms_proof.borrow().clone()
     }
 
@@ -156,24 +144,16 @@ impl Proxy {
         let _ = proof.wait_for(|p| p.proven || p.failures > 0).await;
     }
 
-    pub fn is_draining(&self) -> bool {
+    fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Acquire)
     }
 
-    pub fn metrics(&self) -> &Arc<crate::metrics::Metrics> {
-        &self.metrics
-    }
-
-    pub fn history(&self) -> &crate::history::History {
-        &self.history
-    }
-
-    pub fn uptime(&self) -> std::time::Duration {
+    fn uptime(&self) -> std::time::Duration {
         self.started.elapsed()
     }
 
     /// Reloads by result: (applied, rejected).
-    pub fn reload_counts(&self) -> (u64, u64) {
+    fn reload_counts(&self) -> (u64, u64) {
         (
             self.reloads_ok.load(Ordering::Relaxed),
             self.reloads_failed.load(Ordering::Relaxed),
@@ -537,7 +517,11 @@ impl ProxyHandle {
         self.proxy.tasks.close();
         // Each task stops at its next await on the token; the bound keeps one stuck in a
         // health check or a reload from holding the exit.
-        if tokio::time::timeout(BACKGROUND_STOP, self.proxy.tasks.wait())
+        let generation = self.proxy.current();
+        let stopped = async {
+            tokio::join!(self.proxy.tasks.wait(), generation.sealer.shut_down());
+        };
+        if tokio::time::timeout(BACKGROUND_STOP, stopped)
             .await
             .is_err()
         {

@@ -32,6 +32,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use super::esdk::EncryptedDataKey;
 use super::keys::{DataKey, EncryptionContext, KeyError, KeyService};
@@ -263,6 +264,9 @@ struct Inner {
     counters: Arc<CacheCounters>,
     /// Stops the age-refresh timers when the cache is dropped (e.g. replaced on reload).
     stop: CancellationToken,
+    /// The `GenerateDataKey` fetches and the age-refresh timers, so that shutdown can
+    /// wait for them.
+    tasks: TaskTracker,
 }
 
 impl Drop for DataKeyCache {
@@ -291,12 +295,21 @@ impl DataKeyCache {
                 entries: Mutex::new(HashMap::new()),
                 counters,
                 stop: CancellationToken::new(),
+                tasks: TaskTracker::new(),
             }),
         }
     }
 
     pub fn key_id(&self) -> &str {
         &self.inner.key_id
+    }
+
+    /// Stops the age-refresh timers and waits for the `GenerateDataKey` fetches under
+    /// way (each bounded by `kms.timeout`).
+    pub async fn shut_down(&self) {
+        self.inner.stop.cancel();
+        self.inner.tasks.close();
+        self.inner.tasks.wait().await;
     }
 
     pub fn limits(&self) -> CacheLimits {
@@ -493,7 +506,8 @@ impl Inner {
         state.flight = Some(rx.clone());
         let inner = self.clone();
         let entry = entry.clone();
-        tokio::spawn(async move { inner.fetch(entry, tx, kind).await });
+        self.tasks
+            .spawn(async move { inner.fetch(entry, tx, kind).await });
         rx
     }
 
@@ -594,7 +608,7 @@ impl Inner {
         let entry = Arc::downgrade(entry);
         let key = Arc::downgrade(key);
         let stop = self.stop.clone();
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = tokio::time::sleep_until(at) => {}

@@ -9,7 +9,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use aws_sdk_kms::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_kms::primitives::Blob;
@@ -316,7 +316,6 @@ impl std::fmt::Debug for DataKey {
 pub struct OperationStats {
     calls: AtomicU64,
     errors: AtomicU64,
-    latency_micros: AtomicU64,
 }
 
 impl OperationStats {
@@ -328,15 +327,8 @@ impl OperationStats {
     pub fn errors(&self) -> u64 {
         self.errors.load(Ordering::Relaxed)
     }
-    /// Sum of the calls' durations, in microseconds (divide by `calls` for the mean).
-    pub fn latency_micros_total(&self) -> u64 {
-        self.latency_micros.load(Ordering::Relaxed)
-    }
-
-    fn record<T>(&self, started: Instant, result: &Result<T, KeyError>) {
+    fn record<T>(&self, result: &Result<T, KeyError>) {
         self.calls.fetch_add(1, Ordering::Relaxed);
-        let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
-        self.latency_micros.fetch_add(micros, Ordering::Relaxed);
         if result.is_err() {
             self.errors.fetch_add(1, Ordering::Relaxed);
         }
@@ -394,7 +386,6 @@ impl KeyService {
         plaintext: &[u8],
         context: &EncryptionContext,
     ) -> Result<Encrypted, KeyError> {
-        let started = Instant::now();
         let result = match self {
             // Boxed: the SDK call's future is ~12 KB, and every request's future would
             // otherwise carry it inline even when no KMS call happens.
@@ -402,7 +393,7 @@ impl KeyService {
             #[cfg(any(test, feature = "dev-tools"))]
             KeyService::Dev(dev) => dev.encrypt(plaintext, context),
         };
-        self.stats().encrypt.record(started, &result);
+        self.stats().encrypt.record(&result);
         result
     }
 
@@ -413,13 +404,12 @@ impl KeyService {
         ciphertext: &[u8],
         context: &EncryptionContext,
     ) -> Result<Vec<u8>, KeyError> {
-        let started = Instant::now();
         let result = match self {
             KeyService::Kms(kms) => Box::pin(kms.decrypt(ciphertext, context)).await,
             #[cfg(any(test, feature = "dev-tools"))]
             KeyService::Dev(dev) => dev.decrypt(ciphertext, context),
         };
-        self.stats().decrypt.record(started, &result);
+        self.stats().decrypt.record(&result);
         result
     }
 
@@ -431,13 +421,12 @@ impl KeyService {
         key_id: &str,
         context: &EncryptionContext,
     ) -> Result<DataKey, KeyError> {
-        let started = Instant::now();
         let result = match self {
             KeyService::Kms(kms) => Box::pin(kms.generate_data_key(key_id, context)).await,
             #[cfg(any(test, feature = "dev-tools"))]
             KeyService::Dev(dev) => dev.generate_data_key(context),
         };
-        self.stats().generate_data_key.record(started, &result);
+        self.stats().generate_data_key.record(&result);
         result
     }
 

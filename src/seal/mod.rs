@@ -145,6 +145,11 @@ impl Sealer {
         &self.keys
     }
 
+    /// Stops the data-key cache's background work and waits for it (shutdown).
+    pub async fn shut_down(&self) {
+        self.cache.shut_down().await;
+    }
+
     /// The data-key cache's counters (hits, misses, refreshes, KMS calls and errors).
     pub fn cache_counters(&self) -> &Arc<CacheCounters> {
         self.cache.counters()
