@@ -1063,6 +1063,58 @@ mod tests {
             .is_some_and(|m| m.contains("AccessDenied")));
     }
 
+    /// The gauges come from the snapshot handed in, not from a running proxy. The
+    /// endpoints are built but never contacted.
+    #[tokio::test]
+    async fn renders_the_state_of_a_snapshot() {
+        let config = crate::config::Config::from_toml(
+            r#"
+            [tenant]
+            id = "tenant-123"
+            model_pool = "model-a"
+            [kms]
+            key_id = "arn:aws:kms:us-east-1:111122223333:key/k"
+            region = "us-east-1"
+            [upstream]
+            server_name = "gpu.internal"
+            [[regions]]
+            name = "us-east-1"
+            privatelink = ["127.220.0.1"]
+            "#,
+            std::path::Path::new("test.toml"),
+        )
+        .expect("config");
+        let keys =
+            crate::seal::KeyService::Kms(crate::seal::KmsKeys::from_config(&config.kms).await);
+        let generation = Generation::build(7, config, keys, None, Some(1), &Default::default())
+            .expect("generation");
+        let metrics = Metrics::new();
+        let text = metrics
+            .render(
+                &Snapshot {
+                    generation: &generation,
+                    ready: false,
+                    draining: true,
+                    reloads: (3, 1),
+                },
+                Format::PrometheusText,
+            )
+            .expect("encoded");
+        for line in [
+            "gpulink_config_generation 7",
+            "gpulink_ready 0",
+            "gpulink_draining 1",
+            "gpulink_config_reloads_total{result=\"success\"} 3",
+            "gpulink_config_reloads_total{result=\"failure\"} 1",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line}\n{text}");
+        }
+        // The generation's endpoints get their series.
+        assert!(text.lines().any(|l| l.starts_with(
+            "gpulink_endpoint_serving{route=\"privatelink\",region=\"us-east-1\",endpoint=\"127.220.0.1:443\"}"
+        )));
+    }
+
     #[test]
     fn families_are_exposed_before_their_first_event() {
         let metrics = Metrics::new();
