@@ -275,16 +275,23 @@ impl History {
                     message: None,
                 }
             }
-            Err(error) => Outcome {
-                route: attribution.map_or(Route::None, |a| Route::parse(a.route)),
-                status: error.status().as_u16(),
-                code: Some(ErrorCode::Gpulink(error.code().as_str())),
-                latency: None,
-                endpoint: attribution
+            Err(error) => {
+                let status = error.status();
+                let endpoint = attribution
                     .map(|a| a.endpoint.as_str())
-                    .filter(|e| *e != "none"),
-                message: Some(error.to_string()),
-            },
+                    .filter(|e| *e != "none");
+                Outcome {
+                    route: attribution.map_or(Route::None, |a| Route::parse(a.route)),
+                    status: status.as_u16(),
+                    code: Some(ErrorCode::Gpulink(error.code().as_str())),
+                    latency: None,
+                    endpoint,
+                    // Only an endpoint's 5xx is remembered with its message: a flood of
+                    // refusals (overloaded, bad requests) costs no allocation here.
+                    message: (status.is_server_error() && endpoint.is_some())
+                        .then(|| error.to_string()),
+                }
+            }
         };
         self.record_at(Instant::now(), chrono::Utc::now(), outcome);
     }
