@@ -960,7 +960,7 @@ fn main() {
                 label,
                 plain,
                 sealed: sealed.body,
-                format: sealed.format,
+                format: sealed.format.as_str(),
                 key_arn: HeaderValue::try_from(sealed.key_arn).expect("key ARN"),
             })
         })

@@ -373,7 +373,7 @@ fn upstream_headers(
     );
     headers.insert(
         headers::X_ENCRYPTION_FORMAT,
-        HeaderValue::from_static(sealed.format),
+        HeaderValue::from_static(sealed.format.as_str()),
     );
     headers.insert(X_REQUEST_ID, request_id.clone());
     Ok(headers)
@@ -878,7 +878,7 @@ mod tests {
     fn sealed(key_arn: &str) -> Sealed {
         Sealed {
             body: Bytes::from_static(b"sealed"),
-            format: crate::seal::FORMAT_KMS_DIRECT,
+            format: crate::seal::WireFormat::KmsDirectV1,
             key_arn: key_arn.into(),
             cache_hit: None,
         }

@@ -37,7 +37,8 @@ use prometheus_client::registry::{Registry, Unit};
 use crate::config::RouteKind;
 use crate::error::{AttemptKind, Code, NotSent, Unprocessed};
 use crate::generation::Generation;
-use crate::seal::{KeyError, SealError, Sealed};
+use crate::seal::{KeyError, KmsOperation, SealError, Sealed, WireFormat};
+use crate::upstream::state::{Check, HealthState};
 use crate::upstream::Endpoint;
 
 /// Request latency buckets, in seconds: 5 ms to 60 s, dense between 100 and 300 ms where
@@ -593,10 +594,10 @@ impl Metrics {
                 status: "5xx",
             }));
         }
-        for format in [crate::seal::FORMAT_KMS_DIRECT, crate::seal::FORMAT_AWS_ESDK] {
+        for format in WireFormat::ALL.map(WireFormat::as_str) {
             drop(self.seal_duration.get_or_create(&FormatLabels { format }));
         }
-        for operation in ["Encrypt", "GenerateDataKey"] {
+        for operation in KmsOperation::SEALING.map(KmsOperation::as_str) {
             drop(self.kms_calls.get_or_create(&OperationLabels { operation }));
             drop(
                 self.kms_duration
@@ -765,21 +766,21 @@ impl Metrics {
             Ok(sealed) => {
                 self.seal_duration
                     .get_or_create(&FormatLabels {
-                        format: sealed.format,
+                        format: sealed.format.as_str(),
                     })
                     .observe(elapsed.as_secs_f64());
                 let operation = match sealed.cache_hit {
                     None => {
                         self.kms_calls
                             .get_or_create(&OperationLabels {
-                                operation: "Encrypt",
+                                operation: KmsOperation::Encrypt.as_str(),
                             })
                             .inc();
-                        Some("Encrypt")
+                        Some(KmsOperation::Encrypt.as_str())
                     }
                     // Waited for the key: the seal's time is the KMS call's (the local
                     // AES-GCM work is microseconds).
-                    Some(false) => Some("GenerateDataKey"),
+                    Some(false) => Some(KmsOperation::GenerateDataKey.as_str()),
                     Some(true) => None,
                 };
                 if let Some(operation) = operation {
@@ -795,10 +796,10 @@ impl Metrics {
                     KeyError::Kms { operation, .. } => {
                         // A failed Encrypt is still a call; GenerateDataKey calls are
                         // counted by the cache.
-                        if *operation == "Encrypt" {
+                        if *operation == KmsOperation::Encrypt {
                             self.kms_calls
                                 .get_or_create(&OperationLabels {
-                                    operation: "Encrypt",
+                                    operation: KmsOperation::Encrypt.as_str(),
                                 })
                                 .inc();
                         }
@@ -837,7 +838,8 @@ impl Metrics {
     /// counters are included as of the last scrape or status read.
     pub fn kms_totals(&self, generation: &Generation) -> (u64, u64) {
         self.sync_cache_counters(generation);
-        let calls = ["Encrypt", "GenerateDataKey"]
+        let calls = KmsOperation::SEALING
+            .map(KmsOperation::as_str)
             .into_iter()
             .filter_map(|operation| self.kms_calls.get(&OperationLabels { operation }))
             .map(|c| c.get())
@@ -860,7 +862,7 @@ impl Metrics {
         catch_up(&self.key_cache_refresh_failures, cache.refresh_failures());
         catch_up(
             &self.kms_calls.get_or_create(&OperationLabels {
-                operation: "GenerateDataKey",
+                operation: KmsOperation::GenerateDataKey.as_str(),
             }),
             cache.kms_calls(),
         );
@@ -904,30 +906,29 @@ impl Metrics {
         for endpoint in &generation.endpoints {
             let labels = EndpointLabels::of(endpoint);
             self.zero_init_endpoint(endpoint, &labels);
-            let healthy = endpoint.health_snapshot().state == "healthy";
+            let healthy = endpoint.health_snapshot().state == HealthState::Healthy;
             self.endpoint_healthy
                 .get_or_create(&labels)
                 .set(i64::from(healthy));
             self.endpoint_data_path_healthy
                 .get_or_create(&labels)
                 .set(i64::from(endpoint.is_data_path_ok()));
-            let failing =
-                |check: &'static str, problem: Option<crate::upstream::diagnose::Problem>| {
-                    self.endpoint_check_failing
-                        .get_or_create(&CheckProblemLabels {
-                            route: labels.route,
-                            region: labels.region.clone(),
-                            endpoint: labels.endpoint.clone(),
-                            check,
-                            problem: problem.map_or("unknown", |p| p.as_str()),
-                        })
-                        .set(1);
-                };
+            let failing = |check: Check, problem: Option<crate::upstream::diagnose::Problem>| {
+                self.endpoint_check_failing
+                    .get_or_create(&CheckProblemLabels {
+                        route: labels.route,
+                        region: labels.region.clone(),
+                        endpoint: labels.endpoint.clone(),
+                        check: check.as_str(),
+                        problem: problem.map_or("unknown", |p| p.as_str()),
+                    })
+                    .set(1);
+            };
             if !endpoint.is_healthy() {
-                failing("health", endpoint.health_snapshot().problem);
+                failing(Check::Health, endpoint.health_snapshot().problem);
             }
             if !endpoint.is_data_path_ok() {
-                failing("data_path", endpoint.data_path_snapshot().problem);
+                failing(Check::DataPath, endpoint.data_path_snapshot().problem);
             }
             self.endpoint_serving
                 .get_or_create(&labels)
@@ -951,12 +952,12 @@ impl Metrics {
         self.ready.set(i64::from(state.ready));
         self.draining.set(i64::from(state.draining));
         let current = generation.routes.phase();
-        for phase in PHASES {
+        for phase in crate::config::Phase::ALL {
             self.phase
                 .get_or_create(&PhaseLabels {
                     phase: phase.as_str(),
                 })
-                .set(i64::from(phase.as_str() == current.as_str()));
+                .set(i64::from(phase == current));
         }
         self.public_fallback_open
             .set(i64::from(generation.routes.public_fallback_open(now)));
@@ -983,13 +984,6 @@ fn catch_up(counter: &Counter, total: u64) {
 }
 
 /// Every migration phase, so the phase gauge has a series for each (0 or 1).
-const PHASES: [crate::config::Phase; 4] = [
-    crate::config::Phase::Public,
-    crate::config::Phase::Canary,
-    crate::config::Phase::Privatelink,
-    crate::config::Phase::PrivatelinkOnly,
-];
-
 /// `2xx`, `4xx`, ...: the status class, so label cardinality stays bounded.
 pub fn status_class(status: StatusCode) -> &'static str {
     match status.as_u16() / 100 {
@@ -1040,7 +1034,7 @@ mod tests {
             Err(SealError::Key(KeyError::Timeout(Duration::from_secs(3))));
         metrics.seal_finished(&timeout, Duration::from_secs(3));
         let refused: Result<Sealed, SealError> = Err(SealError::Key(KeyError::Kms {
-            operation: "Encrypt",
+            operation: KmsOperation::Encrypt,
             kind: crate::seal::keys::KmsErrorKind::AccessDenied,
             detail: crate::seal::keys::KmsDetail {
                 code: Some("AccessDeniedException"),

@@ -10,6 +10,7 @@ use crate::history::History;
 use crate::listener::Listener;
 use crate::metrics::{Metrics, Snapshot};
 use crate::seal::KmsProof;
+use crate::upstream::state::Check;
 
 /// Everything the document reports.
 pub struct Inputs<'a> {
@@ -39,12 +40,12 @@ pub fn document(inputs: &Inputs<'_>) -> Value {
             let data_path = e.data_path_snapshot();
             // Which checks keep the endpoint out right now, so an operator sees at once
             // whether it is the health port or the inference port.
-            let mut failing: Vec<&str> = Vec::new();
+            let mut failing: Vec<Check> = Vec::new();
             if !e.is_healthy() {
-                failing.push("health");
+                failing.push(Check::Health);
             }
             if !e.is_data_path_ok() {
-                failing.push("data_path");
+                failing.push(Check::DataPath);
             }
             json!({
                 "address": e.authority,
@@ -122,10 +123,7 @@ pub fn document(inputs: &Inputs<'_>) -> Value {
             "key_id": config.kms.key_id.as_str(),
             "region": config.kms.region,
             "format": config.kms.format.as_str(),
-            "context": match config.kms.context {
-                crate::config::ContextMode::Tenant => "tenant",
-                crate::config::ContextMode::None => "none",
-            },
+            "context": config.kms.context.as_str(),
             "calls": kms_calls,
             "failures": kms_failures,
             "last_success": kms_state.last_success.map(|t| t.to_rfc3339()),

@@ -164,6 +164,7 @@ fn describe_toml_error(e: &toml::de::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde::Deserialize;
 
     const MINIMAL: &str = r#"
         [tenant]
@@ -373,6 +374,62 @@ mod tests {
             err.contains("`regions`") && err.contains("endpoint `10.34.10.50:443` is listed twice"),
             "{err}"
         );
+    }
+
+    /// The values docs/design.md gives in `key`'s range column, in the section `heading`.
+    fn documented_values(heading: &str, key: &str) -> Vec<String> {
+        let design = include_str!("../../docs/design.md");
+        let section = &design[design.find(heading).expect(heading)..];
+        let row = section
+            .lines()
+            .find(|l| l.starts_with(&format!("| `{key}` |")))
+            .unwrap_or_else(|| panic!("{heading} documents {key}"));
+        let range = row.split('|').nth(3).expect("a range column");
+        range
+            .split('`')
+            .skip(1)
+            .step_by(2)
+            .map(str::to_string)
+            .collect()
+    }
+
+    #[test]
+    fn each_enumerated_key_has_one_list_of_names_and_the_contract_gives_it() {
+        let names = |all: &[&str]| all.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            documented_values("### `[migration]`", "phase"),
+            names(&Phase::ALL.map(Phase::as_str))
+        );
+        assert_eq!(
+            documented_values("### `[kms]`", "format"),
+            names(&SealFormat::ALL.map(SealFormat::as_str))
+        );
+        assert_eq!(
+            documented_values("### `[kms]`", "context"),
+            names(&ContextMode::ALL.map(ContextMode::as_str))
+        );
+        // The name each one has in the file is its `as_str`.
+        for phase in Phase::ALL {
+            let m: Migration = toml::from_str(&format!("phase = \"{}\"", phase.as_str())).unwrap();
+            assert_eq!(m.phase, phase);
+        }
+        #[derive(Deserialize)]
+        struct K {
+            format: SealFormat,
+            context: ContextMode,
+        }
+        for (format, context) in SealFormat::ALL
+            .into_iter()
+            .zip(ContextMode::ALL.into_iter().cycle())
+        {
+            let k: K = toml::from_str(&format!(
+                "format = \"{}\"\ncontext = \"{}\"",
+                format.as_str(),
+                context.as_str()
+            ))
+            .unwrap();
+            assert_eq!((k.format, k.context), (format, context));
+        }
     }
 
     #[test]

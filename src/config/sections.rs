@@ -123,6 +123,8 @@ pub enum SealFormat {
 }
 
 impl SealFormat {
+    pub const ALL: [SealFormat; 3] = [Self::KmsDirect, Self::AwsEsdk, Self::Auto];
+
     /// The name as written in the file.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -139,6 +141,18 @@ pub enum ContextMode {
     #[default]
     Tenant,
     None,
+}
+
+impl ContextMode {
+    pub const ALL: [ContextMode; 2] = [Self::Tenant, Self::None];
+
+    /// The name as written in the file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Tenant => "tenant",
+            Self::None => "none",
+        }
+    }
 }
 
 /// `[kms]` with its key id typed: an ARN whenever the format needs one.
@@ -272,6 +286,15 @@ pub enum Phase {
 }
 
 impl Phase {
+    /// Every phase, in the order of the migration (the order `/metrics` lists them in).
+    pub const ALL: [Phase; 4] = [
+        Phase::Public,
+        Phase::Canary,
+        Phase::Privatelink,
+        Phase::PrivatelinkOnly,
+    ];
+
+    /// The name as written in the file; also the `phase` label, `/status` and logs.
     pub fn as_str(self) -> &'static str {
         match self {
             Phase::Public => "public",

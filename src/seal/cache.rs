@@ -592,7 +592,7 @@ impl Inner {
                     state.flight = None;
                 }
                 Err(KeyError::Kms {
-                    operation: "GenerateDataKey",
+                    operation: super::keys::KmsOperation::GenerateDataKey,
                     kind: super::keys::KmsErrorKind::Interrupted,
                     detail: Default::default(),
                 })

@@ -8,7 +8,9 @@ use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, NONCE_LE
 use aws_lc_rs::rand::{SecureRandom, SystemRandom};
 use zeroize::Zeroizing;
 
-use super::keys::{DataKey, Encrypted, EncryptionContext, KeyError, KeyStats, KmsErrorKind};
+use super::keys::{
+    DataKey, Encrypted, EncryptionContext, KeyError, KeyStats, KmsErrorKind, KmsOperation,
+};
 
 /// The development key provider: AES-256-GCM under a random key that lives only in this
 /// process. Its ciphertexts mean nothing outside the process, which is the point: it lets
@@ -59,9 +61,9 @@ impl DevKeys {
     ) -> Result<DataKey, KeyError> {
         self.check_available()?;
         let mut plaintext = Zeroizing::new([0u8; 32]);
-        self.rng
-            .fill(plaintext.as_mut())
-            .map_err(|_| KeyError::kms("GenerateDataKey", KmsErrorKind::ServiceFailure))?;
+        self.rng.fill(plaintext.as_mut()).map_err(|_| {
+            KeyError::kms(KmsOperation::GenerateDataKey, KmsErrorKind::ServiceFailure)
+        })?;
         let sealed = self.encrypt(plaintext.as_ref(), context)?;
         Ok(DataKey {
             plaintext,

@@ -24,6 +24,37 @@ use super::DevKeys;
 /// envelope format (which writes it sorted), so the two can never disagree.
 pub use super::esdk::EncryptionContext;
 
+/// The KMS operations gpulink calls, each with its API name: the `operation` label of
+/// the metrics, and the name in messages and logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum KmsOperation {
+    /// `kms-direct`: every seal; also the start-up proof.
+    Encrypt,
+    /// `aws-esdk`: the data-key cache's fetches.
+    GenerateDataKey,
+    /// Only to open what was sealed (tests, the simulator, the demo).
+    Decrypt,
+}
+
+impl KmsOperation {
+    /// The operations sealing calls, in the order `/metrics` lists them.
+    pub const SEALING: [KmsOperation; 2] = [Self::Encrypt, Self::GenerateDataKey];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Encrypt => "Encrypt",
+            Self::GenerateDataKey => "GenerateDataKey",
+            Self::Decrypt => "Decrypt",
+        }
+    }
+}
+
+impl std::fmt::Display for KmsOperation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Why a key operation failed. Messages never contain key material, plaintext, or
 /// anything KMS or the SDK answered beyond a recognised error code and the HTTP status:
 /// a KMS error message can echo the request (the base64 plaintext), and the SDK's error
@@ -35,7 +66,7 @@ pub enum KeyError {
     Timeout(Duration),
     #[error("KMS {operation} failed: {kind}{detail}")]
     Kms {
-        operation: &'static str,
+        operation: KmsOperation,
         kind: KmsErrorKind,
         detail: KmsDetail,
     },
@@ -77,7 +108,7 @@ impl KeyError {
         )
     }
 
-    pub(super) fn kms(operation: &'static str, kind: KmsErrorKind) -> Self {
+    pub(super) fn kms(operation: KmsOperation, kind: KmsErrorKind) -> Self {
         KeyError::Kms {
             operation,
             kind,
@@ -180,7 +211,7 @@ const KMS_ERROR_CODES: &[(&str, KmsErrorKind)] = &[
 ];
 
 /// Classifies a failed SDK call once, keeping only what [`KeyError`] may show.
-fn classify<E, R>(operation: &'static str, error: &SdkError<E, R>, timeout: Duration) -> KeyError
+fn classify<E, R>(operation: KmsOperation, error: &SdkError<E, R>, timeout: Duration) -> KeyError
 where
     E: ProvideErrorMetadata + std::error::Error + 'static,
     R: std::fmt::Debug + HttpStatus + 'static,
@@ -217,7 +248,7 @@ where
                 None if status < 400 => (None, KmsErrorKind::InvalidResponse),
                 None => (None, KmsErrorKind::Rejected),
             };
-            if operation == "Decrypt" && code == Some("InvalidCiphertextException") {
+            if operation == KmsOperation::Decrypt && code == Some("InvalidCiphertextException") {
                 return KeyError::Open;
             }
             KeyError::Kms {
@@ -516,7 +547,7 @@ impl KmsKeys {
 
     /// A second deadline around the SDK's own: the SDK's covers its retries, this one
     /// also covers credential resolution.
-    async fn bounded<T, E, F>(&self, operation: &'static str, call: F) -> Result<T, KeyError>
+    async fn bounded<T, E, F>(&self, operation: KmsOperation, call: F) -> Result<T, KeyError>
     where
         F: std::future::Future<
             Output = Result<T, SdkError<E, aws_sdk_kms::config::http::HttpResponse>>,
@@ -544,8 +575,8 @@ impl KmsKeys {
         if !context.is_empty() {
             request = request.set_encryption_context(Some(context.clone().into_iter().collect()));
         }
-        let output = self.bounded("Encrypt", request.send()).await?;
-        let invalid = || KeyError::kms("Encrypt", KmsErrorKind::InvalidResponse);
+        let output = self.bounded(KmsOperation::Encrypt, request.send()).await?;
+        let invalid = || KeyError::kms(KmsOperation::Encrypt, KmsErrorKind::InvalidResponse);
         let ciphertext = output.ciphertext_blob.ok_or_else(invalid)?.into_inner();
         if ciphertext.is_empty() {
             return Err(invalid());
@@ -573,8 +604,11 @@ impl KmsKeys {
         if !context.is_empty() {
             request = request.set_encryption_context(Some(context.clone().into_iter().collect()));
         }
-        let output = self.bounded("GenerateDataKey", request.send()).await?;
-        let invalid = || KeyError::kms("GenerateDataKey", KmsErrorKind::InvalidResponse);
+        let output = self
+            .bounded(KmsOperation::GenerateDataKey, request.send())
+            .await?;
+        let invalid =
+            || KeyError::kms(KmsOperation::GenerateDataKey, KmsErrorKind::InvalidResponse);
         let mut plaintext_blob = output.plaintext.ok_or_else(invalid)?.into_inner();
         let plaintext = data_key_array(&plaintext_blob);
         plaintext_blob.zeroize();
@@ -605,7 +639,7 @@ impl KmsKeys {
         if !context.is_empty() {
             request = request.set_encryption_context(Some(context.clone().into_iter().collect()));
         }
-        let output = self.bounded("Decrypt", request.send()).await?;
+        let output = self.bounded(KmsOperation::Decrypt, request.send()).await?;
         output.plaintext.map(Blob::into_inner).ok_or(KeyError::Open)
     }
 }
@@ -693,7 +727,7 @@ mod tests {
     #[test]
     fn messages_are_short_and_name_what_to_check() {
         let refused = KeyError::Kms {
-            operation: "Encrypt",
+            operation: KmsOperation::Encrypt,
             kind: KmsErrorKind::NotFound,
             detail: KmsDetail {
                 code: Some("NotFoundException"),
@@ -703,7 +737,7 @@ mod tests {
         let text = refused.to_string();
         assert!(text.contains("kms.key_id") && text.contains("NotFoundException, HTTP 400"));
         assert!(refused.is_key_refusal());
-        assert!(!KeyError::kms("Encrypt", KmsErrorKind::Throttled).is_key_refusal());
+        assert!(!KeyError::kms(KmsOperation::Encrypt, KmsErrorKind::Throttled).is_key_refusal());
         let none = KeyError::Credentials(CredentialsProblem::NotFound).to_string();
         assert!(
             none.contains("AWS_ACCESS_KEY_ID") && none.contains("IMDS"),

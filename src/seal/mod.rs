@@ -34,12 +34,39 @@ pub use cache::{
 };
 #[cfg(any(test, feature = "dev-tools"))]
 pub use dev::{DevKeys, DEV_KEY_ARN};
-pub use keys::{DataKey, EncryptionContext, KeyError, KeyService, KeyStats, KmsKeys};
+pub use keys::{DataKey, EncryptionContext, KeyError, KeyService, KeyStats, KmsKeys, KmsOperation};
+
+/// What a sealed body is on the wire: the value of `X-Encryption-Format`, also the
+/// `format` label of `gpulink_seal_duration_seconds`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum WireFormat {
+    /// The body is KMS `Encrypt`'s ciphertext blob.
+    KmsDirectV1,
+    /// An AWS Encryption SDK message format v2 message.
+    AwsEsdkV2,
+}
+
+impl WireFormat {
+    pub const ALL: [WireFormat; 2] = [Self::KmsDirectV1, Self::AwsEsdkV2];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::KmsDirectV1 => "kms-direct-v1",
+            Self::AwsEsdkV2 => "aws-esdk-v2",
+        }
+    }
+}
+
+impl PartialEq<&str> for WireFormat {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
 
 /// The value of `X-Encryption-Format` for a body sealed by KMS `Encrypt`.
-pub const FORMAT_KMS_DIRECT: &str = "kms-direct-v1";
+pub const FORMAT_KMS_DIRECT: &str = WireFormat::KmsDirectV1.as_str();
 /// The value of `X-Encryption-Format` for an AWS Encryption SDK v2 message.
-pub const FORMAT_AWS_ESDK: &str = "aws-esdk-v2";
+pub const FORMAT_AWS_ESDK: &str = WireFormat::AwsEsdkV2.as_str();
 
 /// Plaintexts from this size up are encrypted inside `tokio::task::block_in_place`, so a
 /// big body does not hold up the other requests on the same runtime worker.
@@ -78,7 +105,7 @@ impl From<esdk::EsdkError> for SealError {
 #[derive(Debug, Clone)]
 pub struct Sealed {
     pub body: Bytes,
-    pub format: &'static str,
+    pub format: WireFormat,
     /// The key ARN that sealed it, for `X-KMS-Key-ID`.
     pub key_arn: String,
     /// `aws-esdk` only: whether the data key came from the cache without waiting for
@@ -166,16 +193,16 @@ impl Sealer {
     }
 
     /// The format `kms.format` gives a plaintext of `len` bytes.
-    pub fn format_for(&self, len: usize) -> &'static str {
+    pub fn format_for(&self, len: usize) -> WireFormat {
         let esdk = match self.format {
             SealFormat::KmsDirect => false,
             SealFormat::AwsEsdk => true,
             SealFormat::Auto => len > KMS_DIRECT_MAX_PLAINTEXT,
         };
         if esdk {
-            FORMAT_AWS_ESDK
+            WireFormat::AwsEsdkV2
         } else {
-            FORMAT_KMS_DIRECT
+            WireFormat::KmsDirectV1
         }
     }
 
@@ -197,7 +224,7 @@ impl Sealer {
 
     pub async fn seal(&self, plaintext: &[u8], model_pool: &str) -> Result<Sealed, SealError> {
         let context = self.context_for(model_pool);
-        if self.format_for(plaintext.len()) == FORMAT_AWS_ESDK {
+        if self.format_for(plaintext.len()) == WireFormat::AwsEsdkV2 {
             self.seal_esdk(plaintext, &context).await
         } else {
             self.seal_kms_direct(plaintext, &context).await
@@ -220,7 +247,7 @@ impl Sealer {
         self.check_sealed_len(encrypted.ciphertext.len())?;
         Ok(Sealed {
             body: Bytes::from(encrypted.ciphertext),
-            format: FORMAT_KMS_DIRECT,
+            format: WireFormat::KmsDirectV1,
             key_arn: encrypted.key_arn,
             cache_hit: None,
         })
@@ -264,7 +291,7 @@ impl Sealer {
         };
         Ok(Sealed {
             body: Bytes::from(message),
-            format: FORMAT_AWS_ESDK,
+            format: WireFormat::AwsEsdkV2,
             key_arn: key.key_arn().to_string(),
             cache_hit: Some(hit),
         })

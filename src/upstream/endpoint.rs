@@ -15,6 +15,7 @@ use serde::Serialize;
 
 use super::connector::EndpointConnector;
 use super::diagnose::{Diagnosis, Problem};
+use super::state::{DataPathState, HealthState};
 use crate::config::{EndpointConfig, RouteKind};
 
 pub type PoolClient = Client<EndpointConnector, Full<Bytes>>;
@@ -23,7 +24,7 @@ pub type PoolClient = Client<EndpointConnector, Full<Bytes>>;
 #[derive(Debug, Clone, Serialize, Default)]
 pub struct HealthSnapshot {
     /// `unknown` until the first check, then `healthy` or `unhealthy`.
-    pub state: &'static str,
+    pub state: HealthState,
     /// When `state` last changed (the status page's "down for 4 min").
     pub since: Option<chrono::DateTime<chrono::Utc>>,
     /// Why the last check failed, if it did.
@@ -43,7 +44,7 @@ pub struct HealthSnapshot {
 #[derive(Debug, Clone, Serialize, Default)]
 pub struct DataPathSnapshot {
     /// `unknown` until the first check, then `ok` or `failed`.
-    pub state: &'static str,
+    pub state: DataPathState,
     /// When `state` last changed.
     pub since: Option<chrono::DateTime<chrono::Utc>>,
     /// What failed it last: `check` (the health round's handshake) or `request` (a real
@@ -151,14 +152,8 @@ impl Endpoint {
             requests: AtomicU64::new(0),
             failures: AtomicU64::new(0),
             settings,
-            health: Mutex::new(HealthSnapshot {
-                state: "unknown",
-                ..HealthSnapshot::default()
-            }),
-            data_path: Mutex::new(DataPathSnapshot {
-                state: "unknown",
-                ..DataPathSnapshot::default()
-            }),
+            health: Mutex::new(HealthSnapshot::default()),
+            data_path: Mutex::new(DataPathSnapshot::default()),
             last_request_error: Mutex::new(None),
         })
     }

@@ -29,6 +29,7 @@ use tokio::net::TcpStream;
 use super::connector::ConnectError;
 use super::diagnose::{self, Diagnosis};
 use super::endpoint::Endpoint;
+use super::state::{Check, DataPathState, HealthState};
 use crate::config::Health;
 
 /// A health answer larger than this is not a health answer.
@@ -192,13 +193,13 @@ pub fn record(endpoint: &Endpoint, result: &Result<HealthOk, HealthError>, setti
             if endpoint.outlier.readmit() {
                 tracing::info!(endpoint = %endpoint.authority, "health check passed; ejected endpoint re-admitted");
             }
-            if h.state != "healthy"
+            if h.state != HealthState::Healthy
                 && (first || h.consecutive_successes >= settings.healthy_threshold)
             {
                 if !first {
                     tracing::info!(endpoint = %endpoint.authority, region = endpoint.region(), "endpoint is healthy again");
                 }
-                h.state = "healthy";
+                h.state = HealthState::Healthy;
                 h.since = Some(chrono::Utc::now());
                 endpoint.set_healthy(true);
             }
@@ -216,19 +217,19 @@ pub fn record(endpoint: &Endpoint, result: &Result<HealthOk, HealthError>, setti
             let diagnosis = diagnose::health_error(error, &endpoint.config, &url, None);
             h.problem = diagnosis.as_ref().map(|d| d.problem);
             h.diagnosis = diagnosis.map(|d| d.message);
-            if h.state != "unhealthy"
+            if h.state != HealthState::Unhealthy
                 && (first || h.consecutive_failures >= settings.unhealthy_threshold)
             {
                 tracing::warn!(
                     endpoint = %endpoint.authority,
                     region = endpoint.region(),
-                    check = "health",
+                    check = Check::Health.as_str(),
                     problem = h.problem.map_or("-", |p| p.as_str()),
                     %error,
                     diagnosis = h.diagnosis.as_deref().unwrap_or("-"),
                     "endpoint is unhealthy (health check failed); no new requests go to it"
                 );
-                h.state = "unhealthy";
+                h.state = HealthState::Unhealthy;
                 h.since = Some(chrono::Utc::now());
                 endpoint.set_healthy(false);
             }
@@ -257,16 +258,18 @@ pub fn record_data_path(
             d.consecutive_successes = d.consecutive_successes.saturating_add(1);
             d.consecutive_failures = 0;
             d.handshake_ms = Some(setup.as_secs_f64() * 1000.0);
-            if d.state != "ok" && (first || d.consecutive_successes >= settings.healthy_threshold) {
-                if d.state == "failed" {
+            if d.state != DataPathState::Ok
+                && (first || d.consecutive_successes >= settings.healthy_threshold)
+            {
+                if d.state == DataPathState::Failed {
                     tracing::info!(
                         endpoint = %endpoint.authority,
                         region = endpoint.region(),
-                        check = "data_path",
+                        check = Check::DataPath.as_str(),
                         "data path works again (TCP and TLS to the inference port); the endpoint may serve"
                     );
                 }
-                d.state = "ok";
+                d.state = DataPathState::Ok;
                 d.since = Some(chrono::Utc::now());
                 d.failed_by = None;
                 d.problem = None;
@@ -280,7 +283,7 @@ pub fn record_data_path(
             d.consecutive_successes = 0;
             let diagnosis =
                 diagnose::connect_failure(error, &endpoint.config, &endpoint.ca_files());
-            let fail = d.state == "failed"
+            let fail = d.state == DataPathState::Failed
                 || first
                 || d.consecutive_failures >= settings.unhealthy_threshold;
             if fail {
@@ -314,12 +317,12 @@ fn mark_failed(
     error: &ConnectError,
     diagnosis: Diagnosis,
 ) {
-    let changed = d.state != "failed" || d.problem != Some(diagnosis.problem);
+    let changed = d.state != DataPathState::Failed || d.problem != Some(diagnosis.problem);
     if changed {
         tracing::warn!(
             endpoint = %endpoint.authority,
             region = endpoint.region(),
-            check = "data_path",
+            check = Check::DataPath.as_str(),
             failed_by = by,
             problem = diagnosis.problem.as_str(),
             %error,
@@ -327,10 +330,10 @@ fn mark_failed(
             "data path failed (no TCP/TLS connection to the inference port); no new requests go to this endpoint until a data-path check passes"
         );
     }
-    if d.state != "failed" {
+    if d.state != DataPathState::Failed {
         d.since = Some(chrono::Utc::now());
     }
-    d.state = "failed";
+    d.state = DataPathState::Failed;
     d.failed_by = Some(by);
     d.problem = Some(diagnosis.problem);
     d.diagnosis = Some(diagnosis.message);
@@ -416,7 +419,7 @@ mod tests {
         assert!(!e.is_serving());
         let snapshot = e.data_path_snapshot();
         assert_eq!(
-            (snapshot.state, snapshot.failed_by),
+            (snapshot.state.as_str(), snapshot.failed_by),
             ("failed", Some("request"))
         );
         // The health port keeps passing: never enough.

@@ -8,6 +8,7 @@ pub mod discovery;
 pub mod endpoint;
 pub mod health;
 pub mod outlier;
+pub mod state;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
