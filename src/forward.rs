@@ -218,7 +218,7 @@ fn check_head(cx: &Context<'_>, parts: &Parts) -> Result<String, ProxyError> {
             target: parts.uri.to_string(),
         });
     }
-    let size = parts.uri.to_string().len()
+    let size = target_len(&parts.uri)
         + parts
             .headers
             .iter()
@@ -287,6 +287,14 @@ async fn read_body(
         Err(error @ BodyError::TooSlow { .. }) => Err(ProxyError::BodyTimeout(error)),
         Err(BodyError::Read(error)) => Err(ProxyError::BodyRead(error)),
     }
+}
+
+/// The length of `uri` as it was written (`Uri`'s `Display`), without formatting it.
+fn target_len(uri: &http::Uri) -> usize {
+    uri.scheme_str().map_or(0, |s| s.len() + "://".len())
+        + uri.authority().map_or(0, |a| a.as_str().len())
+        + uri.path().len()
+        + uri.query().map_or(0, |q| q.len() + 1)
 }
 
 /// RFC 8259: JSON exchanged between systems is UTF-8. serde_json skips over the strings
@@ -816,10 +824,17 @@ fn request_id_for(headers: &HeaderMap) -> HeaderValue {
         .get(X_REQUEST_ID)
         .filter(|v| headers::valid_request_id(v.as_bytes()))
         .cloned()
-        .unwrap_or_else(|| {
-            let id = uuid::Uuid::new_v4().hyphenated().to_string();
-            HeaderValue::from_str(&id).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
-        })
+        .unwrap_or_else(new_request_id)
+}
+
+/// A fresh UUIDv4 from the thread's RNG (a CSPRNG seeded from the OS, reseeded every
+/// 64 KiB of output), formatted on the stack: no `getrandom` syscall and no `String` per
+/// request, as `Uuid::new_v4` would cost. A request id needs to be unique, not secret.
+fn new_request_id() -> HeaderValue {
+    let id = uuid::Builder::from_random_bytes(rand::random()).into_uuid();
+    let mut text = [0u8; uuid::fmt::Hyphenated::LENGTH];
+    let text = id.hyphenated().encode_lower(&mut text);
+    HeaderValue::from_str(text).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
 }
 
 fn content_length(headers: &HeaderMap) -> Option<u64> {
@@ -874,6 +889,33 @@ fn never_sent(error: &hyper_util::client::legacy::Error) -> Option<NotSent> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn target_len_is_the_written_length() {
+        for target in [
+            "/",
+            "/inference",
+            "/inference?model=a&x=1",
+            "http://example.com/inference?q",
+            "http://example.com:8080/",
+            "https://user@example.com/a/b",
+        ] {
+            let uri: http::Uri = target.parse().unwrap();
+            assert_eq!(target_len(&uri), uri.to_string().len(), "{target}");
+        }
+    }
+
+    #[test]
+    fn new_request_ids_are_distinct_uuid_v4s() {
+        let (a, b) = (new_request_id(), new_request_id());
+        assert_ne!(a, b);
+        for id in [a, b] {
+            let text = id.to_str().unwrap();
+            let parsed = uuid::Uuid::parse_str(text).unwrap();
+            assert_eq!(parsed.get_version_num(), 4);
+            assert_eq!(parsed.hyphenated().to_string(), text);
+        }
+    }
 
     fn sealed(key_arn: &str) -> Sealed {
         Sealed {
