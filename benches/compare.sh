@@ -12,6 +12,8 @@
 # 127.253.x.y and 127.254.x.y. Not part of CI (it takes minutes and wants a quiet machine).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=scripts/lib/apt.sh
+. scripts/lib/apt.sh
 
 cache="${GPULINK_BENCH_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/gpulink-bench}"
 mkdir -p "$cache"
@@ -26,19 +28,8 @@ if [ -n "$missing" ]; then
     echo "benches/compare.sh: please install$missing (Debian packages)" >&2
     exit 1
   fi
-  # No service may start from the package (nginx's default site would take :80).
-  added_policy=""
-  if [ ! -e /usr/sbin/policy-rc.d ]; then
-    printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
-    chmod 755 /usr/sbin/policy-rc.d
-    added_policy=1
-  fi
-  installed=""
-  apt-get update &&
-    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $missing &&
-    installed=1
-  [ -z "$added_policy" ] || rm -f /usr/sbin/policy-rc.d
-  [ -n "$installed" ] || { echo "cannot install$missing" >&2; exit 1; }
+  # shellcheck disable=SC2086 # one word per package
+  apt_install_without_services $missing
 fi
 
 # oha (fixed-rate load with latency correction), built once into the cache.

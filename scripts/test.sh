@@ -5,6 +5,8 @@
 # and runs every Rust test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=scripts/lib/apt.sh
+. scripts/lib/apt.sh
 
 # The packaging tests: cargo-deb builds the .deb (tests/suite/packaging.rs), and, as root,
 # debootstrap + systemd-nspawn boot a real systemd to install it in
@@ -24,20 +26,8 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   command -v promtool >/dev/null || missing="$missing prometheus"
   command -v chromium >/dev/null || missing="$missing chromium"
   if [ -n "$missing" ]; then
-    # No service may start from these packages (nginx's default site would listen on
-    # :80, Prometheus on :9090): a policy-rc.d that refuses, for the install only.
-    added_policy=""
-    if [ ! -e /usr/sbin/policy-rc.d ]; then
-      printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
-      chmod 755 /usr/sbin/policy-rc.d
-      added_policy=1
-    fi
-    installed=""
-    apt-get update &&
-      DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $missing &&
-      installed=1
-    [ -z "$added_policy" ] || rm -f /usr/sbin/policy-rc.d
-    [ -n "$installed" ] || { echo "cannot install$missing" >&2; exit 1; }
+    # shellcheck disable=SC2086 # one word per package
+    apt_install_without_services $missing
   fi
 fi
 
