@@ -54,6 +54,8 @@ pub fn document(inputs: &Inputs<'_>) -> Value {
                 "tier": tier_name(e.kind().as_str(), e.region() == config.local_region()),
                 "local": e.region() == config.local_region(),
                 "server_name": e.config.server_name,
+                // The ENI's availability zone (configured or discovered); null if unknown.
+                "zone": e.zone(),
                 "health": health.state,
                 "health_since": health.since,
                 "serving": e.is_serving(),

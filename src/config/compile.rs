@@ -5,8 +5,9 @@
 
 use super::endpoints::{self, RouteKind};
 use super::key::{check_key_arn, KeyId};
-use super::raw::{RawConfig, RawKms, RawTenant};
-use super::sections::{Kms, Phase, SealFormat, Tenant};
+use super::raw::{RawConfig, RawKms, RawPlacement, RawTenant};
+use super::sections::{Kms, Phase, Placement, SealFormat, Tenant};
+use super::zone::Zone;
 use super::Config;
 
 /// `(key, problem)` pairs, at most one per key, in the order found.
@@ -48,6 +49,7 @@ pub(super) fn compile(raw: RawConfig) -> Result<Config, Vec<(String, String)>> {
     super::bounds::check(&raw, &mut p);
     let tenant = tenant(raw.tenant, &mut p);
     let kms = kms(raw.kms, &mut p);
+    let placement = placement(&raw.placement, &mut p);
     if let Some(ca) = &raw.upstream.ca_file {
         super::file::check_ca_file("upstream.ca_file", ca, &mut p);
     }
@@ -90,7 +92,17 @@ pub(super) fn compile(raw: RawConfig) -> Result<Config, Vec<(String, String)>> {
         discovery: regions.discovery,
         migration: raw.migration,
         rollback: raw.rollback,
+        placement,
     })
+}
+
+fn placement(raw: &RawPlacement, p: &mut Problems) -> Placement {
+    let zone = raw.zone.as_deref().and_then(|zone| {
+        Zone::new(zone)
+            .map_err(|message| p.push("placement.zone", message))
+            .ok()
+    });
+    Placement { zone }
 }
 
 fn tenant(raw: RawTenant, p: &mut Problems) -> Tenant {

@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use super::compile::Problems;
 use super::raw::RawRegion;
 use super::sections::{Health, Upstream};
+use super::zone::Zone;
 
 /// Whether an endpoint is a PrivateLink ENI or a public endpoint of the cluster.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -50,6 +51,8 @@ impl DnsDiscovery {
             server_name: self.server_name.clone(),
             health_port: self.health_port,
             ca_file: None,
+            // DNS answers say nothing about zones.
+            zone: None,
         }
     }
 }
@@ -66,6 +69,10 @@ pub struct EndpointConfig {
     pub server_name: String,
     pub health_port: u16,
     pub ca_file: Option<PathBuf>,
+    /// The availability zone of a PrivateLink ENI, when known (an endpoint table's
+    /// `zone`, or discovery); always `None` for public endpoints. Part of the identity:
+    /// an endpoint whose zone changes is a new endpoint.
+    pub zone: Option<Zone>,
 }
 
 impl EndpointConfig {
@@ -121,7 +128,24 @@ pub(super) fn compile(
             for (j, spec) in list.iter().enumerate() {
                 let key = format!("regions[{i}].{field}[{j}]");
                 let table = spec.table();
-                let Some(endpoint) = endpoint(region, kind, table, upstream, health)
+                if kind == RouteKind::Public && table.zone.is_some() {
+                    // Zone-aware routing is about the local PrivateLink tier only; a zone
+                    // here would silently do nothing.
+                    problems.push(
+                        format!("{key}.zone"),
+                        "zones apply to `privatelink` entries only (a public endpoint is \
+                         not in a zone of this VPC)",
+                    );
+                    continue;
+                }
+                let zone = match table.zone.as_deref().map(Zone::new).transpose() {
+                    Ok(zone) => zone,
+                    Err(message) => {
+                        problems.push(format!("{key}.zone"), message);
+                        continue;
+                    }
+                };
+                let Some(endpoint) = endpoint(region, kind, table, zone, upstream, health)
                     .map_err(|message| problems.push(key.clone(), message))
                     .ok()
                 else {
@@ -150,6 +174,7 @@ fn endpoint(
     region: &RawRegion,
     kind: RouteKind,
     table: super::raw::EndpointTable,
+    zone: Option<Zone>,
     upstream: &Upstream,
     health: &Health,
 ) -> Result<EndpointConfig, String> {
@@ -175,6 +200,7 @@ fn endpoint(
         server_name,
         health_port: table.health_port.unwrap_or(health.port),
         ca_file: table.ca_file,
+        zone,
     })
 }
 

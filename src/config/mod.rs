@@ -13,6 +13,7 @@ mod key;
 mod raw;
 mod sections;
 mod units;
+mod zone;
 
 use std::path::{Path, PathBuf};
 
@@ -21,9 +22,10 @@ pub use file::{read_regular_file, sandbox_hint, MAX_CA_FILE, MAX_CONFIG_FILE};
 pub use key::{check_key_arn, KeyArn, KeyId};
 pub use sections::{
     Admin, ContextMode, Health, KeyCache, Kms, Listen, Log, LogFormat, Migration, Outlier, Phase,
-    Retry, Rollback, SealFormat, Tenant, Upstream,
+    Placement, Retry, Rollback, SealFormat, Tenant, Upstream,
 };
 pub use units::{parse_duration, parse_size, ByteSize, HumanDuration};
+pub use zone::{Zone, MAX_ZONE_LEN};
 
 /// The exit code `gpulink check` uses for an invalid configuration (sysexits EX_CONFIG).
 pub const EX_CONFIG: i32 = 78;
@@ -85,6 +87,8 @@ pub struct Config {
     pub discovery: Vec<DnsDiscovery>,
     pub migration: Migration,
     pub rollback: Option<Rollback>,
+    /// Where this host runs, as far as the file says (zone-aware routing).
+    pub placement: Placement,
 }
 
 impl Config {
@@ -364,6 +368,61 @@ mod tests {
         assert_eq!(dns.refresh, std::time::Duration::from_secs(10));
         let arn = c.kms.key_id.arn().expect("the key is an ARN");
         assert_eq!(arn.region(), "us-east-1");
+    }
+
+    #[test]
+    fn zones_of_the_host_and_of_privatelink_entries_are_checked_and_kept() {
+        let text = MINIMAL
+            .replace(
+                "\"10.34.11.50:8443\"",
+                "{ address = \"10.34.11.50:8443\", zone = \"use1-az2\" }",
+            )
+            .replace("[upstream]", "[placement]\nzone = \"use1-az1\"\n[upstream]");
+        let c = parse(&text).unwrap();
+        assert_eq!(c.placement.zone, Some(Zone::new("use1-az1").unwrap()));
+        let zones: Vec<Option<&str>> = c
+            .endpoints
+            .iter()
+            .map(|e| e.zone.as_ref().map(Zone::as_str))
+            .collect();
+        assert_eq!(zones, [None, Some("use1-az2"), None, None]);
+        // Unset: no zone, nothing learned yet.
+        assert_eq!(parse(MINIMAL).unwrap().placement.zone, None);
+    }
+
+    #[test]
+    fn bad_zones_are_named_by_key_all_at_once() {
+        let text = MINIMAL
+            .replace(
+                "\"10.34.11.50:8443\"",
+                "{ address = \"10.34.11.50:8443\", zone = \"use1 az2\" }",
+            )
+            .replace(
+                "public = [\"gpu.us-east-1.example.com\"]",
+                "public = [{ address = \"gpu.us-east-1.example.com\", zone = \"use1-az1\" }]",
+            )
+            .replace("[upstream]", "[placement]\nzone = \"\"\n[upstream]");
+        let err = parse(&text).unwrap_err();
+        let ConfigError::InvalidMany { problems, .. } = &err else {
+            panic!("several problems expected: {err}");
+        };
+        let keys: Vec<&str> = problems.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "placement.zone",
+                "regions[0].privatelink[1].zone",
+                "regions[0].public[0].zone"
+            ],
+            "{err}"
+        );
+        let message = err.to_string();
+        assert!(message.contains("privatelink` entries only"), "{message}");
+        assert!(message.contains("use1-az1"), "{message}");
+        // An unknown key in [placement] is an error like anywhere else.
+        let text = MINIMAL.replace("[upstream]", "[placement]\nzones = \"a\"\n[upstream]");
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(err.contains("zones"), "{err}");
     }
 
     #[test]

@@ -41,6 +41,17 @@ pub(super) struct RawConfig {
     pub migration: Migration,
     #[serde(default)]
     pub rollback: Option<Rollback>,
+    #[serde(default)]
+    pub placement: RawPlacement,
+}
+
+/// `[placement]`: where this host runs. Unset keys are learned at start (see
+/// `crate::placement`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawPlacement {
+    #[serde(default)]
+    pub zone: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -114,6 +125,9 @@ pub(super) struct EndpointTable {
     pub health_port: Option<u16>,
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
+    /// The ENI's availability zone (id or name), for zone-aware routing.
+    #[serde(default)]
+    pub zone: Option<String>,
 }
 
 impl EndpointSpec {
@@ -124,6 +138,7 @@ impl EndpointSpec {
                 server_name: None,
                 health_port: None,
                 ca_file: None,
+                zone: None,
             },
             EndpointSpec::Table(t) => t.clone(),
         }

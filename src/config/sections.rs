@@ -5,7 +5,8 @@
 //! Where the section as parsed is already its final form it is parsed directly (the
 //! durations and sizes are typed units: [`HumanDuration`], [`ByteSize`]); the ranges are
 //! checked by the compiler (`bounds.rs`). `[tenant]` and `[kms]` are compiled from their
-//! raw forms (`raw.rs`): the pool list gets its default, the key id its type.
+//! raw forms (`raw.rs`): the pool list gets its default, the key id its type, and
+//! `[placement]` its zone checked ([`Zone`]).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -15,6 +16,7 @@ use serde::Deserialize;
 
 use super::key::KeyId;
 use super::units::{ByteSize, HumanDuration};
+use super::zone::Zone;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -343,4 +345,11 @@ impl Default for Rollback {
             cooldown: HumanDuration::from_secs(600),
         }
     }
+}
+
+/// `[placement]`, compiled: this host's availability zone when the file gives it. `None`
+/// means "ask the instance metadata service at start, else unknown".
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Placement {
+    pub zone: Option<Zone>,
 }

@@ -422,6 +422,7 @@ mod tests {
             server_name: "gpu-cluster.yourcompany.internal".into(),
             health_port: 8080,
             ca_file: None,
+            zone: None,
         }
     }
 

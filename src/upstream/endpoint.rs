@@ -170,6 +170,11 @@ impl Endpoint {
         &self.config.region
     }
 
+    /// The ENI's availability zone, when the configuration or discovery gave one.
+    pub fn zone(&self) -> Option<&crate::config::Zone> {
+        self.config.zone.as_ref()
+    }
+
     pub fn client(&self) -> &PoolClient {
         &self.client
     }
