@@ -89,8 +89,8 @@ pub fn sandbox_hint(key: &str, path: &Path, error: &std::io::Error) -> String {
         io::ErrorKind::PermissionDenied => format!(
             ". Under the systemd unit gpulink runs as an unprivileged dynamic user \
              (DynamicUser=yes): make the file readable by it (a CA certificate is not secret: \
-             chmod 0644, and its directories o+x), or hand it over with LoadCredential= and \
-             point `{key}` at /run/credentials/gpulink.service/NAME (recipe: \
+             chmod 0644, and its directories o+x), or hand it over with LoadCredential= \
+             (recipe for a CA and for AWS credentials, and what `{key}` then names: \
              /usr/share/doc/gpulink/examples/credentials.conf)"
         ),
         io::ErrorKind::NotFound if in_tmp => format!(

@@ -19,6 +19,7 @@
 
 mod common;
 mod deb;
+mod debian_root;
 mod prom;
 mod reliability;
 

@@ -91,6 +91,48 @@ fn systemd_unit_is_hardened_notify_and_reloadable() {
         !value("WatchdogSec").is_empty(),
         "the watchdog needs WatchdogSec="
     );
+    // Validation is `run`'s own (exit 78, not restarted): RestartPreventExitStatus= does
+    // not cover ExecStartPre=, whose 78 would loop into start-limit-hit.
+    assert!(
+        value("ExecStartPre").is_empty(),
+        "{:?}",
+        value("ExecStartPre")
+    );
+}
+
+#[test]
+fn credentials_recipe_hands_over_aws_credentials_and_a_ca_the_reload_check_can_read() {
+    let dropin = read("packaging/systemd/credentials.conf");
+    let directives = unit_directives(&dropin);
+    let value = |key: &str| -> Vec<&str> {
+        directives
+            .iter()
+            .filter(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+            .collect()
+    };
+    let credentials = value("LoadCredential");
+    assert!(
+        credentials.contains(&"aws:/etc/gpulink/aws-credentials"),
+        "{credentials:?}"
+    );
+    assert!(value("Environment").contains(&"AWS_SHARED_CREDENTIALS_FILE=%d/aws"));
+    // The CA: loaded as a credential, copied by the start into the runtime directory
+    // (the ExecReload= check is not given credentials on systemd 252), where the
+    // configuration's ca_file names it.
+    let (name, source) = credentials
+        .iter()
+        .find_map(|c| c.split_once(':').filter(|(n, _)| n.contains("ca")))
+        .expect("a LoadCredential= for the CA");
+    assert_eq!(source, "/etc/gpulink/ca.pem");
+    assert_eq!(value("RuntimeDirectory"), ["gpulink"]);
+    assert_eq!(
+        value("ExecStartPre"),
+        [format!("/bin/cp -f %d/{name} /run/gpulink/ca.pem").as_str()]
+    );
+    assert!(dropin.contains(r#"ca_file = "/run/gpulink/ca.pem""#));
+    // Nothing in the drop-in resets or replaces the unit's reload check.
+    assert!(value("ExecReload").is_empty());
 }
 
 #[test]
@@ -486,6 +528,13 @@ fn kubernetes_manifests_validate_against_the_schemas() {
         memory("limits")
     );
     assert_eq!(memory("requests"), memory("limits"));
+    // ... and the limit is that budget plus the process, not an unrelated number: the
+    // manifest's comment ("plus about 128Mi") stays true when one of them changes.
+    assert!(
+        memory("limits") <= budget + (256 << 20),
+        "limit {} far above the budget {budget}: raise both together",
+        memory("limits")
+    );
 
     // The admin port is admitted by a NetworkPolicy selecting these pods.
     let policy = kind("NetworkPolicy").expect("NetworkPolicy");
@@ -755,4 +804,143 @@ fn grafana_dashboard_compares_routes_and_covers_kms_and_cache() {
             assert!(!target["datasource"].is_null());
         }
     }
+}
+
+/// Whether the Dockerfile's base images are honest about pinning: each `ARG *_IMAGE`
+/// default is `name:tag@sha256:<64 hex>`, or a bare tag while the `# Unpinned:` note
+/// (pointing at scripts/pin-images.sh) says so; the note goes once all are pinned.
+fn image_pins(dockerfile: &str) -> Result<usize, String> {
+    let mut unpinned = Vec::new();
+    let mut images = 0;
+    for line in dockerfile.lines() {
+        let Some((name, value)) = line
+            .strip_prefix("ARG ")
+            .and_then(|rest| rest.split_once('='))
+        else {
+            continue;
+        };
+        if !name.ends_with("_IMAGE") {
+            continue;
+        }
+        images += 1;
+        match value.split_once('@') {
+            Some((tag, digest)) => {
+                let hex = digest
+                    .strip_prefix("sha256:")
+                    .ok_or_else(|| format!("{name}: not a sha256 digest: {digest}"))?;
+                if hex.len() != 64
+                    || !hex
+                        .bytes()
+                        .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+                {
+                    return Err(format!("{name}: not 64 lowercase hex digits: {hex}"));
+                }
+                if !tag.contains(':') {
+                    return Err(format!("{name}: pin a tag (name:tag@digest): {value}"));
+                }
+            }
+            None => unpinned.push(name),
+        }
+    }
+    let note = dockerfile.lines().find(|l| l.starts_with("# Unpinned: "));
+    match (unpinned.is_empty(), note) {
+        (false, None) => Err(format!(
+            "{unpinned:?} name tags, and no `# Unpinned:` note says so"
+        )),
+        (false, Some(note)) if !note.contains("scripts/pin-images.sh") => {
+            Err(format!("the note does not say how to pin: {note}"))
+        }
+        (true, Some(note)) => Err(format!("everything is pinned, yet the note says: {note}")),
+        _ if images < 2 => Err(format!(
+            "{images} image ARGs; the build and runtime bases expected"
+        )),
+        _ => Ok(unpinned.len()),
+    }
+}
+
+#[test]
+fn dockerfile_base_images_are_pinned_by_digest_or_say_they_are_not() {
+    let dockerfile = read("packaging/docker/Dockerfile");
+    image_pins(&dockerfile).unwrap_or_else(|e| panic!("{e}"));
+    // The check can fail: a made-up short digest, and a bare tag without the note.
+    assert!(image_pins(&dockerfile.replace(
+        "ARG RUNTIME_IMAGE=gcr.io/distroless/cc-debian12:nonroot\n",
+        "ARG RUNTIME_IMAGE=gcr.io/distroless/cc-debian12:nonroot@sha256:abc\n"
+    ))
+    .is_err());
+    let without_note: String = dockerfile
+        .lines()
+        .filter(|l| !l.starts_with("# Unpinned: "))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    if image_pins(&dockerfile) != Ok(0) {
+        assert!(image_pins(&without_note).is_err());
+    }
+
+    // scripts/pin-images.sh, its registry replaced by a stand-in resolver: every image
+    // default pinned (the tag kept, ${RUST_VERSION} expanded for the lookup), the note
+    // gone, the result passing the check; a second run re-pins in place.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let copy = dir.path().join("Dockerfile");
+    std::fs::write(&copy, &dockerfile).expect("copy");
+    let resolver = dir.path().join("resolve");
+    let asked = dir.path().join("asked");
+    std::fs::write(
+        &resolver,
+        format!(
+            "#!/bin/sh\necho \"$1\" >> {}\nprintf 'sha256:%s\\n' \"$(printf %s \"$1\" | sha256sum | cut -c1-64)\"\n",
+            asked.display()
+        ),
+    )
+    .expect("resolver");
+    let pin = |resolver: &Path| {
+        Command::new("bash")
+            .arg(root().join("scripts/pin-images.sh"))
+            .arg(&copy)
+            .env("PIN_IMAGES_RESOLVE", resolver)
+            .output()
+            .expect("pin-images.sh runs")
+    };
+    let chmod = Command::new("chmod")
+        .arg("+x")
+        .arg(&resolver)
+        .status()
+        .expect("chmod");
+    assert!(chmod.success());
+    for _ in 0..2 {
+        let output = pin(&resolver);
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let pinned = std::fs::read_to_string(&copy).expect("pinned");
+        assert_eq!(image_pins(&pinned), Ok(0), "{pinned}");
+        assert!(pinned.contains("ARG BUILD_IMAGE=rust:${RUST_VERSION}-bookworm@sha256:"));
+    }
+    let asked = std::fs::read_to_string(&asked).expect("the resolver was asked");
+    assert!(
+        asked
+            .lines()
+            .any(|l| l.starts_with("rust:1.") && l.ends_with("-bookworm")),
+        "{asked}"
+    );
+    assert!(
+        asked
+            .lines()
+            .any(|l| l == "gcr.io/distroless/cc-debian12:nonroot"),
+        "{asked}"
+    );
+    // An answer that is not a digest writes nothing.
+    std::fs::write(&copy, &dockerfile).expect("copy");
+    let liar = dir.path().join("liar");
+    std::fs::write(&liar, "#!/bin/sh\necho sha256:not-a-digest\n").expect("liar");
+    let chmod = Command::new("chmod")
+        .arg("+x")
+        .arg(&liar)
+        .status()
+        .expect("chmod");
+    assert!(chmod.success());
+    assert!(!pin(&liar).status.success());
+    assert_eq!(std::fs::read_to_string(&copy).expect("copy"), dockerfile);
 }

@@ -1,7 +1,7 @@
-//! The .deb under a real systemd: a minimal Debian bookworm root (debootstrap, made once
-//! and cached as `target/nspawn-root`) booted with `systemd-nspawn -b` on a private
-//! network (the container has only its own loopback: nothing it does reaches the host's
-//! network), the test driving it with `nsenter`. Inside, moto (the host's `.venv`,
+//! The .deb under a real systemd: a minimal Debian bookworm root (`crate::debian_root`:
+//! debootstrap, made once and cached as `target/nspawn-root`) booted with
+//! `systemd-nspawn -b` on a private network (the container has only its own loopback:
+//! nothing it does reaches the host's network), the test driving it with `nsenter`. Inside, moto (the host's `.venv`,
 //! bind-mounted read-only) is KMS and `gpulink sim` the cluster, and the test checks:
 //!
 //! * install: the configuration is created from the example (not a conffile), the
@@ -9,7 +9,7 @@
 //! * a CA at mode 0600 fails the start naming `upstream.ca_file` and the sandbox, without
 //!   a restart loop (exit 78 is not restarted);
 //! * the `LoadCredential=` recipe shipped in the package makes a 0600 AWS credentials
-//!   file work (and the CA, made 0644 as the message says);
+//!   file and a 0600 CA work, `systemctl reload` (whose check reads the CA) included;
 //! * `systemctl start` returns only once `/ready` answers 200; `STATUS=` names the phase
 //!   and generation;
 //! * `systemctl reload` applies a phase change under load with zero failed requests and
@@ -69,36 +69,6 @@ fn prerequisites() -> bool {
     );
     println!("skipped: missing {missing:?} (scripts/test.sh installs them as root)");
     false
-}
-
-/// The cached Debian root: made once with debootstrap (about 4 minutes), then reused.
-/// Booted with `--volatile=overlay`, so no run changes it.
-fn debian_root() -> PathBuf {
-    let target = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-        .parent()
-        .expect("target dir")
-        .to_path_buf();
-    let root = target.join("nspawn-root");
-    if root.join("usr/bin/systemctl").exists() && root.join("usr/bin/python3").exists() {
-        return root;
-    }
-    let partial = target.join(format!("nspawn-root.partial-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&partial);
-    let status = Command::new("debootstrap")
-        .args([
-            "--variant=minbase",
-            "--include=systemd,systemd-sysv,dbus,python3,ca-certificates,procps",
-            "bookworm",
-        ])
-        .arg(&partial)
-        .arg("http://deb.debian.org/debian")
-        .stdout(Stdio::null())
-        .status()
-        .expect("debootstrap runs");
-    assert!(status.success(), "debootstrap failed");
-    let _ = std::fs::remove_dir_all(&root);
-    std::fs::rename(&partial, &root).expect("move the new root into place");
-    root
 }
 
 /// The virtualenv's Python installation, when it is not the system's (pyenv, a
@@ -322,6 +292,8 @@ const MOTO: &str = "127.200.0.5:5000";
 const CONTROL: &str = "127.200.0.9:9950";
 const PUBLIC: &str = "127.200.20.1";
 const CA: &str = "/etc/gpulink/ca.pem";
+/// Where the recipe (packaging/systemd/credentials.conf) puts the CA credential's copy.
+const CA_COPY: &str = "/run/gpulink/ca.pem";
 
 fn config(key_arn: &str, phase: &str, ca_file: &str) -> String {
     format!(
@@ -381,7 +353,7 @@ fn deb_under_real_systemd_starts_reloads_restarts_drains_upgrades_and_purges() {
     // Building the root and the packages and booting systemd load the machine: no
     // other test's health checks should time out because of it.
     let _alone = crate::common::alone_blocking();
-    let root = debian_root();
+    let root = crate::debian_root::path();
     let dir = tempfile::tempdir().expect("tempdir");
     let assets = dir.path().join("assets");
     std::fs::create_dir_all(&assets).expect("assets dir");
@@ -464,6 +436,7 @@ fn deb_under_real_systemd_starts_reloads_restarts_drains_upgrades_and_purges() {
     );
     assert_ne!(c.property("SubState"), "auto-restart", "{journal}");
     assert_eq!(c.property("NRestarts"), "0");
+    assert_eq!(c.property("ExecMainStatus"), "78", "{journal}");
 
     // The recipe shipped in the package, plus a short watchdog for this test.
     c.ok("install -d /etc/systemd/system/gpulink.service.d && \
@@ -474,13 +447,21 @@ fn deb_under_real_systemd_starts_reloads_restarts_drains_upgrades_and_purges() {
         "[Service]\nWatchdogSec=3s\nLimitCORE=0\n",
         "0644",
     );
-    // The CA is not secret: world-readable, as the error message said.
-    c.ok("chmod 0644 /etc/gpulink/ca.pem");
+    // The CA stays 0600: the recipe loads it as a credential and copies it for the
+    // service (and its reload check) to read.
+    write_file(
+        &c,
+        "/etc/gpulink/gpulink.toml",
+        &config(&key_arn, "privatelink", CA_COPY),
+        "0644",
+    );
     c.ok("systemctl daemon-reload && systemctl reset-failed gpulink && systemctl enable gpulink");
 
     // Start returns once READY=1 came: /ready answers 200 at once.
     c.ok("systemctl start gpulink");
     assert_eq!(c.admin("/ready").0, 200);
+    // The CA's copy belongs to the service's dynamic user, not root.
+    assert_ne!(c.ok(&format!("stat -c %u {CA_COPY}")), "0");
     let status_text = c.property("StatusText");
     assert!(
         status_text.starts_with("phase privatelink, ") && status_text.contains("generation 1;"),
@@ -508,7 +489,7 @@ fn deb_under_real_systemd_starts_reloads_restarts_drains_upgrades_and_purges() {
     write_file(
         &c,
         "/etc/gpulink/gpulink.toml",
-        &config(&key_arn, "public", CA),
+        &config(&key_arn, "public", CA_COPY),
         "0644",
     );
     c.ok("systemctl reload gpulink");
@@ -543,7 +524,7 @@ fn deb_under_real_systemd_starts_reloads_restarts_drains_upgrades_and_purges() {
     write_file(
         &c,
         "/etc/gpulink/gpulink.toml",
-        &config(&key_arn, "public", CA),
+        &config(&key_arn, "public", CA_COPY),
         "0644",
     );
     c.ok("touch /run/load-stop");
