@@ -62,6 +62,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsConnector;
 
 use gpulink::config::Config;
+use gpulink::generation::seal_settings;
 use gpulink::headers::{
     X_ENCRYPTION_FORMAT, X_GPULINK_ROUTE, X_KMS_KEY_ID, X_MODEL_POOL, X_REQUEST_ID, X_TENANT_ID,
 };
@@ -724,7 +725,7 @@ fn components(config: &Config, keys: &KeyService, bodies: &[Arc<Body>]) -> Vec<S
         .enable_all()
         .build()
         .expect("runtime");
-    let sealer = Sealer::new(config, keys.clone());
+    let sealer = Sealer::new(seal_settings(config), keys.clone());
     let mut lines = Vec::new();
     for body in bodies {
         let iterations = if body.plain.len() > 4096 {
@@ -949,7 +950,7 @@ fn main() {
         .expect("gpulink starts");
 
     // Seal each body once, with gpulink's own sealer, for the baseline to send as is.
-    let sealer = Sealer::new(&config, keys.clone());
+    let sealer = Sealer::new(seal_settings(&config), keys.clone());
     let bodies: Vec<Arc<Body>> = [("96 B", small_body()), ("64 KiB", large_body())]
         .into_iter()
         .map(|(label, plain)| {

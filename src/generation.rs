@@ -12,8 +12,8 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 
 use crate::config::Config;
-use crate::route::{Chooser, RetryBudget, RouteTable};
-use crate::seal::{KeyService, Sealer};
+use crate::route::{self, Chooser, RetryBudget, RouteTable};
+use crate::seal::{self, KeyService, Sealer};
 use crate::upstream::discovery::Resolved;
 use crate::upstream::{self, Endpoint, UpstreamError};
 
@@ -50,12 +50,13 @@ impl Generation {
             reusable,
             resolved,
         )?;
-        let routes = RouteTable::new(&config, &endpoints);
+        let routes = RouteTable::new(route_policy(&config), &endpoints);
+        let settings = seal_settings(&config);
         // The data-key cache survives a reload that keeps the key and its limits: a reload
         // must not cost a KMS call or reset the counters.
         let sealer = match previous {
-            Some(p) => Sealer::after_reload(&p.sealer, &config, keys),
-            None => Sealer::new(&config, keys),
+            Some(p) => Sealer::after_reload(&p.sealer, settings, keys),
+            None => Sealer::new(settings, keys),
         };
         Ok(Generation {
             number,
@@ -76,6 +77,24 @@ impl Generation {
     /// How many endpoints may receive requests now.
     pub fn serving(&self) -> usize {
         self.endpoints.iter().filter(|e| e.is_serving()).count()
+    }
+}
+
+/// The parts of `config` the route table is built from.
+pub fn route_policy(config: &Config) -> route::Policy<'_> {
+    route::Policy {
+        regions: &config.regions,
+        migration: &config.migration,
+        rollback: config.rollback.as_ref(),
+    }
+}
+
+/// The parts of `config` the sealer is built from.
+pub fn seal_settings(config: &Config) -> seal::Settings<'_> {
+    seal::Settings {
+        kms: &config.kms,
+        tenant_id: &config.tenant.id,
+        max_sealed: config.upstream.max_body,
     }
 }
 

@@ -25,7 +25,9 @@ use rustls::pki_types::ServerName;
 use serde::Serialize;
 use tokio::net::TcpStream;
 
-use crate::config::{Config, EndpointConfig, Phase, RouteKind, EX_CONFIG};
+use crate::config::{
+    Config, DnsDiscovery, EndpointConfig, Health, Phase, RouteKind, Upstream, EX_CONFIG,
+};
 use crate::upstream::diagnose;
 pub use crate::upstream::diagnose::{Diagnosis, Problem};
 use crate::upstream::health;
@@ -186,7 +188,15 @@ pub async fn run(args: ProbeArgs) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::from(EX_CONFIG as u8));
         }
     };
-    let report = probe(&config, &args.config, args.samples).await?;
+    let targets = Targets {
+        endpoints: &config.endpoints,
+        discovery: &config.discovery,
+        local_region: config.local_region(),
+        phase: config.migration.phase,
+        upstream: &config.upstream,
+        health: &config.health,
+    };
+    let report = probe(targets, &args.config, args.samples).await?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -205,13 +215,27 @@ pub enum ProbeError {
     Tls(#[from] crate::tls::TlsError),
 }
 
-/// Probes every endpoint of `config` concurrently.
-pub async fn probe(config: &Config, path: &Path, samples: u32) -> Result<Report, ProbeError> {
-    let mut endpoints = config.endpoints.clone();
+/// What `gpulink probe` probes, and how: a configuration's endpoints (listed, and found
+/// through DNS) with the settings the proxy would reach them with.
+#[derive(Debug, Clone, Copy)]
+pub struct Targets<'a> {
+    pub endpoints: &'a [EndpointConfig],
+    pub discovery: &'a [DnsDiscovery],
+    /// The first configured region.
+    pub local_region: &'a str,
+    pub phase: Phase,
+    pub upstream: &'a Upstream,
+    pub health: &'a Health,
+}
+
+/// Probes every endpoint of `targets` concurrently; `path` names the configuration in
+/// the report.
+pub async fn probe(targets: Targets<'_>, path: &Path, samples: u32) -> Result<Report, ProbeError> {
+    let mut endpoints = targets.endpoints.to_vec();
     // Regions that name their VPC endpoint's DNS name: probe every address it resolves
     // to, as the proxy would use them; a name that does not resolve is probed as is, so
     // its report carries the DNS diagnosis.
-    for discovery in &config.discovery {
+    for discovery in targets.discovery {
         match crate::upstream::discovery::resolve(discovery).await {
             Ok(ips) => endpoints.extend(ips.into_iter().map(|ip| discovery.endpoint(ip))),
             Err(_) => {
@@ -221,10 +245,10 @@ pub async fn probe(config: &Config, path: &Path, samples: u32) -> Result<Report,
             }
         }
     }
-    let phase = config.migration.phase;
+    let phase = targets.phase;
     let mut tasks = tokio::task::JoinSet::new();
     for (index, endpoint) in endpoints.into_iter().enumerate() {
-        let ca_files: Vec<PathBuf> = config
+        let ca_files: Vec<PathBuf> = targets
             .upstream
             .ca_file
             .iter()
@@ -234,11 +258,11 @@ pub async fn probe(config: &Config, path: &Path, samples: u32) -> Result<Report,
         let ca_refs: Vec<&Path> = ca_files.iter().map(PathBuf::as_path).collect();
         let tls = crate::tls::client_config(&ca_refs)?;
         let settings = Settings {
-            connect_timeout: config.upstream.connect_timeout.get(),
-            health: config.health.clone(),
+            connect_timeout: targets.upstream.connect_timeout.get(),
+            health: targets.health.clone(),
             ca_files,
             samples: samples.max(1) as usize,
-            local: endpoint.region == config.local_region(),
+            local: endpoint.region == targets.local_region,
             allowed_by_phase: allowed(phase, endpoint.kind),
         };
         tasks.spawn(async move { (index, probe_endpoint(endpoint, tls, settings).await) });

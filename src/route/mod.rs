@@ -30,7 +30,7 @@ use chrono::{DateTime, FixedOffset, Utc};
 use rand::rngs::StdRng;
 use rand::{Rng, RngCore, SeedableRng};
 
-use crate::config::{Config, Phase, RouteKind};
+use crate::config::{Migration, Phase, Rollback, RouteKind};
 use crate::upstream::{balance, Endpoint};
 pub use budget::RetryBudget;
 pub use rollback::{Breach, RollbackMonitor};
@@ -121,16 +121,27 @@ pub struct RouteTable {
     rollback: Option<RollbackMonitor>,
 }
 
+/// What a [`RouteTable`] is built from: the parts of the configuration that decide where
+/// requests go, and nothing else.
+#[derive(Debug, Clone, Copy)]
+pub struct Policy<'a> {
+    /// The region names in configuration order; the first is the local one.
+    pub regions: &'a [String],
+    pub migration: &'a Migration,
+    /// `[rollback]`, when automatic rollback is configured.
+    pub rollback: Option<&'a Rollback>,
+}
+
 /// The tiers one request may use, in order.
 pub struct Plan<'a> {
     tiers: Vec<&'a Tier>,
 }
 
 impl RouteTable {
-    pub fn new(config: &Config, endpoints: &[Arc<Endpoint>]) -> Self {
+    pub fn new(policy: Policy<'_>, endpoints: &[Arc<Endpoint>]) -> Self {
         // Config order of regions puts the local region first, as the tiers require.
         let tiers_of = |kind: RouteKind| -> Vec<Tier> {
-            config
+            policy
                 .regions
                 .iter()
                 .map(|region| Tier {
@@ -146,12 +157,12 @@ impl RouteTable {
                 .collect()
         };
         Self {
-            phase: config.migration.phase,
-            canary_percent: config.migration.canary_percent,
-            public_fallback_until: config.migration.public_fallback_until,
+            phase: policy.migration.phase,
+            canary_percent: policy.migration.canary_percent,
+            public_fallback_until: policy.migration.public_fallback_until,
             privatelink: tiers_of(RouteKind::Privatelink),
             public: tiers_of(RouteKind::Public),
-            rollback: config.rollback.clone().map(RollbackMonitor::new),
+            rollback: policy.rollback.cloned().map(RollbackMonitor::new),
         }
     }
 
@@ -374,6 +385,7 @@ impl Plan<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Config;
     use std::path::Path;
 
     fn table(phase: &str, extra: &str) -> (RouteTable, Vec<Arc<Endpoint>>) {
@@ -411,7 +423,8 @@ mod tests {
             &Default::default(),
         )
         .expect("endpoints");
-        (RouteTable::new(&config, &endpoints), endpoints)
+        let policy = crate::generation::route_policy(&config);
+        (RouteTable::new(policy, &endpoints), endpoints)
     }
 
     fn first_choice(table: &RouteTable, rng: &mut StdRng) -> Option<Arc<Endpoint>> {

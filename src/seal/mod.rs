@@ -28,7 +28,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use crate::config::{Config, ContextMode, SealFormat, KMS_DIRECT_MAX_PLAINTEXT};
+use crate::config::{ByteSize, ContextMode, Kms, SealFormat, KMS_DIRECT_MAX_PLAINTEXT};
 pub use cache::{
     Acquired, CacheCounters, CacheLimits, CacheState, DataKeyCache, PROVIDER_ID_AWS_KMS,
 };
@@ -114,6 +114,16 @@ pub struct Sealed {
     pub cache_hit: Option<bool>,
 }
 
+/// What a [`Sealer`] is built from: `[kms]`, the tenant its encryption contexts name,
+/// and the largest body the cluster accepts (`upstream.max_body`), which every sealed
+/// body must fit.
+#[derive(Debug, Clone, Copy)]
+pub struct Settings<'a> {
+    pub kms: &'a Kms,
+    pub tenant_id: &'a str,
+    pub max_sealed: ByteSize,
+}
+
 /// Seals bodies for one tenant under one key.
 pub struct Sealer {
     keys: KeyService,
@@ -127,42 +137,42 @@ pub struct Sealer {
 }
 
 impl Sealer {
-    pub fn new(config: &Config, keys: KeyService) -> Self {
+    pub fn new(settings: Settings<'_>, keys: KeyService) -> Self {
         let cache = Arc::new(DataKeyCache::new(
             keys.clone(),
-            config.kms.key_id.as_str(),
-            CacheLimits::from_config(&config.kms.cache),
+            settings.kms.key_id.as_str(),
+            CacheLimits::from_config(&settings.kms.cache),
         ));
-        Self::with_cache(config, keys, cache)
+        Self::with_cache(settings, keys, cache)
     }
 
     /// The sealer of a reloaded configuration. Keeps `previous`'s data keys when the key
     /// and the cache limits are unchanged (a reload then costs no KMS call), and its
     /// counters in any case, so the totals the metrics read never go backwards.
-    pub fn after_reload(previous: &Sealer, config: &Config, keys: KeyService) -> Self {
-        let limits = CacheLimits::from_config(&config.kms.cache);
-        let cache =
-            if config.kms.key_id == *previous.cache.key_id() && previous.cache.limits() == limits {
-                previous.cache.clone()
-            } else {
-                Arc::new(DataKeyCache::with_counters(
-                    keys.clone(),
-                    config.kms.key_id.as_str(),
-                    limits,
-                    previous.cache.counters().clone(),
-                ))
-            };
-        Self::with_cache(config, keys, cache)
+    pub fn after_reload(previous: &Sealer, settings: Settings<'_>, keys: KeyService) -> Self {
+        let kms = settings.kms;
+        let limits = CacheLimits::from_config(&kms.cache);
+        let cache = if kms.key_id == *previous.cache.key_id() && previous.cache.limits() == limits {
+            previous.cache.clone()
+        } else {
+            Arc::new(DataKeyCache::with_counters(
+                keys.clone(),
+                kms.key_id.as_str(),
+                limits,
+                previous.cache.counters().clone(),
+            ))
+        };
+        Self::with_cache(settings, keys, cache)
     }
 
-    fn with_cache(config: &Config, keys: KeyService, cache: Arc<DataKeyCache>) -> Self {
+    fn with_cache(settings: Settings<'_>, keys: KeyService, cache: Arc<DataKeyCache>) -> Self {
         Self {
             keys,
-            key_id: config.kms.key_id.as_str().to_string(),
-            format: config.kms.format,
-            context_mode: config.kms.context,
-            tenant_id: config.tenant.id.clone(),
-            max_sealed: usize::try_from(config.upstream.max_body.bytes()).unwrap_or(usize::MAX),
+            key_id: settings.kms.key_id.as_str().to_string(),
+            format: settings.kms.format,
+            context_mode: settings.kms.context,
+            tenant_id: settings.tenant_id.to_string(),
+            max_sealed: usize::try_from(settings.max_sealed.bytes()).unwrap_or(usize::MAX),
             frame_len: esdk::DEFAULT_FRAME_LEN,
             cache,
         }
@@ -344,6 +354,8 @@ pub fn encryption_context(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Config;
+    use crate::generation::seal_settings as settings;
 
     fn config(format: &str, extra: &str) -> Config {
         let text = format!(
@@ -387,7 +399,7 @@ mod tests {
     #[tokio::test]
     async fn auto_chooses_by_size_and_both_formats_open() {
         let (keys, _) = dev();
-        let sealer = Sealer::new(&config("auto", ""), keys.clone());
+        let sealer = Sealer::new(settings(&config("auto", "")), keys.clone());
         let small = vec![b'1'; KMS_DIRECT_MAX_PLAINTEXT];
         let sealed = sealer.seal(&small, "model-a").await.unwrap();
         assert_eq!(sealed.format, FORMAT_KMS_DIRECT);
@@ -413,12 +425,12 @@ mod tests {
     #[tokio::test]
     async fn explicit_formats() {
         let (keys, _) = dev();
-        let esdk_sealer = Sealer::new(&config("aws-esdk", ""), keys.clone());
+        let esdk_sealer = Sealer::new(settings(&config("aws-esdk", "")), keys.clone());
         let sealed = esdk_sealer.seal(b"1", "model-a").await.unwrap();
         assert_eq!(sealed.format, FORMAT_AWS_ESDK);
         assert_eq!(open(&keys, &sealed.body, "model-a").await, b"1");
 
-        let direct = Sealer::new(&config("kms-direct", ""), keys);
+        let direct = Sealer::new(settings(&config("kms-direct", "")), keys);
         let err = direct
             .seal(&vec![b'1'; KMS_DIRECT_MAX_PLAINTEXT + 1], "model-a")
             .await
@@ -430,7 +442,10 @@ mod tests {
     #[tokio::test]
     async fn the_sealed_body_must_fit_upstream_max_body() {
         let (keys, _) = dev();
-        let sealer = Sealer::new(&config("aws-esdk", r#"max_body = "100KB""#), keys.clone());
+        let sealer = Sealer::new(
+            settings(&config("aws-esdk", r#"max_body = "100KB""#)),
+            keys.clone(),
+        );
         // Far over: refused by the lower bound, before any KMS call.
         let err = sealer
             .seal(&vec![b'1'; 100_000], "model-a")
@@ -456,7 +471,7 @@ mod tests {
     async fn kms_failure_is_a_key_error() {
         let (keys, dev) = dev();
         dev.set_unavailable(true);
-        let sealer = Sealer::new(&config("aws-esdk", ""), keys);
+        let sealer = Sealer::new(settings(&config("aws-esdk", "")), keys);
         let err = sealer.seal(b"{}", "model-a").await.unwrap_err();
         assert!(
             matches!(err, SealError::Key(KeyError::Unavailable)),
@@ -467,16 +482,16 @@ mod tests {
     #[tokio::test]
     async fn a_reload_keeps_the_cache_when_the_key_and_limits_are_unchanged() {
         let (keys, _) = dev();
-        let first = Sealer::new(&config("aws-esdk", ""), keys.clone());
+        let first = Sealer::new(settings(&config("aws-esdk", "")), keys.clone());
         first.seal(b"{}", "model-a").await.unwrap();
-        let same = Sealer::after_reload(&first, &config("auto", ""), keys.clone());
+        let same = Sealer::after_reload(&first, settings(&config("auto", "")), keys.clone());
         assert_eq!(
             same.seal(&[b'1'; 5000], "model-a").await.unwrap().cache_hit,
             Some(true)
         );
         let mut other = config("aws-esdk", "");
         other.kms.cache.max_messages = 5;
-        let changed = Sealer::after_reload(&same, &other, keys.clone());
+        let changed = Sealer::after_reload(&same, settings(&other), keys.clone());
         assert_eq!(
             changed.seal(b"{}", "model-a").await.unwrap().cache_hit,
             Some(false)
