@@ -49,6 +49,7 @@ pub mod config;
 pub mod error;
 pub mod forward;
 pub mod generation;
+pub mod h1guard;
 pub mod headers;
 pub mod healthcheck;
 pub mod history;

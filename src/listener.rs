@@ -40,6 +40,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::body::ProxyBody;
+use crate::h1guard::H1Guard;
 
 /// How long a connection being closed (idle, evicted, shutting down) may take to say
 /// goodbye (HTTP/2 GOAWAY) once it has no request in flight.
@@ -56,8 +57,8 @@ const FD_RESERVE: u64 = 128;
 /// Upstream descriptors budgeted per endpoint: its pooled connections and health checks.
 const FD_PER_ENDPOINT: u64 = 8;
 
-/// hyper's own default (8 KiB + 100 × 4 KiB), stated so the documented limit is ours:
-/// a request head over it gets hyper's 431 without a JSON body.
+/// hyper's own default (8 KiB + 100 × 4 KiB), stated so the limit is ours; request heads
+/// never reach it: [`crate::h1guard`] refuses one over its 64 KiB first (JSON 431).
 const H1_MAX_BUF_SIZE: usize = 8192 + 4096 * 100;
 
 /// Per-connection settings, read from the current configuration at each accept so a
@@ -79,8 +80,8 @@ pub struct ConnectionSettings {
     /// HTTP/2 SETTINGS_MAX_HEADER_LIST_SIZE (RFC 9113 counts 32 bytes per field on top
     /// of name and value); a larger header block gets the h2 library's bare 431.
     pub h2_max_header_list_size: u32,
-    /// HTTP/1.1: bytes hyper buffers while reading a head (and body chunks); a head that
-    /// does not fit gets hyper's bare 431.
+    /// HTTP/1.1: bytes hyper buffers while reading a head (and body chunks); above the
+    /// head guard's own limit ([`crate::h1guard::MAX_HEAD`]).
     pub h1_max_buf_size: usize,
     pub nodelay: bool,
 }
@@ -345,9 +346,34 @@ impl Listener {
     }
 }
 
-/// Serves one connection and closes it when its time bounds say so.
+/// Serves one connection and closes it when its time bounds say so. An HTTP/1.1 head
+/// hyper would refuse with its bare answer is refused with the JSON body instead, once
+/// hyper is done with the connection ([`crate::h1guard`]).
 async fn supervise<H, F>(
     stream: TcpStream,
+    connection: &Arc<Connection>,
+    settings: &ConnectionSettings,
+    handler: H,
+    stop: &CancellationToken,
+    close_now: &CancellationToken,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
+where
+    H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<ProxyBody>> + Send + 'static,
+{
+    let (guarded, mut refused) = H1Guard::new(stream);
+    let io = SendBound::new(guarded, settings.send_timeout);
+    let result = serve_until_closed(io, connection, settings, handler, stop, close_now).await;
+    // hyper has dropped the socket: a refused head is answered now.
+    if let Ok((stream, why)) = refused.try_recv() {
+        crate::h1guard::answer(stream, why, settings.send_timeout).await;
+        return Ok(());
+    }
+    result
+}
+
+async fn serve_until_closed<H, F>(
+    io: SendBound<H1Guard<TcpStream>>,
     connection: &Arc<Connection>,
     settings: &ConnectionSettings,
     handler: H,
@@ -375,7 +401,6 @@ where
         }
     });
     let builder = settings.builder();
-    let io = SendBound::new(stream, settings.send_timeout);
     let serving = builder
         .serve_connection(TokioIo::new(io), service)
         .into_owned();

@@ -6,6 +6,9 @@
 //!
 //! Checked for every request: the inbound header hygiene leaves no identity, gpulink or
 //! hop-by-hop header, and every error gpulink answers is its JSON error with a request id.
+//! The connection is served under the HTTP/1.1 head guard ([`gpulink::h1guard`]), as the
+//! listener serves it, and checked for any bare refusal of hyper's (a head the guard let
+//! through that hyper could not parse: the two parsers disagreeing).
 //!
 //! Shared by the cargo-fuzz target and the stable replay in `tests/suite/fuzz_replay.rs`;
 //! each names the loopback block (`127.<block>.x.y`) its proxy uses.
@@ -17,6 +20,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use gpulink::forward::Forwarder;
+use gpulink::h1guard::H1Guard;
 use gpulink::proxy::ProxyHandle;
 use gpulink::seal::{DevKeys, KeyService};
 use http::{HeaderMap, Request, Response};
@@ -187,19 +191,35 @@ pub fn check(block: u8, data: &[u8]) {
                 }
             }
         });
+        // As the listener serves it: under the HTTP/1.1 head guard, which answers the
+        // heads hyper would refuse bare once hyper is done.
+        let (guarded, mut refused) = H1Guard::new(server);
         let connection = auto::Builder::new(TokioExecutor::new())
-            .serve_connection(TokioIo::new(server), service)
+            .serve_connection(TokioIo::new(guarded), service)
             .into_owned();
         let connection = tokio::spawn(async move {
             let _ = connection.await;
+            if let Ok((stream, why)) = refused.try_recv() {
+                gpulink::h1guard::answer(stream, why, Duration::from_secs(1)).await;
+            }
         });
         let io = async {
             let _ = client.write_all(&input).await;
             let _ = client.shutdown().await;
             let mut answer = Vec::new();
             let _ = client.read_to_end(&mut answer).await;
+            answer
         };
-        let _ = tokio::time::timeout(Duration::from_secs(3), io).await;
+        let answer = tokio::time::timeout(Duration::from_secs(3), io)
+            .await
+            .unwrap_or_default();
+        if let Some(bare) = bare_refusal(&answer) {
+            if let Ok(mut slot) = panicked.lock() {
+                slot.get_or_insert(format!(
+                    "hyper answered a head the guard let through with its bare {bare}"
+                ));
+            }
+        }
         drop(client);
         let _ = tokio::time::timeout(Duration::from_secs(3), connection).await;
         let taken = panicked.lock().ok().and_then(|mut slot| slot.take());
@@ -208,6 +228,19 @@ pub fn check(block: u8, data: &[u8]) {
     if let Some(message) = panicked {
         panic!("the request handler failed a check: {message}");
     }
+}
+
+/// The status of an answer hyper made itself for a head it could not parse (a 400, 414 or
+/// 431 with an empty body: gpulink's own refusals all have a JSON body), if `answer` has
+/// one.
+fn bare_refusal(answer: &[u8]) -> Option<u16> {
+    let text = String::from_utf8_lossy(answer).to_ascii_lowercase();
+    text.match_indices("http/1.1 ").find_map(|(at, _)| {
+        let status: u16 = text.get(at + 9..at + 12)?.parse().ok()?;
+        let head = &text[at..at + text[at..].find("\r\n\r\n")? + 2];
+        (matches!(status, 400 | 414 | 431) && head.contains("\r\ncontent-length: 0\r\n"))
+            .then_some(status)
+    })
 }
 
 fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {

@@ -162,6 +162,252 @@ async fn bad_input_is_refused_before_kms_with_a_json_body() {
     setup.proxy.shutdown().await;
 }
 
+/// One HTTP/1.1 response: status, lower-cased headers, body.
+struct Answer {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+/// One HTTP/1.1 response off the front of `raw` (its body by its Content-Length, or
+/// de-chunked), and the bytes after it.
+fn one_response(raw: &[u8]) -> Option<(Answer, &[u8])> {
+    let end = raw.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
+    let head = std::str::from_utf8(&raw[..end]).ok()?;
+    let mut lines = head.split("\r\n");
+    let status = lines.next()?.get(9..12)?.parse().ok()?;
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    let header = |name: &str| {
+        headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.clone())
+    };
+    let mut rest = &raw[end..];
+    let body = if header("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked")) {
+        let mut body = Vec::new();
+        loop {
+            let line = rest.windows(2).position(|w| w == b"\r\n")?;
+            let size =
+                usize::from_str_radix(std::str::from_utf8(&rest[..line]).ok()?.trim(), 16).ok()?;
+            rest = &rest[line + 2..];
+            if size == 0 {
+                rest = rest.get(2..)?;
+                break body;
+            }
+            body.extend_from_slice(rest.get(..size)?);
+            rest = rest.get(size + 2..)?;
+        }
+    } else {
+        let length: usize = header("content-length").map_or(Some(0), |v| v.parse().ok())?;
+        let body = rest.get(..length)?.to_vec();
+        rest = &rest[length..];
+        body
+    };
+    Some((
+        Answer {
+            status,
+            headers,
+            body,
+        },
+        rest,
+    ))
+}
+
+/// `raw` is exactly one refusal: the JSON error body, a `Content-Length` that matches it,
+/// `Connection: close`, nothing after it. Returns its status and code.
+fn json_refusal(raw: &[u8]) -> (u16, String) {
+    let text = String::from_utf8_lossy(raw);
+    let (
+        Answer {
+            status,
+            headers,
+            body,
+        },
+        rest,
+    ) = one_response(raw).unwrap_or_else(|| panic!("not one whole HTTP/1.1 response: {text:?}"));
+    assert!(rest.is_empty(), "bytes after the refusal: {text:?}");
+    let header = |name: &str| {
+        headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    };
+    assert_eq!(
+        header("content-length"),
+        Some(body.len().to_string().as_str()),
+        "{text:?}"
+    );
+    assert_eq!(header("connection"), Some("close"), "{text:?}");
+    assert_eq!(header("content-type"), Some("application/json"), "{text:?}");
+    let json: serde_json::Value = serde_json::from_slice(&body)
+        .unwrap_or_else(|e| panic!("not a JSON error body ({e}): {text:?}"));
+    let message = json["error"]["message"].as_str().unwrap_or("");
+    assert!(!message.is_empty(), "no message: {text:?}");
+    (
+        status,
+        json["error"]["code"].as_str().unwrap_or("").to_string(),
+    )
+}
+
+/// The refusals hyper made itself before gpulink saw a request (a bare 400 or 431 with
+/// no body) now carry gpulink's JSON error body, on a fresh connection, after a served
+/// request on the same keep-alive connection, and pipelined behind one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heads_hyper_cannot_parse_get_the_json_error_body() {
+    let moto = Moto::get().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = Pki::new(dir.path());
+    let ip = IpAddr::from([127, next_block(), 10, 50]);
+    let upstream = RecordingUpstream::start(ip, &pki, CertFault::None).await;
+    let setup = Setup::start(&[ip], moto, dir, &pki).await;
+    let limit = Duration::from_secs(20);
+    let body = GUIDE_REQUEST.as_bytes();
+    let keep_alive = |id: &str, extra: &str| {
+        let mut request = format!(
+            "POST /inference HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
+             X-Request-ID: {id}\r\n{extra}Content-Length: {}\r\n\r\n",
+            body.len()
+        )
+        .into_bytes();
+        request.extend_from_slice(body);
+        request
+    };
+    let del = "X-Model-Pool: model\x7fa\r\n";
+
+    // Each on a fresh connection.
+    let many_fields: String = (0..101).map(|i| format!("X-Field-{i}: v\r\n")).collect();
+    let cases: Vec<(&str, Vec<u8>, (u16, &str))> = vec![
+        (
+            "a DEL byte in X-Model-Pool",
+            post_raw("/inference", "del", del, body),
+            (400, "bad_request"),
+        ),
+        (
+            "a 500 KiB head",
+            post_raw(
+                "/inference",
+                "huge",
+                &format!("X-Padding: {}\r\n", "a".repeat(500 * 1024)),
+                body,
+            ),
+            (431, "headers_too_large"),
+        ),
+        (
+            "101 header fields",
+            post_raw("/inference", "fields", &many_fields, body),
+            (431, "headers_too_large"),
+        ),
+        (
+            "a method that is no token",
+            b"PO(ST /inference HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
+            (400, "bad_request"),
+        ),
+        (
+            "HTTP/1.2",
+            b"POST /inference HTTP/1.2\r\nHost: x\r\n\r\n".to_vec(),
+            (400, "bad_request"),
+        ),
+        (
+            "a target that is no URI",
+            b"POST http://[::1/inference HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
+            (400, "bad_request"),
+        ),
+        (
+            "a Content-Length list",
+            post_raw("/inference", "cl-list", "Content-Length: 5, 5\r\n", body),
+            (400, "bad_request"),
+        ),
+        (
+            "Transfer-Encoding gzip",
+            post_raw("/inference", "te", "Transfer-Encoding: gzip\r\n", body),
+            (400, "bad_request"),
+        ),
+    ];
+    for (case, bytes, (status, code)) in &cases {
+        let raw = raw_exchange_bytes(setup.addr(), bytes, limit).await;
+        assert_eq!(json_refusal(&raw), (*status, code.to_string()), "{case}");
+    }
+
+    // Keep-alive: a served request, then a bad head on the same connection.
+    let mut stream = tokio::net::TcpStream::connect(setup.addr())
+        .await
+        .expect("connect");
+    stream
+        .write_all(&keep_alive("first", ""))
+        .await
+        .expect("send");
+    let mut raw = Vec::new();
+    let first = tokio::time::timeout(limit, async {
+        loop {
+            let mut chunk = [0u8; 4096];
+            let n = stream.read(&mut chunk).await.expect("read");
+            assert!(
+                n > 0,
+                "closed before the first answer: {:?}",
+                String::from_utf8_lossy(&raw)
+            );
+            raw.extend_from_slice(&chunk[..n]);
+            if let Some((answer, rest)) = one_response(&raw) {
+                assert!(rest.is_empty());
+                break answer.status;
+            }
+        }
+    })
+    .await
+    .expect("the first answer");
+    assert_eq!(first, 200, "{:?}", String::from_utf8_lossy(&raw));
+    stream
+        .write_all(&keep_alive("second", del))
+        .await
+        .expect("send");
+    let mut raw = Vec::new();
+    tokio::time::timeout(limit, stream.read_to_end(&mut raw))
+        .await
+        .expect("answered")
+        .expect("read");
+    assert_eq!(json_refusal(&raw), (400, "bad_request".into()));
+
+    // Pipelined: a good request and a bad head in one write: the good one is served first.
+    let mut both = keep_alive("pipelined", "");
+    both.extend_from_slice(&keep_alive("pipelined-bad", del));
+    let raw = raw_exchange_bytes(setup.addr(), &both, limit).await;
+    let (first, rest) = one_response(&raw).expect("the first answer");
+    assert_eq!(first.status, 200, "{:?}", String::from_utf8_lossy(&raw));
+    assert_eq!(json_refusal(rest), (400, "bad_request".into()));
+
+    assert_eq!(upstream.with_request_id("first"), 1);
+    assert_eq!(upstream.with_request_id("pipelined"), 1);
+    for id in [
+        "del",
+        "huge",
+        "fields",
+        "cl-list",
+        "te",
+        "second",
+        "pipelined-bad",
+    ] {
+        assert_eq!(upstream.with_request_id(id), 0, "{id} reached the cluster");
+    }
+    setup.proxy.shutdown().await;
+}
+
+/// Like `raw_exchange`, bytes kept as bytes.
+async fn raw_exchange_bytes(addr: SocketAddr, bytes: &[u8], limit: Duration) -> Vec<u8> {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    tokio::time::timeout(limit, async {
+        let _ = stream.write_all(bytes).await;
+        let mut answer = Vec::new();
+        let _ = stream.read_to_end(&mut answer).await;
+        answer
+    })
+    .await
+    .unwrap_or_else(|_| panic!("neither answered nor closed within {limit:?}"))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn identity_header_look_alikes_never_reach_the_cluster() {
     let moto = Moto::get().await;
