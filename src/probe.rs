@@ -128,7 +128,7 @@ impl Latency {
 #[derive(Debug, Clone, Serialize)]
 pub struct EndpointReport {
     pub address: String,
-    pub route: &'static str,
+    pub route: RouteKind,
     pub region: String,
     pub local: bool,
     /// Whether the migration phase lets traffic use this endpoint at all.
@@ -275,8 +275,8 @@ pub async fn probe(targets: Targets<'_>, path: &Path, samples: u32) -> Result<Re
     }
     reports.sort_by_key(|(index, _)| *index);
     let endpoints: Vec<EndpointReport> = reports.into_iter().map(|(_, r)| r).collect();
-    let privatelink = summarise(&endpoints, "privatelink");
-    let public = summarise(&endpoints, "public");
+    let privatelink = summarise(&endpoints, RouteKind::Privatelink);
+    let public = summarise(&endpoints, RouteKind::Public);
     let privatelink_faster_by_ms = match (privatelink.health_median_ms, public.health_median_ms) {
         (Some(p), Some(q)) => Some(q - p),
         _ => None,
@@ -341,7 +341,7 @@ async fn probe_endpoint(
     let timeout = settings.connect_timeout;
     let mut report = EndpointReport {
         address: endpoint.authority(),
-        route: endpoint.kind.as_str(),
+        route: endpoint.kind,
         region: endpoint.region.clone(),
         local: settings.local,
         allowed_by_phase: settings.allowed_by_phase,
@@ -578,7 +578,7 @@ fn bracket(host: &str) -> String {
     }
 }
 
-fn summarise(endpoints: &[EndpointReport], route: &str) -> RouteSummary {
+fn summarise(endpoints: &[EndpointReport], route: RouteKind) -> RouteSummary {
     let of_route: Vec<&EndpointReport> = endpoints.iter().filter(|e| e.route == route).collect();
     let median = |values: Vec<f64>| -> Option<f64> {
         let durations: Vec<Duration> = values
@@ -634,7 +634,7 @@ pub fn render_text(report: &Report) -> String {
         let _ = writeln!(
             out,
             "{state:<4} {} {} {}{}{}",
-            e.route,
+            e.route.as_str(),
             e.region,
             e.address,
             if e.local { " (local region)" } else { "" },

@@ -12,8 +12,10 @@ use super::raw::RawRegion;
 use super::sections::{Health, Upstream};
 use super::zone::Zone;
 
-/// Whether an endpoint is a PrivateLink ENI or a public endpoint of the cluster.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+/// Whether an endpoint is a PrivateLink ENI or a public endpoint of the cluster. Its JSON
+/// form is its name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum RouteKind {
     Privatelink,
     Public,

@@ -15,7 +15,7 @@ use serde::Serialize;
 
 use super::connector::EndpointConnector;
 use super::diagnose::{Diagnosis, Problem};
-use super::state::{DataPathState, HealthState};
+use super::state::{DataPathState, FailedBy, HealthState};
 use crate::config::{EndpointConfig, RouteKind};
 
 pub type PoolClient = Client<EndpointConnector, Full<Bytes>>;
@@ -47,9 +47,8 @@ pub struct DataPathSnapshot {
     pub state: DataPathState,
     /// When `state` last changed.
     pub since: Option<chrono::DateTime<chrono::Utc>>,
-    /// What failed it last: `check` (the health round's handshake) or `request` (a real
-    /// request's connect or TLS failure).
-    pub failed_by: Option<&'static str>,
+    /// What failed it last: the health round's handshake or a real request's connect.
+    pub failed_by: Option<FailedBy>,
     pub problem: Option<Problem>,
     pub diagnosis: Option<String>,
     /// The failure as the connector reported it.

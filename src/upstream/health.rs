@@ -29,7 +29,7 @@ use tokio::net::TcpStream;
 use super::connector::ConnectError;
 use super::diagnose::{self, Diagnosis};
 use super::endpoint::Endpoint;
-use super::state::{Check, DataPathState, HealthState};
+use super::state::{Check, DataPathState, FailedBy, HealthState};
 use crate::config::Health;
 
 /// A health answer larger than this is not a health answer.
@@ -287,7 +287,7 @@ pub fn record_data_path(
                 || first
                 || d.consecutive_failures >= settings.unhealthy_threshold;
             if fail {
-                mark_failed(endpoint, &mut d, "check", error, diagnosis);
+                mark_failed(endpoint, &mut d, FailedBy::Check, error, diagnosis);
             } else {
                 // Below the threshold: remembered for /status, not yet acted on.
                 d.last_error = Some(error.to_string());
@@ -304,7 +304,13 @@ pub fn data_path_failed_by_request(endpoint: &Endpoint, error: &ConnectError) ->
     if let Ok(mut d) = endpoint.data_path.lock() {
         d.consecutive_failures = d.consecutive_failures.saturating_add(1);
         d.consecutive_successes = 0;
-        mark_failed(endpoint, &mut d, "request", error, diagnosis.clone());
+        mark_failed(
+            endpoint,
+            &mut d,
+            FailedBy::Request,
+            error,
+            diagnosis.clone(),
+        );
     }
     diagnosis
 }
@@ -313,7 +319,7 @@ pub fn data_path_failed_by_request(endpoint: &Endpoint, error: &ConnectError) ->
 fn mark_failed(
     endpoint: &Endpoint,
     d: &mut super::endpoint::DataPathSnapshot,
-    by: &'static str,
+    by: FailedBy,
     error: &ConnectError,
     diagnosis: Diagnosis,
 ) {
@@ -323,7 +329,7 @@ fn mark_failed(
             endpoint = %endpoint.authority,
             region = endpoint.region(),
             check = Check::DataPath.as_str(),
-            failed_by = by,
+            failed_by = by.as_str(),
             problem = diagnosis.problem.as_str(),
             %error,
             diagnosis = %diagnosis.message,
@@ -419,8 +425,8 @@ mod tests {
         assert!(!e.is_serving());
         let snapshot = e.data_path_snapshot();
         assert_eq!(
-            (snapshot.state.as_str(), snapshot.failed_by),
-            ("failed", Some("request"))
+            (snapshot.state, snapshot.failed_by),
+            (DataPathState::Failed, Some(FailedBy::Request))
         );
         // The health port keeps passing: never enough.
         for _ in 0..5 {
@@ -439,7 +445,7 @@ mod tests {
         record_data_path(&e, &Err(refused()), &settings);
         assert!(!e.is_serving());
         let snapshot = e.data_path_snapshot();
-        assert_eq!(snapshot.failed_by, Some("check"));
+        assert_eq!(snapshot.failed_by, Some(FailedBy::Check));
         assert!(snapshot
             .diagnosis
             .is_some_and(|d| d.contains("connection refused")));

@@ -51,6 +51,28 @@ impl DataPathState {
     }
 }
 
+/// What took an endpoint's data path out last: `/status`'s `data_path.failed_by`, the
+/// log's `failed_by`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FailedBy {
+    /// The health round's data-path check (its TCP connect and TLS handshake).
+    Check,
+    /// A real request's connect or TLS failure.
+    Request,
+}
+
+impl FailedBy {
+    pub const ALL: [FailedBy; 2] = [Self::Check, Self::Request];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Check => "check",
+            Self::Request => "request",
+        }
+    }
+}
+
 /// The two checks that keep an endpoint out of service: the `check` label of
 /// `gpulink_endpoint_check_failing`, `/status`'s `failing_checks`, the log's `check`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -80,7 +102,7 @@ macro_rules! compares_with_its_name {
         }
     )*};
 }
-compares_with_its_name!(HealthState, DataPathState, Check);
+compares_with_its_name!(HealthState, DataPathState, FailedBy, Check);
 
 #[cfg(test)]
 mod tests {
@@ -93,6 +115,9 @@ mod tests {
         }
         for state in DataPathState::ALL {
             assert_eq!(serde_json::json!(state), state.as_str());
+        }
+        for by in FailedBy::ALL {
+            assert_eq!(serde_json::json!(by), by.as_str());
         }
         for check in Check::ALL {
             assert_eq!(serde_json::json!(check), check.as_str());
