@@ -14,6 +14,7 @@ use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
+use tokio_util::task::TaskTracker;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -235,19 +236,21 @@ pub async fn read_body(
 /// Stops reading a body refused for lack of budget. HTTP/1.1 drains it (bounded, nothing
 /// held) so the client reads the answer instead of a reset; HTTP/2 drops it, which resets
 /// the stream and stops its flow control.
-pub fn refuse_for_budget(body: Incoming, version: http::Version) {
+pub fn refuse_for_budget(body: Incoming, version: http::Version, tasks: &TaskTracker) {
     if version == http::Version::HTTP_2 {
         drop(body);
     } else {
-        drain_in_background(body);
+        drain_in_background(body, tasks);
     }
 }
 
 /// Reads and discards up to a bounded amount of the rest of a refused body in the
-/// background, so the client gets to read the error answer.
-pub fn drain_in_background(mut body: Incoming) {
+/// background, so the client gets to read the error answer. The task is one of `tasks`
+/// (the runtime's, which shutdown waits for, bounded), and ends by itself within
+/// [`DRAIN_MAX_TIME`].
+pub fn drain_in_background(mut body: Incoming, tasks: &TaskTracker) {
     use http_body_util::BodyExt as _;
-    tokio::spawn(async move {
+    tasks.spawn(async move {
         let drain = async {
             let mut drained = 0u64;
             while let Some(Ok(frame)) = body.frame().await {

@@ -37,6 +37,7 @@ use http::uri::PathAndQuery;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
+use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::body::{self as request_body, BodyError, BodyLimits, ProxyBodyExt};
@@ -62,6 +63,8 @@ pub struct Forwarder {
     metrics: Arc<Metrics>,
     history: Arc<History>,
     in_flight: Arc<InFlightBytes>,
+    /// Where refused bodies are drained (the runtime's tracker, awaited on shutdown).
+    drains: TaskTracker,
 }
 
 impl Forwarder {
@@ -70,12 +73,14 @@ impl Forwarder {
         metrics: Arc<Metrics>,
         history: Arc<History>,
         in_flight: Arc<InFlightBytes>,
+        drains: TaskTracker,
     ) -> Self {
         Self {
             generations,
             metrics,
             history,
             in_flight,
+            drains,
         }
     }
 }
@@ -100,6 +105,7 @@ struct Context<'a> {
     generation: &'a Generation,
     metrics: &'a Metrics,
     in_flight: &'a Arc<InFlightBytes>,
+    drains: &'a TaskTracker,
     /// The app's `X-Request-ID`, or the one gpulink made.
     id: HeaderValue,
     /// Where the answer is counted: the endpoint of the last attempt (the one that
@@ -115,6 +121,7 @@ pub async fn handle(forwarder: &Forwarder, request: Request<Incoming>) -> Respon
         generation: &generation,
         metrics: &forwarder.metrics,
         in_flight: &forwarder.in_flight,
+        drains: &forwarder.drains,
         id: request_id_for(request.headers()),
         attribution: None,
     };
@@ -185,7 +192,7 @@ async fn admit(cx: &Context<'_>, request: Request<Incoming>) -> Result<Admitted,
     let model_pool = match check_head(cx, &parts) {
         Ok(pool) => pool,
         Err(error) => {
-            request_body::drain_in_background(body);
+            request_body::drain_in_background(body, cx.drains);
             return Err(error);
         }
     };
@@ -263,25 +270,25 @@ async fn read_body(
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
     if declared_len.is_some_and(|n| n > limits.max as u64) {
         if !expects_continue {
-            request_body::drain_in_background(body);
+            request_body::drain_in_background(body, cx.drains);
         }
         return Err(ProxyError::BodyTooLarge { limit: limits.max });
     }
     let up_front = limits.needed_for(declared_len.unwrap_or(0));
     let Some(mut held) = cx.in_flight.try_reserve(up_front, limits.in_flight) else {
         if !expects_continue {
-            request_body::refuse_for_budget(body, parts.version);
+            request_body::refuse_for_budget(body, parts.version, cx.drains);
         }
         return Err(ProxyError::Overloaded(limits.in_flight));
     };
     match request_body::read_body(&mut body, &limits, declared_len, &mut held).await {
         Ok(plaintext) => Ok((plaintext, held)),
         Err(BodyError::Overloaded) => {
-            request_body::refuse_for_budget(body, parts.version);
+            request_body::refuse_for_budget(body, parts.version, cx.drains);
             Err(ProxyError::Overloaded(limits.in_flight))
         }
         Err(BodyError::TooLarge { limit }) => {
-            request_body::drain_in_background(body);
+            request_body::drain_in_background(body, cx.drains);
             Err(ProxyError::BodyTooLarge { limit })
         }
         Err(error @ BodyError::TooSlow { .. }) => Err(ProxyError::BodyTimeout(error)),

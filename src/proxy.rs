@@ -73,7 +73,8 @@ pub struct Proxy {
     /// Wakes background loops that depend on the configuration when it changes.
     generation_changed: Arc<tokio::sync::Notify>,
     stop_background: CancellationToken,
-    /// Every background task, so that shutdown can wait for them to end.
+    /// Every background task (and the request path's body drains), so that shutdown
+    /// can wait for them to end.
     tasks: TaskTracker,
     this: Weak<Proxy>,
     /// Prometheus metrics; owned here so they outlive every configuration generation.
@@ -105,6 +106,7 @@ impl Proxy {
             self.metrics.clone(),
             self.history.clone(),
             self.in_flight_bytes.clone(),
+            self.tasks.clone(),
         )
     }
 

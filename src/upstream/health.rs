@@ -134,9 +134,6 @@ async fn fetch(host: &str, port: u16, path: &str) -> Result<Bytes, HealthError> 
     let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .map_err(|e| HealthError::Http(e.to_string()))?;
-    let driver = tokio::spawn(async move {
-        let _ = connection.await;
-    });
     let request = http::Request::get(path)
         .header(http::header::HOST, addr.as_str())
         .header(
@@ -145,7 +142,7 @@ async fn fetch(host: &str, port: u16, path: &str) -> Result<Bytes, HealthError> 
         )
         .body(Empty::<Bytes>::new())
         .map_err(|e| HealthError::Http(e.to_string()))?;
-    let result = async {
+    let exchange = async {
         let response = sender
             .send_request(request)
             .await
@@ -158,10 +155,19 @@ async fn fetch(host: &str, port: u16, path: &str) -> Result<Bytes, HealthError> 
             .await
             .map_err(|e| HealthError::Http(e.to_string()))?
             .to_bytes())
+    };
+    // The connection is driven here, beside the exchange, rather than by a task of its
+    // own: whatever ends this check (its answer, an error, the caller's timeout) ends
+    // the connection with it. When the connection ends first, the exchange still
+    // decides (it sees the answer, or the error that ended it).
+    let drive = async {
+        let _ = connection.await;
+        std::future::pending::<std::convert::Infallible>().await
+    };
+    tokio::select! {
+        result = exchange => result,
+        never = drive => match never {},
     }
-    .await;
-    driver.abort();
-    result
 }
 
 fn bracket_ipv6(host: &str) -> String {
