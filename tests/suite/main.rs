@@ -28,6 +28,7 @@ mod adversarial;
 mod cli;
 mod cutover_metrics;
 mod datapath;
+mod discovery_ec2;
 mod docs;
 mod esdk;
 mod fuzz_replay;

@@ -7,6 +7,8 @@
 
 #![allow(dead_code)]
 
+pub mod ec2;
+
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
