@@ -139,11 +139,14 @@ pub fn warnings(config: &Config, now: DateTime<Utc>, resolve: bool) -> Vec<Warni
         }
     }
     for discovery in &config.discovery {
-        if let Some(why) = placeholder_name(&discovery.host) {
+        let crate::config::DiscoverySource::Dns { host } = &discovery.source else {
+            continue;
+        };
+        if let Some(why) = placeholder_name(host) {
             let i = region_index(&discovery.region).unwrap_or_default();
             warn(
                 &format!("regions[{i}].privatelink_dns"),
-                format!("`{}`: {why}", discovery.host),
+                format!("`{host}`: {why}"),
             );
         }
     }

@@ -26,7 +26,7 @@ use serde::Serialize;
 use tokio::net::TcpStream;
 
 use crate::config::{
-    Config, DnsDiscovery, EndpointConfig, Health, Phase, RouteKind, Upstream, EX_CONFIG,
+    Config, Discovery, EndpointConfig, Health, Phase, RouteKind, Upstream, EX_CONFIG,
 };
 use crate::upstream::diagnose;
 pub use crate::upstream::diagnose::{Diagnosis, Problem};
@@ -216,11 +216,11 @@ pub enum ProbeError {
 }
 
 /// What `gpulink probe` probes, and how: a configuration's endpoints (listed, and found
-/// through DNS) with the settings the proxy would reach them with.
+/// through DNS or EC2) with the settings the proxy would reach them with.
 #[derive(Debug, Clone, Copy)]
 pub struct Targets<'a> {
     pub endpoints: &'a [EndpointConfig],
-    pub discovery: &'a [DnsDiscovery],
+    pub discovery: &'a [Discovery],
     /// The first configured region.
     pub local_region: &'a str,
     pub phase: Phase,
@@ -232,17 +232,30 @@ pub struct Targets<'a> {
 /// the report.
 pub async fn probe(targets: Targets<'_>, path: &Path, samples: u32) -> Result<Report, ProbeError> {
     let mut endpoints = targets.endpoints.to_vec();
-    // Regions that name their VPC endpoint's DNS name: probe every address it resolves
-    // to, as the proxy would use them; a name that does not resolve is probed as is, so
-    // its report carries the DNS diagnosis.
+    // Regions whose ENIs are discovered: probe every address discovery finds, as the
+    // proxy would use them. A DNS name that does not resolve is probed as is, so its
+    // report carries the DNS diagnosis; an EC2 discovery that fails is said on stderr
+    // (`gpulink discover` diagnoses it).
+    let clients = crate::upstream::discovery::Ec2Clients::default();
     for discovery in targets.discovery {
-        match crate::upstream::discovery::resolve(discovery).await {
-            Ok(ips) => endpoints.extend(ips.into_iter().map(|ip| discovery.endpoint(ip))),
-            Err(_) => {
-                let mut unresolved = discovery.endpoint(std::net::IpAddr::from([0, 0, 0, 0]));
-                unresolved.host = discovery.host.clone();
-                endpoints.push(unresolved);
-            }
+        match crate::upstream::discovery::discover(discovery, &clients).await {
+            Ok(outcome) => endpoints.extend(outcome.found.iter().map(|f| discovery.endpoint(f))),
+            Err(error) => match &discovery.source {
+                crate::config::DiscoverySource::Dns { host } => {
+                    let mut unresolved = discovery.endpoint(&crate::config::Found {
+                        ip: std::net::IpAddr::from([0, 0, 0, 0]),
+                        zone: None,
+                    });
+                    unresolved.host = host.clone();
+                    endpoints.push(unresolved);
+                }
+                crate::config::DiscoverySource::Ec2 { endpoint_id, .. } => {
+                    eprintln!(
+                        "region {}: cannot list the ENIs of {endpoint_id}: {error}",
+                        discovery.region
+                    );
+                }
+            },
         }
     }
     let phase = targets.phase;

@@ -18,12 +18,13 @@ use tokio_util::task::TaskTracker;
 
 use crate::admin::{self, Readiness};
 use crate::config::{Config, ConfigError};
+use crate::config::{Discovery, Found};
 use crate::forward::Forwarder;
 use crate::generation::{Current, Generation};
 use crate::listener::ConnectionSettings;
 use crate::metrics::{Format, Snapshot};
 use crate::seal::{KeyService, KmsKeys, KmsProof};
-use crate::upstream::discovery::{self, Resolved};
+use crate::upstream::discovery::{self, Ec2Clients, RegionStatus, Resolved};
 use crate::upstream::{self, health, Endpoint};
 
 #[derive(Debug, thiserror::Error)]
@@ -68,8 +69,12 @@ pub struct Proxy {
     reloads_failed: AtomicU64,
     /// One reload at a time: two racing reloads could otherwise publish out of order.
     reload_lock: tokio::sync::Mutex<()>,
-    /// Addresses found for `privatelink_dns` regions, as of the last resolution.
+    /// Addresses found for the discovered regions, as of their last good round.
     resolved: std::sync::Mutex<Resolved>,
+    /// Each discovered region's last rounds, for `/status`, `/metrics` and `/ready`.
+    discovery_status: Arc<StatusByRegion>,
+    /// The EC2 clients of `privatelink_endpoint_id` regions.
+    ec2: Arc<Ec2Clients>,
     /// Wakes background loops that depend on the configuration when it changes.
     generation_changed: Arc<tokio::sync::Notify>,
     stop_background: CancellationToken,
@@ -247,37 +252,51 @@ impl Proxy {
         Ok(generation.number)
     }
 
-    /// The resolved addresses for `config`'s DNS regions: those already known, and a
-    /// first resolution for names not seen before.
+    /// The found addresses for `config`'s discovered regions: those already known, and
+    /// a first round for regions (or sources) not seen before.
     async fn resolve_new_names(&self, config: &Config) -> Resolved {
         let known = self.resolved.lock().map(|r| r.clone()).unwrap_or_default();
         let mut resolved = Resolved::new();
-        for dns in &config.discovery {
-            let ips = match known.get(&dns.region) {
-                Some(ips) => ips.clone(),
-                None => resolve_logged(dns).await.unwrap_or_default(),
+        for d in &config.discovery {
+            let same_source = self.discovery_status.same_source(d);
+            let found = match known.get(&d.region) {
+                Some(found) if same_source => found.clone(),
+                _ => self.discover_logged(d).await.unwrap_or_default(),
             };
-            resolved.insert(dns.region.clone(), ips);
+            resolved.insert(d.region.clone(), found);
         }
+        self.discovery_status.retain(&config.discovery);
         if let Ok(mut r) = self.resolved.lock() {
             *r = resolved.clone();
         }
         resolved
     }
 
-    /// Re-resolves every `privatelink_dns` name when due and, when an address set
-    /// changed, builds a new generation from the same configuration (unchanged
-    /// addresses keep their endpoints).
-    async fn rediscover(&self, due: &[crate::config::DnsDiscovery]) {
+    /// One discovery round for `d`, recorded in the region's status and logged.
+    async fn discover_logged(&self, d: &Discovery) -> Option<Vec<Found>> {
+        discover_logged(d, &self.ec2, &self.discovery_status).await
+    }
+
+    /// Runs discovery for every due region and, when an address set changed, builds a
+    /// new generation from the same configuration (unchanged addresses keep their
+    /// endpoints). A failed round keeps the region's last good addresses.
+    async fn rediscover(&self, due: &[Discovery]) {
         let mut changed = false;
-        for dns in due {
-            let Some(ips) = resolve_logged(dns).await else {
+        for d in due {
+            let Some(found) = self.discover_logged(d).await else {
                 continue; // keep the last known addresses
             };
             if let Ok(mut resolved) = self.resolved.lock() {
-                if resolved.get(&dns.region) != Some(&ips) {
-                    tracing::info!(region = %dns.region, name = %dns.host, addresses = ?ips, "PrivateLink DNS answer changed");
-                    resolved.insert(dns.region.clone(), ips);
+                if resolved.get(&d.region) != Some(&found) {
+                    let addresses: Vec<String> = found.iter().map(|f| f.ip.to_string()).collect();
+                    tracing::info!(
+                        region = %d.region,
+                        source = d.source.kind(),
+                        target = d.source.target(),
+                        ?addresses,
+                        "PrivateLink addresses changed"
+                    );
+                    resolved.insert(d.region.clone(), found);
                     changed = true;
                 }
             }
@@ -549,10 +568,14 @@ pub async fn start_with(
 ) -> Result<ProxyHandle, StartError> {
     // Credentials and the key are proven by `prove_kms` below, retried until they work:
     // a KMS problem keeps gpulink unready (and says why), it does not stop it.
+    let ec2 = Arc::new(Ec2Clients::default());
+    let discovery_status = Arc::new(StatusByRegion::default());
     let mut resolved = Resolved::new();
-    for dns in &config.discovery {
-        let ips = resolve_logged(dns).await.unwrap_or_default();
-        resolved.insert(dns.region.clone(), ips);
+    for d in &config.discovery {
+        let found = discover_logged(d, &ec2, &discovery_status)
+            .await
+            .unwrap_or_default();
+        resolved.insert(d.region.clone(), found);
     }
     let generation = Arc::new(Generation::build(
         1,
@@ -583,6 +606,8 @@ pub async fn start_with(
         reloads_failed: AtomicU64::new(0),
         reload_lock: tokio::sync::Mutex::new(()),
         resolved: std::sync::Mutex::new(resolved),
+        discovery_status,
+        ec2,
         generation_changed: Arc::new(tokio::sync::Notify::new()),
         stop_background: stop_background.clone(),
         tasks: tasks.clone(),
@@ -718,17 +743,99 @@ async fn watch_fallback_window(proxy: Weak<Proxy>, stop: CancellationToken) {
     }
 }
 
-async fn resolve_logged(dns: &crate::config::DnsDiscovery) -> Option<Vec<std::net::IpAddr>> {
-    match discovery::resolve(dns).await {
-        Ok(ips) => Some(ips),
+/// Each discovered region's status, by region name.
+#[derive(Default)]
+pub struct StatusByRegion(std::sync::Mutex<std::collections::BTreeMap<String, RegionStatus>>);
+
+impl StatusByRegion {
+    fn update(&self, d: &Discovery, f: impl FnOnce(&mut RegionStatus)) {
+        if let Ok(mut map) = self.0.lock() {
+            let status = map
+                .entry(d.region.clone())
+                .or_insert_with(|| RegionStatus::new(d));
+            if status.source != d.source.kind() || status.target != d.source.target() {
+                *status = RegionStatus::new(d);
+            }
+            f(status);
+        }
+    }
+
+    /// Whether the region's status is about `d`'s source (a reload may change it).
+    fn same_source(&self, d: &Discovery) -> bool {
+        self.0.lock().is_ok_and(|map| {
+            map.get(&d.region)
+                .is_some_and(|s| s.source == d.source.kind() && s.target == d.source.target())
+        })
+    }
+
+    /// Forgets regions the configuration no longer discovers.
+    fn retain(&self, discovery: &[Discovery]) {
+        if let Ok(mut map) = self.0.lock() {
+            map.retain(|region, _| discovery.iter().any(|d| &d.region == region));
+        }
+    }
+
+    /// Every region's status, by region name.
+    pub fn all(&self) -> Vec<(String, RegionStatus)> {
+        self.0
+            .lock()
+            .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+            .unwrap_or_default()
+    }
+}
+
+/// One discovery round for `d`: the addresses to use, or None (the last good ones stay)
+/// when it failed. Recorded in `statuses`; failures and states that give no traffic are
+/// logged as warnings with what to do.
+async fn discover_logged(
+    d: &Discovery,
+    ec2: &Ec2Clients,
+    statuses: &StatusByRegion,
+) -> Option<Vec<Found>> {
+    match discovery::discover(d, ec2).await {
+        Ok(outcome) => {
+            let mut was = None;
+            statuses.update(d, |s| {
+                was = s.state.clone();
+                s.succeeded(&outcome);
+            });
+            if let Some(state) = &outcome.state {
+                let now = state.as_str().to_string();
+                if was.as_deref() != Some(now.as_str()) {
+                    match state.advice() {
+                        Some(advice) => tracing::warn!(
+                            region = %d.region,
+                            vpc_endpoint_id = d.source.target(),
+                            state = %now,
+                            "the VPC endpoint is not available, so no traffic goes to it: {advice}"
+                        ),
+                        None => tracing::info!(
+                            region = %d.region,
+                            vpc_endpoint_id = d.source.target(),
+                            state = %now,
+                            interfaces = outcome.interfaces,
+                            "the VPC endpoint is available"
+                        ),
+                    }
+                }
+            }
+            Some(outcome.found)
+        }
         Err(error) => {
-            tracing::warn!(region = %dns.region, %error, "PrivateLink DNS discovery failed; keeping the last known addresses");
+            statuses.update(d, |s| s.failed(&error));
+            tracing::warn!(
+                region = %d.region,
+                source = d.source.kind(),
+                target = d.source.target(),
+                %error,
+                "PrivateLink discovery failed; keeping the last known addresses"
+            );
             None
         }
     }
 }
 
-/// Re-resolves each `privatelink_dns` name every `dns_refresh` of its region (read from
+/// Runs each region's discovery every `dns_refresh` / `discovery_refresh` (read from
 /// the current configuration each round, so reloads take effect).
 async fn rediscover_periodically(proxy: Weak<Proxy>, stop: CancellationToken) {
     let mut last: std::collections::BTreeMap<String, Instant> = Default::default();

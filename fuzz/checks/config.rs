@@ -15,8 +15,11 @@ pub fn check(data: &[u8]) {
         for endpoint in &config.endpoints {
             let _ = endpoint.authority();
         }
-        for dns in &config.discovery {
-            let _ = dns.endpoint(std::net::IpAddr::from([127, 0, 0, 1]));
+        for discovery in &config.discovery {
+            let _ = discovery.endpoint(&gpulink::config::Found {
+                ip: std::net::IpAddr::from([127, 0, 0, 1]),
+                zone: gpulink::config::Zone::new("use1-az1").ok(),
+            });
         }
         let _ = config.local_region();
     }

@@ -207,6 +207,14 @@ pub(super) fn check(c: &RawConfig, p: &mut Problems) {
     }
 
     for (i, region) in c.regions.iter().enumerate() {
+        if region.privatelink_endpoint_id.is_some() {
+            p.duration(
+                &format!("regions[{i}].discovery_refresh"),
+                region.discovery_refresh.get(),
+                SECOND,
+                DAY,
+            );
+        }
         if region.privatelink_dns.is_some() {
             p.duration(
                 &format!("regions[{i}].dns_refresh"),

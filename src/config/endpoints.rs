@@ -1,7 +1,8 @@
 //! The cluster's endpoints as the configuration gives them: each `[[regions]]` entry's
 //! PrivateLink ENIs and public endpoints compiled into [`EndpointConfig`]s with every
-//! default applied, and the regions whose ENIs are found through DNS compiled into
-//! [`DnsDiscovery`]s. Compiled once per configuration; every problem named by its key.
+//! default applied, and the regions whose ENIs are found at run time (through DNS, or
+//! through EC2 from a VPC endpoint id) compiled into [`Discovery`]s. Compiled once per
+//! configuration; every problem named by its key.
 
 use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
@@ -30,31 +31,70 @@ impl RouteKind {
     }
 }
 
-/// A region's PrivateLink ENIs given as a DNS name: every address it resolves to is an
-/// endpoint, re-resolved every `refresh`.
+/// A region's PrivateLink ENIs found at run time: every address discovery finds is an
+/// endpoint, found again every `refresh`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DnsDiscovery {
+pub struct Discovery {
     pub region: String,
-    pub host: String,
+    pub source: DiscoverySource,
+    /// The port the found addresses are dialed on.
     pub port: u16,
     pub server_name: String,
     pub health_port: u16,
     pub refresh: std::time::Duration,
 }
 
-impl DnsDiscovery {
-    /// The endpoint for one resolved address.
-    pub fn endpoint(&self, ip: IpAddr) -> EndpointConfig {
+/// Where a region's ENI addresses come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DiscoverySource {
+    /// `privatelink_dns`: every address the name resolves to.
+    Dns { host: String },
+    /// `privatelink_endpoint_id`: the VPC endpoint's network interfaces as EC2 lists
+    /// them (`ec2_endpoint_url` overrides where the EC2 calls go).
+    Ec2 {
+        endpoint_id: String,
+        endpoint_url: Option<String>,
+    },
+}
+
+impl DiscoverySource {
+    /// `dns` or `ec2`, for `/status` and logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            DiscoverySource::Dns { .. } => "dns",
+            DiscoverySource::Ec2 { .. } => "ec2",
+        }
+    }
+
+    /// The name or endpoint id being discovered.
+    pub fn target(&self) -> &str {
+        match self {
+            DiscoverySource::Dns { host } => host,
+            DiscoverySource::Ec2 { endpoint_id, .. } => endpoint_id,
+        }
+    }
+}
+
+/// One address discovery found, with its zone when the source knows it (EC2 does).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Found {
+    pub ip: IpAddr,
+    pub zone: Option<Zone>,
+}
+
+impl Discovery {
+    /// The endpoint for one found address.
+    pub fn endpoint(&self, found: &Found) -> EndpointConfig {
         EndpointConfig {
             region: self.region.clone(),
             kind: RouteKind::Privatelink,
-            host: ip.to_string(),
+            host: found.ip.to_string(),
             port: self.port,
             server_name: self.server_name.clone(),
             health_port: self.health_port,
             ca_file: None,
-            // DNS answers say nothing about zones.
-            zone: None,
+            // EC2 gives each ENI's zone; DNS answers say nothing about zones.
+            zone: found.zone.clone(),
         }
     }
 }
@@ -93,7 +133,7 @@ impl EndpointConfig {
 pub(super) struct Regions {
     pub names: Vec<String>,
     pub endpoints: Vec<EndpointConfig>,
-    pub discovery: Vec<DnsDiscovery>,
+    pub discovery: Vec<Discovery>,
 }
 
 /// Compiles every region, reporting each problem in `problems`.
@@ -121,6 +161,24 @@ pub(super) fn compile(
         if let Some(name) = &region.privatelink_dns {
             if let Some(dns) = dns_discovery(i, region, name, upstream, health, problems) {
                 out.discovery.push(dns);
+            }
+        }
+        if let Some(id) = &region.privatelink_endpoint_id {
+            if let Some(ec2) = ec2_discovery(i, region, id, upstream, health, problems) {
+                out.discovery.push(ec2);
+            }
+        } else {
+            for key in ["privatelink_port", "ec2_endpoint_url"] {
+                let set = match key {
+                    "privatelink_port" => region.privatelink_port.is_some(),
+                    _ => region.ec2_endpoint_url.is_some(),
+                };
+                if set {
+                    problems.push(
+                        format!("regions[{i}].{key}"),
+                        "only applies with `privatelink_endpoint_id`",
+                    );
+                }
             }
         }
         for (kind, list, field) in [
@@ -214,7 +272,7 @@ fn dns_discovery(
     upstream: &Upstream,
     health: &Health,
     problems: &mut Problems,
-) -> Option<DnsDiscovery> {
+) -> Option<Discovery> {
     let key = format!("regions[{i}].privatelink_dns");
     let mut bad = |message: String| {
         problems.push(key.clone(), message);
@@ -241,13 +299,101 @@ fn dns_discovery(
     if rustls_pki_types::ServerName::try_from(server_name.as_str()).is_err() {
         return bad(format!("`{host}` is not a valid DNS name"));
     }
-    Some(DnsDiscovery {
+    Some(Discovery {
         region: region.name.clone(),
-        host,
+        source: DiscoverySource::Dns { host },
         port,
         server_name,
         health_port: health.port,
         refresh: region.dns_refresh.get(),
+    })
+}
+
+/// A region's `privatelink_endpoint_id`: a VPC endpoint id (`vpce-` and hex digits),
+/// instead of a list or a DNS name. The ENIs are addresses, so the TLS name is
+/// `upstream.server_name`.
+fn ec2_discovery(
+    i: usize,
+    region: &RawRegion,
+    id: &str,
+    upstream: &Upstream,
+    health: &Health,
+    problems: &mut Problems,
+) -> Option<Discovery> {
+    let key = format!("regions[{i}].privatelink_endpoint_id");
+    let before = problems.len();
+    if !region.privatelink.is_empty() || region.privatelink_dns.is_some() {
+        problems.push(
+            key.clone(),
+            "give one of `privatelink` (ENI addresses), `privatelink_dns` or \
+             `privatelink_endpoint_id`, not several",
+        );
+    }
+    if !valid_endpoint_id(id) {
+        problems.push(
+            key.clone(),
+            format!(
+                "`{id}` is not a VPC endpoint id (`vpce-` and 8 or 17 hex digits, as \
+                 `aws ec2 describe-vpc-endpoints` prints it)"
+            ),
+        );
+    }
+    if region.privatelink_port == Some(0) {
+        problems.push(
+            format!("regions[{i}].privatelink_port"),
+            "0 is out of range: must be 1..=65535",
+        );
+    }
+    match &region.ec2_endpoint_url {
+        Some(url) => {
+            if let Err(e) = crate::ec2::check_endpoint_url(url) {
+                problems.push(format!("regions[{i}].ec2_endpoint_url"), e.to_string());
+            }
+        }
+        None if !crate::ec2::valid_region(&region.name) => problems.push(
+            format!("regions[{i}].name"),
+            format!(
+                "`{}` is not an AWS region name, which `privatelink_endpoint_id` needs to \
+                 reach EC2 (or set `ec2_endpoint_url`)",
+                region.name
+            ),
+        ),
+        None => {}
+    }
+    let server_name = match &upstream.server_name {
+        Some(name) => name.clone(),
+        None => {
+            problems.push(
+                key,
+                "the discovered ENIs are IP addresses, so gpulink needs the TLS name to \
+                 verify: set `upstream.server_name`",
+            );
+            return None;
+        }
+    };
+    if problems.len() != before {
+        return None;
+    }
+    Some(Discovery {
+        region: region.name.clone(),
+        source: DiscoverySource::Ec2 {
+            endpoint_id: id.to_string(),
+            endpoint_url: region.ec2_endpoint_url.clone(),
+        },
+        port: region.privatelink_port.unwrap_or(443),
+        server_name,
+        health_port: health.port,
+        refresh: region.discovery_refresh.get(),
+    })
+}
+
+/// `vpce-` and 8 or 17 lowercase hex digits (EC2's short and long id forms).
+pub fn valid_endpoint_id(id: &str) -> bool {
+    id.strip_prefix("vpce-").is_some_and(|hex| {
+        matches!(hex.len(), 8 | 17)
+            && hex
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
     })
 }
 

@@ -17,7 +17,10 @@ mod zone;
 
 use std::path::{Path, PathBuf};
 
-pub use endpoints::{split_host_port, DnsDiscovery, EndpointConfig, RouteKind};
+pub use endpoints::{
+    split_host_port, valid_endpoint_id, Discovery, DiscoverySource, EndpointConfig, Found,
+    RouteKind,
+};
 pub use file::{read_regular_file, sandbox_hint, MAX_CA_FILE, MAX_CONFIG_FILE};
 pub use key::{check_key_arn, KeyArn, KeyId};
 pub use sections::{
@@ -83,8 +86,8 @@ pub struct Config {
     /// Every listed endpoint with its defaults, in configuration order (the order the
     /// tiers rely on).
     pub endpoints: Vec<EndpointConfig>,
-    /// The regions whose PrivateLink ENIs are found through DNS.
-    pub discovery: Vec<DnsDiscovery>,
+    /// The regions whose PrivateLink ENIs are found at run time (DNS or EC2).
+    pub discovery: Vec<Discovery>,
     pub migration: Migration,
     pub rollback: Option<Rollback>,
     /// Where this host runs, as far as the file says (zone-aware routing).
@@ -361,9 +364,10 @@ mod tests {
             panic!("one discovery: {:?}", c.discovery);
         };
         assert_eq!(
-            (dns.region.as_str(), dns.host.as_str(), dns.port),
+            (dns.region.as_str(), dns.source.target(), dns.port),
             ("us-west-2", "vpce-1.example.com", 8443)
         );
+        assert_eq!(dns.source.kind(), "dns");
         assert_eq!(dns.server_name, "gpu.internal");
         assert_eq!(dns.refresh, std::time::Duration::from_secs(10));
         let arn = c.kms.key_id.arn().expect("the key is an ARN");
@@ -423,6 +427,68 @@ mod tests {
         let text = MINIMAL.replace("[upstream]", "[placement]\nzones = \"a\"\n[upstream]");
         let err = parse(&text).unwrap_err().to_string();
         assert!(err.contains("zones"), "{err}");
+    }
+
+    #[test]
+    fn a_vpc_endpoint_id_compiles_to_ec2_discovery() {
+        let region = "[[regions]]\nname = \"us-west-2\"\nprivatelink_endpoint_id = \"vpce-0abcd1234ef567890\"\n";
+        let text = format!("{MINIMAL}{region}privatelink_port = 8443\ndiscovery_refresh = \"1m\"\nec2_endpoint_url = \"http://127.0.0.1:5000\"\n");
+        let c = parse(&text).unwrap();
+        let [d] = &c.discovery[..] else {
+            panic!("one discovery: {:?}", c.discovery);
+        };
+        assert_eq!(
+            d.source,
+            DiscoverySource::Ec2 {
+                endpoint_id: "vpce-0abcd1234ef567890".into(),
+                endpoint_url: Some("http://127.0.0.1:5000".into()),
+            }
+        );
+        assert_eq!((d.port, d.server_name.as_str()), (8443, "gpu.internal"));
+        assert_eq!(d.refresh, std::time::Duration::from_secs(60));
+        // The defaults: port 443, every 5 minutes, EC2 from the environment or the region.
+        let c = parse(&format!("{MINIMAL}{region}")).unwrap();
+        assert_eq!(
+            (c.discovery[0].port, c.discovery[0].refresh.as_secs()),
+            (443, 300)
+        );
+    }
+
+    #[test]
+    fn a_vpc_endpoint_id_is_checked_with_its_keys() {
+        let bad = format!(
+            "{MINIMAL}[[regions]]\nname = \"us-west-2\"\nprivatelink_endpoint_id = \"vpce-0abcd1234efgh5678\"\n\
+             privatelink = [\"10.0.0.1\"]\nprivatelink_port = 0\ndiscovery_refresh = \"0s\"\n\
+             ec2_endpoint_url = \"ftp://x\"\n[[regions]]\nname = \"eu-west-1\"\nprivatelink_port = 8443\n"
+        );
+        let err = parse(&bad).unwrap_err().to_string();
+        for needle in [
+            "regions[1].privatelink_endpoint_id`: give one of",
+            "regions[1].privatelink_port`: 0 is out of range",
+            "regions[1].discovery_refresh",
+            "regions[1].ec2_endpoint_url",
+            "regions[2].privatelink_port`: only applies with `privatelink_endpoint_id`",
+        ] {
+            assert!(err.contains(needle), "{needle} in {err}");
+        }
+        // The guide's example id is not hex: refused with the form to use.
+        let guide_id = format!(
+            "{MINIMAL}[[regions]]\nname = \"us-west-2\"\nprivatelink_endpoint_id = \"vpce-0abcd1234efgh5678\"\n"
+        );
+        let err = parse(&guide_id).unwrap_err().to_string();
+        assert!(err.contains("is not a VPC endpoint id"), "{err}");
+        let no_name = format!(
+            "{}[[regions]]\nname = \"us-west-2\"\nprivatelink_endpoint_id = \"vpce-0abcd1234ef567890\"\n",
+            MINIMAL
+                .replace("server_name = \"gpu.internal\"", "")
+                .replace(", { address = \"10.34.12.50\", server_name = \"eni.internal\", health_port = 9090 }", "")
+                .replace("\"10.34.10.50\", \"10.34.11.50:8443\"", "\"eni.example.com\"")
+        );
+        let err = parse(&no_name).unwrap_err().to_string();
+        assert!(err.contains("set `upstream.server_name`"), "{err}");
+        assert!(valid_endpoint_id("vpce-0123abcd"));
+        assert!(!valid_endpoint_id("vpce-0123ABCD"));
+        assert!(!valid_endpoint_id("vpc-0123abcd"));
     }
 
     #[test]

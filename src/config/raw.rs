@@ -99,11 +99,26 @@ pub(super) struct RawRegion {
     pub privatelink_dns: Option<String>,
     #[serde(default = "RawRegion::default_dns_refresh")]
     pub dns_refresh: HumanDuration,
+    /// A VPC endpoint whose ENIs EC2 lists (`DescribeVpcEndpoints`).
+    #[serde(default)]
+    pub privatelink_endpoint_id: Option<String>,
+    /// The inference port of the discovered ENIs (443 when unset).
+    #[serde(default)]
+    pub privatelink_port: Option<u16>,
+    #[serde(default = "RawRegion::default_discovery_refresh")]
+    pub discovery_refresh: HumanDuration,
+    /// Where the EC2 calls go instead of `AWS_ENDPOINT_URL_EC2` / the region's EC2.
+    #[serde(default)]
+    pub ec2_endpoint_url: Option<String>,
 }
 
 impl RawRegion {
     fn default_dns_refresh() -> HumanDuration {
         HumanDuration::from_secs(30)
+    }
+
+    fn default_discovery_refresh() -> HumanDuration {
+        HumanDuration::from_secs(300)
     }
 }
 

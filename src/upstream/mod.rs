@@ -17,25 +17,25 @@ use std::sync::Arc;
 pub use connector::{ConnectError, ConnectedPeer};
 pub use endpoint::{Endpoint, InFlightGuard};
 
-use crate::config::{DnsDiscovery, EndpointConfig, Upstream};
+use crate::config::{Discovery, EndpointConfig, Upstream};
 use crate::tls::{client_config, TlsError};
 
-/// Builds every endpoint a configuration lists (`listed`, and the addresses DNS discovery
-/// found for the `privatelink_dns` regions in `discovery`), sharing one TLS client
+/// Builds every endpoint a configuration lists (`listed`, and the addresses discovery
+/// found for the regions in `discovery`), sharing one TLS client
 /// configuration per distinct set of trusted CA files. An endpoint in `reusable` with
 /// identical settings (and the same connection settings) is kept as it is, with its
 /// health and its pool.
 pub fn build_endpoints(
     listed: &[EndpointConfig],
-    discovery: &[DnsDiscovery],
+    discovery: &[Discovery],
     upstream: &Upstream,
     reusable: &[Arc<Endpoint>],
     resolved: &discovery::Resolved,
 ) -> Result<Vec<Arc<Endpoint>>, UpstreamError> {
     let mut endpoint_configs = listed.to_vec();
-    for dns in discovery {
-        for ip in resolved.get(&dns.region).into_iter().flatten() {
-            endpoint_configs.push(dns.endpoint(*ip));
+    for found in discovery {
+        for address in resolved.get(&found.region).into_iter().flatten() {
+            endpoint_configs.push(found.endpoint(address));
         }
     }
     let mut tls_by_ca: BTreeMap<Vec<PathBuf>, Arc<rustls::ClientConfig>> = BTreeMap::new();

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use gpulink::ec2::{Ec2Client, Ec2Error, EndpointState};
 
-use crate::common::ec2::{Ec2StandIn, ENDPOINT_ID};
-use crate::common::{next_block, venv_bin, Layout, Moto};
+use crate::common::ec2::{Ec2StandIn, StandInEni, ENDPOINT_ID};
+use crate::common::{next_block, venv_bin, Layout, Moto, ProxyOptions, World, GUIDE_REQUEST};
 
 /// What boto3 created in moto: the endpoint and its ENIs as EC2 lists them.
 #[derive(Debug, serde::Deserialize)]
@@ -147,4 +147,68 @@ async fn unusable_answers_and_unreachable_ec2_are_errors_with_a_kind() {
         .expect("client");
     let error = client.discover(ENDPOINT_ID).await.unwrap_err();
     assert_eq!(error.kind(), "connect", "{error}");
+}
+
+/// The proxy's options for a region whose ENIs come from the stand-in.
+fn discovered(stand_in: &Ec2StandIn) -> ProxyOptions {
+    ProxyOptions::default()
+        .remove("regions.0.privatelink")
+        .set("regions.0.privatelink_endpoint_id", ENDPOINT_ID)
+        .set("regions.0.privatelink_port", 8443)
+        .set("regions.0.ec2_endpoint_url", stand_in.url.as_str())
+        .set("regions.0.discovery_refresh", "1s")
+}
+
+/// The PrivateLink addresses in service, sorted.
+fn privatelink_addresses(world: &World) -> Vec<String> {
+    let mut v: Vec<String> = world
+        .proxy()
+        .proxy()
+        .current()
+        .endpoints
+        .iter()
+        .filter(|e| e.kind() == gpulink::config::RouteKind::Privatelink)
+        .map(|e| e.authority.clone())
+        .collect();
+    v.sort();
+    v
+}
+
+fn authorities(ips: &[IpAddr]) -> Vec<String> {
+    let mut v: Vec<String> = ips.iter().map(|ip| format!("{ip}:8443")).collect();
+    v.sort();
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_id_alone_serves_traffic_through_the_discovered_enis() {
+    let block = next_block();
+    let layout = Layout::new(block);
+    let [a, b, c] = layout.enis();
+    let enis = vec![
+        StandInEni::new(a, 1),
+        StandInEni::new(b, 2),
+        StandInEni::new(c, 3),
+    ];
+    let stand_in = Ec2StandIn::start(layout.ip(30, 1), "available", enis).await;
+    let world = World::start(block, discovered(&stand_in)).await;
+    assert_eq!(privatelink_addresses(&world), authorities(&[a, b, c]));
+    for ip in [a, b, c] {
+        world.wait_serving(ip, true).await;
+    }
+    for _ in 0..6 {
+        let reply = world.post("/inference", GUIDE_REQUEST, &[]).await;
+        reply.assert_status(200);
+        assert_eq!(reply.header("x-gpulink-route"), Some("privatelink"));
+    }
+    assert_eq!(
+        [a, b, c]
+            .iter()
+            .map(|ip| world.requests_at(*ip))
+            .sum::<u64>(),
+        6,
+        "every request went to a discovered ENI"
+    );
+    assert!(stand_in.count("DescribeNetworkInterfaces") >= 1);
+    world.stop().await;
 }
