@@ -132,6 +132,13 @@ pub struct RouteRegionLabels {
     pub region: String,
 }
 
+/// Labels of a discovered region (`source`: `dns` or `ec2`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DiscoveryLabels {
+    pub region: String,
+    pub source: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CodeLabels {
     pub code: &'static str,
@@ -228,6 +235,11 @@ pub struct Metrics {
 
     // Configuration.
     config_reloads: Family<ResultLabels, Counter>,
+
+    // PrivateLink discovery (`privatelink_dns`, `privatelink_endpoint_id`).
+    discovery_refresh_failures: Family<DiscoveryLabels, Counter>,
+    discovery_last_success: Family<DiscoveryLabels, Gauge>,
+    discovery_addresses: Family<DiscoveryLabels, Gauge>,
 
     // Logging.
     log_lines_dropped: Counter,
@@ -414,6 +426,25 @@ impl Metrics {
             config_reloads.clone(),
         );
 
+        let discovery_refresh_failures = Family::<DiscoveryLabels, Counter>::default();
+        registry.register(
+            "discovery_refresh_failures",
+            "PrivateLink discovery rounds that failed, by region and source (the last good addresses kept serving)",
+            discovery_refresh_failures.clone(),
+        );
+        let discovery_last_success = Family::<DiscoveryLabels, Gauge>::default();
+        registry.register(
+            "discovery_last_success_timestamp_seconds",
+            "Unix time of the region's last PrivateLink discovery round that succeeded",
+            discovery_last_success.clone(),
+        );
+        let discovery_addresses = Family::<DiscoveryLabels, Gauge>::default();
+        registry.register(
+            "discovery_addresses",
+            "PrivateLink addresses in service from the region's last good discovery round (0 while a VPC endpoint is not available)",
+            discovery_addresses.clone(),
+        );
+
         let log_lines_dropped = Counter::default();
         registry.register(
             "log_lines_dropped",
@@ -544,6 +575,9 @@ impl Metrics {
             key_cache_refresh_failures,
             kms_state: Mutex::new(KmsState::default()),
             config_reloads,
+            discovery_refresh_failures,
+            discovery_last_success,
+            discovery_addresses,
             log_lines_dropped,
             endpoint_healthy,
             endpoint_data_path_healthy,
@@ -824,6 +858,30 @@ impl Metrics {
         self.kms_state
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// One PrivateLink discovery round for `region`: `Some(addresses)` when it
+    /// succeeded, `None` when it failed.
+    pub fn discovery_round(&self, region: &str, source: &'static str, addresses: Option<usize>) {
+        let labels = DiscoveryLabels {
+            region: region.to_string(),
+            source,
+        };
+        // Present at zero from the first round, so rate() sees the first failure.
+        let failures = self.discovery_refresh_failures.get_or_create(&labels);
+        match addresses {
+            Some(n) => {
+                self.discovery_last_success
+                    .get_or_create(&labels)
+                    .set(chrono::Utc::now().timestamp());
+                self.discovery_addresses
+                    .get_or_create(&labels)
+                    .set(i64::try_from(n).unwrap_or(i64::MAX));
+            }
+            None => {
+                failures.inc();
+            }
+        }
     }
 
     /// KMS outcomes for `/status`.

@@ -274,7 +274,7 @@ impl Proxy {
 
     /// One discovery round for `d`, recorded in the region's status and logged.
     async fn discover_logged(&self, d: &Discovery) -> Option<Vec<Found>> {
-        discover_logged(d, &self.ec2, &self.discovery_status).await
+        discover_logged(d, &self.ec2, &self.discovery_status, &self.metrics).await
     }
 
     /// Runs discovery for every due region and, when an address set changed, builds a
@@ -367,6 +367,12 @@ impl admin::Source for Proxy {
             metrics: &self.metrics,
             history: &self.history,
             kms_proof: self.kms_proof(),
+            discovery: self
+                .discovery_status
+                .all()
+                .iter()
+                .map(|(region, status)| status.to_json(region))
+                .collect(),
         })
     }
 
@@ -570,9 +576,10 @@ pub async fn start_with(
     // a KMS problem keeps gpulink unready (and says why), it does not stop it.
     let ec2 = Arc::new(Ec2Clients::default());
     let discovery_status = Arc::new(StatusByRegion::default());
+    let metrics = Arc::new(crate::metrics::Metrics::new());
     let mut resolved = Resolved::new();
     for d in &config.discovery {
-        let found = discover_logged(d, &ec2, &discovery_status)
+        let found = discover_logged(d, &ec2, &discovery_status, &metrics)
             .await
             .unwrap_or_default();
         resolved.insert(d.region.clone(), found);
@@ -612,7 +619,7 @@ pub async fn start_with(
         stop_background: stop_background.clone(),
         tasks: tasks.clone(),
         this: this.clone(),
-        metrics: Arc::new(crate::metrics::Metrics::new()),
+        metrics,
         history: Arc::new(crate::history::History::new()),
         app_connections,
         admin_connections,
@@ -791,8 +798,12 @@ async fn discover_logged(
     d: &Discovery,
     ec2: &Ec2Clients,
     statuses: &StatusByRegion,
+    metrics: &crate::metrics::Metrics,
 ) -> Option<Vec<Found>> {
-    match discovery::discover(d, ec2).await {
+    let result = discovery::discover(d, ec2).await;
+    let addresses = result.as_ref().ok().map(|o| o.found.len());
+    metrics.discovery_round(&d.region, d.source.kind(), addresses);
+    match result {
         Ok(outcome) => {
             let mut was = None;
             statuses.update(d, |s| {

@@ -25,6 +25,8 @@ pub struct Inputs<'a> {
     /// The last 15 minutes of request outcomes.
     pub history: &'a History,
     pub kms_proof: KmsProof,
+    /// Each discovered region's last rounds (`RegionStatus::to_json`), by region.
+    pub discovery: Vec<Value>,
 }
 
 /// The JSON document behind `/status`.
@@ -138,6 +140,9 @@ pub fn document(inputs: &Inputs<'_>) -> Value {
         // use (never key material).
         "key_cache": key_cache,
         "endpoints": endpoints,
+        // Regions whose PrivateLink ENIs are discovered (DNS or EC2): the source, the
+        // VPC endpoint's state and what to do about it, the last good and failed rounds.
+        "discovery": inputs.discovery,
         "traffic": inputs.history.to_json(),
     })
 }

@@ -9,7 +9,9 @@ use std::time::Duration;
 use gpulink::ec2::{Ec2Client, Ec2Error, EndpointState};
 
 use crate::common::ec2::{Ec2StandIn, StandInEni, ENDPOINT_ID};
-use crate::common::{next_block, venv_bin, Layout, Moto, ProxyOptions, World, GUIDE_REQUEST};
+use crate::common::{
+    assert_eventually, next_block, send, venv_bin, Layout, Moto, ProxyOptions, World, GUIDE_REQUEST,
+};
 
 /// What boto3 created in moto: the endpoint and its ENIs as EC2 lists them.
 #[derive(Debug, serde::Deserialize)]
@@ -193,6 +195,16 @@ async fn an_endpoint_id_alone_serves_traffic_through_the_discovered_enis() {
     let stand_in = Ec2StandIn::start(layout.ip(30, 1), "available", enis).await;
     let world = World::start(block, discovered(&stand_in)).await;
     assert_eq!(privatelink_addresses(&world), authorities(&[a, b, c]));
+    // Each ENI carries its zone id (what zone-aware routing compares).
+    for (ip, zone) in [(a, "use1-az1"), (b, "use1-az2"), (c, "use1-az3")] {
+        let generation = world.proxy().proxy().current();
+        let endpoint = generation
+            .endpoints
+            .iter()
+            .find(|e| e.authority == format!("{ip}:8443"))
+            .expect("the discovered ENI");
+        assert_eq!(endpoint.zone().map(|z| z.as_str()), Some(zone));
+    }
     for ip in [a, b, c] {
         world.wait_serving(ip, true).await;
     }
@@ -210,5 +222,203 @@ async fn an_endpoint_id_alone_serves_traffic_through_the_discovered_enis() {
         "every request went to a discovered ENI"
     );
     assert!(stand_in.count("DescribeNetworkInterfaces") >= 1);
+    world.stop().await;
+}
+
+async fn admin(world: &World, path: &str) -> crate::common::Reply {
+    let url = format!("http://{}{}", world.proxy().admin_addr, path);
+    send(&world.client, "GET", &url, Vec::new(), &[]).await
+}
+
+/// The region's entry in `/status` `discovery`.
+async fn discovery_status(world: &World) -> serde_json::Value {
+    let status = admin(world, "/status").await.json();
+    status["discovery"]
+        .as_array()
+        .and_then(|regions| regions.iter().find(|r| r["region"] == "us-east-1"))
+        .cloned()
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refresh_that_adds_and_removes_an_eni_under_load_drops_no_request() {
+    let block = next_block();
+    let layout = Layout::new(block);
+    let [a, b, c] = layout.enis();
+    let stand_in = Ec2StandIn::start(
+        layout.ip(30, 1),
+        "available",
+        vec![StandInEni::new(a, 1), StandInEni::new(b, 2)],
+    )
+    .await;
+    let world = std::sync::Arc::new(World::start(block, discovered(&stand_in)).await);
+    world.wait_serving(a, true).await;
+    world.wait_serving(b, true).await;
+    let b_before = world
+        .proxy()
+        .proxy()
+        .current()
+        .endpoints
+        .iter()
+        .find(|e| e.authority == format!("{b}:8443"))
+        .cloned()
+        .expect("b");
+
+    // Load: two clients sending back to back until told to stop.
+    let stop = tokio_util::sync::CancellationToken::new();
+    let mut load = Vec::new();
+    for _ in 0..2 {
+        let (world, stop) = (world.clone(), stop.clone());
+        load.push(tokio::spawn(async move {
+            let mut statuses = Vec::new();
+            while !stop.is_cancelled() {
+                statuses.push(world.post("/inference", GUIDE_REQUEST, &[]).await.status);
+            }
+            statuses
+        }));
+    }
+    // A subnet added (c) and one removed (a) between two refreshes.
+    stand_in.set(|v| v.enis = vec![StandInEni::new(b, 2), StandInEni::new(c, 3)]);
+    assert_eventually!(
+        privatelink_addresses(&world),
+        |addresses| *addresses == authorities(&[b, c]),
+        "the ENI change was never applied"
+    );
+    world.wait_serving(c, true).await;
+    let served_by_c = world.requests_at(c);
+    assert_eventually!(
+        world.requests_at(c),
+        |n| *n > served_by_c + 5,
+        "the new ENI never got traffic"
+    );
+    stop.cancel();
+    let mut statuses = Vec::new();
+    for task in load {
+        statuses.extend(task.await.expect("load task"));
+    }
+    assert!(statuses.len() > 10, "the load ran: {}", statuses.len());
+    assert!(
+        statuses.iter().all(|s| *s == 200),
+        "every request under the change succeeded: {:?}",
+        statuses.iter().filter(|s| **s != 200).collect::<Vec<_>>()
+    );
+    // The unchanged ENI kept its endpoint: health state and pool.
+    let generation = world.proxy().proxy().current();
+    let b_after = generation
+        .endpoints
+        .iter()
+        .find(|e| e.authority == format!("{b}:8443"))
+        .expect("b");
+    assert!(std::sync::Arc::ptr_eq(&b_before, b_after), "b was rebuilt");
+    drop(generation);
+    let world = std::sync::Arc::into_inner(world).expect("no load task holds the world");
+    world.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_refresh_keeps_the_last_good_set_and_says_so() {
+    let block = next_block();
+    let layout = Layout::new(block);
+    let [a, b, c] = layout.enis();
+    let enis = vec![
+        StandInEni::new(a, 1),
+        StandInEni::new(b, 2),
+        StandInEni::new(c, 3),
+    ];
+    let stand_in = Ec2StandIn::start(layout.ip(30, 1), "available", enis).await;
+    let world = World::start(block, discovered(&stand_in)).await;
+    let ok = discovery_status(&world).await;
+    assert_eq!(ok["condition"], "ok", "{ok}");
+    assert_eq!(ok["source"], "ec2");
+    assert_eq!(ok["target"], ENDPOINT_ID);
+    assert_eq!(ok["state"], "available");
+    assert_eq!(ok["addresses"], 3);
+
+    stand_in.set(|v| v.failing = true);
+    let failing = assert_eventually!(
+        discovery_status(&world).await,
+        |s| s["condition"] == "failing" && s["failures"].as_u64() >= Some(1),
+        "the failed refresh never showed in /status"
+    );
+    let error = failing["last_error"].as_str().unwrap_or_default();
+    assert!(error.contains("Unavailable"), "{failing}");
+    assert!(!error.contains("<Response>"), "no raw EC2 body: {failing}");
+    assert_eq!(failing["addresses"], 3, "the last good count stays");
+    assert_eq!(privatelink_addresses(&world), authorities(&[a, b, c]));
+    for ip in [a, b, c] {
+        world.wait_serving(ip, true).await;
+    }
+    let reply = world.post("/inference", GUIDE_REQUEST, &[]).await;
+    reply.assert_status(200);
+    assert_eq!(reply.header("x-gpulink-route"), Some("privatelink"));
+    let metrics = String::from_utf8_lossy(&admin(&world, "/metrics").await.body).into_owned();
+    let failures = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with("gpulink_discovery_refresh_failures_total{")
+                && l.contains("region=\"us-east-1\"")
+        })
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(0.0);
+    assert!(failures >= 1.0, "{metrics}");
+    assert!(metrics.contains("gpulink_discovery_last_success_timestamp_seconds{"));
+
+    // EC2 back: the next round succeeds and the condition clears.
+    stand_in.set(|v| v.failing = false);
+    assert_eventually!(
+        discovery_status(&world).await,
+        |s| s["condition"] == "ok",
+        "the recovered refresh never showed in /status"
+    );
+    world.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pending_acceptance_gives_no_traffic_until_available() {
+    let block = next_block();
+    let layout = Layout::new(block);
+    let [a, b, c] = layout.enis();
+    let enis = vec![
+        StandInEni::new(a, 1),
+        StandInEni::new(b, 2),
+        StandInEni::new(c, 3),
+    ];
+    let stand_in = Ec2StandIn::start(layout.ip(30, 1), "pendingAcceptance", enis).await;
+    let world = World::start(block, discovered(&stand_in)).await;
+    assert!(privatelink_addresses(&world).is_empty());
+    let pending = discovery_status(&world).await;
+    assert_eq!(pending["condition"], "not_available", "{pending}");
+    assert_eq!(pending["state"], "pendingAcceptance");
+    assert_eq!(pending["interfaces"], 3);
+    let message = pending["message"].as_str().unwrap_or_default();
+    assert!(message.contains("accept"), "{pending}");
+    for _ in 0..3 {
+        let reply = world.post("/inference", GUIDE_REQUEST, &[]).await;
+        assert_ne!(reply.header("x-gpulink-route"), Some("privatelink"));
+    }
+    assert_eq!(
+        [a, b, c]
+            .iter()
+            .map(|ip| world.requests_at(*ip))
+            .sum::<u64>(),
+        0,
+        "nothing went to the ENIs of an endpoint that is not available"
+    );
+
+    // Approved: gpulink picks the endpoint up by itself.
+    stand_in.set(|v| v.state = "available".into());
+    assert_eventually!(
+        privatelink_addresses(&world),
+        |addresses| *addresses == authorities(&[a, b, c]),
+        "the available endpoint's ENIs were never used"
+    );
+    for ip in [a, b, c] {
+        world.wait_serving(ip, true).await;
+    }
+    let reply = world.post("/inference", GUIDE_REQUEST, &[]).await;
+    reply.assert_status(200);
+    assert_eq!(reply.header("x-gpulink-route"), Some("privatelink"));
+    assert_eq!(discovery_status(&world).await["condition"], "ok");
     world.stop().await;
 }
