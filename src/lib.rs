@@ -46,6 +46,7 @@ pub mod admin;
 pub mod body;
 pub mod check;
 pub mod config;
+pub mod discover;
 pub mod ec2;
 pub mod error;
 pub mod forward;

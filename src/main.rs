@@ -1,4 +1,4 @@
-//! The `gpulink` command: `run`, `check`, `health`, `probe`, `demo` and `sim`.
+//! The `gpulink` command: `run`, `check`, `health`, `probe`, `discover`, `demo` and `sim`.
 //!
 //! `demo` and `sim` are test equipment (the simulator, the development key provider):
 //! they exist only with the `dev-tools` feature (on by default; the .deb and the image
@@ -60,6 +60,10 @@ enum Command {
     /// Test connectivity to every endpoint (TCP, TLS, /health, latency) and diagnose
     /// failures: exit 0 when something can serve, 1 when nothing can, 78 for a bad config.
     Probe(gpulink::probe::ProbeArgs),
+    /// Show a VPC endpoint as EC2 lists it (state, service, DNS names, each ENI's IP,
+    /// subnet and zone) and print a `[[regions]]` block that discovers it: exit 0 when
+    /// usable, 1 when not (the state says why), 2 for bad arguments, 3 when EC2 failed.
+    Discover(gpulink::discover::DiscoverArgs),
     /// Ask a running gpulink's admin `/ready`: exit 0 on 200, 1 with the reason otherwise
     /// (for Docker HEALTHCHECK, ECS and `kubectl exec` probes; no shell or curl needed).
     Health(gpulink::healthcheck::HealthArgs),
@@ -150,6 +154,7 @@ async fn async_main(command: Command) -> ExitCode {
     let result = match command {
         Command::Run { config, log_format } => run(&config, log_format).await,
         Command::Probe(args) => gpulink::probe::run(args).await,
+        Command::Discover(args) => Ok(gpulink::discover::run(args).await),
         Command::Health(args) => Ok(gpulink::healthcheck::run(args).await),
         #[cfg(feature = "dev-tools")]
         Command::Demo(args) => demo::run(args).await,
