@@ -422,3 +422,149 @@ async fn pending_acceptance_gives_no_traffic_until_available() {
     assert_eq!(discovery_status(&world).await["condition"], "ok");
     world.stop().await;
 }
+
+/// `gpulink discover` with `args`, the test's credentials and no EC2 endpoint from the
+/// environment: (exit code, stdout, stderr).
+async fn discover_cli(args: &[&str]) -> (i32, String, String) {
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_gpulink"))
+        .arg("discover")
+        .args(args)
+        .env("AWS_ACCESS_KEY_ID", "testing")
+        .env("AWS_SECRET_ACCESS_KEY", "testing")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env_remove("AWS_ENDPOINT_URL")
+        .env_remove("AWS_ENDPOINT_URL_EC2")
+        .env_remove("AWS_REGION")
+        .env_remove("AWS_DEFAULT_REGION")
+        .output()
+        .await
+        .expect("gpulink runs");
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn gpulink_discover_shows_moto_s_endpoint_and_a_block_that_compiles() {
+    let moto = Moto::get().await;
+    let created = create_endpoint(&moto).await;
+    let (code, out, err) = discover_cli(&[
+        "--vpc-endpoint-id",
+        &created.id,
+        "--region",
+        "us-east-1",
+        "--endpoint-url",
+        &moto.url,
+        "--json",
+    ])
+    .await;
+    let usable = EndpointState::parse(&created.state).is_usable();
+    assert_eq!(code, if usable { 0 } else { 1 }, "{out}{err}");
+    let answer: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+    assert_eq!(answer["vpc_endpoint_id"], created.id.as_str());
+    assert_eq!(answer["service_name"], created.service.as_str());
+    assert_eq!(answer["usable"], usable);
+    let mut ips: Vec<&str> = answer["network_interfaces"]
+        .as_array()
+        .expect("interfaces")
+        .iter()
+        .map(|i| i["ip"].as_str().unwrap_or_default())
+        .collect();
+    ips.sort();
+    let mut expected: Vec<&str> = created.enis.iter().map(|e| e.ip.as_str()).collect();
+    expected.sort();
+    assert_eq!(ips, expected);
+    // The block, pasted into a configuration, is a region gpulink accepts.
+    let block = answer["toml"].as_str().expect("toml");
+    let config = format!(
+        "[tenant]\nid = \"t\"\nmodel_pool = \"m\"\n[kms]\nkey_id = \"arn:aws:kms:us-east-1:111122223333:key/k\"\n\
+         region = \"us-east-1\"\n[upstream]\nserver_name = \"gpu.internal\"\n{block}"
+    );
+    let config = gpulink::config::Config::from_toml(&config, std::path::Path::new("pasted.toml"))
+        .expect("the pasted block compiles");
+    assert_eq!(config.discovery[0].source.target(), created.id);
+
+    // Text: the state, each ENI with its subnet and zone.
+    let (code_text, text, _) = discover_cli(&[
+        "--vpc-endpoint-id",
+        &created.id,
+        "--region",
+        "us-east-1",
+        "--endpoint-url",
+        &moto.url,
+    ])
+    .await;
+    assert_eq!(code_text, code);
+    assert!(
+        text.contains(&format!("state:    {}", created.state)),
+        "{text}"
+    );
+    for eni in &created.enis {
+        assert!(
+            text.contains(&eni.ip) && text.contains(&eni.subnet),
+            "{text}"
+        );
+        assert!(text.contains(&eni.zone), "{text}");
+    }
+    assert!(text.contains("[[regions]]"), "{text}");
+
+    // An id EC2 does not know: 3; not an id at all, or no region: 2.
+    let (code, _, err) = discover_cli(&[
+        "--vpc-endpoint-id",
+        "vpce-0123456789abcdef0",
+        "--region",
+        "us-east-1",
+        "--endpoint-url",
+        &moto.url,
+    ])
+    .await;
+    assert_eq!(code, 3, "{err}");
+    assert!(err.contains("not found"), "{err}");
+    let (code, _, err) =
+        discover_cli(&["--vpc-endpoint-id", "vpce-xyz", "--region", "us-east-1"]).await;
+    assert_eq!(code, 2, "{err}");
+    let (code, _, err) = discover_cli(&["--vpc-endpoint-id", &created.id]).await;
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--region"), "{err}");
+}
+
+#[tokio::test]
+async fn gpulink_discover_exits_1_for_an_endpoint_waiting_for_acceptance() {
+    let layout = Layout::new(next_block());
+    let stand_in = Ec2StandIn::start(
+        layout.ip(30, 1),
+        "pendingAcceptance",
+        vec![StandInEni::new(layout.enis()[0], 1)],
+    )
+    .await;
+    let (code, out, err) = discover_cli(&[
+        "--vpc-endpoint-id",
+        ENDPOINT_ID,
+        "--region",
+        "us-east-1",
+        "--endpoint-url",
+        &stand_in.url,
+    ])
+    .await;
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(out.contains("state:    pendingAcceptance"), "{out}");
+    assert!(
+        out.contains("usable: no: the endpoint waits for the GPU cluster team"),
+        "{out}"
+    );
+    assert!(out.contains("use1-az1"), "{out}");
+    stand_in.set(|v| v.state = "available".into());
+    let (code, out, _) = discover_cli(&[
+        "--vpc-endpoint-id",
+        ENDPOINT_ID,
+        "--region",
+        "us-east-1",
+        "--endpoint-url",
+        &stand_in.url,
+    ])
+    .await;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("usable: yes"), "{out}");
+}
