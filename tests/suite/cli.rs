@@ -56,6 +56,10 @@ fn invalid_configurations_exit_78_naming_the_key() {
         ("missing_tenant.toml", "tenant"),
         ("endpoint_with_scheme.toml", "regions[0].privatelink[0]"),
         ("dns_and_list.toml", "regions[0].privatelink_dns"),
+        (
+            "endpoint_id_and_list.toml",
+            "regions[0].privatelink_endpoint_id",
+        ),
         ("esdk_alias_key.toml", "kms.key_id"),
         ("auto_key_other_region.toml", "kms.key_id"),
         ("cache_zero_messages.toml", "kms.cache.max_messages"),
