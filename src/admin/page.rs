@@ -420,6 +420,7 @@ pub fn render_page(status: &Value) -> String {
         endpoint_row(&mut page, e, now);
     }
     page.push_str("</tbody></table>");
+    discovery_section(&mut page, &status["discovery"], now);
 
     let kms = &status["kms"];
     let kms_badge = if kms["last_error"].is_null() {
@@ -476,6 +477,43 @@ pub fn render_page(status: &Value) -> String {
         now = now.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
     );
     page
+}
+
+/// The regions whose ENIs are discovered (`/status` `discovery`): none, no section.
+fn discovery_section(page: &mut String, discovery: &Value, now: Time) {
+    let Some(regions) = discovery.as_array().filter(|r| !r.is_empty()) else {
+        return;
+    };
+    page.push_str(
+        "<h2>PrivateLink discovery</h2><table><thead><tr><th>region</th><th>source</th>\
+         <th>condition</th><th>endpoint state</th><th>addresses</th><th>last success</th>\
+         <th>last error</th><th>what to do</th></tr></thead><tbody>",
+    );
+    for r in regions {
+        let condition = r["condition"].as_str().unwrap_or("unknown");
+        let class = match condition {
+            "ok" => "ok",
+            "failing" | "not_available" => "bad",
+            "no_addresses" => "warn",
+            _ => "mute",
+        };
+        let _ = write!(
+            page,
+            "<tr data-discovery=\"{}\"><td>{}</td><td>{} {}</td><td>{}</td><td>{}</td><td>{}</td>\
+             <td>{}</td><td>{}</td><td>{}</td></tr>",
+            esc(condition),
+            show(&r["region"]),
+            show(&r["source"]),
+            show(&r["target"]),
+            badge(class, condition),
+            show(&r["state"]),
+            show(&r["addresses"]),
+            ago(now, &r["last_ok"]),
+            show(&r["last_error"]),
+            show(&r["message"]),
+        );
+    }
+    page.push_str("</tbody></table>");
 }
 
 fn endpoint_row(page: &mut String, e: &Value, now: Time) {
@@ -651,6 +689,10 @@ mod tests {
             ]
         });
         let page = render_page(&status);
+        assert!(
+            !page.contains("PrivateLink discovery"),
+            "no discovered region, no section"
+        );
         assert!(page.contains("10.0.0.1:443") && page.contains("10.0.0.2:443"));
         assert!(page.contains("data-health=\"unhealthy\""));
         assert!(page.contains("1 of 3"));
@@ -660,6 +702,26 @@ mod tests {
         assert!(!page.contains("<script>"));
         assert!(page.contains("http-equiv=\"refresh\""));
         assert!(!page.contains("http://") && !page.contains("https://"));
+    }
+
+    #[test]
+    fn page_shows_discovery_and_what_to_do() {
+        let status = json!({
+            "phase": "privatelink", "kms": {}, "key_cache": {}, "endpoints": [],
+            "now": "2026-01-01T00:10:00.000Z",
+            "discovery": [{
+                "region": "us-east-1", "source": "ec2", "target": "vpce-0abcd1234ef567890",
+                "condition": "not_available", "state": "pendingAcceptance", "addresses": 0,
+                "last_ok": "2026-01-01T00:09:00Z", "last_error": null,
+                "message": "the endpoint waits for the GPU cluster team to <accept> it",
+            }],
+        });
+        let page = render_page(&status);
+        assert!(page.contains("PrivateLink discovery"), "{page}");
+        assert!(page.contains("data-discovery=\"not_available\""));
+        assert!(page.contains("pendingAcceptance"));
+        assert!(page.contains("vpce-0abcd1234ef567890"));
+        assert!(page.contains("to &lt;accept&gt; it"), "escaped");
     }
 
     /// A `/status` document with traffic on both routes and a down endpoint.

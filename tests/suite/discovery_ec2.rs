@@ -393,6 +393,12 @@ async fn pending_acceptance_gives_no_traffic_until_available() {
     assert_eq!(pending["interfaces"], 3);
     let message = pending["message"].as_str().unwrap_or_default();
     assert!(message.contains("accept"), "{pending}");
+    // The status page says it too.
+    let page = String::from_utf8_lossy(&admin(&world, "/").await.body).into_owned();
+    assert!(
+        page.contains("data-discovery=\"not_available\"") && page.contains("pendingAcceptance"),
+        "{page}"
+    );
     for _ in 0..3 {
         let reply = world.post("/inference", GUIDE_REQUEST, &[]).await;
         assert_ne!(reply.header("x-gpulink-route"), Some("privatelink"));
