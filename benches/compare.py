@@ -227,9 +227,9 @@ def proxy_conf(d, ca, key_arn):
 """
 
 
-def gpulink_conf(ca, key_arn, address):
+def gpulink_conf(ca, key_arn, address, extra=""):
     eni = ", ".join(f'"{a}:8443"' for a in UPSTREAMS)
-    return f"""[listen]
+    return extra + f"""[listen]
 address = "{address}:8000"
 drain_delay = "0s"
 shutdown_grace = "5s"
@@ -393,8 +393,31 @@ def main():
     ap.add_argument("--one-worker", action="store_true",
                     help="also measure a second gpulink with one runtime worker (TOKIO_WORKER_THREADS=1)")
     ap.add_argument("--perf", metavar="FILE",
-                    help="perf record -g gpulink during the 5k/s phase into FILE")
+                    help="perf record -g gpulink during the 5k/s phase (with --instructions: during its "
+                         "perf stat drive) into FILE")
+    ap.add_argument("--instructions", action="store_true",
+                    help="instead of the load run: per-request counts that do not depend on the machine's load "
+                         "(user-space instructions under callgrind; syscalls, futex calls and context switches "
+                         "from perf stat), N requests at a fixed concurrency per path")
+    ap.add_argument("--requests", type=int, default=20000, help="--instructions: requests per perf stat drive")
+    ap.add_argument("--callgrind-requests", type=int, default=2000,
+                    help="--instructions: requests per callgrind drive (0: skip callgrind)")
+    ap.add_argument("--concurrency", type=int, default=16, help="--instructions: connections, one request each at a time")
+    ap.add_argument("--workers", default="",
+                    help="--instructions: comma-separated [runtime] workers values, one gpulink each "
+                         "(default: one gpulink with the default configuration)")
     a = ap.parse_args()
+    if a.instructions:
+        d = tempfile.mkdtemp(prefix="gpulink-instructions-")
+        procs = Procs()
+        try:
+            rows = run_instructions(a, d, procs)
+        finally:
+            procs.stop_all()
+            if not a.keep:
+                shutil.rmtree(d, ignore_errors=True)
+        print_instructions(a, rows)
+        return
 
     secs = 3 if a.quick else 10
     big_n = 5 if a.quick else 20
@@ -410,33 +433,43 @@ def main():
     print_report(results)
 
 
-def run_all(a, d, procs, secs, big_n):
-    res = {"load_before": open("/proc/loadavg").read().split()[:3]}
-    ca, crt, key = make_certs(d)
-    small = os.path.join(d, "small.json")
-    with open(small, "w") as f:
+def start_backends(a, d, procs):
+    """Certificates, the two bodies, the native nginx upstream, moto and a KMS key."""
+    b = {}
+    b["ca"], crt, key = make_certs(d)
+    b["small"] = os.path.join(d, "small.json")
+    with open(b["small"], "w") as f:
         pad = SMALL_BODY - len('{"model":"m","input":""}')
         f.write('{"model":"m","input":"' + "x" * pad + '"}')
-    big = os.path.join(d, "big.json")
-    with open(big, "w") as f:
+    b["big"] = os.path.join(d, "big.json")
+    with open(b["big"], "w") as f:
         f.write('{"input":"' + "y" * (BIG_BODY - len('{"input":""}')) + '"}')
 
-    env = dict(os.environ, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
-               AWS_DEFAULT_REGION="us-east-1", AWS_EC2_METADATA_DISABLED="true")
+    b["env"] = env = dict(os.environ, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
+                          AWS_DEFAULT_REGION="us-east-1", AWS_EC2_METADATA_DISABLED="true")
 
-    # Upstream and moto.
     up_dir = os.path.join(d, "upstream")
     os.makedirs(up_dir)
     with open(os.path.join(up_dir, "nginx.conf"), "w") as f:
         f.write(upstream_conf(up_dir, crt, key))
-    upstream = procs.start("upstream", ["nginx", "-p", up_dir, "-c", "nginx.conf", "-g", "daemon off;"],
-                           logfile=os.path.join(d, "upstream.log"))
+    b["upstream"] = procs.start("upstream", ["nginx", "-p", up_dir, "-c", "nginx.conf", "-g", "daemon off;"],
+                                logfile=os.path.join(d, "upstream.log"))
     procs.start("moto", [a.moto, "-H", MOTO, "-p", str(MOTO_PORT)], env=env, logfile=os.path.join(d, "moto.log"))
     wait_until("upstream", lambda: all(http_ok(f"http://{u}:8080/health") for u in UPSTREAMS))
     wait_until("moto", lambda: tcp_open(MOTO, MOTO_PORT))
-    key_arn = run([a.python, "-c",
-                   "import boto3,sys; k=boto3.client('kms',endpoint_url=sys.argv[1],region_name='us-east-1')"
-                   ".create_key(); print(k['KeyMetadata']['Arn'])", f"http://{MOTO}:{MOTO_PORT}"], env=env).stdout.strip()
+    b["key_arn"] = run([a.python, "-c",
+                        "import boto3,sys; k=boto3.client('kms',endpoint_url=sys.argv[1],region_name='us-east-1')"
+                        ".create_key(); print(k['KeyMetadata']['Arn'])", f"http://{MOTO}:{MOTO_PORT}"],
+                       env=env).stdout.strip()
+    b["tenant"] = {"Content-Type": "application/json", "X-Tenant-ID": TENANT, "X-KMS-Key-ID": b["key_arn"],
+                   "X-Encryption-Format": "aws-esdk-v2", "Host": SERVER_NAME}
+    return b
+
+
+def run_all(a, d, procs, secs, big_n):
+    res = {"load_before": open("/proc/loadavg").read().split()[:3]}
+    b = start_backends(a, d, procs)
+    ca, small, big, env, upstream, key_arn = b["ca"], b["small"], b["big"], b["env"], b["upstream"], b["key_arn"]
 
     # nginx as the reverse proxy.
     px_dir = os.path.join(d, "proxy")
@@ -469,8 +502,7 @@ def run_all(a, d, procs, secs, big_n):
                           logfile=os.path.join(d, "gpulink-1w.log"))
         wait_until("gpulink-1w /ready", lambda: http_ok(f"http://{GPULINK_1W}:9901/ready"))
 
-    tenant = {"Content-Type": "application/json", "X-Tenant-ID": TENANT, "X-KMS-Key-ID": key_arn,
-              "X-Encryption-Format": "aws-esdk-v2", "Host": SERVER_NAME}
+    tenant = b["tenant"]
     plain = {"Content-Type": "application/json"}
     paths = [
         Path("direct", f"https://{UPSTREAMS[0]}:8443/inference", lambda: None, tenant, insecure=True),
@@ -530,6 +562,211 @@ def run_all(a, d, procs, secs, big_n):
     res["idle_rss_after"] = {"gpulink": rss_mib(gl.pid), "nginx": rss_mib(nginx.pid)}
     res["load_after"] = open("/proc/loadavg").read().split()[:3]
     return res
+
+
+# ---------------------------------------------------------------------------------------
+# --instructions: per-request counts that the machine's load does not change
+# ---------------------------------------------------------------------------------------
+
+PERF_EVENTS = ["raw_syscalls:sys_enter", "syscalls:sys_enter_futex", "context-switches", "task-clock"]
+
+
+def drive(path, body_file, n, c):
+    """n POSTs over c keep-alive connections, each with one request at a time (the
+    client's own cost does not matter: the counts are the server side's). Returns the
+    answers by status and the transport errors."""
+    import http.client
+    import ssl
+    import urllib.parse
+
+    u = urllib.parse.urlsplit(path.url)
+    body = open(body_file, "rb").read()
+    lock, codes, errors = threading.Lock(), {}, [0]
+    share = [n // c + (1 if i < n % c else 0) for i in range(c)]
+
+    def connect():
+        if u.scheme == "https":
+            ctx = ssl.create_default_context()
+            ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+            return http.client.HTTPSConnection(u.hostname, u.port, context=ctx, timeout=60)
+        return http.client.HTTPConnection(u.hostname, u.port, timeout=60)
+
+    def worker(count):
+        conn = connect()
+        for _ in range(count):
+            try:
+                conn.request("POST", u.path, body, path.headers)
+                r = conn.getresponse()
+                r.read()
+                with lock:
+                    codes[r.status] = codes.get(r.status, 0) + 1
+            except (OSError, http.client.HTTPException):
+                with lock:
+                    errors[0] += 1
+                conn.close()
+                conn = connect()
+        conn.close()
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in share]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return {"codes": codes, "errors": errors[0]}
+
+
+def perf_stat(pids, out):
+    """perf stat over pids (all their threads) until stopped with SIGINT."""
+    return subprocess.Popen(["perf", "stat", "-x", ",", "-o", out, "-e", ",".join(PERF_EVENTS),
+                             "-p", ",".join(str(p) for p in pids)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def perf_stop(p, out):
+    p.send_signal(signal.SIGINT)
+    p.wait()
+    counts = {}
+    for line in open(out):
+        parts = line.strip().split(",")
+        if len(parts) >= 3 and parts[2] in PERF_EVENTS:
+            try:
+                counts[parts[2]] = float(parts[0])
+            except ValueError:
+                counts[parts[2]] = None  # <not counted> / <not supported>
+    return counts
+
+
+def callgrind_ir(pid, d, name):
+    """Instructions since the last zeroing: dumps now and reads the dump's total."""
+    import glob
+
+    before = set(glob.glob(os.path.join(d, f"cg.{name}.*")))
+    run(["callgrind_control", "-d", str(pid)])
+    new = []
+    wait_until(f"callgrind dump of {name}",
+               lambda: new.extend(set(glob.glob(os.path.join(d, f"cg.{name}.*"))) - before) or bool(new), timeout=60)
+    for line in open(new[0]):
+        if line.startswith(("summary:", "totals:")):
+            return int(line.split()[1])
+    raise SystemExit(f"benchmark: no total in {new[0]}")
+
+
+def run_instructions(a, d, procs):
+    b = start_backends(a, d, procs)
+    small, env, upstream = b["small"], b["env"], b["upstream"]
+    plain = {"Content-Type": "application/json"}
+    n, nc, c = a.requests, a.callgrind_requests, a.concurrency
+    valgrind = ["valgrind", "--tool=callgrind", "--dump-instr=no"]
+
+    # What each path runs: (name, url, headers, how to start its proxy natively / under callgrind).
+    px_dir = os.path.join(d, "proxy")
+    os.makedirs(px_dir)
+    with open(os.path.join(px_dir, "nginx.conf"), "w") as f:
+        f.write(proxy_conf(px_dir, b["ca"], b["key_arn"]))
+    nginx_cmd = ["nginx", "-p", px_dir, "-c", "nginx.conf", "-g", "daemon off;"]
+    # Under callgrind nginx runs as one process (no master), which is one worker's work.
+    nginx_cg = ["nginx", "-p", px_dir, "-c", "nginx.conf", "-g", "daemon off; master_process off;"]
+    variants = [("nginx", NGINX_PROXY, None, nginx_cmd, nginx_cg, lambda: tcp_open(NGINX_PROXY, 8000))]
+    workers = [w.strip() for w in a.workers.split(",") if w.strip()] or [None]
+    for i, w in enumerate(workers):
+        address = f"127.253.0.{20 + i}"
+        name = "gpulink" if w is None else f"gpulink workers={w}"
+        conf = os.path.join(d, f"gpulink-{i}.toml")
+        with open(conf, "w") as f:
+            f.write(gpulink_conf(b["ca"], b["key_arn"], address,
+                                 "" if w is None else f"[runtime]\nworkers = {w}\n\n"))
+        cmd = [a.gpulink, "run", "--config", conf]
+        variants.append((name, address, conf, cmd, cmd,
+                         (lambda address=address: http_ok(f"http://{address}:9901/ready"))))
+    if a.one_worker:
+        conf = os.path.join(d, "gpulink-1w.toml")
+        with open(conf, "w") as f:
+            f.write(gpulink_conf(b["ca"], b["key_arn"], GPULINK_1W))
+        cmd = [a.gpulink, "run", "--config", conf]
+        variants.append(("gpulink TOKIO_WORKER_THREADS=1", GPULINK_1W, conf, cmd, cmd,
+                         lambda: http_ok(f"http://{GPULINK_1W}:9901/ready")))
+
+    genv = dict(env, RUST_LOG="warn")
+    rows = []
+
+    def measure(name, path, proxy_pid):
+        """One perf stat drive: the proxy's and the upstream's counts per request."""
+        drive(path, small, 500, c)  # warm-up: pools, TLS sessions, the data-key cache
+        pids = tree(proxy_pid) if proxy_pid else []
+        outs = (os.path.join(d, f"stat-{len(rows)}.proxy"), os.path.join(d, f"stat-{len(rows)}.up"))
+        stat_proxy = perf_stat(pids, outs[0]) if pids else None
+        stat_up = perf_stat(tree(upstream.pid), outs[1])
+        rec = None
+        if a.perf and proxy_pid and name.startswith("gpulink") and not rows_have_profile[0]:
+            rec = subprocess.Popen(["perf", "record", "-e", "cpu-clock", "-g", "-o", a.perf, "-p", str(proxy_pid)],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            rows_have_profile[0] = True
+        time.sleep(0.3)  # perf attached
+        r = drive(path, small, n, c)
+        if rec:
+            rec.send_signal(signal.SIGINT)
+            rec.wait()
+        r["proxy"] = perf_stop(stat_proxy, outs[0]) if stat_proxy else {}
+        r["upstream"] = perf_stop(stat_up, outs[1])
+        r["n"] = n
+        log(f"  {name}: {r['codes']} errors {r['errors']}; proxy {r['proxy']}")
+        return r
+
+    rows_have_profile = [False]
+    log(f"perf stat: {n} requests per path, {c} connections")
+    direct = Path("direct", f"https://{UPSTREAMS[0]}:8443/inference", lambda: None, b["tenant"], insecure=True)
+    rows.append(("direct", measure("direct", direct, None), None))
+    for name, address, _conf, cmd, cg_cmd, ready in variants:
+        path = Path(name, f"http://{address}:8000/inference", None, plain)
+        p = procs.start(name, cmd, env=genv, logfile=os.path.join(d, f"{len(rows)}.log"))
+        wait_until(f"{name} ready", ready, timeout=120)
+        stats = measure(name, path, p.pid)
+        os.killpg(p.pid, signal.SIGTERM)
+        p.wait(timeout=30)
+        ir = None
+        if nc:
+            log(f"  {name}: under callgrind, {nc} requests")
+            out = os.path.join(d, f"cg.{len(rows)}.%p")
+            q = procs.start(name + " (callgrind)", valgrind + [f"--callgrind-out-file={out}"] + cg_cmd, env=genv,
+                            logfile=os.path.join(d, f"{len(rows)}.cg.log"))
+            wait_until(f"{name} ready under callgrind", ready, timeout=600, every=0.5)
+            drive(path, small, 200, c)
+            run(["callgrind_control", "-z", str(q.pid)])
+            cg = drive(path, small, nc, c)
+            ir = callgrind_ir(q.pid, d, str(len(rows)))
+            ir = {"ir": ir, "n": nc, "codes": cg["codes"], "errors": cg["errors"]}
+            log(f"  {name}: {ir['ir'] / nc:,.0f} instructions per request")
+            os.killpg(q.pid, signal.SIGTERM)
+            q.wait(timeout=60)
+        rows.append((name, stats, ir))
+    return {"rows": rows, "load": open("/proc/loadavg").read().split()[:3]}
+
+
+def print_instructions(a, result):
+    def per(counts, key, n, scale=1.0, fmt="{:.2f}"):
+        v = counts.get(key)
+        return "–" if v is None else fmt.format(v * scale / n)
+
+    print(f"\n## Per request, load-independent ({a.requests} requests per path for perf stat, "
+          f"{a.callgrind_requests} under callgrind, {a.concurrency} keep-alive connections, 1 KiB JSON; "
+          f"load average at the end {' '.join(result['load'])})\n")
+    print(f"machine: {os.cpu_count()} CPUs, {cpu_model()}, {platform.release()}; nginx {nginx_version()}\n")
+    print("| path | proxy instructions (user, callgrind) | proxy syscalls | proxy futex calls | "
+          "proxy context switches | proxy CPU µs (load-dependent) | upstream syscalls | upstream CPU µs | non-200 / errors |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+    for name, s, ir in result["rows"]:
+        n, px, up = s["n"], s["proxy"], s["upstream"]
+        bad = sum(v for k, v in s["codes"].items() if k != 200)
+        irs = "–" if not ir else f"{ir['ir'] / ir['n']:,.0f}"
+        if ir:
+            bad += sum(v for k, v in ir["codes"].items() if k != 200) + ir["errors"]
+        print(f"| {name} | {irs} | {per(px, 'raw_syscalls:sys_enter', n)} | {per(px, 'syscalls:sys_enter_futex', n)} | "
+              f"{per(px, 'context-switches', n)} | {per(px, 'task-clock', n, 1e3, '{:.1f}')} | "
+              f"{per(up, 'raw_syscalls:sys_enter', n)} | {per(up, 'task-clock', n, 1e3, '{:.1f}')} | {bad} / {s['errors']} |")
+    print("\nInstructions are user space only (callgrind does not see the kernel); syscalls, futex calls and "
+          "context switches per request come from perf stat's software events and tracepoints over the whole "
+          "process tree (all threads) and do not depend on the machine's load; CPU µs (task-clock) does. "
+          "nginx under callgrind runs without its master, as one worker.")
 
 
 # ---------------------------------------------------------------------------------------

@@ -7,6 +7,9 @@
 #
 #   bash benches/compare.sh            # the full run (about 4 minutes after the installs)
 #   bash benches/compare.sh --quick    # shorter phases, for trying it out (about 1.5 minutes)
+#   bash benches/compare.sh --instructions   # per-request counts a busy machine does not change
+#                                            # (callgrind instructions, perf stat syscalls/futex/
+#                                            # context switches); no oha, about 5 minutes
 #
 # Tools are cached in ${GPULINK_BENCH_CACHE:-~/.cache/gpulink-bench}. Traffic stays on
 # 127.253.x.y and 127.254.x.y. Not part of CI (it takes minutes and wants a quiet machine).
@@ -23,6 +26,12 @@ oha_version=1.16.0
 missing=""
 [ -x /usr/sbin/nginx ] || command -v nginx >/dev/null || missing="$missing nginx-light"
 command -v wrk >/dev/null || missing="$missing wrk"
+instructions=""
+for arg in "$@"; do [ "$arg" = --instructions ] && instructions=1; done
+if [ -n "$instructions" ]; then
+  command -v valgrind >/dev/null || missing="$missing valgrind"
+  command -v perf >/dev/null || missing="$missing linux-perf"
+fi
 if [ -n "$missing" ]; then
   if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then
     echo "benches/compare.sh: please install$missing (Debian packages)" >&2
@@ -34,7 +43,7 @@ fi
 
 # oha (fixed-rate load with latency correction), built once into the cache.
 oha="$cache/oha-$oha_version/bin/oha"
-if [ ! -x "$oha" ]; then
+if [ -z "$instructions" ] && [ ! -x "$oha" ]; then
   echo "installing oha $oha_version into $cache (once; several minutes on a small machine)" >&2
   start=$(date +%s)
   cargo install --locked "oha@$oha_version" --root "$cache/oha-$oha_version"
