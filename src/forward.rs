@@ -333,7 +333,7 @@ async fn seal(cx: &Context<'_>, admitted: Admitted) -> Result<Outbound, ProxyErr
         mut held,
     } = admitted;
     let started = Instant::now();
-    let sealed = cx.generation.sealer.seal(&plaintext, &model_pool).await;
+    let sealed = cx.generation.sealer.seal_bytes(&plaintext, &model_pool).await;
     cx.metrics.seal_finished(&sealed, started.elapsed());
     let sealed = sealed?;
     drop(plaintext);

@@ -43,12 +43,14 @@ impl Generation {
         resolved: &Resolved,
     ) -> Result<Generation, UpstreamError> {
         let reusable = previous.map_or(&[][..], |p| p.endpoints.as_slice());
-        let endpoints = upstream::build_endpoints(
+        let pools = crate::runtime::worker_count(config.runtime.workers) + 1;
+        let endpoints = upstream::build_endpoints_with_pools(
             &config.endpoints,
             &config.discovery,
             &config.upstream,
             reusable,
             resolved,
+            pools,
         )?;
         let routes = RouteTable::new(route_policy(&config), &endpoints);
         let settings = seal_settings(&config);

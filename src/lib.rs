@@ -27,7 +27,8 @@
 //! * [`config`]: the TOML contract and its validation; [`check`], the warnings of
 //!   `gpulink check` about a valid file that is likely not what was meant.
 //! * [`proxy`]: the runtime that starts all of the above, reloads and shuts down; only
-//!   `main`, the demo and [`reload`] see it.
+//!   `main`, the demo and [`reload`] see it. [`runtime`]: its request-path threads (one
+//!   single-threaded runtime per core, `[runtime] workers`).
 //!
 //! Not here, on purpose: the cluster simulator (the `gpulink-sim` crate, `crates/sim`)
 //! and `gpulink demo` (the binary's `src/demo.rs`), test equipment behind the binary's
@@ -65,6 +66,7 @@ pub mod proxy;
 pub mod reload;
 mod rlimit;
 pub mod route;
+pub mod runtime;
 pub mod seal;
 pub mod systemd;
 pub mod telemetry;

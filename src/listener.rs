@@ -174,6 +174,9 @@ pub struct Listener {
     connections: Mutex<HashMap<u64, Arc<Connection>>>,
     next_id: AtomicU64,
     evicted: AtomicU64,
+    /// Connections accepted since start, by request-path worker (one entry when the
+    /// listener is not served by workers): how `SO_REUSEPORT` spread them.
+    accepted: Box<[AtomicU64]>,
     /// Seconds (since `epoch`) of the last "limit reached" warning, to log it rarely.
     last_warning: AtomicU64,
     epoch: Instant,
@@ -181,6 +184,12 @@ pub struct Listener {
 
 impl Listener {
     pub fn new(name: &'static str, limit: usize) -> Arc<Self> {
+        Self::for_workers(name, limit, 1)
+    }
+
+    /// A listener whose sockets `workers` request-path workers serve, one each; the
+    /// limit is shared by all of them.
+    pub fn for_workers(name: &'static str, limit: usize, workers: usize) -> Arc<Self> {
         let limit = limit.clamp(1, Semaphore::MAX_PERMITS);
         Arc::new(Self {
             name,
@@ -189,6 +198,7 @@ impl Listener {
             connections: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(0),
             evicted: AtomicU64::new(0),
+            accepted: (0..workers.max(1)).map(|_| AtomicU64::new(0)).collect(),
             last_warning: AtomicU64::new(u64::MAX),
             epoch: Instant::now(),
         })
@@ -205,6 +215,14 @@ impl Listener {
     /// Idle connections closed to admit new ones since start.
     pub fn evicted(&self) -> u64 {
         self.evicted.load(Ordering::Relaxed)
+    }
+
+    /// Connections accepted since start, by worker (see [`crate::runtime`]).
+    pub fn accepted_by_worker(&self) -> Vec<u64> {
+        self.accepted
+            .iter()
+            .map(|a| a.load(Ordering::Relaxed))
+            .collect()
     }
 
     /// Accepts until `stop` is cancelled. Then, with `grace`, lets connections finish
@@ -251,6 +269,10 @@ impl Listener {
                     }
                 },
             };
+            let worker = crate::runtime::current_worker().unwrap_or(0);
+            if let Some(accepted) = self.accepted.get(worker.min(self.accepted.len() - 1)) {
+                accepted.fetch_add(1, Ordering::Relaxed);
+            }
             let settings = settings();
             if settings.nodelay {
                 let _ = stream.set_nodelay(true);
@@ -581,11 +603,13 @@ pub fn fit_file_descriptors(
     listen: &crate::config::Listen,
     admin: &crate::config::Admin,
     endpoints: usize,
+    workers: usize,
 ) -> Result<usize, NoFileDescriptors> {
     let limit = crate::rlimit::raise_nofile_limit();
     let wanted = listen.max_connections as u64;
     let admin = admin.max_connections as u64;
-    let upstream = endpoints as u64 * FD_PER_ENDPOINT;
+    // Each worker has its own pool per endpoint.
+    let upstream = endpoints as u64 * FD_PER_ENDPOINT * workers.max(1) as u64;
     let Some(limit) = limit else {
         return Ok(listen.max_connections);
     };

@@ -12,7 +12,6 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use tokio::net::TcpListener;
-use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -35,6 +34,8 @@ pub enum StartError {
     Upstream(#[from] upstream::UpstreamError),
     #[error(transparent)]
     FileDescriptors(#[from] crate::listener::NoFileDescriptors),
+    #[error("cannot start the request-path workers (runtime.workers): {0}")]
+    Workers(std::io::Error),
     #[error("cannot listen on {address} ({key}): {source}")]
     Bind {
         key: &'static str,
@@ -93,6 +94,10 @@ pub struct Proxy {
     in_flight_bytes: Arc<crate::inflight::InFlightBytes>,
     /// Whether KMS has been proven with the configured key (see [`KmsProof`]).
     kms_proof: tokio::sync::watch::Sender<KmsProof>,
+    /// Request-path workers ([`crate::runtime`]), fixed at start, and the app listener
+    /// sockets bound for them.
+    workers: usize,
+    listener_sockets: std::sync::atomic::AtomicUsize,
 }
 
 /// How long shutdown waits for the background tasks once they are told to stop.
@@ -190,10 +195,13 @@ impl Proxy {
     /// Applies a validated configuration. Endpoints whose settings did not change keep
     /// their health state and pooled connections; new ones get a first health check
     /// before they can receive traffic.
-    pub async fn reload(&self, config: Config) -> Result<u64, ReloadError> {
+    pub async fn reload(&self, mut config: Config) -> Result<u64, ReloadError> {
         let _one_at_a_time = self.reload_lock.lock().await;
         let old = self.current();
         warn_about_restart_only_changes(&old.config, &config);
+        // The workers started with the process; the generation says what is in effect
+        // (and builds its endpoints' pools for them).
+        config.runtime = old.config.runtime;
         let keys = keys_for(&old, &config).await?;
         let kms_changed = kms_settings_changed(&old.config, &config);
         let resolved = self.resolve_new_names(&config).await;
@@ -363,6 +371,8 @@ impl admin::Source for Proxy {
             uptime: self.uptime(),
             app_connections: &self.app_connections,
             admin_connections: &self.admin_connections,
+            workers: self.workers,
+            listener_sockets: self.listener_sockets.load(Ordering::Relaxed),
             held_bytes: self.in_flight_bytes.held(),
             metrics: &self.metrics,
             history: &self.history,
@@ -412,6 +422,7 @@ fn warn_about_restart_only_changes(old: &Config, new: &Config) {
             old.admin.max_connections != new.admin.max_connections,
         ),
         ("log.format", old.log.format != new.log.format),
+        ("runtime.workers", old.runtime != new.runtime),
     ] {
         if changed {
             tracing::warn!(
@@ -519,7 +530,8 @@ pub struct ProxyHandle {
     pub admin_addr: SocketAddr,
     proxy: Arc<Proxy>,
     stop_accepting: CancellationToken,
-    ingress: JoinHandle<()>,
+    /// The request-path workers, each serving one app listener socket.
+    workers: crate::runtime::Workers,
 }
 
 impl ProxyHandle {
@@ -539,7 +551,9 @@ impl ProxyHandle {
         );
         tokio::time::sleep(drain_delay).await;
         self.stop_accepting.cancel();
-        let _ = self.ingress.await;
+        // Each worker stops accepting, lets its connections finish within the grace,
+        // then ends with its runtime.
+        self.workers.join().await;
         self.proxy.stop_background.cancel();
         self.proxy.tasks.close();
         // Each task stops at its next await on the token; the bound keeps one stuck in a
@@ -592,12 +606,15 @@ pub async fn start_with(
         options.random_seed,
         &resolved,
     )?);
+    let workers = crate::runtime::worker_count(generation.config.runtime.workers);
     let max_connections = crate::listener::fit_file_descriptors(
         &generation.config.listen,
         &generation.config.admin,
         generation.endpoints.len(),
+        workers,
     )?;
-    let app_connections = crate::listener::Listener::new("listen", max_connections);
+    let app_connections =
+        crate::listener::Listener::for_workers("listen", max_connections, workers);
     let admin_connections =
         crate::listener::Listener::new("admin", generation.config.admin.max_connections);
     let stop_background = CancellationToken::new();
@@ -625,6 +642,8 @@ pub async fn start_with(
         admin_connections,
         in_flight_bytes: crate::inflight::InFlightBytes::new(),
         kms_proof: tokio::sync::watch::Sender::new(KmsProof::default()),
+        workers,
+        listener_sockets: std::sync::atomic::AtomicUsize::new(0),
     });
     let config = generation.config.clone();
 
@@ -655,7 +674,20 @@ pub async fn start_with(
             );
         }
     }
-    let (listener, listen_addr) = bind("listen.address", config.listen.address).await?;
+    let listen_error = |source| StartError::Bind {
+        key: "listen.address",
+        address: config.listen.address,
+        source,
+    };
+    let listeners =
+        crate::runtime::bind_listeners(config.listen.address, workers).map_err(listen_error)?;
+    let listen_addr = match listeners.first() {
+        Some(first) => first.local_addr().map_err(listen_error)?,
+        None => return Err(listen_error(std::io::Error::other("no worker to listen"))),
+    };
+    proxy
+        .listener_sockets
+        .store(listeners.len(), Ordering::Relaxed);
     let (admin_listener, admin_addr) = bind("admin.address", config.admin.address).await?;
 
     tasks.spawn(admin::serve(
@@ -681,18 +713,41 @@ pub async fn start_with(
     ));
 
     let stop_accepting = CancellationToken::new();
-    let forwarder = proxy.forwarder();
-    let ingress = tokio::spawn(crate::ingress::serve(
-        listener,
-        proxy.app_connections.clone(),
-        Arc::new(forwarder),
-        stop_accepting.clone(),
-    ));
+    let forwarder = Arc::new(proxy.forwarder());
+    let connections = proxy.app_connections.clone();
+    let stop = stop_accepting.clone();
+    let serve = move |_worker, listener| {
+        crate::ingress::serve(
+            listener,
+            connections.clone(),
+            forwarder.clone(),
+            stop.clone(),
+        )
+    };
+    // The workers live as long as the runtime that started them: when it goes away
+    // without a shutdown (a test's runtime ending, a panic), this task is dropped with it
+    // and the workers drop everything at once, as the runtime's own tasks would be. A
+    // shutdown ends it after the workers have ended.
+    let abandon = CancellationToken::new();
+    let running = match crate::runtime::Workers::start(listeners, serve, abandon.clone()).await {
+        Ok(running) => running,
+        Err(error) => {
+            abandon.cancel();
+            return Err(StartError::Workers(error));
+        }
+    };
+    let abandon_with_this_runtime = abandon.drop_guard();
+    let workers_ended = stop_background.clone();
+    tasks.spawn(async move {
+        let _abandon = abandon_with_this_runtime;
+        workers_ended.cancelled().await
+    });
     proxy.ready.store(true, Ordering::Release);
     let serving = generation.serving();
     tracing::info!(
         listen = %listen_addr,
         admin = %admin_addr,
+        workers,
         generation = generation.number,
         phase = generation.routes.phase().as_str(),
         endpoints = generation.endpoints.len(),
@@ -705,7 +760,7 @@ pub async fn start_with(
         admin_addr,
         proxy,
         stop_accepting,
-        ingress,
+        workers: running,
     })
 }
 

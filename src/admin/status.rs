@@ -19,6 +19,9 @@ pub struct Inputs<'a> {
     pub uptime: Duration,
     pub app_connections: &'a Listener,
     pub admin_connections: &'a Listener,
+    /// Request-path workers, and the app listener sockets they serve (one each).
+    pub workers: usize,
+    pub listener_sockets: usize,
     /// Request body bytes held now (`listen.max_in_flight_bytes`).
     pub held_bytes: u64,
     pub metrics: &'a Metrics,
@@ -109,6 +112,13 @@ pub fn document(inputs: &Inputs<'_>) -> Value {
             "last_breach": generation.routes.rollback().and_then(|r| r.last_breach()),
         },
         "reloads": { "applied": reloads_ok, "rejected": reloads_failed },
+        // The request-path threads ([runtime] workers): one SO_REUSEPORT socket each,
+        // and the app connections each has accepted since start.
+        "runtime": {
+            "workers": inputs.workers,
+            "listener_sockets": inputs.listener_sockets,
+            "connections_by_worker": inputs.app_connections.accepted_by_worker(),
+        },
         // Open client connections per listener against its limit; `evicted` counts idle
         // connections closed to admit new ones at the limit.
         "connections": {

@@ -24,6 +24,8 @@ const DAY: Duration = Duration::from_secs(86_400);
 pub const MAX_BODY: u64 = 1_000_000_000;
 pub const MAX_CONNECTIONS: u64 = 1_000_000;
 pub const MAX_ATTEMPTS: u64 = 10;
+/// Request-path threads (`runtime.workers`); 0 means one per usable core.
+pub const MAX_WORKERS: u64 = 256;
 
 /// The range checks, one helper per kind of value, each message in the same form.
 impl Problems {
@@ -83,6 +85,7 @@ pub(super) fn check(c: &RawConfig, p: &mut Problems) {
         1,
         MAX_CONNECTIONS,
     );
+    p.int("runtime.workers", c.runtime.workers as u64, 0, MAX_WORKERS);
     p.duration(
         "listen.drain_delay",
         c.listen.drain_delay.get(),

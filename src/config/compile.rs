@@ -81,6 +81,7 @@ pub(super) fn compile(raw: RawConfig) -> Result<Config, Vec<(String, String)>> {
         listen: raw.listen,
         admin: raw.admin,
         log: raw.log,
+        runtime: raw.runtime,
         tenant,
         kms,
         upstream: raw.upstream,

@@ -25,7 +25,7 @@ pub use file::{read_regular_file, sandbox_hint, MAX_CA_FILE, MAX_CONFIG_FILE};
 pub use key::{check_key_arn, KeyArn, KeyId};
 pub use sections::{
     Admin, ContextMode, Health, KeyCache, Kms, Listen, Log, LogFormat, Migration, Outlier, Phase,
-    Placement, Retry, Rollback, SealFormat, Tenant, Upstream,
+    Placement, Retry, Rollback, Runtime, SealFormat, Tenant, Upstream,
 };
 pub use units::{parse_duration, parse_size, ByteSize, HumanDuration};
 pub use zone::{Zone, MAX_ZONE_LEN};
@@ -75,6 +75,7 @@ pub struct Config {
     pub listen: Listen,
     pub admin: Admin,
     pub log: Log,
+    pub runtime: Runtime,
     pub tenant: Tenant,
     pub kms: Kms,
     pub upstream: Upstream,

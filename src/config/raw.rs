@@ -12,7 +12,7 @@ use serde::Deserialize;
 
 use super::sections::{
     Admin, ContextMode, Health, KeyCache, Listen, Log, Migration, Outlier, Retry, Rollback,
-    SealFormat, Upstream,
+    Runtime, SealFormat, Upstream,
 };
 use super::units::HumanDuration;
 
@@ -25,6 +25,8 @@ pub(super) struct RawConfig {
     pub admin: Admin,
     #[serde(default)]
     pub log: Log,
+    #[serde(default)]
+    pub runtime: Runtime,
     pub tenant: RawTenant,
     pub kms: RawKms,
     #[serde(default)]

@@ -100,6 +100,15 @@ pub struct Log {
     pub format: LogFormat,
 }
 
+/// `[runtime]`: the threads that serve requests (see [`crate::runtime`]).
+#[derive(Debug, Clone, Copy, Deserialize, Default, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Runtime {
+    /// Request-path threads, each a single-threaded runtime with its own listener
+    /// socket and upstream pools; 0 = the cores this process may use. Restart only.
+    pub workers: usize,
+}
+
 /// `[tenant]`, with `model_pools` defaulted to `[model_pool]`.
 #[derive(Debug, Clone)]
 pub struct Tenant {

@@ -68,17 +68,22 @@ pub const FORMAT_KMS_DIRECT: &str = WireFormat::KmsDirectV1.as_str();
 /// The value of `X-Encryption-Format` for an AWS Encryption SDK v2 message.
 pub const FORMAT_AWS_ESDK: &str = WireFormat::AwsEsdkV2.as_str();
 
-/// Plaintexts from this size up are encrypted inside `tokio::task::block_in_place`, so a
-/// big body does not hold up the other requests on the same runtime worker.
+/// Plaintexts from this size up are encrypted off the async thread, so a big body does
+/// not hold up the other requests on the same runtime worker: inside
+/// `tokio::task::block_in_place` on the multi-threaded runtime, on the blocking pool
+/// (`spawn_blocking`) on a single-threaded one (the request-path workers,
+/// [`crate::runtime`], where `block_in_place` is not allowed), for bodies passed as
+/// [`Bytes`] ([`Sealer::seal_bytes`]).
 ///
 /// Measured (`cargo bench --bench seal`, release, this 2-core Xeon; see BENCHMARKS.md):
 /// sealing runs at ~5-7 GiB/s, so 10 MiB takes ~1.9 ms and 1 MiB ~0.15 ms of CPU, well
 /// over tokio's guideline of 10-100 us between awaits; 64 KiB takes ~14 us and 256 KiB
 /// ~40 us. Handing the worker's core over costs ~8 us per call, so below 256 KiB inline
 /// is cheaper for everyone, and above it the hand-over is under 20% of the seal (5% at
-/// 1 MiB). `block_in_place` rather than `spawn_blocking` because it borrows the body: no
-/// copy and no `'static` bound. It needs the multi-threaded runtime, which `gpulink run`
-/// uses; elsewhere (a current-thread runtime in a test) the body is sealed inline.
+/// 1 MiB). `block_in_place` where it can, because it borrows the body: no copy and no
+/// `'static` bound; `spawn_blocking` shares the `Bytes` instead (no copy either) and costs
+/// a hand-over to another thread and back. How many run at once is bounded by the
+/// in-flight body budget (`listen.max_in_flight_bytes`), which every such body holds.
 pub const BLOCKING_SEAL_THRESHOLD: usize = 256 * 1024;
 
 #[derive(Debug, thiserror::Error)]
@@ -235,7 +240,22 @@ impl Sealer {
     pub async fn seal(&self, plaintext: &[u8], model_pool: &str) -> Result<Sealed, SealError> {
         let context = self.context_for(model_pool);
         if self.format_for(plaintext.len()) == WireFormat::AwsEsdkV2 {
-            self.seal_esdk(plaintext, &context).await
+            self.seal_esdk(plaintext, None, &context).await
+        } else {
+            self.seal_kms_direct(plaintext, &context).await
+        }
+    }
+
+    /// As [`Sealer::seal`], for a body it may hand to the blocking pool when it is big
+    /// and the runtime is single-threaded (see [`BLOCKING_SEAL_THRESHOLD`]).
+    pub async fn seal_bytes(
+        &self,
+        plaintext: &Bytes,
+        model_pool: &str,
+    ) -> Result<Sealed, SealError> {
+        let context = self.context_for(model_pool);
+        if self.format_for(plaintext.len()) == WireFormat::AwsEsdkV2 {
+            self.seal_esdk(plaintext, Some(plaintext), &context).await
         } else {
             self.seal_kms_direct(plaintext, &context).await
         }
@@ -266,6 +286,7 @@ impl Sealer {
     async fn seal_esdk(
         &self,
         plaintext: &[u8],
+        shared: Option<&Bytes>,
         context: &EncryptionContext,
     ) -> Result<Sealed, SealError> {
         // A lower bound (an encrypted data key can only add bytes) refuses a body that can
@@ -294,10 +315,20 @@ impl Sealer {
             self.frame_len,
         )?)?;
         let encrypt = || esdk::encrypt(key.plaintext(), edks, context, plaintext, self.frame_len);
-        let message = if plaintext.len() >= BLOCKING_SEAL_THRESHOLD && can_block_in_place() {
-            tokio::task::block_in_place(encrypt)?
-        } else {
-            encrypt()?
+        let message = match off_thread(plaintext.len(), shared) {
+            OffThread::BlockInPlace => tokio::task::block_in_place(encrypt)?,
+            OffThread::SpawnBlocking(body) => {
+                let (key, context, frame_len) = (key.clone(), context.clone(), self.frame_len);
+                let sealing = tokio::task::spawn_blocking(move || {
+                    let edks = std::slice::from_ref(key.edk());
+                    esdk::encrypt(key.plaintext(), edks, &context, &body, frame_len)
+                });
+                // A panic in the codec is a failed seal: 503, nothing sent.
+                sealing
+                    .await
+                    .map_err(|_| esdk::EsdkError::Crypto("the sealing thread failed"))??
+            }
+            OffThread::Inline => encrypt()?,
         };
         Ok(Sealed {
             body: Bytes::from(message),
@@ -319,10 +350,27 @@ impl Sealer {
     }
 }
 
-/// `block_in_place` panics outside the multi-threaded runtime.
-fn can_block_in_place() -> bool {
-    tokio::runtime::Handle::try_current()
-        .is_ok_and(|handle| handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread)
+/// Where a seal of `len` bytes runs (see [`BLOCKING_SEAL_THRESHOLD`]).
+enum OffThread {
+    Inline,
+    BlockInPlace,
+    SpawnBlocking(Bytes),
+}
+
+/// `block_in_place` panics outside the multi-threaded runtime; `spawn_blocking` needs a
+/// runtime and a body it can share.
+fn off_thread(len: usize, shared: Option<&Bytes>) -> OffThread {
+    if len < BLOCKING_SEAL_THRESHOLD {
+        return OffThread::Inline;
+    }
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return OffThread::Inline;
+    };
+    match (runtime.runtime_flavor(), shared) {
+        (tokio::runtime::RuntimeFlavor::MultiThread, _) => OffThread::BlockInPlace,
+        (_, Some(body)) => OffThread::SpawnBlocking(body.clone()),
+        (_, None) => OffThread::Inline,
+    }
 }
 
 /// Where the start-up proof of KMS stands: gpulink is not ready until one seal with the
@@ -394,6 +442,39 @@ mod tests {
         let data_key: [u8; 32] = data_key.as_slice().try_into().expect("32 bytes");
         let expected = encryption_context(ContextMode::Tenant, "tenant-123", pool);
         esdk::decrypt_expecting_context(&data_key, body, &expected).expect("message opens")
+    }
+
+    /// A big body on a single-threaded runtime (a request-path worker) is sealed on the
+    /// blocking pool, and on the multi-threaded one in place; both open.
+    #[test]
+    fn big_bodies_are_sealed_off_the_async_thread_on_either_runtime() {
+        let body = Bytes::from(vec![b'3'; BLOCKING_SEAL_THRESHOLD + 1]);
+        for multi in [false, true] {
+            let runtime = if multi {
+                tokio::runtime::Builder::new_multi_thread().build().unwrap()
+            } else {
+                tokio::runtime::Builder::new_current_thread()
+                    .build()
+                    .unwrap()
+            };
+            runtime.block_on(async {
+                let expected = if multi { "in place" } else { "spawn" };
+                let chosen = match off_thread(body.len(), Some(&body)) {
+                    OffThread::BlockInPlace => "in place",
+                    OffThread::SpawnBlocking(_) => "spawn",
+                    OffThread::Inline => "inline",
+                };
+                assert_eq!(chosen, expected);
+                assert!(matches!(
+                    off_thread(body.len() - 2, Some(&body)),
+                    OffThread::Inline
+                ));
+                let (keys, _) = dev();
+                let sealer = Sealer::new(settings(&config("aws-esdk", "")), keys.clone());
+                let sealed = sealer.seal_bytes(&body, "model-a").await.unwrap();
+                assert_eq!(open(&keys, &sealed.body, "model-a").await, body);
+            });
+        }
     }
 
     #[tokio::test]

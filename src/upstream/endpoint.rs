@@ -78,7 +78,10 @@ pub struct Endpoint {
     /// `server_name[:port]`: the request URI's authority, so the pool sends the TLS name
     /// as Host / `:authority`. Parsed once, here, not per request.
     uri_authority: http::uri::Authority,
-    client: PoolClient,
+    /// One connection pool per request-path worker, then one for every other thread
+    /// ([`crate::runtime::pool_index`]): hyper runs a pooled connection as a task on the
+    /// runtime that opened it, so a worker's requests only use connections of its own.
+    clients: Box<[PoolClient]>,
     /// Makes the pool's connections; the data-path check uses it too, so the check dials
     /// exactly what a request would.
     connector: EndpointConnector,
@@ -113,18 +116,22 @@ impl Endpoint {
             .map_err(|e| format!("invalid TLS name `{}`: {e}", config.server_name))?;
         let connector =
             EndpointConnector::new(&config.host, config.port, server_name, tls, connect_timeout);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(pool_idle_timeout)
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            // Bodies reach 10 MB: let HTTP/2 flow control grow with the bandwidth-delay
-            // product instead of stalling on the default 64 KiB windows.
-            .http2_adaptive_window(true)
-            // Pings while a stream is open find a connection that died silently (an
-            // ENI lost under an open connection) before request_timeout does.
-            .http2_keep_alive_interval(Duration::from_secs(20))
-            .http2_keep_alive_timeout(Duration::from_secs(10))
-            .build(connector.clone());
+        let pool = || {
+            Client::builder(TokioExecutor::new())
+                .pool_idle_timeout(pool_idle_timeout)
+                .pool_timer(TokioTimer::new())
+                .timer(TokioTimer::new())
+                // Bodies reach 10 MB: let HTTP/2 flow control grow with the
+                // bandwidth-delay product instead of stalling on the default 64 KiB
+                // windows.
+                .http2_adaptive_window(true)
+                // Pings while a stream is open find a connection that died silently (an
+                // ENI lost under an open connection) before request_timeout does.
+                .http2_keep_alive_interval(Duration::from_secs(20))
+                .http2_keep_alive_timeout(Duration::from_secs(10))
+                .build(connector.clone())
+        };
+        let clients = (0..settings.pools.max(1)).map(|_| pool()).collect();
         let authority = config.authority();
         let authority_header = HeaderValue::from_str(&authority)
             .map_err(|_| format!("endpoint `{authority}` is not a valid header value"))?;
@@ -140,7 +147,7 @@ impl Endpoint {
             authority,
             authority_header,
             uri_authority,
-            client,
+            clients,
             connector,
             healthy: AtomicBool::new(true),
             data_path_ok: AtomicBool::new(true),
@@ -174,8 +181,9 @@ impl Endpoint {
         self.config.zone.as_ref()
     }
 
+    /// The connection pool of the thread asking (see [`crate::runtime::pool_index`]).
     pub fn client(&self) -> &PoolClient {
-        &self.client
+        &self.clients[crate::runtime::pool_index(self.clients.len())]
     }
 
     /// `https://server_name[:port]/path?query` for a request to this endpoint.

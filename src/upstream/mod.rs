@@ -32,6 +32,19 @@ pub fn build_endpoints(
     reusable: &[Arc<Endpoint>],
     resolved: &discovery::Resolved,
 ) -> Result<Vec<Arc<Endpoint>>, UpstreamError> {
+    build_endpoints_with_pools(listed, discovery, upstream, reusable, resolved, 1)
+}
+
+/// As [`build_endpoints`], with `pools` connection pools per endpoint (one per
+/// request-path worker and one for the other threads, [`crate::runtime::pool_index`]).
+pub fn build_endpoints_with_pools(
+    listed: &[EndpointConfig],
+    discovery: &[Discovery],
+    upstream: &Upstream,
+    reusable: &[Arc<Endpoint>],
+    resolved: &discovery::Resolved,
+    pools: usize,
+) -> Result<Vec<Arc<Endpoint>>, UpstreamError> {
     let mut endpoint_configs = listed.to_vec();
     for found in discovery {
         for address in resolved.get(&found.region).into_iter().flatten() {
@@ -40,7 +53,10 @@ pub fn build_endpoints(
     }
     let mut tls_by_ca: BTreeMap<Vec<PathBuf>, Arc<rustls::ClientConfig>> = BTreeMap::new();
     let mut endpoints = Vec::with_capacity(endpoint_configs.len());
-    let settings = connection_settings(upstream);
+    let settings = ConnectionSettings {
+        pools,
+        ..connection_settings(upstream)
+    };
     for ec in endpoint_configs {
         if let Some(same) = reusable
             .iter()
@@ -84,6 +100,7 @@ pub(crate) fn connection_settings(upstream: &Upstream) -> ConnectionSettings {
         connect_timeout: upstream.connect_timeout.get(),
         pool_idle_timeout: upstream.pool_idle_timeout.get(),
         ca_file: upstream.ca_file.clone(),
+        pools: 1,
     }
 }
 
@@ -92,4 +109,6 @@ pub struct ConnectionSettings {
     pub connect_timeout: std::time::Duration,
     pub pool_idle_timeout: std::time::Duration,
     pub ca_file: Option<PathBuf>,
+    /// Connection pools per endpoint: the request-path workers and one more.
+    pub pools: usize,
 }

@@ -48,3 +48,4 @@ mod soak;
 mod status_page;
 mod systemd;
 mod systemd_boot;
+mod workers;
