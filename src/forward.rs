@@ -52,7 +52,7 @@ use crate::history::History;
 use crate::inflight::{InFlightBytes, Reservation};
 use crate::ingress::Handler;
 use crate::listener::ConnectionSettings;
-use crate::metrics::{EndpointLabels, Metrics};
+use crate::metrics::{Attribution, Metrics};
 use crate::route::Plan;
 use crate::seal::Sealed;
 use crate::upstream::{health, outlier, ConnectError, ConnectedPeer, Endpoint};
@@ -111,7 +111,7 @@ struct Context<'a> {
     /// Where the answer is counted: the endpoint of the last attempt (the one that
     /// answered, or the one whose failure gpulink answers with), or the route the
     /// request would have taken when there was no endpoint to try; `None` before routing.
-    attribution: Option<EndpointLabels>,
+    attribution: Option<Attribution>,
 }
 
 /// Serves one app request. Never fails: every error becomes a JSON answer, here.
@@ -138,9 +138,10 @@ pub async fn handle(forwarder: &Forwarder, request: Request<Incoming>) -> Respon
     };
     cx.metrics
         .request_finished(status, code, cx.attribution.as_ref(), started.elapsed());
+    let labels = cx.attribution.as_ref().map(Attribution::labels);
     forwarder
         .history
-        .request_finished(&result, cx.attribution.as_ref(), started.elapsed());
+        .request_finished(&result, labels.as_deref(), started.elapsed());
     let _enter = span.enter();
     match result {
         Ok(response) => {
@@ -333,13 +334,25 @@ async fn seal(cx: &Context<'_>, admitted: Admitted) -> Result<Outbound, ProxyErr
         mut held,
     } = admitted;
     let started = Instant::now();
-    let sealed = cx.generation.sealer.seal_bytes(&plaintext, &model_pool).await;
+    let sealed = cx
+        .generation
+        .sealer
+        .seal_bytes(&plaintext, &model_pool)
+        .await;
     cx.metrics.seal_finished(&sealed, started.elapsed());
     let sealed = sealed?;
     drop(plaintext);
     held.shrink_to(sealed.body.len() as u64);
-    let tenant_id = &cx.generation.config.tenant.id;
-    let headers = upstream_headers(parts.headers, &sealed, tenant_id, &model_pool, &cx.id)?;
+    let tenant = &cx.generation.config.tenant.id;
+    let prebuilt = &cx.generation.tenant_headers;
+    let headers = upstream_headers(
+        parts.headers,
+        &sealed,
+        prebuilt,
+        tenant,
+        &model_pool,
+        &cx.id,
+    )?;
     let path = parts
         .uri
         .path_and_query()
@@ -353,10 +366,12 @@ async fn seal(cx: &Context<'_>, admitted: Admitted) -> Result<Outbound, ProxyErr
     })
 }
 
-/// The headers the cluster receives: the app's end-to-end headers plus the tenant's.
+/// The headers the cluster receives: the app's end-to-end headers plus the tenant's,
+/// from the values the generation made (`prebuilt`) where it has them.
 fn upstream_headers(
     mut headers: HeaderMap,
     sealed: &Sealed,
+    prebuilt: &headers::TenantHeaders,
     tenant_id: &str,
     model_pool: &str,
     request_id: &HeaderValue,
@@ -366,17 +381,22 @@ fn upstream_headers(
     let value = |header: &'static str, origin: &'static str, value: &str| {
         HeaderValue::from_str(value).map_err(|_| ProxyError::UnsendableHeader { header, origin })
     };
+    let or_made = |made: Option<&HeaderValue>, header, origin, text| match made {
+        Some(made) => Ok(made.clone()),
+        None => value(header, origin, text),
+    };
     headers.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/octet-stream"),
     );
     headers.insert(
         headers::X_TENANT_ID,
-        value("X-Tenant-ID", "tenant.id", tenant_id)?,
+        or_made(prebuilt.tenant_id(), "X-Tenant-ID", "tenant.id", tenant_id)?,
     );
     headers.insert(
         headers::X_KMS_KEY_ID,
-        value(
+        or_made(
+            prebuilt.key_arn(&sealed.key_arn),
             "X-KMS-Key-ID",
             "the key id KMS answered with",
             &sealed.key_arn,
@@ -384,7 +404,12 @@ fn upstream_headers(
     );
     headers.insert(
         X_MODEL_POOL,
-        value("X-Model-Pool", "the model pool", model_pool)?,
+        or_made(
+            prebuilt.model_pool(model_pool),
+            "X-Model-Pool",
+            "the model pool",
+            model_pool,
+        )?,
     );
     headers.insert(
         headers::X_ENCRYPTION_FORMAT,
@@ -406,11 +431,11 @@ async fn dispatch(
     let now = chrono::Utc::now();
     let plan = generation.routes.plan(now, &mut generation.chooser.rng());
     // With no endpoint to try, an error still belongs to the route it would have taken.
-    cx.attribution = plan.first_route().map(EndpointLabels::route_only);
+    cx.attribution = plan.first_route().map(Attribution::Route);
     generation.retry_budget.record_request();
     let mut tries = Tries::new(generation.config.retry.max_attempts);
     while let Some((endpoint, retry)) = tries.next(generation, &plan) {
-        cx.attribution = Some(EndpointLabels::of(&endpoint));
+        cx.attribution = Some(Attribution::Endpoint(cx.metrics.series(&endpoint)));
         let uri = endpoint
             .uri_for(&outbound.path)
             .map_err(ProxyError::TargetNotForwardable)?;
@@ -942,14 +967,32 @@ mod tests {
             HeaderValue::from_static("application/json"),
         );
         let id = HeaderValue::from_static("req-1");
-        let headers = upstream_headers(app, &sealed("arn:aws:kms:k"), "t1", "pool-a", &id)
+        let tenant = crate::config::Tenant {
+            id: "t1".into(),
+            model_pool: "pool-a".into(),
+            model_pools: vec!["pool-a".into()],
+        };
+        // The values made per request and those the generation made are the same.
+        for prebuilt in [
+            headers::TenantHeaders::default(),
+            headers::TenantHeaders::new(&tenant, "arn:aws:kms:k"),
+        ] {
+            let headers = upstream_headers(
+                app.clone(),
+                &sealed("arn:aws:kms:k"),
+                &prebuilt,
+                "t1",
+                "pool-a",
+                &id,
+            )
             .expect("valid values");
-        assert_eq!(headers["x-app"], "kept");
-        assert_eq!(headers[header::CONTENT_TYPE], "application/octet-stream");
-        assert_eq!(headers[headers::X_TENANT_ID], "t1");
-        assert_eq!(headers[headers::X_KMS_KEY_ID], "arn:aws:kms:k");
-        assert_eq!(headers[X_MODEL_POOL], "pool-a");
-        assert_eq!(headers[X_REQUEST_ID], "req-1");
+            assert_eq!(headers["x-app"], "kept");
+            assert_eq!(headers[header::CONTENT_TYPE], "application/octet-stream");
+            assert_eq!(headers[headers::X_TENANT_ID], "t1");
+            assert_eq!(headers[headers::X_KMS_KEY_ID], "arn:aws:kms:k");
+            assert_eq!(headers[X_MODEL_POOL], "pool-a");
+            assert_eq!(headers[X_REQUEST_ID], "req-1");
+        }
     }
 
     #[test]
@@ -958,6 +1001,7 @@ mod tests {
         let error = upstream_headers(
             HeaderMap::new(),
             &sealed("arn:aws:kms:\nsecret-ish"),
+            &headers::TenantHeaders::default(),
             "t1",
             "pool-a",
             &id,

@@ -26,6 +26,8 @@ pub struct Generation {
     pub sealer: Sealer,
     pub retry_budget: RetryBudget,
     pub chooser: Chooser,
+    /// The tenant headers' values, made once for every request of this generation.
+    pub tenant_headers: crate::headers::TenantHeaders,
     pub loaded_at: chrono::DateTime<chrono::Utc>,
 }
 
@@ -64,6 +66,10 @@ impl Generation {
             number,
             retry_budget: RetryBudget::new(&config.retry),
             chooser: Chooser::new(random_seed),
+            tenant_headers: crate::headers::TenantHeaders::new(
+                &config.tenant,
+                config.kms.key_id.as_str(),
+            ),
             config: Arc::new(config),
             endpoints,
             routes,

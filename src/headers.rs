@@ -1,7 +1,7 @@
 //! Header names of the tenant API and of gpulink itself, and the inbound header hygiene:
 //! tenant identity comes from configuration only, never from the app.
 
-use http::header::{self, HeaderMap, HeaderName};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 pub const X_TENANT_ID: HeaderName = HeaderName::from_static("x-tenant-id");
 pub const X_KMS_KEY_ID: HeaderName = HeaderName::from_static("x-kms-key-id");
@@ -91,6 +91,48 @@ fn is_look_alike(name: &str) -> bool {
         .into_iter()
         .chain(HOP_BY_HOP.iter())
         .any(|n| n.as_str() == dashed)
+}
+
+/// The tenant headers' values, made once per configuration generation instead of once
+/// per request. The configuration's values are checked when it is compiled; one that
+/// still cannot be a header value is left out here and refused per request, as before.
+#[derive(Debug, Clone, Default)]
+pub struct TenantHeaders {
+    tenant_id: Option<HeaderValue>,
+    /// `X-Model-Pool` for each of `tenant.model_pools`.
+    pools: Vec<(String, HeaderValue)>,
+    /// `X-KMS-Key-ID` for `kms.key_id` as configured: the ARN every `aws-esdk` seal names.
+    key_id: Option<(String, HeaderValue)>,
+}
+
+impl TenantHeaders {
+    pub fn new(tenant: &crate::config::Tenant, key_id: &str) -> Self {
+        let value = |text: &str| HeaderValue::from_str(text).ok();
+        Self {
+            tenant_id: value(&tenant.id),
+            pools: tenant
+                .model_pools
+                .iter()
+                .filter_map(|pool| Some((pool.clone(), value(pool)?)))
+                .collect(),
+            key_id: value(key_id).map(|v| (key_id.to_string(), v)),
+        }
+    }
+
+    pub fn tenant_id(&self) -> Option<&HeaderValue> {
+        self.tenant_id.as_ref()
+    }
+
+    pub fn model_pool(&self, pool: &str) -> Option<&HeaderValue> {
+        self.pools.iter().find(|(p, _)| p == pool).map(|(_, v)| v)
+    }
+
+    pub fn key_arn(&self, arn: &str) -> Option<&HeaderValue> {
+        self.key_id
+            .as_ref()
+            .filter(|(k, _)| k == arn)
+            .map(|(_, v)| v)
+    }
 }
 
 /// An app request id is kept when it is 1..=128 visible ASCII characters.

@@ -91,6 +91,42 @@ impl EndpointLabels {
     }
 }
 
+/// One endpoint's request-path series, resolved once (the label strings built and looked
+/// up when the endpoint first serves) and kept on the endpoint, so that a request costs
+/// atomic adds and histogram observations, not label allocations and locked look-ups.
+/// The handles share their counts with the families they came from: the exposition is
+/// the same.
+pub struct EndpointSeries {
+    pub labels: EndpointLabels,
+    attempts: Counter,
+    upstream_duration: Histogram,
+    /// `gpulink_requests_total` for `2xx`, `4xx` and `5xx` answers (the series made at 0
+    /// for every endpoint; a 1xx or 3xx answer is counted through the family).
+    requests: [Counter; 3],
+    request_duration: Histogram,
+}
+
+/// Where an answer is counted ([`Metrics::request_finished`]).
+#[derive(Clone)]
+pub enum Attribution {
+    /// The endpoint of the request's last attempt.
+    Endpoint(std::sync::Arc<EndpointSeries>),
+    /// No endpoint to try on the route the request would have taken.
+    Route(RouteKind),
+}
+
+impl Attribution {
+    /// The labels the answer is counted under.
+    pub fn labels(&self) -> std::borrow::Cow<'_, EndpointLabels> {
+        match self {
+            Attribution::Endpoint(series) => std::borrow::Cow::Borrowed(&series.labels),
+            Attribution::Route(route) => {
+                std::borrow::Cow::Owned(EndpointLabels::route_only(*route))
+            }
+        }
+    }
+}
+
 /// An endpoint, the check that fails there (`health` or `data_path`) and why.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CheckProblemLabels {
@@ -690,7 +726,7 @@ impl Metrics {
         &self,
         status: StatusCode,
         error: Option<Code>,
-        attribution: Option<&EndpointLabels>,
+        attribution: Option<&Attribution>,
         elapsed: Duration,
     ) {
         if let Some(code) = error {
@@ -700,7 +736,14 @@ impl Metrics {
                 })
                 .inc();
         }
-        let (route, region, endpoint) = match attribution {
+        if let Some(Attribution::Endpoint(series)) = attribution {
+            if let Some(index) = status_class_index(status) {
+                series.requests[index].inc();
+                series.request_duration.observe(elapsed.as_secs_f64());
+                return;
+            }
+        }
+        let (route, region, endpoint) = match attribution.map(Attribution::labels) {
             Some(to) => (to.route, to.region.clone(), to.endpoint.clone()),
             None => ("none", "none".into(), "none".into()),
         };
@@ -722,15 +765,47 @@ impl Metrics {
     /// An endpoint answered with response headers after `latency` (connection set-up
     /// excluded).
     pub fn upstream_response(&self, endpoint: &Endpoint, latency: Duration) {
-        self.upstream_attempts
-            .get_or_create(&EndpointLabels::of(endpoint))
-            .inc();
-        self.upstream_duration
-            .get_or_create(&RouteRegionLabels {
-                route: endpoint.kind().as_str(),
-                region: endpoint.region().to_string(),
+        let series = self.series(endpoint);
+        series.attempts.inc();
+        series.upstream_duration.observe(latency.as_secs_f64());
+    }
+
+    /// `endpoint`'s request-path series, resolved at its first use and kept on it (an
+    /// endpoint belongs to one proxy, whose metrics outlive every generation).
+    pub fn series(&self, endpoint: &Endpoint) -> std::sync::Arc<EndpointSeries> {
+        endpoint
+            .metric_series()
+            .get_or_init(|| {
+                let labels = EndpointLabels::of(endpoint);
+                let route = labels.route;
+                let requests = ["2xx", "4xx", "5xx"].map(|status| {
+                    self.requests
+                        .get_or_create(&RequestLabels {
+                            route,
+                            region: labels.region.clone(),
+                            endpoint: labels.endpoint.clone(),
+                            status,
+                        })
+                        .clone()
+                });
+                std::sync::Arc::new(EndpointSeries {
+                    attempts: self.upstream_attempts.get_or_create(&labels).clone(),
+                    upstream_duration: self
+                        .upstream_duration
+                        .get_or_create(&RouteRegionLabels {
+                            route,
+                            region: labels.region.clone(),
+                        })
+                        .clone(),
+                    requests,
+                    request_duration: self
+                        .request_duration
+                        .get_or_create(&RouteLabels { route })
+                        .clone(),
+                    labels,
+                })
             })
-            .observe(latency.as_secs_f64());
+            .clone()
     }
 
     /// An attempt that ended without response headers, counted by how it failed.
@@ -1043,6 +1118,16 @@ fn catch_up(counter: &Counter, total: u64) {
 
 /// Every migration phase, so the phase gauge has a series for each (0 or 1).
 /// `2xx`, `4xx`, ...: the status class, so label cardinality stays bounded.
+/// The index of [`status_class`] among the classes [`EndpointSeries`] holds.
+fn status_class_index(status: StatusCode) -> Option<usize> {
+    match status_class(status) {
+        "2xx" => Some(0),
+        "4xx" => Some(1),
+        "5xx" => Some(2),
+        _ => None,
+    }
+}
+
 pub fn status_class(status: StatusCode) -> &'static str {
     match status.as_u16() / 100 {
         1 => "1xx",
@@ -1165,6 +1250,39 @@ mod tests {
         assert!(text.lines().any(|l| l.starts_with(
             "gpulink_endpoint_serving{route=\"privatelink\",region=\"us-east-1\",endpoint=\"127.220.0.1:443\"}"
         )));
+
+        // The request path's handles, resolved once per endpoint, count into the same
+        // series the exposition shows.
+        let endpoint = &generation.endpoints[0];
+        let series = metrics.series(endpoint);
+        assert!(std::sync::Arc::ptr_eq(&series, &metrics.series(endpoint)));
+        metrics.upstream_response(endpoint, Duration::from_millis(3));
+        let attribution = Attribution::Endpoint(series);
+        for status in [StatusCode::OK, StatusCode::OK, StatusCode::BAD_GATEWAY] {
+            metrics.request_finished(status, None, Some(&attribution), Duration::from_millis(4));
+        }
+        let text = metrics
+            .render(
+                &Snapshot {
+                    generation: &generation,
+                    ready: true,
+                    draining: false,
+                    reloads: (3, 1),
+                },
+                Format::PrometheusText,
+            )
+            .expect("encoded");
+        let labels = "route=\"privatelink\",region=\"us-east-1\",endpoint=\"127.220.0.1:443\"";
+        for line in [
+            format!("gpulink_upstream_attempts_total{{{labels}}} 1"),
+            format!("gpulink_requests_total{{{labels},status=\"2xx\"}} 2"),
+            format!("gpulink_requests_total{{{labels},status=\"5xx\"}} 1"),
+            "gpulink_request_duration_seconds_count{route=\"privatelink\"} 3".to_string(),
+            "gpulink_upstream_duration_seconds_count{route=\"privatelink\",region=\"us-east-1\"} 1"
+                .to_string(),
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line}\n{text}");
+        }
     }
 
     #[test]

@@ -102,6 +102,8 @@ pub struct Endpoint {
     pub(crate) data_path: Mutex<DataPathSnapshot>,
     last_request_error: Mutex<Option<RequestError>>,
     settings: super::ConnectionSettings,
+    /// Its metric series, resolved at first use ([`crate::metrics::Metrics::series`]).
+    metric_series: std::sync::OnceLock<Arc<crate::metrics::EndpointSeries>>,
 }
 
 impl Endpoint {
@@ -161,7 +163,14 @@ impl Endpoint {
             health: Mutex::new(HealthSnapshot::default()),
             data_path: Mutex::new(DataPathSnapshot::default()),
             last_request_error: Mutex::new(None),
+            metric_series: std::sync::OnceLock::new(),
         })
+    }
+
+    pub(crate) fn metric_series(
+        &self,
+    ) -> &std::sync::OnceLock<Arc<crate::metrics::EndpointSeries>> {
+        &self.metric_series
     }
 
     pub fn connection_settings(&self) -> &super::ConnectionSettings {
