@@ -391,7 +391,8 @@ def main():
     ap.add_argument("--moto", required=True)
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
     ap.add_argument("--one-worker", action="store_true",
-                    help="also measure a second gpulink with one runtime worker (TOKIO_WORKER_THREADS=1)")
+                    help="also measure a second gpulink with one request-path worker ([runtime] workers = 1; "
+                         "with --instructions: TOKIO_WORKER_THREADS=1, for builds from before [runtime])")
     ap.add_argument("--perf", metavar="FILE",
                     help="perf record -g gpulink during the 5k/s phase (with --instructions: during its "
                          "perf stat drive) into FILE")
@@ -497,8 +498,8 @@ def run_all(a, d, procs, secs, big_n):
     if a.one_worker:
         conf1 = os.path.join(d, "gpulink-1w.toml")
         with open(conf1, "w") as f:
-            f.write(gpulink_conf(ca, key_arn, GPULINK_1W))
-        gl1 = procs.start("gpulink-1w", [a.gpulink, "run", "--config", conf1], env=dict(genv, TOKIO_WORKER_THREADS="1"),
+            f.write(gpulink_conf(ca, key_arn, GPULINK_1W, "[runtime]\nworkers = 1\n\n"))
+        gl1 = procs.start("gpulink-1w", [a.gpulink, "run", "--config", conf1], env=genv,
                           logfile=os.path.join(d, "gpulink-1w.log"))
         wait_until("gpulink-1w /ready", lambda: http_ok(f"http://{GPULINK_1W}:9901/ready"))
 
@@ -656,7 +657,7 @@ def run_instructions(a, d, procs):
     small, env, upstream = b["small"], b["env"], b["upstream"]
     plain = {"Content-Type": "application/json"}
     n, nc, c = a.requests, a.callgrind_requests, a.concurrency
-    valgrind = ["valgrind", "--tool=callgrind", "--dump-instr=no"]
+    valgrind = ["valgrind", "--tool=callgrind", "--dump-instr=no", "--trace-children=yes"]
 
     # What each path runs: (name, url, headers, how to start its proxy natively / under callgrind).
     px_dir = os.path.join(d, "proxy")
@@ -682,7 +683,7 @@ def run_instructions(a, d, procs):
         conf = os.path.join(d, "gpulink-1w.toml")
         with open(conf, "w") as f:
             f.write(gpulink_conf(b["ca"], b["key_arn"], GPULINK_1W))
-        cmd = [a.gpulink, "run", "--config", conf]
+        cmd = ["env", "TOKIO_WORKER_THREADS=1", a.gpulink, "run", "--config", conf]
         variants.append(("gpulink TOKIO_WORKER_THREADS=1", GPULINK_1W, conf, cmd, cmd,
                          lambda: http_ok(f"http://{GPULINK_1W}:9901/ready")))
 

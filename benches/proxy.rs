@@ -117,7 +117,12 @@ thread_local! {
 struct CountingAllocator;
 
 fn count_allocation(bytes: usize) {
-    let component = COMPONENT.try_with(|c| c.get()).unwrap_or(CLIENT);
+    // gpulink's request-path workers are its own threads ([runtime] workers).
+    let component = if gpulink::runtime::current_worker().is_some() {
+        PROXY
+    } else {
+        COMPONENT.try_with(|c| c.get()).unwrap_or(CLIENT)
+    };
     let counters = &ALLOCATIONS[component];
     counters.count.fetch_add(1, Ordering::Relaxed);
     counters.bytes.fetch_add(bytes as u64, Ordering::Relaxed);
@@ -631,10 +636,15 @@ fn usage_by_component() -> [Usage; COMPONENTS.len()] {
         let dir = task.path();
         let name = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
         // The client's workers and the main thread that drives it count as the client.
-        let component = COMPONENTS
-            .iter()
-            .position(|prefix| name.starts_with(prefix))
-            .unwrap_or(CLIENT);
+        // gpulink's request-path workers (`gpulink-worker-N`) are the proxy's.
+        let component = if name.starts_with("gpulink-worker") {
+            PROXY
+        } else {
+            COMPONENTS
+                .iter()
+                .position(|prefix| name.starts_with(prefix))
+                .unwrap_or(CLIENT)
+        };
         let ns = std::fs::read_to_string(dir.join("schedstat"))
             .ok()
             .and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok())
