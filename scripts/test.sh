@@ -12,8 +12,11 @@ cd "$(dirname "$0")/.."
 # debootstrap + systemd-nspawn boot a real systemd to install it in
 # (tests/suite/systemd_boot.rs); nginx is the cluster's TLS + HTTP/2 front in tests/suite/goaway.rs,
 # Prometheus's promtool lints /metrics in tests/suite/cutover_metrics.rs, and headless
-# Chromium renders the status page in tests/suite/status_page.rs.
-# Each is installed only when missing.
+# Chromium renders the status page in tests/suite/status_page.rs; podman with runc
+# (the runtime tests/suite/image.rs names) runs the image there: its runtime stage with
+# this build's binary, about 30 s; the whole Dockerfile, a cold release build in a
+# container, only with GPULINK_IMAGE_TEST=dockerfile (README: "Build the image without a
+# registry"). Each is installed only when missing.
 if ! cargo deb --version >/dev/null 2>&1; then
   cargo install --locked cargo-deb@3.8.0
 fi
@@ -25,6 +28,8 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   [ -x /usr/sbin/nginx ] || command -v nginx >/dev/null || missing="$missing nginx-light"
   command -v promtool >/dev/null || missing="$missing prometheus"
   command -v chromium >/dev/null || missing="$missing chromium"
+  command -v podman >/dev/null || missing="$missing podman"
+  command -v runc >/dev/null || missing="$missing runc"
   if [ -n "$missing" ]; then
     # shellcheck disable=SC2086 # one word per package
     apt_install_without_services $missing

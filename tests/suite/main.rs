@@ -34,6 +34,7 @@ mod esdk;
 mod fuzz_replay;
 mod goaway;
 mod health;
+mod image;
 mod ingress;
 mod input;
 mod kms;
