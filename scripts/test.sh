@@ -14,7 +14,9 @@ cd "$(dirname "$0")/.."
 # Prometheus's promtool lints /metrics in tests/suite/cutover_metrics.rs, and headless
 # Chromium renders the status page in tests/suite/status_page.rs; podman with runc
 # (the runtime tests/suite/image.rs names) runs the image there: its runtime stage with
-# this build's binary, about 30 s; the whole Dockerfile, a cold release build in a
+# this build's binary, about 30 s, and Debian's docker-registry (the distribution
+# registry) with skopeo prove scripts/pin-images.sh against a real registry on loopback;
+# the whole Dockerfile, a cold release build in a
 # container, only with GPULINK_IMAGE_TEST=dockerfile (README: "Build the image without a
 # registry"). Each is installed only when missing.
 if ! cargo deb --version >/dev/null 2>&1; then
@@ -30,6 +32,8 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   command -v chromium >/dev/null || missing="$missing chromium"
   command -v podman >/dev/null || missing="$missing podman"
   command -v runc >/dev/null || missing="$missing runc"
+  command -v skopeo >/dev/null || missing="$missing skopeo"
+  command -v docker-registry >/dev/null || missing="$missing docker-registry"
   if [ -n "$missing" ]; then
     # shellcheck disable=SC2086 # one word per package
     apt_install_without_services $missing

@@ -66,17 +66,19 @@ fn is_root() -> bool {
         .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
 }
 
-fn prerequisites() -> bool {
+/// Whether root and `programs` (and, with `moto`, the test venv) are here; a missing one
+/// skips the test, except in CI (`CI` set), where that is a failure.
+fn prerequisites(programs: &[&str], moto: bool) -> bool {
     let mut missing = Vec::new();
     if !is_root() {
         missing.push("root");
     }
-    for program in ["podman", "debootstrap", "nsenter", "rustc"] {
+    for program in programs {
         if !which(program) {
             missing.push(program);
         }
     }
-    if !root_dir().join(".venv/bin/python").exists() {
+    if moto && !root_dir().join(".venv/bin/python").exists() {
         missing.push(".venv with moto (run scripts/test.sh)");
     }
     if missing.is_empty() {
@@ -86,7 +88,7 @@ fn prerequisites() -> bool {
         std::env::var_os("CI").is_none(),
         "the image test cannot run in CI without: {missing:?}"
     );
-    println!("skipped: missing {missing:?} (scripts/test.sh installs podman as root)");
+    println!("skipped: missing {missing:?} (scripts/test.sh installs them as root)");
     false
 }
 
@@ -155,6 +157,35 @@ fn wait_for<T>(what: &str, limit: Duration, mut attempt: impl FnMut() -> Result<
         }
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// `scripts/image-bases.sh` on the Debian root (`--runtime-only` unless `full`): its
+/// `KEY=image` lines.
+fn image_bases(debian: &Path, full: bool) -> String {
+    let mut bases = Command::new("bash");
+    bases
+        .arg(root_dir().join("scripts/image-bases.sh"))
+        .arg(debian);
+    if !full {
+        bases.arg("--runtime-only");
+    }
+    let bases = bases.output().expect("scripts/image-bases.sh runs");
+    assert!(
+        bases.status.success(),
+        "scripts/image-bases.sh failed:\n{}{}",
+        String::from_utf8_lossy(&bases.stdout),
+        String::from_utf8_lossy(&bases.stderr)
+    );
+    text(&bases)
+}
+
+/// One image of [`image_bases`]'s answer.
+fn base_image(names: &str, key: &str) -> String {
+    names
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{key}=")))
+        .unwrap_or_else(|| panic!("no {key} from scripts/image-bases.sh: {names}"))
+        .to_string()
 }
 
 /// `podman build` of `file` in `context`. `--format docker`: OCI image configs have no
@@ -257,7 +288,7 @@ phase = "privatelink"
 
 #[test]
 fn image_runs_healthy_as_non_root_and_stops_cleanly() {
-    if !prerequisites() {
+    if !prerequisites(&["podman", "debootstrap", "nsenter", "rustc"], true) {
         return;
     }
     // The Debian root is made (once) under this lock, which systemd_boot.rs takes too;
@@ -266,28 +297,8 @@ fn image_runs_healthy_as_non_root_and_stops_cleanly() {
     let debian = crate::debian_root::path();
 
     let full = std::env::var("GPULINK_IMAGE_TEST").is_ok_and(|v| v == "dockerfile");
-    let mut bases = Command::new("bash");
-    bases
-        .arg(root_dir().join("scripts/image-bases.sh"))
-        .arg(&debian);
-    if !full {
-        bases.arg("--runtime-only");
-    }
-    let bases = bases.output().expect("scripts/image-bases.sh runs");
-    assert!(
-        bases.status.success(),
-        "scripts/image-bases.sh failed:\n{}{}",
-        String::from_utf8_lossy(&bases.stdout),
-        String::from_utf8_lossy(&bases.stderr)
-    );
-    let names = text(&bases);
-    let base = |key: &str| -> String {
-        names
-            .lines()
-            .find_map(|l| l.strip_prefix(&format!("{key}=")))
-            .unwrap_or_else(|| panic!("no {key} from scripts/image-bases.sh: {names}"))
-            .to_string()
-    };
+    let names = image_bases(&debian, full);
+    let base = |key: &str| base_image(&names, key);
     let (runtime_image, debian_image) = (base("RUNTIME_IMAGE"), base("DEBIAN_IMAGE"));
     let dockerfile = root_dir().join("packaging/docker/Dockerfile");
     let image = if full {
@@ -541,5 +552,256 @@ fn image_runs_healthy_as_non_root_and_stops_cleanly() {
         logs.contains("SIGTERM received") && logs.contains("shutdown complete"),
         "{logs}"
     );
+    drop(cleanup);
+}
+
+/// A HEAD of a manifest at a plain-HTTP registry on loopback, asking for every manifest
+/// kind (an index or list too): its `Content-Type` and `Docker-Content-Digest`, what
+/// the registry itself says the tag is, independent of skopeo (which the script uses).
+fn registry_manifest(registry: &str, name: &str, tag: &str) -> Result<(String, String), String> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(registry).map_err(|e| e.to_string())?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(|e| e.to_string())?;
+    write!(
+        stream,
+        "HEAD /v2/{name}/manifests/{tag} HTTP/1.1\r\nHost: {registry}\r\nConnection: close\r\n\
+         Accept: application/vnd.oci.image.index.v1+json, \
+         application/vnd.docker.distribution.manifest.list.v2+json, \
+         application/vnd.docker.distribution.manifest.v2+json, \
+         application/vnd.oci.image.manifest.v1+json\r\n\r\n"
+    )
+    .map_err(|e| e.to_string())?;
+    let mut head = String::new();
+    stream
+        .read_to_string(&mut head)
+        .map_err(|e| e.to_string())?;
+    if !head.starts_with("HTTP/1.1 200") {
+        return Err(head);
+    }
+    let header = |wanted: &str| {
+        head.lines()
+            .find_map(|l| {
+                let (key, value) = l.split_once(':')?;
+                key.eq_ignore_ascii_case(wanted)
+                    .then(|| value.trim().to_string())
+            })
+            .ok_or_else(|| format!("no {wanted}: {head}"))
+    };
+    Ok((header("Content-Type")?, header("Docker-Content-Digest")?))
+}
+
+/// The default of `ARG name=` in a Dockerfile.
+fn arg_default<'a>(dockerfile: &'a str, name: &str) -> &'a str {
+    dockerfile
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("ARG {name}=")))
+        .unwrap_or_else(|| panic!("no ARG {name}= in:\n{dockerfile}"))
+}
+
+/// `scripts/pin-images.sh --registry … --plain-http` against a real registry: the
+/// distribution registry Docker Hub runs (Debian's `docker-registry`) on 127.0.0.1,
+/// holding the local stand-ins of the two bases under the names the Dockerfile uses
+/// (`library/rust:<v>-bookworm` as one manifest, `distroless/cc-debian12:nonroot` as a
+/// multi-arch style index, as the real one is). Checks that:
+///
+/// * the ARG defaults become `tag@sha256:<digest>` with the digest the registry reports
+///   for the tag (its `Docker-Content-Digest`; for the index, the index's, which is what
+///   `docker pull` of a multi-arch image verifies), the `# Unpinned:` note goes, and the
+///   packaging check accepts the result;
+/// * the pinned references pull as written (`rust:1.95-bookworm@sha256:…` and
+///   `gcr.io/distroless/…:nonroot@sha256:…`, through a registries.conf mirror to the
+///   local registry) and are the stand-in images;
+/// * after the tag moves (a base rebuilt), running the script again re-pins to the new
+///   digest: the update path the Dockerfile's note describes.
+///
+/// The repository's own Dockerfile stays unpinned: Docker Hub and gcr.io are not
+/// reachable from here, and a digest of a local stand-in would be a lie about them.
+#[test]
+fn pin_images_pins_to_the_digests_a_real_registry_serves() {
+    if !prerequisites(
+        &[
+            "podman",
+            "skopeo",
+            "docker-registry",
+            "debootstrap",
+            "rustc",
+        ],
+        false,
+    ) {
+        return;
+    }
+    let _alone = crate::common::alone_blocking();
+    let debian = crate::debian_root::path();
+    let names = image_bases(&debian, false);
+    let (runtime_image, debian_image) = (
+        base_image(&names, "RUNTIME_IMAGE"),
+        base_image(&names, "DEBIAN_IMAGE"),
+    );
+
+    // The registry, on a loopback port of its own, storing in a temporary directory.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let registry = format!("127.0.0.1:{}", crate::common::free_port());
+    let config = dir.path().join("registry.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n\
+             http:\n  addr: {registry}\n",
+            dir.path().join("storage").display()
+        ),
+    )
+    .expect("registry config");
+    let mut cleanup = Cleanup::default();
+    cleanup.children.push(
+        Command::new("docker-registry")
+            .arg("serve")
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("docker-registry starts"),
+    );
+    wait_for("the registry answers", Duration::from_secs(30), || {
+        std::net::TcpStream::connect(&registry)
+            .map(drop)
+            .map_err(|e| e.to_string())
+    });
+
+    let dockerfile = std::fs::read_to_string(root_dir().join("packaging/docker/Dockerfile"))
+        .expect("Dockerfile");
+    let rust_tag = format!("{}-bookworm", arg_default(&dockerfile, "RUST_VERSION"));
+    let rust_at = format!("{registry}/library/rust:{rust_tag}");
+    let distroless_at = format!("{registry}/distroless/cc-debian12:nonroot");
+    podman_ok(&["push", "--tls-verify=false", &debian_image, &rust_at]);
+    // A fixed name: a list a failed run left behind is replaced, not accumulated.
+    let list = "localhost/gpulink-suite-pin-list:latest";
+    let _ = podman(&["manifest", "rm", list]);
+    podman_ok(&["manifest", "create", list]);
+    let push_list = |image: &str| {
+        podman_ok(&[
+            "manifest",
+            "add",
+            list,
+            &format!("containers-storage:{image}"),
+        ]);
+        podman_ok(&[
+            "manifest",
+            "push",
+            "--tls-verify=false",
+            list,
+            &format!("docker://{distroless_at}"),
+        ]);
+    };
+    push_list(&runtime_image);
+
+    let copy = dir.path().join("Dockerfile");
+    std::fs::write(&copy, &dockerfile).expect("copy");
+    let pin = || {
+        let output = Command::new("bash")
+            .arg(root_dir().join("scripts/pin-images.sh"))
+            .args(["--registry", &registry, "--plain-http"])
+            .arg(&copy)
+            .output()
+            .expect("pin-images.sh runs");
+        assert!(
+            output.status.success(),
+            "pin-images.sh failed:\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        std::fs::read_to_string(&copy).expect("pinned")
+    };
+    let expect_pins = |pinned: &str| -> (String, String) {
+        let (rust_type, rust_digest) = registry_manifest(&registry, "library/rust", &rust_tag)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let (list_type, list_digest) =
+            registry_manifest(&registry, "distroless/cc-debian12", "nonroot")
+                .unwrap_or_else(|e| panic!("{e}"));
+        assert!(
+            rust_type.ends_with("manifest.v1+json") || rust_type.ends_with("manifest.v2+json"),
+            "{rust_type}"
+        );
+        assert!(
+            list_type.ends_with("index.v1+json") || list_type.ends_with("list.v2+json"),
+            "{list_type}"
+        );
+        assert_eq!(
+            arg_default(pinned, "BUILD_IMAGE"),
+            format!("rust:${{RUST_VERSION}}-bookworm@{rust_digest}"),
+            "{pinned}"
+        );
+        assert_eq!(
+            arg_default(pinned, "RUNTIME_IMAGE"),
+            format!("gcr.io/distroless/cc-debian12:nonroot@{list_digest}"),
+            "{pinned}"
+        );
+        assert_eq!(crate::packaging::image_pins(pinned), Ok(0), "{pinned}");
+        assert!(!pinned.contains("# Unpinned:"), "{pinned}");
+        (rust_digest, list_digest)
+    };
+    let pinned = pin();
+    let (rust_digest, list_digest) = expect_pins(&pinned);
+    // Nothing but the two ARG lines and the note changed.
+    let changed: Vec<_> = dockerfile
+        .lines()
+        .filter(|l| !pinned.lines().any(|p| p == *l))
+        .collect();
+    assert_eq!(changed.len(), 3, "{changed:?}");
+
+    // The pinned references pull as the Dockerfile writes them, from a mirror of Docker
+    // Hub and gcr.io that is the local registry.
+    let registries = dir.path().join("registries.conf");
+    std::fs::write(
+        &registries,
+        format!(
+            "unqualified-search-registries = [\"docker.io\"]\nshort-name-mode = \"permissive\"\n\
+             [[registry]]\nprefix = \"gcr.io\"\nlocation = \"gcr.io\"\n\
+             [[registry.mirror]]\nlocation = \"{registry}\"\ninsecure = true\n\
+             [[registry]]\nprefix = \"docker.io\"\nlocation = \"docker.io\"\n\
+             [[registry.mirror]]\nlocation = \"{registry}\"\ninsecure = true\n"
+        ),
+    )
+    .expect("registries.conf");
+    let image_id = |image: &str| podman_ok(&["image", "inspect", "--format", "{{.Id}}", image]);
+    let rust_version = arg_default(&dockerfile, "RUST_VERSION");
+    for (reference, stand_in, untag) in [
+        (
+            arg_default(&pinned, "BUILD_IMAGE").replace("${RUST_VERSION}", rust_version),
+            &debian_image,
+            format!("docker.io/library/rust@{rust_digest}"),
+        ),
+        (
+            arg_default(&pinned, "RUNTIME_IMAGE").to_string(),
+            &runtime_image,
+            format!("gcr.io/distroless/cc-debian12@{list_digest}"),
+        ),
+    ] {
+        let pulled = Command::new("podman")
+            .args(["--runtime", "runc", "pull", "--quiet", &reference])
+            .env("CONTAINERS_REGISTRIES_CONF", &registries)
+            .stdin(Stdio::null())
+            .output()
+            .expect("podman pull runs");
+        let _ = podman(&["rmi", &untag]);
+        assert!(
+            pulled.status.success(),
+            "podman pull {reference}: {}",
+            String::from_utf8_lossy(&pulled.stderr)
+        );
+        assert_eq!(text(&pulled), image_id(stand_in), "{reference}");
+    }
+
+    // The base gets a fix (here: another image under the same tag): a second run re-pins
+    // the runtime image to the tag's new digest and leaves the build image as it was.
+    podman_ok(&["manifest", "rm", list]);
+    podman_ok(&["manifest", "create", list]);
+    push_list(&debian_image);
+    let repinned = pin();
+    let (rust_again, list_again) = expect_pins(&repinned);
+    assert_eq!(rust_again, rust_digest);
+    assert_ne!(list_again, list_digest);
+    let _ = podman(&["manifest", "rm", list]);
     drop(cleanup);
 }

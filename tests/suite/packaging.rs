@@ -809,7 +809,7 @@ fn grafana_dashboard_compares_routes_and_covers_kms_and_cache() {
 /// Whether the Dockerfile's base images are honest about pinning: each `ARG *_IMAGE`
 /// default is `name:tag@sha256:<64 hex>`, or a bare tag while the `# Unpinned:` note
 /// (pointing at scripts/pin-images.sh) says so; the note goes once all are pinned.
-fn image_pins(dockerfile: &str) -> Result<usize, String> {
+pub(crate) fn image_pins(dockerfile: &str) -> Result<usize, String> {
     let mut unpinned = Vec::new();
     let mut images = 0;
     for line in dockerfile.lines() {
