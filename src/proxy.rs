@@ -662,17 +662,12 @@ pub async fn start_with(
         })?;
         Ok::<_, StartError>((listener, local))
     };
-    for (key, address) in [
-        ("listen.address", config.listen.address),
-        ("admin.address", config.admin.address),
-    ] {
-        if !address.ip().is_loopback() {
-            tracing::warn!(
-                key,
-                %address,
-                "not a loopback address: other hosts can reach it (the app-facing listener takes plaintext JSON)"
-            );
-        }
+    for (key, address) in config.exposed_listeners() {
+        tracing::warn!(
+            key,
+            %address,
+            "not a loopback address: other hosts can reach it (the app-facing listener takes plaintext JSON)"
+        );
     }
     let listen_error = |source| StartError::Bind {
         key: "listen.address",

@@ -135,6 +135,19 @@ impl Config {
             ))
         })
     }
+
+    /// The listeners bound outside loopback, by key: other hosts can reach them, and the
+    /// app listener takes plaintext JSON, so the proxy warns about each at start.
+    pub fn exposed_listeners(&self) -> Vec<(&'static str, std::net::SocketAddr)> {
+        [
+            ("listen.address", self.listen.address),
+            ("admin.address", self.admin.address),
+        ]
+        .into_iter()
+        .filter(|(_, address)| !address.ip().is_loopback())
+        .collect()
+    }
+
     /// Parses and compiles configuration text; `path` only labels messages.
     pub fn from_toml(text: &str, path: &Path) -> Result<Config, ConfigError> {
         let raw: raw::RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
@@ -212,6 +225,21 @@ mod tests {
         assert_eq!(eps[2].health_port, 9090);
         assert_eq!(eps[3].kind, RouteKind::Public);
         assert_eq!(eps[3].server_name, "gpu.us-east-1.example.com");
+        assert!(c.exposed_listeners().is_empty());
+    }
+
+    #[test]
+    fn listeners_outside_loopback_are_named() {
+        let text = MINIMAL.replacen(
+            "[tenant]",
+            "[listen]\naddress = \"0.0.0.0:8000\"\n[admin]\naddress = \"[::1]:9901\"\n[tenant]",
+            1,
+        );
+        let c = parse(&text).unwrap();
+        let exposed = c.exposed_listeners();
+        assert_eq!(exposed.len(), 1, "{exposed:?}");
+        assert_eq!(exposed[0].0, "listen.address");
+        assert_eq!(exposed[0].1.to_string(), "0.0.0.0:8000");
     }
 
     #[test]
