@@ -208,6 +208,11 @@ async fn run(
         report!("gpulink: {message}");
         return Ok(ExitCode::from(EX_CONFIG as u8));
     }
+    // Before the AWS SDK is built: without system roots it panics or fails opaquely.
+    if let Err(error) = gpulink::tls::require_system_roots() {
+        report!("gpulink: {error}");
+        return Ok(ExitCode::from(EX_CONFIG as u8));
+    }
     let keys = KeyService::Kms(KmsKeys::from_config(&config.kms).await);
     let handle = gpulink::proxy::start(config, keys).await?;
     // The tasks started here (the proxy tracks its own), awaited before exit.

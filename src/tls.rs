@@ -17,6 +17,16 @@ pub enum TlsError {
     EmptyCaFile(PathBuf),
     #[error("TLS configuration failed: {0}")]
     Rustls(#[from] rustls::Error),
+    /// Not one system root certificate loaded. The AWS SDK verifies KMS, STS (IRSA's web
+    /// identity) and EC2 against these, and with none it would panic while building its
+    /// client (a debug assertion) or fail every HTTPS call as an unknown issuer.
+    #[error(
+        "no usable system CA certificates ({looked}): the AWS SDK needs them to verify \
+         KMS, STS and EC2 over HTTPS. Install the ca-certificates package (the container \
+         image carries it), or set SSL_CERT_FILE to a PEM bundle or SSL_CERT_DIR to a \
+         directory of them; `upstream.ca_file` is for the GPU cluster only"
+    )]
+    NoSystemRoots { looked: String },
 }
 
 /// Installs aws-lc-rs as the process's rustls provider. Called first thing by every
@@ -62,16 +72,56 @@ pub fn check_ca_file(path: &Path) -> Result<(), TlsError> {
     Ok(())
 }
 
-/// The system's trusted roots, loaded once per process. Unreadable system roots are
-/// logged rather than fatal: a `ca_file` may be all that is needed.
-fn system_roots() -> &'static [CertificateDer<'static>] {
-    static ROOTS: std::sync::OnceLock<Vec<CertificateDer<'static>>> = std::sync::OnceLock::new();
+/// The system's trusted roots and what went wrong loading them, once per process.
+struct SystemRoots {
+    certs: Vec<CertificateDer<'static>>,
+    errors: Vec<String>,
+}
+
+fn load_system_roots() -> &'static SystemRoots {
+    static ROOTS: std::sync::OnceLock<SystemRoots> = std::sync::OnceLock::new();
     ROOTS.get_or_init(|| {
         let result = rustls_native_certs::load_native_certs();
         for error in &result.errors {
             tracing::debug!(%error, "could not load some system root certificates");
         }
-        result.certs
+        SystemRoots {
+            certs: result.certs,
+            errors: result.errors.iter().map(ToString::to_string).collect(),
+        }
+    })
+}
+
+/// The system's trusted roots. Unreadable system roots are logged rather than fatal
+/// here: a `ca_file` may be all the cluster needs ([`require_system_roots`] is the check
+/// for AWS).
+fn system_roots() -> &'static [CertificateDer<'static>] {
+    &load_system_roots().certs
+}
+
+/// At least one usable system root certificate, or why there is none (where it looked:
+/// `SSL_CERT_FILE`/`SSL_CERT_DIR` when set, and the loader's errors, which name paths).
+/// Run before the AWS SDK is set up: without roots it panics in a debug build and fails
+/// every HTTPS call in a release one, neither saying why.
+pub fn require_system_roots() -> Result<usize, TlsError> {
+    let roots = load_system_roots();
+    let (usable, _ignored) =
+        RootCertStore::empty().add_parsable_certificates(roots.certs.iter().cloned());
+    if usable > 0 {
+        return Ok(usable);
+    }
+    let mut looked: Vec<String> = ["SSL_CERT_FILE", "SSL_CERT_DIR"]
+        .into_iter()
+        .filter_map(|name| {
+            std::env::var_os(name).map(|v| format!("{name}={}", Path::new(&v).display()))
+        })
+        .collect();
+    if looked.is_empty() {
+        looked.push("the system's default locations".to_string());
+    }
+    looked.extend(roots.errors.iter().take(3).cloned());
+    Err(TlsError::NoSystemRoots {
+        looked: looked.join("; "),
     })
 }
 

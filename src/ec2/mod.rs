@@ -216,6 +216,11 @@ impl Ec2Client {
         timeout: Duration,
     ) -> Result<Self, Ec2Error> {
         let target = Target::parse(&endpoint_url(region, endpoint)?)?;
+        // Before the SDK's loader, which panics (debug) or fails opaquely without roots.
+        crate::tls::require_system_roots().map_err(|e| Ec2Error::Connect {
+            endpoint: target.url.clone(),
+            message: e.to_string(),
+        })?;
         let sdk_config = aws_config::defaults(aws_config::BehaviorVersion::latest())
             .region(aws_config::Region::new(region.to_string()))
             .load()

@@ -417,3 +417,68 @@ fn demo_runs_beside_a_simulator_with_its_log_in_a_file_and_an_aligned_table() {
     }
     drop(held);
 }
+
+/// `gpulink run` and `gpulink discover` with no usable system CA certificate (an empty
+/// SSL_CERT_FILE and SSL_CERT_DIR, as in an image without ca-certificates): the AWS SDK
+/// would panic building its HTTPS client (a debug assertion in aws-smithy's TrustStore)
+/// or, in a release build, fail every KMS call as an unknown issuer. Instead: exit 78
+/// (run) or 2 (discover) with a message that says what is missing and where it looked.
+/// With the system's bundle the same discover gets past that check (to a refused
+/// connection), so the check is not simply always failing.
+#[test]
+fn without_system_ca_certificates_run_and_discover_say_so_instead_of_panicking() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let empty_file = dir.path().join("empty.pem");
+    let empty_dir = dir.path().join("certs");
+    std::fs::write(&empty_file, "").expect("empty bundle");
+    std::fs::create_dir(&empty_dir).expect("empty dir");
+    let bounded = |args: &[&str], cert_file: &Path| {
+        let out = Command::new("timeout")
+            .arg("60")
+            .arg(env!("CARGO_BIN_EXE_gpulink"))
+            .args(args)
+            .env("SSL_CERT_FILE", cert_file)
+            .env("SSL_CERT_DIR", &empty_dir)
+            .env("AWS_ACCESS_KEY_ID", "testing")
+            .env("AWS_SECRET_ACCESS_KEY", "testing")
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .env_remove("AWS_WEB_IDENTITY_TOKEN_FILE")
+            .output()
+            .expect("gpulink runs");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let config = root().join("tests/fixtures/valid/minimal.toml");
+    let config = config.to_str().expect("utf-8 path");
+    let discover = [
+        "discover",
+        "--vpc-endpoint-id",
+        "vpce-0123456789abcdef0",
+        "--region",
+        "us-east-1",
+        "--endpoint-url",
+        "http://127.0.0.1:1",
+    ];
+    for (args, expected) in [(&["run", "--config", config][..], 78), (&discover[..], 2)] {
+        let (code, stderr) = bounded(args, &empty_file);
+        assert_eq!(code, expected, "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+        assert!(
+            stderr.contains("no usable system CA certificates"),
+            "{stderr}"
+        );
+        assert!(
+            stderr.contains(&format!("SSL_CERT_FILE={}", empty_file.display())),
+            "{stderr}"
+        );
+        assert!(stderr.contains("ca-certificates package"), "{stderr}");
+    }
+    let bundle = Path::new("/etc/ssl/certs/ca-certificates.crt");
+    if bundle.is_file() {
+        let (_, stderr) = bounded(&discover, bundle);
+        assert!(!stderr.contains("no usable system CA"), "{stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+}
