@@ -62,11 +62,11 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsConnector;
 
 use gpulink::config::Config;
-use gpulink::generation::seal_settings;
 use gpulink::headers::{
     X_ENCRYPTION_FORMAT, X_GPULINK_ROUTE, X_KMS_KEY_ID, X_MODEL_POOL, X_REQUEST_ID, X_TENANT_ID,
 };
 use gpulink::seal::{DevKeys, KeyService, Sealer, DEV_KEY_ARN};
+use gpulink::seal_settings;
 use gpulink_sim::{Sim, SimConfig, SimEndpointConfig, DEFAULT_SERVER_NAME};
 
 /// Requests per path before each cell is measured (pools warm, data key cached).
@@ -118,7 +118,7 @@ struct CountingAllocator;
 
 fn count_allocation(bytes: usize) {
     // gpulink's request-path workers are its own threads ([runtime] workers).
-    let component = if gpulink::runtime::current_worker().is_some() {
+    let component = if gpulink::current_worker().is_some() {
         PROXY
     } else {
         COMPONENT.try_with(|c| c.get()).unwrap_or(CLIENT)

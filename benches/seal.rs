@@ -48,7 +48,7 @@ fn dev_keys() -> KeyService {
 
 fn sealer() -> Sealer {
     let config = Config::from_toml(CONFIG, Path::new("bench.toml")).expect("bench config");
-    Sealer::new(gpulink::generation::seal_settings(&config), dev_keys())
+    Sealer::new(gpulink::seal_settings(&config), dev_keys())
 }
 
 fn context() -> EncryptionContext {

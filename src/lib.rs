@@ -5,21 +5,22 @@
 //! tenant headers, and forwards it over pooled TLS to the healthiest endpoint allowed by
 //! the migration phase, falling back to the cluster's public endpoints when allowed.
 //!
-//! The major components, in the order a request meets them:
+//! The major components, in the order a request meets them (the private ones are
+//! named plainly; what other crates use of them is re-exported by name below):
 //!
-//! * [`ingress`]: the loopback listener: HTTP/1.1 and HTTP/2, graceful drain; with
-//!   [`listener`], the connection limits and time bounds every client is held to, and
+//! * `ingress`: the loopback listener: HTTP/1.1 and HTTP/2, graceful drain; with
+//!   `listener`, the connection limits and time bounds every client is held to, and
 //!   with [`body`], the bounded request body reader.
 //! * [`forward`]: **the one place that tells a request's journey**: validate, seal, route,
 //!   send with safe retries, relay.
-//! * [`generation`]: one configuration's endpoints, routes and sealer, built once per load
+//! * `generation`: one configuration's endpoints, routes and sealer, built once per load
 //!   or reload; a request keeps the generation it started with.
 //! * [`seal`]: KMS (or the development key provider) and the sealed-body formats.
-//! * [`route`]: migration phases and the ordered tiers of endpoints a request may use.
-//! * [`upstream`]: endpoints, TLS, per-endpoint connection pools, active health checks and
+//! * `route`: migration phases and the ordered tiers of endpoints a request may use.
+//! * `upstream`: endpoints, TLS, per-endpoint connection pools, active health checks and
 //!   the choice among healthy endpoints.
-//! * [`admin`]: `/live`, `/ready`, `/metrics`, `/status` and the HTML status page on the
-//!   admin address; [`metrics`] holds the Prometheus metrics it exposes, [`history`] the
+//! * `admin`: `/live`, `/ready`, `/metrics`, `/status` and the HTML status page on the
+//!   admin address; `metrics` holds the Prometheus metrics it exposes, `history` the
 //!   last 15 minutes of request outcomes the status page charts.
 //! * [`probe`]: `gpulink probe`, the guide's connectivity test and troubleshooting.
 //! * [`healthcheck`]: `gpulink health`, the readiness probe for containers and exec.
@@ -27,7 +28,7 @@
 //! * [`config`]: the TOML contract and its validation; [`check`], the warnings of
 //!   `gpulink check` about a valid file that is likely not what was meant.
 //! * [`proxy`]: the runtime that starts all of the above, reloads and shuts down; only
-//!   `main`, the demo and [`reload`] see it. [`runtime`]: its request-path threads (one
+//!   `main`, the demo and [`reload`] see it. `runtime`: its request-path threads (one
 //!   single-threaded runtime per core, `[runtime] workers`).
 //!
 //! Not here, on purpose: the cluster simulator (the `gpulink-sim` crate, `crates/sim`)
@@ -43,32 +44,53 @@
 #![deny(clippy::unwrap_used, clippy::expect_used)]
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
-pub mod admin;
+// The components, in the order a request meets them. A module is public when a crate
+// outside this one (the binary, the tests, the benchmarks, the simulator, the fuzz
+// targets) uses it as a whole; the rest are private, and the few items of theirs used
+// outside are re-exported below by name, so this list is the library's whole surface.
+
+// The app side: listener, head guard, bodies, inbound headers.
 pub mod body;
-pub mod check;
-pub mod config;
-pub mod discover;
-pub mod ec2;
-pub mod error;
-pub mod forward;
-pub mod generation;
 pub mod h1guard;
 pub mod headers;
-pub mod healthcheck;
-pub mod history;
-pub mod inflight;
-pub mod ingress;
-pub mod listener;
-pub mod logwriter;
-pub mod metrics;
-pub mod probe;
+mod inflight;
+mod ingress;
+mod listener;
+
+// The journey, and the configuration generation it runs under.
+pub mod forward;
+mod generation;
+pub use generation::seal_settings;
+mod error;
+
+// Sealing, routing, the cluster side.
+mod route;
+pub mod seal;
+mod upstream;
+pub use upstream::health::evaluate as evaluate_health;
+pub mod tls;
+
+// What the operator sees: admin server, metrics, the status page's history, logs.
+mod admin;
+mod history;
+mod logwriter;
+mod metrics;
+pub mod telemetry;
+
+// Configuration.
+pub mod check;
+pub mod config;
+
+// The runtime and what starts, reloads and supervises it.
 pub mod proxy;
+mod runtime;
+pub use runtime::current_worker;
 pub mod reload;
 mod rlimit;
-pub mod route;
-pub mod runtime;
-pub mod seal;
 pub mod systemd;
-pub mod telemetry;
-pub mod tls;
-pub mod upstream;
+
+// The other subcommands: `gpulink health`, `probe`, `discover`, and discover's EC2 client.
+pub mod discover;
+pub mod ec2;
+pub mod healthcheck;
+pub mod probe;

@@ -11,7 +11,7 @@ pub fn check(data: &[u8]) {
         None => (1_700_000_000, data),
     };
     let settings = gpulink::config::Health::default();
-    if let Ok(document) = gpulink::upstream::health::evaluate(body, &settings, now) {
+    if let Ok(document) = gpulink::evaluate_health(body, &settings, now) {
         assert!(document.status.eq_ignore_ascii_case("healthy"));
     }
 }

@@ -33,7 +33,7 @@ use rand::{Rng, RngCore, SeedableRng};
 use crate::config::{Migration, Phase, Rollback, RouteKind};
 use crate::upstream::{balance, Endpoint};
 pub use budget::RetryBudget;
-pub use rollback::{Breach, RollbackMonitor};
+pub use rollback::RollbackMonitor;
 
 /// The randomness behind canary membership and power-of-two choices: the thread's RNG,
 /// or a seeded one so tests can replay a sequence of choices.

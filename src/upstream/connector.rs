@@ -23,8 +23,7 @@ use tokio_rustls::TlsConnector;
 /// The connection a response came over; attached to every response's extensions.
 #[derive(Debug, Clone)]
 pub struct ConnectedPeer {
-    pub addr: SocketAddr,
-    /// `addr` as the `X-Gpulink-Endpoint` value, made once per connection.
+    /// The peer's address as the `X-Gpulink-Endpoint` value, made once per connection.
     pub header: http::HeaderValue,
     /// When the connection was ready, and how long TCP + TLS took: a request that had
     /// to open its own connection subtracts this from its latency sample, so that one
@@ -132,7 +131,6 @@ impl ConnectorInner {
         Ok(TlsConnection {
             io: TokioIo::new(tls),
             peer: ConnectedPeer {
-                addr,
                 header: http::HeaderValue::from_str(&addr.to_string())
                     .unwrap_or_else(|_| http::HeaderValue::from_static("unknown")),
                 established,

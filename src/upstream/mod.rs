@@ -20,11 +20,8 @@ pub use endpoint::{Endpoint, InFlightGuard};
 use crate::config::{Discovery, EndpointConfig, Upstream};
 use crate::tls::{client_config, TlsError};
 
-/// Builds every endpoint a configuration lists (`listed`, and the addresses discovery
-/// found for the regions in `discovery`), sharing one TLS client
-/// configuration per distinct set of trusted CA files. An endpoint in `reusable` with
-/// identical settings (and the same connection settings) is kept as it is, with its
-/// health and its pool.
+/// [`build_endpoints_with_pools`] with one pool per endpoint: the tests' shorthand.
+#[cfg(test)]
 pub fn build_endpoints(
     listed: &[EndpointConfig],
     discovery: &[Discovery],
@@ -35,7 +32,11 @@ pub fn build_endpoints(
     build_endpoints_with_pools(listed, discovery, upstream, reusable, resolved, 1)
 }
 
-/// As [`build_endpoints`], with `pools` connection pools per endpoint (one per
+/// Builds every endpoint a configuration lists (`listed`, and the addresses discovery
+/// found for the regions in `discovery`), sharing one TLS client
+/// configuration per distinct set of trusted CA files. An endpoint in `reusable` with
+/// identical settings (and the same connection settings) is kept as it is, with its
+/// health and its pool. Each endpoint gets `pools` connection pools (one per
 /// request-path worker and one for the other threads, [`crate::runtime::pool_index`]).
 pub fn build_endpoints_with_pools(
     listed: &[EndpointConfig],
