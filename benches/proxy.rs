@@ -950,6 +950,7 @@ fn main() {
     .expect("valid configuration");
     let options = gpulink::proxy::StartOptions {
         random_seed: Some(u64::from(BLOCK)),
+        ..Default::default()
     };
     let proxy = proxy_rt
         .block_on(gpulink::proxy::start_with(

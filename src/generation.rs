@@ -12,6 +12,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 
 use crate::config::Config;
+use crate::placement::HostZone;
 use crate::route::{self, Chooser, RetryBudget, RouteTable};
 use crate::seal::{self, KeyService, Sealer};
 use crate::upstream::discovery::Resolved;
@@ -28,6 +29,8 @@ pub struct Generation {
     pub chooser: Chooser,
     /// The tenant headers' values, made once for every request of this generation.
     pub tenant_headers: crate::headers::TenantHeaders,
+    /// This host's availability zone, for zone-aware routing and the locality metric.
+    pub host_zone: HostZone,
     pub loaded_at: chrono::DateTime<chrono::Utc>,
 }
 
@@ -35,7 +38,8 @@ impl Generation {
     /// Builds the endpoints, routes and sealer of one configuration, reusing the
     /// endpoints of `previous` whose settings are unchanged (they keep their health state
     /// and pooled connections). `random_seed` seeds canary membership and the
-    /// balancer's choices (tests, the demo).
+    /// balancer's choices (tests, the demo). `host_zone` is where this host runs
+    /// ([`crate::placement::learn`]).
     pub fn build(
         number: u64,
         config: Config,
@@ -43,6 +47,7 @@ impl Generation {
         previous: Option<&Generation>,
         random_seed: Option<u64>,
         resolved: &Resolved,
+        host_zone: HostZone,
     ) -> Result<Generation, UpstreamError> {
         let reusable = previous.map_or(&[][..], |p| p.endpoints.as_slice());
         let pools = crate::runtime::worker_count(config.runtime.workers) + 1;
@@ -54,7 +59,7 @@ impl Generation {
             resolved,
             pools,
         )?;
-        let routes = RouteTable::new(route_policy(&config), &endpoints);
+        let routes = RouteTable::new(route_policy(&config, &host_zone), &endpoints);
         let settings = seal_settings(&config);
         // The data-key cache survives a reload that keeps the key and its limits: a reload
         // must not cost a KMS call or reset the counters.
@@ -71,6 +76,7 @@ impl Generation {
                 config.kms.key_id.as_str(),
             ),
             config: Arc::new(config),
+            host_zone,
             endpoints,
             routes,
             sealer,
@@ -88,9 +94,10 @@ impl Generation {
     }
 }
 
-/// The parts of `config` the route table is built from.
-pub fn route_policy(config: &Config) -> route::Policy<'_> {
+/// The parts of `config` the route table is built from, with the host's zone.
+pub fn route_policy<'a>(config: &'a Config, host_zone: &'a HostZone) -> route::Policy<'a> {
     route::Policy {
+        host_zone,
         regions: &config.regions,
         migration: &config.migration,
         rollback: config.rollback.as_ref(),

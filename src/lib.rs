@@ -65,6 +65,8 @@ mod error;
 
 // Sealing, routing, the cluster side.
 mod route;
+// The host's zone; public for `StartOptions::imds` (tests point it at a stand-in).
+pub mod placement;
 pub mod seal;
 mod upstream;
 pub use upstream::health::evaluate as evaluate_health;

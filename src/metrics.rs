@@ -1223,8 +1223,16 @@ mod tests {
         .expect("config");
         let keys =
             crate::seal::KeyService::Kms(crate::seal::KmsKeys::from_config(&config.kms).await);
-        let generation = Generation::build(7, config, keys, None, Some(1), &Default::default())
-            .expect("generation");
+        let generation = Generation::build(
+            7,
+            config,
+            keys,
+            None,
+            Some(1),
+            &Default::default(),
+            Default::default(),
+        )
+        .expect("generation");
         let metrics = Metrics::new();
         let text = metrics
             .render(

@@ -245,6 +245,7 @@ pub async fn probe(targets: Targets<'_>, path: &Path, samples: u32) -> Result<Re
                     let mut unresolved = discovery.endpoint(&crate::config::Found {
                         ip: std::net::IpAddr::from([0, 0, 0, 0]),
                         zone: None,
+                        zone_alias: None,
                     });
                     unresolved.host = host.clone();
                     endpoints.push(unresolved);

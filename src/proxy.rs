@@ -22,6 +22,7 @@ use crate::forward::Forwarder;
 use crate::generation::{Current, Generation};
 use crate::listener::ConnectionSettings;
 use crate::metrics::{Format, Snapshot};
+use crate::placement::{HostZone, Imds};
 use crate::seal::{KeyService, KmsKeys, KmsProof};
 use crate::upstream::discovery::{self, Ec2Clients, RegionStatus, Resolved};
 use crate::upstream::{self, health, Endpoint};
@@ -57,6 +58,9 @@ pub enum ReloadError {
 pub struct StartOptions {
     /// Seeds canary membership and the balancer's random choices.
     pub random_seed: Option<u64>,
+    /// Where to ask for the host's zone when `[placement] zone` is unset; `None`: as
+    /// the environment says ([`crate::placement::Imds::from_env`]).
+    pub imds: Option<crate::placement::Imds>,
 }
 
 pub struct Proxy {
@@ -76,6 +80,9 @@ pub struct Proxy {
     discovery_status: Arc<StatusByRegion>,
     /// The EC2 clients of `privatelink_endpoint_id` regions.
     ec2: Arc<Ec2Clients>,
+    /// What the instance metadata service said about the host's zone, asked at most once
+    /// per process (at start, or at the first reload without `[placement] zone`).
+    imds_zone: tokio::sync::OnceCell<HostZone>,
     /// Wakes background loops that depend on the configuration when it changes.
     generation_changed: Arc<tokio::sync::Notify>,
     stop_background: CancellationToken,
@@ -121,6 +128,20 @@ impl Proxy {
     }
 
     /// The generation new requests use.
+    /// The host's zone for `config`: `[placement] zone`, else what IMDS said (asked once).
+    async fn host_zone(&self, config: &Config) -> HostZone {
+        if let Some(configured) = HostZone::configured(&config.placement) {
+            return configured;
+        }
+        self.imds_zone
+            .get_or_init(|| async {
+                let imds = self.options.imds.clone().unwrap_or_else(Imds::from_env);
+                crate::placement::learn(&config.placement, &imds).await
+            })
+            .await
+            .clone()
+    }
+
     pub fn current(&self) -> Arc<Generation> {
         self.current.get()
     }
@@ -205,6 +226,7 @@ impl Proxy {
         let keys = keys_for(&old, &config).await?;
         let kms_changed = kms_settings_changed(&old.config, &config);
         let resolved = self.resolve_new_names(&config).await;
+        let host_zone = self.host_zone(&config).await;
         let number = self.next_generation.fetch_add(1, Ordering::Relaxed);
         let generation = Generation::build(
             number,
@@ -213,6 +235,7 @@ impl Proxy {
             Some(&old),
             self.options.random_seed,
             &resolved,
+            host_zone,
         )
         .map_err(StartError::from)?;
         // New KMS settings must work before they replace working ones; while the start-up
@@ -598,6 +621,17 @@ pub async fn start_with(
             .unwrap_or_default();
         resolved.insert(d.region.clone(), found);
     }
+    let imds_zone = tokio::sync::OnceCell::new();
+    let host_zone = match HostZone::configured(&config.placement) {
+        Some(configured) => configured,
+        None => {
+            let imds = options.imds.clone().unwrap_or_else(Imds::from_env);
+            let learned = crate::placement::learn(&config.placement, &imds).await;
+            // Set on a fresh cell: cannot fail.
+            let _ = imds_zone.set(learned.clone());
+            learned
+        }
+    };
     let generation = Arc::new(Generation::build(
         1,
         config,
@@ -605,6 +639,7 @@ pub async fn start_with(
         None,
         options.random_seed,
         &resolved,
+        host_zone,
     )?);
     let workers = crate::runtime::worker_count(generation.config.runtime.workers);
     let max_connections = crate::listener::fit_file_descriptors(
@@ -632,6 +667,7 @@ pub async fn start_with(
         resolved: std::sync::Mutex::new(resolved),
         discovery_status,
         ec2,
+        imds_zone,
         generation_changed: Arc::new(tokio::sync::Notify::new()),
         stop_background: stop_background.clone(),
         tasks: tasks.clone(),

@@ -19,6 +19,7 @@ pub fn check(data: &[u8]) {
             let _ = discovery.endpoint(&gpulink::config::Found {
                 ip: std::net::IpAddr::from([127, 0, 0, 1]),
                 zone: gpulink::config::Zone::new("use1-az1").ok(),
+                zone_alias: gpulink::config::Zone::new("us-east-1a").ok(),
             });
         }
         let _ = config.local_region();

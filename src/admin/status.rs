@@ -61,6 +61,8 @@ pub fn document(inputs: &Inputs<'_>) -> Value {
                 "server_name": e.config.server_name,
                 // The ENI's availability zone (configured or discovered); null if unknown.
                 "zone": e.zone(),
+                // Relative to this host's zone: same_zone, cross_zone or unknown.
+                "locality": generation.host_zone.locality(&e.config).as_str(),
                 "health": health.state,
                 "health_since": health.since,
                 "serving": e.is_serving(),
@@ -131,6 +133,10 @@ pub fn document(inputs: &Inputs<'_>) -> Value {
             "held_bytes": inputs.held_bytes,
             "limit_bytes": config.listen.max_in_flight_bytes.bytes(),
         },
+        // This host's availability zone (`zone`, and `alias`, the name IMDS gave beside
+        // the id), how it was learned (`source`: config, imds, none) and, when IMDS gave
+        // none, why (`note`). Zone-aware routing is on when a zone is known.
+        "placement": generation.host_zone,
         "tenant": config.tenant.id,
         "kms": {
             "provider": if keys.is_development() { "development" } else { "aws-kms" },

@@ -80,6 +80,9 @@ impl DiscoverySource {
 pub struct Found {
     pub ip: IpAddr,
     pub zone: Option<Zone>,
+    /// The zone's other spelling, when the source gives both (EC2: `zone` is the id,
+    /// this the name), so a host zone given either way matches.
+    pub zone_alias: Option<Zone>,
 }
 
 impl Discovery {
@@ -95,6 +98,7 @@ impl Discovery {
             ca_file: None,
             // EC2 gives each ENI's zone; DNS answers say nothing about zones.
             zone: found.zone.clone(),
+            zone_alias: found.zone_alias.clone(),
         }
     }
 }
@@ -115,6 +119,9 @@ pub struct EndpointConfig {
     /// `zone`, or discovery); always `None` for public endpoints. Part of the identity:
     /// an endpoint whose zone changes is a new endpoint.
     pub zone: Option<Zone>,
+    /// The zone's name when `zone` is its id (EC2 discovery gives both); zone-aware
+    /// routing matches the host's zone against either ([`crate::placement`]).
+    pub zone_alias: Option<Zone>,
 }
 
 impl EndpointConfig {
@@ -261,6 +268,7 @@ fn endpoint(
         health_port: table.health_port.unwrap_or(health.port),
         ca_file: table.ca_file,
         zone,
+        zone_alias: None,
     })
 }
 

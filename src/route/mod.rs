@@ -108,6 +108,39 @@ pub struct Tier {
     pub kind: RouteKind,
     pub region: String,
     pub endpoints: Vec<Arc<Endpoint>>,
+    /// For the local region's PrivateLink tier, when the host's zone and some endpoint's
+    /// zone are known: which endpoints (same order) are in the host's zone. Empty: the
+    /// tier is zone-blind (every other tier, and no zone known).
+    pub same_zone: Vec<bool>,
+}
+
+/// Zone-aware routing spills out of the host's zone when the best same-zone endpoint's
+/// balancer cost (latency × (in-flight + 1) / capacity weight, [`balance::cost`]) is
+/// more than this many times the best other-zone endpoint's. 2 keeps the local zone
+/// through ordinary noise and a moderate queue, and moves traffic once it is clearly
+/// slower or busier (Envoy spills by host counts; gpulink has the live scores, so it
+/// spills by those).
+pub const ZONE_SPILL_RATIO: f64 = 2.0;
+
+/// Which endpoints of a zone-aware tier one pick chooses among.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ZoneChoice {
+    /// Only the same-zone candidates.
+    SameZone,
+    /// Every candidate: the local zone has none, or it is clearly worse.
+    Spill,
+}
+
+/// The zone rule: given the lowest cost among same-zone candidates and among the
+/// others (`None`: no such candidate), stay in the zone unless it has no candidate or
+/// its best is more than [`ZONE_SPILL_RATIO`] times the others' best.
+pub fn zone_choice(same_zone_best: Option<f64>, other_best: Option<f64>) -> ZoneChoice {
+    match (same_zone_best, other_best) {
+        (None, _) => ZoneChoice::Spill,
+        (Some(_), None) => ZoneChoice::SameZone,
+        (Some(local), Some(other)) if local > ZONE_SPILL_RATIO * other => ZoneChoice::Spill,
+        (Some(_), Some(_)) => ZoneChoice::SameZone,
+    }
 }
 
 /// The tiers of one configuration generation, precomputed so the request path only
@@ -125,6 +158,8 @@ pub struct RouteTable {
 /// requests go, and nothing else.
 #[derive(Debug, Clone, Copy)]
 pub struct Policy<'a> {
+    /// Where this host runs: zone-aware routing in the local PrivateLink tier.
+    pub host_zone: &'a crate::placement::HostZone,
     /// The region names in configuration order; the first is the local one.
     pub regions: &'a [String],
     pub migration: &'a Migration,
@@ -144,14 +179,24 @@ impl RouteTable {
             policy
                 .regions
                 .iter()
-                .map(|region| Tier {
-                    kind,
-                    region: region.clone(),
-                    endpoints: endpoints
+                .enumerate()
+                .map(|(n, region)| {
+                    let endpoints: Vec<Arc<Endpoint>> = endpoints
                         .iter()
                         .filter(|e| e.kind() == kind && e.region() == region)
                         .cloned()
-                        .collect(),
+                        .collect();
+                    let same_zone = if n == 0 && kind == RouteKind::Privatelink {
+                        same_zone(policy.host_zone, &endpoints)
+                    } else {
+                        Vec::new()
+                    };
+                    Tier {
+                        kind,
+                        region: region.clone(),
+                        endpoints,
+                        same_zone,
+                    }
                 })
                 .filter(|tier| !tier.endpoints.is_empty())
                 .collect()
@@ -280,6 +325,47 @@ impl RouteTable {
     }
 }
 
+/// Which of `endpoints` are in the host's zone; empty (zone-blind) unless the host's
+/// zone and at least one endpoint's are known.
+fn same_zone(host: &crate::placement::HostZone, endpoints: &[Arc<Endpoint>]) -> Vec<bool> {
+    use crate::placement::Locality;
+    let localities: Vec<Locality> = endpoints.iter().map(|e| host.locality(&e.config)).collect();
+    if localities.iter().all(|l| *l == Locality::Unknown) {
+        return Vec::new();
+    }
+    localities
+        .iter()
+        .map(|l| *l == Locality::SameZone)
+        .collect()
+}
+
+/// The balancer's pick among `candidates` (each marked same-zone or not) by the zone
+/// rule ([`zone_choice`]): among the same-zone ones while they are not clearly worse,
+/// else among all of them, so a slow local zone still gets its share when it recovers.
+fn pick_zone_aware<'a, R: Rng + ?Sized>(
+    candidates: &[(bool, &'a Arc<Endpoint>)],
+    rng: &mut R,
+) -> Option<&'a Arc<Endpoint>> {
+    // An other-zone endpoint without a latency sample yet is no evidence that the local
+    // zone is worse (the balancer assumes 1 ms for it): the rule compares measured ones.
+    let best = |same: bool| {
+        candidates
+            .iter()
+            .filter(|(s, e)| *s == same && (same || e.latency().is_some()))
+            .map(|(_, e)| balance::cost(e))
+            .reduce(f64::min)
+    };
+    let pool: Vec<&Arc<Endpoint>> = match zone_choice(best(true), best(false)) {
+        ZoneChoice::SameZone => candidates
+            .iter()
+            .filter(|(same, _)| *same)
+            .map(|(_, e)| *e)
+            .collect(),
+        ZoneChoice::Spill => candidates.iter().map(|(_, e)| *e).collect(),
+    };
+    balance::pick(&pool, rng)
+}
+
 impl Plan<'_> {
     /// The best endpoint not in `tried`: the first tier with a serving endpoint that has
     /// capacity wins; full endpoints are used only when no tier has any other.
@@ -324,13 +410,23 @@ impl Plan<'_> {
         rng: &mut R,
     ) -> Option<Arc<Endpoint>> {
         for tier in tiers {
-            let candidates: Vec<&Arc<Endpoint>> = tier
+            let usable = |e: &Arc<Endpoint>| {
+                e.is_serving() && !tried.iter().any(|t| Arc::ptr_eq(t, e)) && (full || !e.is_full())
+            };
+            let candidates: Vec<(bool, &Arc<Endpoint>)> = tier
                 .endpoints
                 .iter()
-                .filter(|e| e.is_serving() && !tried.iter().any(|t| Arc::ptr_eq(t, e)))
-                .filter(|e| full || !e.is_full())
+                .enumerate()
+                .filter(|(_, e)| usable(e))
+                .map(|(n, e)| (tier.same_zone.get(n).copied().unwrap_or(false), e))
                 .collect();
-            if let Some(e) = balance::pick(&candidates, rng) {
+            let chosen = if tier.same_zone.is_empty() {
+                let all: Vec<&Arc<Endpoint>> = candidates.iter().map(|(_, e)| *e).collect();
+                balance::pick(&all, rng)
+            } else {
+                pick_zone_aware(&candidates, rng)
+            };
+            if let Some(e) = chosen {
                 return Some(e.clone());
             }
         }
@@ -423,7 +519,8 @@ mod tests {
             &Default::default(),
         )
         .expect("endpoints");
-        let policy = crate::generation::route_policy(&config);
+        let host_zone = crate::placement::HostZone::default();
+        let policy = crate::generation::route_policy(&config, &host_zone);
         (RouteTable::new(policy, &endpoints), endpoints)
     }
 
@@ -588,6 +685,123 @@ mod tests {
             (last.kind(), last.region()),
             (RouteKind::Privatelink, "us-east-1")
         );
+    }
+
+    /// Three local ENIs, one per zone, a remote region and public; the host in `host`.
+    fn zoned(host: Option<&str>) -> (RouteTable, Vec<Arc<Endpoint>>) {
+        crate::tls::install_crypto_provider();
+        let text = r#"
+            [tenant]
+            id = "t"
+            model_pool = "m"
+            [kms]
+            key_id = "arn:aws:kms:us-east-1:111122223333:key/k"
+            region = "us-east-1"
+            format = "kms-direct"
+            [upstream]
+            server_name = "gpu.internal"
+            [[regions]]
+            name = "us-east-1"
+            privatelink = [
+              { address = "10.0.0.1", zone = "use1-az1" },
+              { address = "10.0.0.2", zone = "use1-az2" },
+              { address = "10.0.0.3", zone = "use1-az4" },
+            ]
+            public = ["public.example.com"]
+            [[regions]]
+            name = "us-west-2"
+            privatelink = [{ address = "10.1.0.1", zone = "usw2-az1" }]
+            [migration]
+            phase = "privatelink"
+            "#;
+        let config = Config::from_toml(text, Path::new("t.toml")).expect("config");
+        let endpoints = crate::upstream::build_endpoints(
+            &config.endpoints,
+            &config.discovery,
+            &config.upstream,
+            &[],
+            &Default::default(),
+        )
+        .expect("endpoints");
+        let host_zone = crate::placement::HostZone {
+            zone: host.and_then(|z| crate::config::Zone::new(z).ok()),
+            source: crate::placement::ZoneSource::Config,
+            ..Default::default()
+        };
+        let policy = crate::generation::route_policy(&config, &host_zone);
+        (RouteTable::new(policy, &endpoints), endpoints)
+    }
+
+    fn picks(t: &RouteTable, rng: &mut StdRng, n: usize) -> Vec<String> {
+        (0..n)
+            .filter_map(|_| first_choice(t, rng))
+            .map(|e| e.config.host.clone())
+            .collect()
+    }
+
+    #[test]
+    fn the_zone_rule() {
+        use ZoneChoice::*;
+        assert_eq!(zone_choice(None, Some(1.0)), Spill);
+        assert_eq!(zone_choice(None, None), Spill);
+        assert_eq!(zone_choice(Some(9.0), None), SameZone);
+        assert_eq!(zone_choice(Some(1.0), Some(1.0)), SameZone);
+        // Up to the ratio the zone keeps its traffic; past it, it spills.
+        assert_eq!(zone_choice(Some(2.0), Some(1.0)), SameZone);
+        assert_eq!(zone_choice(Some(2.01), Some(1.0)), Spill);
+        assert_eq!(zone_choice(Some(0.5), Some(5.0)), SameZone);
+    }
+
+    #[test]
+    fn the_hosts_zone_is_preferred_and_spilled_from_when_down_or_slow() {
+        let (t, endpoints) = zoned(Some("use1-az2"));
+        let mut rng = StdRng::seed_from_u64(8);
+        assert!(picks(&t, &mut rng, 200).iter().all(|h| h == "10.0.0.2"));
+        // Slow: the same-zone ENI's latency clearly above the others'.
+        for e in &endpoints {
+            e.record_latency(std::time::Duration::from_millis(
+                if e.config.host == "10.0.0.2" { 50 } else { 10 },
+            ));
+        }
+        let slow = picks(&t, &mut rng, 200);
+        assert!(slow.iter().all(|h| h.starts_with("10.0.0.")), "{slow:?}");
+        assert!(slow.iter().any(|h| h != "10.0.0.2"), "{slow:?}");
+        // Down: the other local zones take it all, before any other tier.
+        endpoints[1].set_healthy(false);
+        let down = picks(&t, &mut rng, 200);
+        assert!(
+            down.iter().all(|h| h == "10.0.0.1" || h == "10.0.0.3"),
+            "{down:?}"
+        );
+        assert!(down.iter().any(|h| h == "10.0.0.1") && down.iter().any(|h| h == "10.0.0.3"));
+        // Full counts as overloaded: spill (fresh endpoints, no latency history).
+        let (t, endpoints) = zoned(Some("use1-az2"));
+        endpoints[1].set_capacity(Some(0));
+        assert!(picks(&t, &mut rng, 50).iter().all(|h| h != "10.0.0.2"));
+    }
+
+    #[test]
+    fn no_zone_known_is_zone_blind() {
+        // No host zone: every local ENI gets traffic, as without zones.
+        let (t, _) = zoned(None);
+        assert!(t.privatelink.iter().all(|tier| tier.same_zone.is_empty()));
+        let mut rng = StdRng::seed_from_u64(9);
+        let blind = picks(&t, &mut rng, 300);
+        for host in ["10.0.0.1", "10.0.0.2", "10.0.0.3"] {
+            assert!(blind.iter().any(|h| h == host), "{host} never chosen");
+        }
+        // A host zone but no endpoint zones (the plain table): zone-blind too.
+        let (t, _) = table("privatelink", "");
+        assert!(t.privatelink.iter().all(|tier| tier.same_zone.is_empty()));
+        // A host zone no local ENI is in: zone-aware, nothing same-zone, all spill.
+        let (t, _) = zoned(Some("use1-az6"));
+        assert_eq!(t.privatelink[0].same_zone, [false, false, false]);
+        assert!(t.privatelink[1].same_zone.is_empty());
+        let mut rng = StdRng::seed_from_u64(10);
+        let elsewhere = picks(&t, &mut rng, 300);
+        for host in ["10.0.0.1", "10.0.0.2", "10.0.0.3"] {
+            assert!(elsewhere.iter().any(|h| h == host), "{host} never chosen");
+        }
     }
 
     #[test]

@@ -8,8 +8,9 @@ use rand::Rng;
 
 use super::endpoint::Endpoint;
 
-/// The cost of sending one more request to `endpoint`: lower is better.
-fn cost(endpoint: &Endpoint) -> f64 {
+/// The cost of sending one more request to `endpoint`: lower is better. Zone-aware
+/// routing compares zones by it too ([`crate::route::zone_choice`]).
+pub fn cost(endpoint: &Endpoint) -> f64 {
     // An endpoint without a latency sample yet is assumed as fast as a typical one
     // (1 ms), so new endpoints get traffic and earn a sample.
     let latency_ms = endpoint.latency().map_or(1.0, |d| d.as_secs_f64() * 1000.0);

@@ -423,6 +423,7 @@ mod tests {
             health_port: 8080,
             ca_file: None,
             zone: None,
+            zone_alias: None,
         }
     }
 

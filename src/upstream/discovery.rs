@@ -105,7 +105,14 @@ pub async fn discover(
         DiscoverySource::Dns { host } => {
             let ips = resolve(host, discovery.port).await?;
             Ok(Outcome {
-                found: ips.into_iter().map(|ip| Found { ip, zone: None }).collect(),
+                found: ips
+                    .into_iter()
+                    .map(|ip| Found {
+                        ip,
+                        zone: None,
+                        zone_alias: None,
+                    })
+                    .collect(),
                 state: None,
                 interfaces: 0,
             })
@@ -127,6 +134,13 @@ pub async fn discover(
                         ip: i.private_ip,
                         // A zone EC2 spells in a way gpulink cannot compare is no zone.
                         zone: i.zone().and_then(|z| Zone::new(z).ok()),
+                        // With the id as the zone, the name too (a host zone may be
+                        // either).
+                        zone_alias: i
+                            .zone_id
+                            .as_ref()
+                            .and(i.zone_name.as_deref())
+                            .and_then(|z| Zone::new(z).ok()),
                     })
                     .collect()
             } else {
@@ -242,6 +256,7 @@ mod tests {
             found: vec![Found {
                 ip: IpAddr::from([10, 0, 0, 1]),
                 zone: Zone::new("use1-az1").ok(),
+                zone_alias: None,
             }],
             state: Some(EndpointState::Available),
             interfaces: 1,

@@ -102,6 +102,7 @@ impl Bench {
         let keys = KmsKeys::new("us-east-1", Some(&cluster.moto.url), Duration::from_secs(3)).await;
         let options = gpulink::proxy::StartOptions {
             random_seed: Some(test_seed()),
+            ..Default::default()
         };
         let proxy = gpulink::proxy::start_with(config, KeyService::Kms(keys), options)
             .await

@@ -50,3 +50,4 @@ mod status_page;
 mod systemd;
 mod systemd_boot;
 mod workers;
+mod zones;

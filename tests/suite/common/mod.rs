@@ -337,6 +337,7 @@ pub struct ProxyOptions {
     count_kms: bool,
     kms_url: Option<String>,
     seed: Option<u64>,
+    imds: Option<gpulink::placement::Imds>,
 }
 
 #[derive(Clone)]
@@ -383,6 +384,16 @@ impl ProxyOptions {
     /// Seeds the proxy's randomness with `seed` instead of [`test_seed`].
     pub fn seed(mut self, seed: u64) -> Self {
         self.seed = Some(seed);
+        self
+    }
+
+    /// Asks the instance metadata service at `url` for the host's zone (else, as the
+    /// harness's environment says, IMDS is disabled).
+    pub fn imds_url(mut self, url: impl Into<String>) -> Self {
+        self.imds = Some(gpulink::placement::Imds {
+            endpoint: Some(url.into()),
+            disabled: false,
+        });
         self
     }
 
@@ -611,6 +622,7 @@ impl World {
         let proxy_keys = KmsKeys::new("us-east-1", Some(&kms_url), Duration::from_secs(3)).await;
         let options = gpulink::proxy::StartOptions {
             random_seed: Some(options.seed.unwrap_or_else(test_seed)),
+            imds: options.imds.clone(),
         };
         let proxy = gpulink::proxy::start_with(config, KeyService::Kms(proxy_keys), options)
             .await
