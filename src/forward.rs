@@ -442,6 +442,10 @@ async fn dispatch(
         if retry {
             cx.metrics.upstream_retry();
         }
+        if endpoint.kind() == crate::config::RouteKind::Privatelink {
+            cx.metrics
+                .privatelink_attempt(generation.host_zone.locality(&endpoint.config));
+        }
         match attempt(cx, &endpoint, uri, outbound, now).await {
             Outcome::Answered(upstream) => return Ok((endpoint, upstream)),
             Outcome::Failed(failure) => tries.failed(&endpoint, failure)?,

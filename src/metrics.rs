@@ -63,6 +63,13 @@ pub struct RequestLabels {
     pub status: &'static str,
 }
 
+/// Labels of a PrivateLink attempt by where its ENI is relative to this host's zone.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LocalityLabels {
+    /// `same_zone`, `cross_zone` or `unknown` ([`crate::placement::Locality`]).
+    pub locality: &'static str,
+}
+
 /// Labels identifying one upstream endpoint.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct EndpointLabels {
@@ -258,6 +265,7 @@ pub struct Metrics {
     upstream_send_failures: Family<EndpointLabels, Counter>,
     upstream_unprocessed: Family<UnprocessedLabels, Counter>,
     upstream_retries: Counter,
+    privatelink_locality: Family<LocalityLabels, Counter>,
 
     // Sealing and KMS.
     seal_duration: HistogramFamily<FormatLabels>,
@@ -400,6 +408,12 @@ impl Metrics {
             "upstream_unprocessed",
             "Requests a connection to the endpoint refused unprocessed (reason goaway: above an HTTP/2 GOAWAY's last stream, as when nginx rotates connections; refused_stream; closed: the connection closed before the request was written); retried, not counted as endpoint failures",
             upstream_unprocessed.clone(),
+        );
+        let privatelink_locality = Family::<LocalityLabels, Counter>::default();
+        registry.register(
+            "privatelink_locality",
+            "Attempts sent to PrivateLink endpoints by locality: same_zone (the ENI is in this host's zone), cross_zone, unknown (the host's or the ENI's zone is not known)",
+            privatelink_locality.clone(),
         );
         let upstream_retries = Counter::default();
         registry.register(
@@ -602,6 +616,7 @@ impl Metrics {
             upstream_send_failures,
             upstream_unprocessed,
             upstream_retries,
+            privatelink_locality,
             seal_duration,
             kms_calls,
             kms_errors,
@@ -852,6 +867,15 @@ impl Metrics {
         self.upstream_attempts.get_or_create(&labels).inc();
         self.upstream_unprocessed
             .get_or_create(&UnprocessedLabels::of(endpoint, reason.as_str()))
+            .inc();
+    }
+
+    /// One attempt to a PrivateLink endpoint, by where it is relative to the host's zone.
+    pub fn privatelink_attempt(&self, locality: crate::placement::Locality) {
+        self.privatelink_locality
+            .get_or_create(&LocalityLabels {
+                locality: locality.as_str(),
+            })
             .inc();
     }
 

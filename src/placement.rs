@@ -53,7 +53,7 @@ impl ZoneSource {
 }
 
 /// Whether a request's endpoint is in the host's zone: the `locality` label of
-/// `gpulink_privatelink_requests_total`.
+/// `gpulink_privatelink_locality_total` and `/status`'s per-endpoint `locality`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Locality {

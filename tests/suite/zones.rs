@@ -172,6 +172,13 @@ async fn the_imds_zone_gets_the_traffic_and_it_spills_when_that_eni_goes_down() 
     );
     assert_eq!(world.requests_at(a), before[0]);
     assert_eq!(world.requests_at(c), before[2]);
+    let url = format!("http://{}/metrics", world.proxy().admin_addr);
+    let metrics = send(&world.client, "GET", &url, Vec::new(), &[]).await;
+    let text = String::from_utf8_lossy(&metrics.body).to_string();
+    assert!(
+        text.contains("gpulink_privatelink_locality_total{locality=\"same_zone\"} 40"),
+        "{text}"
+    );
 
     // The same-zone ENI goes down: the other local zones carry everything, nothing fails.
     world
