@@ -28,6 +28,7 @@ use tokio::net::TcpStream;
 use crate::config::{
     Config, Discovery, EndpointConfig, Health, Phase, RouteKind, Upstream, EX_CONFIG,
 };
+use crate::placement::{HostZone, Locality};
 use crate::upstream::diagnose;
 pub use crate::upstream::diagnose::{Diagnosis, Problem};
 use crate::upstream::health;
@@ -133,6 +134,10 @@ pub struct EndpointReport {
     pub local: bool,
     /// Whether the migration phase lets traffic use this endpoint at all.
     pub allowed_by_phase: bool,
+    /// The ENI's availability zone, when configured or discovered.
+    pub zone: Option<String>,
+    /// Relative to this host's zone: what zone-aware routing would make of it.
+    pub locality: Locality,
     pub resolved: Vec<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dialed: Option<String>,
@@ -167,6 +172,8 @@ pub struct Report {
     pub config: String,
     pub phase: &'static str,
     pub samples: u32,
+    /// This host's zone, as `gpulink run` would learn it (config, else IMDS).
+    pub placement: HostZone,
     pub endpoints: Vec<EndpointReport>,
     pub privatelink: RouteSummary,
     pub public: RouteSummary,
@@ -188,6 +195,8 @@ pub async fn run(args: ProbeArgs) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::from(EX_CONFIG as u8));
         }
     };
+    let host_zone =
+        crate::placement::learn(&config.placement, &crate::placement::Imds::from_env()).await;
     let targets = Targets {
         endpoints: &config.endpoints,
         discovery: &config.discovery,
@@ -195,6 +204,7 @@ pub async fn run(args: ProbeArgs) -> anyhow::Result<ExitCode> {
         phase: config.migration.phase,
         upstream: &config.upstream,
         health: &config.health,
+        host_zone: &host_zone,
     };
     let report = probe(targets, &args.config, args.samples).await?;
     if args.json {
@@ -226,6 +236,8 @@ pub struct Targets<'a> {
     pub phase: Phase,
     pub upstream: &'a Upstream,
     pub health: &'a Health,
+    /// Where this host runs: each endpoint's locality is judged against it.
+    pub host_zone: &'a HostZone,
 }
 
 /// Probes every endpoint of `targets` concurrently; `path` names the configuration in
@@ -278,6 +290,7 @@ pub async fn probe(targets: Targets<'_>, path: &Path, samples: u32) -> Result<Re
             samples: samples.max(1) as usize,
             local: endpoint.region == targets.local_region,
             allowed_by_phase: allowed(phase, endpoint.kind),
+            locality: targets.host_zone.locality(&endpoint),
         };
         tasks.spawn(async move { (index, probe_endpoint(endpoint, tls, settings).await) });
     }
@@ -321,6 +334,7 @@ pub async fn probe(targets: Targets<'_>, path: &Path, samples: u32) -> Result<Re
         config: path.display().to_string(),
         phase: phase.as_str(),
         samples,
+        placement: targets.host_zone.clone(),
         endpoints,
         privatelink,
         public,
@@ -345,6 +359,7 @@ struct Settings {
     samples: usize,
     local: bool,
     allowed_by_phase: bool,
+    locality: Locality,
 }
 
 async fn probe_endpoint(
@@ -359,6 +374,8 @@ async fn probe_endpoint(
         region: endpoint.region.clone(),
         local: settings.local,
         allowed_by_phase: settings.allowed_by_phase,
+        zone: endpoint.zone.as_ref().map(|zone| zone.as_str().to_string()),
+        locality: settings.locality,
         resolved: Vec::new(),
         dialed: None,
         tcp: Step::default(),
@@ -635,6 +652,28 @@ pub fn render_text(report: &Report) -> String {
         report.endpoints.len(),
         report.samples
     );
+    match &report.placement.zone {
+        Some(zone) => {
+            let _ = writeln!(
+                out,
+                "this host's zone: {} (from {}); same-zone PrivateLink endpoints are preferred\n",
+                zone.as_str(),
+                report.placement.source.as_str()
+            );
+        }
+        None => {
+            let _ = writeln!(
+                out,
+                "this host's zone: unknown{}; zone-aware routing is off\n",
+                report
+                    .placement
+                    .note
+                    .as_deref()
+                    .map(|note| format!(" ({note})"))
+                    .unwrap_or_default()
+            );
+        }
+    }
     for e in &report.endpoints {
         let state = if e.can_serve {
             if e.diagnoses.iter().any(|d| d.problem == Problem::NoCapacity) {
@@ -647,11 +686,17 @@ pub fn render_text(report: &Report) -> String {
         };
         let _ = writeln!(
             out,
-            "{state:<4} {} {} {}{}{}",
+            "{state:<4} {} {} {}{}{}{}",
             e.route.as_str(),
             e.region,
             e.address,
             if e.local { " (local region)" } else { "" },
+            match (&e.zone, e.locality) {
+                (Some(zone), Locality::SameZone) => format!(" zone {zone} (same zone)"),
+                (Some(zone), Locality::CrossZone) => format!(" zone {zone} (other zone)"),
+                (Some(zone), _) => format!(" zone {zone}"),
+                (None, _) => String::new(),
+            },
             if e.allowed_by_phase {
                 ""
             } else {

@@ -397,6 +397,7 @@ pub fn render_page(status: &Value) -> String {
          <div class=\"fact\"><b>public fallback</b>{fallback} ({})</div>\
          <div class=\"fact\"><b>auto rollback</b>{rollback}</div>\
          <div class=\"fact\"><b>tenant</b>{}</div>\
+         <div class=\"fact\"><b>this host's zone</b>{}</div>\
          <div class=\"fact\"><b>uptime</b>{uptime}</div>\
          <div class=\"fact\"><b>reloads</b>{} applied, {} rejected</div>\
          </div>",
@@ -405,6 +406,7 @@ pub fn render_page(status: &Value) -> String {
         ago(now, &status["loaded_at"]),
         esc(&fallback_until),
         show(&status["tenant"]),
+        host_zone(&status["placement"]),
         show(&status["reloads"]["applied"]),
         show(&status["reloads"]["rejected"]),
     );
@@ -413,7 +415,7 @@ pub fn render_page(status: &Value) -> String {
 
     page.push_str(
         "<h2>Endpoints</h2><table><thead><tr><th>endpoint</th><th>tier</th><th>region</th>\
-         <th>health</th><th>data path</th><th>capacity</th><th>latency</th><th>in flight</th><th>requests</th>\
+         <th>zone</th><th>health</th><th>data path</th><th>capacity</th><th>latency</th><th>in flight</th><th>requests</th>\
          <th>failures</th><th>ejections</th><th>why not serving</th><th>last request error</th></tr></thead><tbody>",
     );
     for e in &endpoints {
@@ -514,6 +516,43 @@ fn discovery_section(page: &mut String, discovery: &Value, now: Time) {
         );
     }
     page.push_str("</tbody></table>");
+}
+
+/// This host's zone as zone-aware routing sees it: the zone (and the name IMDS gave
+/// beside its id) and where it came from; without one, why not, since then routing
+/// ignores zones.
+fn host_zone(placement: &Value) -> String {
+    match placement["zone"].as_str() {
+        Some(zone) => {
+            let mut text = format!("<code>{}</code>", esc(zone));
+            if let Some(alias) = placement["alias"].as_str() {
+                let _ = write!(text, " (<code>{}</code>)", esc(alias));
+            }
+            let _ = write!(text, " from {}", show(&placement["source"]));
+            text
+        }
+        None => {
+            let mut text = badge("mute", "unknown");
+            if let Some(note) = placement["note"].as_str() {
+                let _ = write!(text, " {}", esc(note));
+            }
+            text.push_str(" (zone-aware routing off)");
+            text
+        }
+    }
+}
+
+/// An endpoint's zone, with a badge saying whether it is in this host's zone.
+fn endpoint_zone(e: &Value) -> String {
+    let Some(zone) = e["zone"].as_str() else {
+        return "-".to_string();
+    };
+    let locality = match e["locality"].as_str() {
+        Some("same_zone") => badge("ok", "same zone"),
+        Some("cross_zone") => badge("mute", "other zone"),
+        _ => String::new(),
+    };
+    format!("<code>{}</code> {locality}", esc(zone))
 }
 
 fn endpoint_row(page: &mut String, e: &Value, now: Time) {
@@ -629,9 +668,10 @@ fn endpoint_row(page: &mut String, e: &Value, now: Time) {
             text
         }
     };
+    let zone = endpoint_zone(e);
     let _ = write!(
         page,
-        "<tr data-endpoint=\"{}\" data-health=\"{}\" data-path=\"{}\"><td>{}</td><td>{}</td><td>{}</td><td>{health_badge}{health_since}</td>\
+        "<tr data-endpoint=\"{}\" data-health=\"{}\" data-path=\"{}\"><td>{}</td><td>{}</td><td>{}</td><td>{zone}</td><td>{health_badge}{health_since}</td>\
          <td>{data_path_badge}</td><td class=\"num\">{capacity}</td><td class=\"num\">{latency}</td><td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td>\
          <td class=\"err\">{why}</td><td class=\"err\">{request_error}</td></tr>",
         show(&e["address"]),
@@ -651,6 +691,33 @@ fn endpoint_row(page: &mut String, e: &Value, now: Time) {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn page_shows_the_host_zone_and_each_endpoints_locality() {
+        let mut status = busy_status();
+        let second = status["endpoints"][0].clone();
+        status["endpoints"]
+            .as_array_mut()
+            .expect("a list")
+            .push(second);
+        status["placement"] =
+            json!({"zone": "use1-az1", "alias": "us-east-1a", "source": "imds", "note": null});
+        status["endpoints"][0]["zone"] = json!("use1-az1");
+        status["endpoints"][0]["locality"] = json!("same_zone");
+        status["endpoints"][1]["zone"] = json!("use1-<b>az2");
+        status["endpoints"][1]["locality"] = json!("cross_zone");
+        let page = render_page(&status);
+        assert!(page.contains("<code>use1-az1</code> (<code>us-east-1a</code>) from imds"));
+        assert!(page.contains("<code>use1-az1</code> <span class=\"badge ok\">same zone</span>"));
+        assert!(page.contains(
+            "<code>use1-&lt;b&gt;az2</code> <span class=\"badge mute\">other zone</span>"
+        ));
+
+        status["placement"] =
+            json!({"zone": null, "alias": null, "source": "none", "note": "IMDS disabled"});
+        let page = render_page(&status);
+        assert!(page.contains("unknown</span> IMDS disabled (zone-aware routing off)"));
+    }
 
     #[test]
     fn escapes_html() {

@@ -42,14 +42,17 @@ timeout = "2s"
 [[regions]]
 name = "us-east-1"
 privatelink = [
-  "{a}:8443",
+  {{ address = "{a}:8443", zone = "use1-az1" }},
   {{ address = "{b}:8443", server_name = "wrong-name.example.com" }},
-  "{c}:8443",
+  {{ address = "{c}:8443", zone = "use1-az2" }},
 ]
 public = [{{ address = "{public}:8443", server_name = "gpu-cluster.public.example.com" }}]
 
 [migration]
 phase = "privatelink"
+
+[placement]
+zone = "use1-az1"
 "#,
         ca = ca.display(),
         public = layout.public(),
@@ -149,6 +152,11 @@ async fn probe_diagnoses_a_down_eni_and_a_wrong_certificate_name() {
     assert_eq!(ok["health"]["capacity"], 45);
     assert_eq!(ok["health_latency"]["samples"], 2);
     assert!(problems(ok).is_empty(), "{ok:#}");
+    // Zones: the host's from `[placement]`, each ENI's relative to it.
+    assert_eq!(report["placement"]["zone"], "use1-az1");
+    assert_eq!(report["placement"]["source"], "config");
+    assert_eq!(ok["zone"], "use1-az1");
+    assert_eq!(ok["locality"], "same_zone");
 
     let named = endpoint(&report, &format!("{wrong_name}:8443"));
     assert_eq!(named["can_serve"], false);
@@ -176,6 +184,12 @@ async fn probe_diagnoses_a_down_eni_and_a_wrong_certificate_name() {
         "{refused:#}"
     );
     assert!(diagnosis(refused, "connect_refused").contains("ENI"));
+    assert_eq!(refused["zone"], "use1-az2");
+    assert_eq!(refused["locality"], "cross_zone");
+    assert_eq!(
+        endpoint(&report, &format!("{wrong_name}:8443"))["locality"],
+        "unknown"
+    );
 
     let full = endpoint(&report, &format!("{}:8443", layout.public()));
     assert_eq!(
@@ -203,6 +217,9 @@ async fn probe_diagnoses_a_down_eni_and_a_wrong_certificate_name() {
         "PrivateLink against public",
         "DEGRADED",
         "ALPN h2",
+        "this host's zone: use1-az1 (from config)",
+        &format!("{good}:8443 (local region) zone use1-az1 (same zone)"),
+        &format!("{down}:8443 (local region) zone use1-az2 (other zone)"),
     ] {
         assert!(text.contains(needle), "`{needle}` missing from:\n{text}");
     }
