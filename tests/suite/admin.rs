@@ -4,12 +4,10 @@
 //! following endpoint state changes made through the simulator, and the Grafana
 //! dashboard querying only metrics that exist.
 
-use std::collections::BTreeMap;
-use std::io::Write;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use crate::common::*;
+use crate::prom::{parse_as, Exposition};
 use gpulink_sim::EndpointState;
 
 const OPENMETRICS_ACCEPT: &str =
@@ -20,87 +18,8 @@ async fn get(world: &World, path: &str, headers: &[(&str, &str)]) -> Reply {
     send(&world.client, "GET", &url, Vec::new(), headers).await
 }
 
-/// The exposition as the Python client parses it.
-struct Parsed {
-    families: BTreeMap<String, String>,
-    samples: Vec<(String, BTreeMap<String, String>, f64)>,
-}
-
-impl Parsed {
-    /// The sum of the samples named `name` whose labels include `labels`.
-    fn sum(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
-        self.samples
-            .iter()
-            .filter(|(n, l, _)| {
-                n == name
-                    && labels
-                        .iter()
-                        .all(|(k, v)| l.get(*k).map(String::as_str) == Some(*v))
-            })
-            .map(|(_, _, v)| v)
-            .sum()
-    }
-
-    fn has_sample(&self, name: &str) -> bool {
-        self.samples.iter().any(|(n, _, _)| n == name)
-    }
-}
-
-fn parse(exposition: &[u8], mode: &str) -> Parsed {
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/support/parse_metrics.py"
-    );
-    let mut child = Command::new(venv_bin("python"))
-        .args([script, mode])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect(".venv/bin/python (scripts/test.sh installs prometheus_client)");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(exposition)
-        .expect("write exposition");
-    let output = child.wait_with_output().expect("parser runs");
-    assert!(
-        output.status.success(),
-        "{mode} parser rejected /metrics: {}\n---\n{}",
-        String::from_utf8_lossy(&output.stderr),
-        String::from_utf8_lossy(exposition)
-    );
-    let value: serde_json::Value = serde_json::from_slice(&output.stdout).expect("parser JSON");
-    let families = value["families"]
-        .as_object()
-        .expect("families")
-        .iter()
-        .map(|(k, v)| (k.clone(), v.as_str().unwrap_or("").to_string()))
-        .collect();
-    let samples = value["samples"]
-        .as_array()
-        .expect("samples")
-        .iter()
-        .map(|s| {
-            let labels = s[1]
-                .as_object()
-                .expect("labels")
-                .iter()
-                .map(|(k, v)| (k.clone(), v.as_str().unwrap_or("").to_string()))
-                .collect();
-            (
-                s[0].as_str().unwrap_or("").to_string(),
-                labels,
-                s[2].as_f64().unwrap_or(f64::NAN),
-            )
-        })
-        .collect();
-    Parsed { families, samples }
-}
-
 /// Scrapes in both formats, checks both parse, returns the OpenMetrics view.
-async fn scrape(world: &World) -> Parsed {
+async fn scrape(world: &World) -> Exposition {
     let open = get(world, "/metrics", &[("accept", OPENMETRICS_ACCEPT)]).await;
     assert_eq!(open.status, 200);
     assert!(
@@ -114,9 +33,9 @@ async fn scrape(world: &World) -> Parsed {
     assert!(text
         .header("content-type")
         .is_some_and(|c| c.starts_with("text/plain; version=0.0.4")));
-    let classic = parse(&text.body, "text");
+    let classic = parse_as(&text.body, "text");
     assert!(classic.has_sample("gpulink_build_info"));
-    parse(&open.body, "openmetrics")
+    parse_as(&open.body, "openmetrics")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -317,9 +236,9 @@ fn collect_exprs(value: &serde_json::Value, out: &mut Vec<String>) {
 
 /// Whether `name` is a series name of some family (counters gain `_total`, histograms
 /// `_bucket`/`_count`/`_sum`), even if that family has no sample yet.
-fn exposes(parsed: &Parsed, name: &str) -> bool {
+fn exposes(parsed: &Exposition, name: &str) -> bool {
     parsed.families.iter().any(|(family, kind)| {
-        let suffixes: &[&str] = match kind.as_str() {
+        let suffixes: &[&str] = match kind.as_str().unwrap_or("") {
             "counter" => &["_total"],
             "histogram" => &["_bucket", "_count", "_sum"],
             _ => &[""],
@@ -507,7 +426,7 @@ async fn status_and_page_follow_endpoint_state() {
     assert!(row.contains("data-health=\"unhealthy\""), "{row}");
     assert!(row.contains(">unhealthy<"), "{row}");
     let metrics = get(&world, "/metrics", &[]).await;
-    let parsed = parse(&metrics.body, "text");
+    let parsed = parse_as(&metrics.body, "text");
     assert_eq!(
         parsed.sum("gpulink_endpoint_healthy", &[("endpoint", a_auth.as_str())]),
         0.0

@@ -19,7 +19,6 @@ use std::time::Duration;
 use crate::common::*;
 use gpulink::config::Config;
 use gpulink::proxy::ProxyHandle;
-use gpulink::seal::{KeyService, KmsKeys};
 use gpulink_sim::EndpointState;
 use serde_json::Value;
 
@@ -29,69 +28,50 @@ struct Bench {
     cluster: Cluster,
     proxy: ProxyHandle,
     config_path: PathBuf,
-    client: hyper_util::client::legacy::Client<
-        hyper_util::client::legacy::connect::HttpConnector,
-        http_body_util::Full<bytes::Bytes>,
-    >,
+    client: HttpClient,
 }
 
-/// The proxy configuration around `regions` (the `[[regions]]` tables) and `phase`.
+/// The proxy configuration around `regions` (the `[[regions]]` tables) and `phase`, with
+/// health checks every `interval` and (`upstream_ca`) the simulator's CA for the cluster.
 fn config_text(
     cluster: &Cluster,
     upstream_ca: bool,
     interval: &str,
     phase: &str,
-    regions: &str,
+    regions: Vec<Value>,
 ) -> String {
-    let ca = if upstream_ca {
-        format!("ca_file = \"{}\"", cluster.sim.ca_file().display())
-    } else {
-        String::new()
-    };
-    format!(
-        r#"
-[listen]
-address = "127.0.0.1:0"
-drain_delay = "0s"
-shutdown_grace = "5s"
+    let mut options = ProxyOptions::default()
+        .set("health.interval", interval)
+        .set("migration.phase", phase)
+        // One request's attempts: the request-path test counts on exactly three.
+        .set("retry.max_attempts", 3);
+    if !upstream_ca {
+        options = options.remove("upstream.ca_file");
+    }
+    toml_text(&config_with_regions(
+        regions,
+        &cluster.moto.url,
+        &cluster.key_arn,
+        &cluster.sim.ca_file(),
+        &options,
+    ))
+}
 
-[admin]
-address = "127.0.0.1:0"
+/// `local` as us-east-1's PrivateLink tier and `remote` as us-west-2's.
+fn two_regions(local: impl serde::Serialize, remote: impl serde::Serialize) -> Vec<Value> {
+    vec![
+        serde_json::json!({ "name": "us-east-1", "privatelink": local }),
+        serde_json::json!({ "name": "us-west-2", "privatelink": remote }),
+    ]
+}
 
-[tenant]
-id = "tenant-123"
-model_pool = "model-a"
-
-[kms]
-key_id = "{key}"
-region = "us-east-1"
-format = "kms-direct"
-timeout = "3s"
-endpoint_url = "{kms}"
-
-[upstream]
-server_name = "gpu-cluster.yourcompany.internal"
-{ca}
-connect_timeout = "1s"
-request_timeout = "10s"
-
-[health]
-interval = "{interval}"
-timeout = "500ms"
-healthy_threshold = 1
-unhealthy_threshold = 1
-
-[retry]
-max_attempts = 3
-
-{regions}
-
-[migration]
-phase = "{phase}"
-"#,
-        key = cluster.key_arn,
-        kms = cluster.moto.url,
-    )
+/// `local` as us-east-1's PrivateLink tier with the public endpoint `public` behind it.
+fn local_and_public(local: impl serde::Serialize, public: &str) -> Vec<Value> {
+    vec![serde_json::json!({
+        "name": "us-east-1",
+        "privatelink": local,
+        "public": [{ "address": public, "server_name": "gpu-cluster.public.example.com" }],
+    })]
 }
 
 impl Bench {
@@ -99,22 +79,19 @@ impl Bench {
         let config_path = cluster.dir.path().join("gpulink.toml");
         std::fs::write(&config_path, &text).expect("write config");
         let config = Config::load(&config_path).expect("valid config");
-        let keys = KmsKeys::new("us-east-1", Some(&cluster.moto.url), Duration::from_secs(3)).await;
-        let options = gpulink::proxy::StartOptions {
-            random_seed: Some(test_seed()),
-            ..Default::default()
-        };
-        let proxy = gpulink::proxy::start_with(config, KeyService::Kms(keys), options)
-            .await
-            .expect("proxy starts");
+        let proxy = start_proxy(config, &cluster.moto.url, &ProxyOptions::default()).await;
         Bench {
             cluster,
             proxy,
             config_path,
-            client: hyper_util::client::legacy::Client::builder(
-                hyper_util::rt::TokioExecutor::new(),
-            )
-            .build_http(),
+            client: http_client(),
+        }
+    }
+
+    /// Puts every one of `ips` into `state` in the simulator.
+    async fn set_states(&self, ips: &[IpAddr], state: EndpointState) {
+        for ip in ips {
+            self.cluster.sim.set_state(*ip, state).await.expect("state");
         }
     }
 
@@ -209,36 +186,11 @@ impl Bench {
         (served, failed.load(Ordering::SeqCst))
     }
 
-    /// The metrics as the official Prometheus client parses them.
+    /// The sum of the samples `name` with `labels`, as the official Prometheus client
+    /// parses `/metrics`.
     async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
         let body = self.admin("/metrics").await.body;
-        let script = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/support/parse_metrics.py"
-        );
-        let mut child = std::process::Command::new(venv_bin("python"))
-            .args([script, "text"])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .expect(".venv/bin/python (scripts/test.sh installs prometheus_client)");
-        use std::io::Write as _;
-        child
-            .stdin
-            .take()
-            .expect("stdin")
-            .write_all(&body)
-            .expect("write");
-        let output = child.wait_with_output().expect("parser runs");
-        assert!(output.status.success(), "the parser rejected /metrics");
-        let parsed: Value = serde_json::from_slice(&output.stdout).expect("parser JSON");
-        parsed["samples"]
-            .as_array()
-            .expect("samples")
-            .iter()
-            .filter(|s| s[0] == name && labels.iter().all(|(k, v)| s[1][*k].as_str() == Some(*v)))
-            .map(|s| s[2].as_f64().unwrap_or(0.0))
-            .sum()
+        crate::prom::parse_as(&body, "text").sum(name, labels)
     }
 
     async fn stop(self) {
@@ -249,14 +201,6 @@ impl Bench {
 
 fn addresses(ips: &[IpAddr], port: u16) -> Vec<String> {
     ips.iter().map(|ip| format!("{ip}:{port}")).collect()
-}
-
-fn list(addresses: &[String]) -> String {
-    addresses
-        .iter()
-        .map(|a| format!("\"{a}\""))
-        .collect::<Vec<_>>()
-        .join(", ")
 }
 
 /// What every broken endpoint must show while broken: out of service because of its
@@ -321,6 +265,59 @@ fn assert_all_in(served: &[String], allowed: &[String], what: &str) {
     }
 }
 
+/// A break in the local tier as the tests see it, for the assertion messages and the
+/// checks of [`assert_served_meanwhile_and_out`].
+struct Breakage<'a> {
+    /// How the local tier is broken ("filtered on :443"), for the assertion messages.
+    what: &'a str,
+    /// The endpoints that must carry every request while the break stands.
+    serving_meanwhile: &'a [String],
+    broken: &'a [String],
+    /// The data-path problem code `/status` must give, and words its diagnosis contains.
+    problem: &'a str,
+    words: &'a [&'a str],
+}
+
+/// Whether a check or a request learns of `breakage` first, no app request of a load of
+/// `total` (`concurrency` at a time) fails, all are served by the other tier, and the
+/// broken endpoints end up out for their data path with the right diagnosis.
+async fn assert_served_meanwhile_and_out(
+    bench: &Bench,
+    breakage: &Breakage<'_>,
+    total: u64,
+    concurrency: usize,
+) {
+    let what = breakage.what;
+    let (served, failed) = bench.load(total, concurrency).await;
+    assert_eq!(
+        failed, 0,
+        "requests failed while gpulink learned the local tier {what}"
+    );
+    assert_eq!(served.len() as u64, total);
+    assert_all_in(
+        &served,
+        breakage.serving_meanwhile,
+        &format!("while the local tier is {what}"),
+    );
+    bench
+        .wait_for(breakage.broken, "out for the data path", |e| {
+            e["data_path"]["state"] == "failed"
+        })
+        .await;
+    assert_out_for_data_path(bench, breakage.broken, breakage.problem, breakage.words).await;
+}
+
+/// Once fixed, `fixed` is back in service (`waited`: the wait's name) and serves every
+/// request of a load; `what` names the fix for the assertion message.
+async fn assert_back_in_service(bench: &Bench, fixed: &[String], waited: &str, what: &str) {
+    bench
+        .wait_for(fixed, waited, |e| e["serving"] == true)
+        .await;
+    let (served, failed) = bench.load(20, 2).await;
+    assert_eq!(failed, 0);
+    assert_all_in(&served, fixed, what);
+}
+
 /// :443 filtered (connects time out) while :8080 answers healthy, broken under a running
 /// proxy; the other region's PrivateLink carries everything; the fix is on the cluster
 /// side and gpulink notices by itself.
@@ -330,46 +327,24 @@ async fn filtered_443_while_8080_answers_falls_through_to_the_other_region() {
     let local_ips = cluster.layout.enis();
     let local = addresses(&local_ips, 8443);
     let remote = addresses(&[cluster.layout.remote_eni()], 8443);
-    let regions = format!(
-        "[[regions]]\nname = \"us-east-1\"\nprivatelink = [{}]\n[[regions]]\nname = \"us-west-2\"\nprivatelink = [{}]\n",
-        list(&local),
-        list(&remote)
-    );
-    let text = config_text(&cluster, true, "300ms", "privatelink-only", &regions);
+    let regions = two_regions(&local, &remote);
+    let text = config_text(&cluster, true, "300ms", "privatelink-only", regions);
     let bench = Bench::start(cluster, text).await;
     bench
         .wait_for(&local, "serving at start", |e| e["serving"] == true)
         .await;
 
-    for ip in local_ips {
-        bench
-            .cluster
-            .sim
-            .set_state(ip, EndpointState::InferenceFiltered)
-            .await
-            .expect("state");
-    }
-    // Whether a check or a request learns it first, no app request may fail.
-    let (served, failed) = bench.load(24, 3).await;
-    assert_eq!(
-        failed, 0,
-        "requests failed while gpulink learned a filtered :443"
-    );
-    assert_eq!(served.len(), 24);
-    assert_all_in(&served, &remote, "while the local tier is filtered");
-
     bench
-        .wait_for(&local, "out for the data path", |e| {
-            e["data_path"]["state"] == "failed"
-        })
+        .set_states(&local_ips, EndpointState::InferenceFiltered)
         .await;
-    assert_out_for_data_path(
-        &bench,
-        &local,
-        "connect_timeout",
-        &["timed out", "security group"],
-    )
-    .await;
+    let breakage = Breakage {
+        what: "filtered on :443",
+        serving_meanwhile: &remote,
+        broken: &local,
+        problem: "connect_timeout",
+        words: &["timed out", "security group"],
+    };
+    assert_served_meanwhile_and_out(&bench, &breakage, 24, 3).await;
     for address in &local {
         assert_eq!(bench.endpoint(address).await["health"], "healthy");
     }
@@ -388,20 +363,14 @@ async fn filtered_443_while_8080_answers_falls_through_to_the_other_region() {
     assert_eq!(failed, 0);
     assert_all_in(&served, &remote, "while the local tier stays filtered");
 
-    for ip in local_ips {
-        bench
-            .cluster
-            .sim
-            .set_state(ip, EndpointState::Healthy)
-            .await
-            .expect("state");
-    }
-    bench
-        .wait_for(&local, "back in service", |e| e["serving"] == true)
-        .await;
-    let (served, failed) = bench.load(20, 2).await;
-    assert_eq!(failed, 0);
-    assert_all_in(&served, &local, "once the local tier is fixed");
+    bench.set_states(&local_ips, EndpointState::Healthy).await;
+    assert_back_in_service(
+        &bench,
+        &local,
+        "back in service",
+        "once the local tier is fixed",
+    )
+    .await;
     bench.stop().await;
 }
 
@@ -412,58 +381,33 @@ async fn refused_443_while_8080_answers_falls_through_to_public() {
     let local_ips = cluster.layout.enis();
     let local = addresses(&local_ips, 8443);
     let public = addresses(&[cluster.layout.public()], 8443);
-    let regions = format!(
-        "[[regions]]\nname = \"us-east-1\"\nprivatelink = [{}]\npublic = [{{ address = \"{}\", server_name = \"gpu-cluster.public.example.com\" }}]\n",
-        list(&local),
-        public[0]
-    );
-    let text = config_text(&cluster, true, "300ms", "privatelink", &regions);
+    let regions = local_and_public(&local, &public[0]);
+    let text = config_text(&cluster, true, "300ms", "privatelink", regions);
     let bench = Bench::start(cluster, text).await;
     bench
         .wait_for(&local, "serving at start", |e| e["serving"] == true)
         .await;
 
-    for ip in local_ips {
-        bench
-            .cluster
-            .sim
-            .set_state(ip, EndpointState::InferenceRefused)
-            .await
-            .expect("state");
-    }
-    let (served, failed) = bench.load(24, 3).await;
-    assert_eq!(
-        failed, 0,
-        "requests failed while gpulink learned a refused :443"
-    );
-    assert_all_in(&served, &public, "while the local tier refuses");
     bench
-        .wait_for(&local, "out for the data path", |e| {
-            e["data_path"]["state"] == "failed"
-        })
+        .set_states(&local_ips, EndpointState::InferenceRefused)
         .await;
-    assert_out_for_data_path(
+    let breakage = Breakage {
+        what: "refusing :443",
+        serving_meanwhile: &public,
+        broken: &local,
+        problem: "connect_refused",
+        words: &["connection refused", "port"],
+    };
+    assert_served_meanwhile_and_out(&bench, &breakage, 24, 3).await;
+
+    bench.set_states(&local_ips, EndpointState::Healthy).await;
+    assert_back_in_service(
         &bench,
         &local,
-        "connect_refused",
-        &["connection refused", "port"],
+        "back in service",
+        "once the local tier is fixed",
     )
     .await;
-
-    for ip in local_ips {
-        bench
-            .cluster
-            .sim
-            .set_state(ip, EndpointState::Healthy)
-            .await
-            .expect("state");
-    }
-    bench
-        .wait_for(&local, "back in service", |e| e["serving"] == true)
-        .await;
-    let (served, failed) = bench.load(20, 2).await;
-    assert_eq!(failed, 0);
-    assert_all_in(&served, &local, "once the local tier is fixed");
     bench.stop().await;
 }
 
@@ -476,36 +420,31 @@ async fn a_wrong_port_is_out_with_a_tls_diagnosis_until_a_reload_fixes_it() {
     let wrong = addresses(&local_ips, 8080);
     let right = addresses(&local_ips, 8443);
     let remote = addresses(&[cluster.layout.remote_eni()], 8443);
-    let regions = |local: &[String]| {
-        format!(
-            "[[regions]]\nname = \"us-east-1\"\nprivatelink = [{}]\n[[regions]]\nname = \"us-west-2\"\nprivatelink = [{}]\n",
-            list(local),
-            list(&remote)
-        )
-    };
     let text = config_text(
         &cluster,
         true,
         "300ms",
         "privatelink-only",
-        &regions(&wrong),
+        two_regions(&wrong, &remote),
     );
     let fixed_text = config_text(
         &cluster,
         true,
         "300ms",
         "privatelink-only",
-        &regions(&right),
+        two_regions(&right, &remote),
     );
     let bench = Bench::start(cluster, text).await;
     out_until_a_reload_fixes_it(
         bench,
         Mistake {
-            what: "on a wrong port",
-            serving_meanwhile: &remote,
-            broken: &wrong,
-            problem: "tls_failed",
-            words: &["TLS handshake", "may not speak TLS"],
+            breakage: Breakage {
+                what: "on a wrong port",
+                serving_meanwhile: &remote,
+                broken: &wrong,
+                problem: "tls_failed",
+                words: &["TLS handshake", "may not speak TLS"],
+            },
             fixed_text,
             fixed: &right,
         },
@@ -515,14 +454,8 @@ async fn a_wrong_port_is_out_with_a_tls_diagnosis_until_a_reload_fixes_it() {
 
 /// A configuration mistake in the local tier and its fix by reload.
 struct Mistake<'a> {
-    /// How the local tier is wrong, for the assertion messages.
-    what: &'a str,
-    /// The endpoints that must carry every request while the mistake stands.
-    serving_meanwhile: &'a [String],
-    broken: &'a [String],
-    /// The data-path problem code `/status` must give, and words its diagnosis contains.
-    problem: &'a str,
-    words: &'a [&'a str],
+    /// How the local tier is wrong: `what` reads "on a wrong port", "trusting a wrong CA".
+    breakage: Breakage<'a>,
     fixed_text: String,
     /// The endpoints that serve every request after the fix.
     fixed: &'a [String],
@@ -532,34 +465,15 @@ struct Mistake<'a> {
 /// the broken endpoints are out for their data path with the right diagnosis, and after
 /// a reload with the fix the local tier serves everything again.
 async fn out_until_a_reload_fixes_it(bench: Bench, mistake: Mistake<'_>) {
-    let what = mistake.what;
-    let (served, failed) = bench.load(20, 2).await;
-    assert_eq!(failed, 0, "requests failed with the local tier {what}");
-    assert_all_in(
-        &served,
-        mistake.serving_meanwhile,
-        &format!("while the local tier is {what}"),
-    );
-    bench
-        .wait_for(mistake.broken, "out for the data path", |e| {
-            e["data_path"]["state"] == "failed"
-        })
-        .await;
-    assert_out_for_data_path(&bench, mistake.broken, mistake.problem, mistake.words).await;
-
+    assert_served_meanwhile_and_out(&bench, &mistake.breakage, 20, 2).await;
     bench.reload(mistake.fixed_text).await;
-    bench
-        .wait_for(mistake.fixed, "serving after the reload", |e| {
-            e["serving"] == true
-        })
-        .await;
-    let (served, failed) = bench.load(20, 2).await;
-    assert_eq!(failed, 0);
-    assert_all_in(
-        &served,
+    assert_back_in_service(
+        &bench,
         mistake.fixed,
-        &format!("once the local tier is no longer {what}"),
-    );
+        "serving after the reload",
+        &format!("once the local tier is no longer {}", mistake.breakage.what),
+    )
+    .await;
     bench.stop().await;
 }
 
@@ -585,39 +499,36 @@ async fn a_wrong_ca_is_out_with_its_diagnosis_until_a_reload_fixes_it() {
     let right_ca = cluster.sim.ca_file();
     let local = addresses(&cluster.layout.enis(), 8443);
     let remote = addresses(&[cluster.layout.remote_eni()], 8443);
+    let entry = |a: &String, ca: &Path| serde_json::json!({ "address": a, "ca_file": ca });
     let regions = |ca: &Path| {
-        let entry = |a: &String, ca: &Path| {
-            format!("{{ address = \"{a}\", ca_file = \"{}\" }}", ca.display())
-        };
-        format!(
-            "[[regions]]\nname = \"us-east-1\"\nprivatelink = [{}]\n[[regions]]\nname = \"us-west-2\"\nprivatelink = [{}]\n",
-            local.iter().map(|a| entry(a, ca)).collect::<Vec<_>>().join(", "),
-            entry(&remote[0], &right_ca)
-        )
+        let local: Vec<Value> = local.iter().map(|a| entry(a, ca)).collect();
+        two_regions(local, [entry(&remote[0], &right_ca)])
     };
     let text = config_text(
         &cluster,
         false,
         "300ms",
         "privatelink-only",
-        &regions(&wrong_ca),
+        regions(&wrong_ca),
     );
     let fixed_text = config_text(
         &cluster,
         false,
         "300ms",
         "privatelink-only",
-        &regions(&right_ca),
+        regions(&right_ca),
     );
     let bench = Bench::start(cluster, text).await;
     out_until_a_reload_fixes_it(
         bench,
         Mistake {
-            what: "trusting a wrong CA",
-            serving_meanwhile: &remote,
-            broken: &local,
-            problem: "tls_unknown_ca",
-            words: &["untrusted CA", "ca_file"],
+            breakage: Breakage {
+                what: "trusting a wrong CA",
+                serving_meanwhile: &remote,
+                broken: &local,
+                problem: "tls_unknown_ca",
+                words: &["untrusted CA", "ca_file"],
+            },
             fixed_text,
             fixed: &local,
         },
@@ -632,57 +543,40 @@ async fn a_wrong_server_name_is_out_with_its_diagnosis_until_a_reload_fixes_it()
     let cluster = Cluster::start(next_block()).await;
     let local = addresses(&cluster.layout.enis(), 8443);
     let public = addresses(&[cluster.layout.public()], 8443);
-    let regions = |name: Option<&str>| {
-        let entry = |a: &String| match name {
-            Some(name) => format!("{{ address = \"{a}\", server_name = \"{name}\" }}"),
-            None => format!("\"{a}\""),
-        };
-        format!(
-            "[[regions]]\nname = \"us-east-1\"\nprivatelink = [{}]\npublic = [{{ address = \"{}\", server_name = \"gpu-cluster.public.example.com\" }}]\n",
-            local.iter().map(entry).collect::<Vec<_>>().join(", "),
-            public[0]
-        )
-    };
+    let wrong_name: Vec<Value> = local
+        .iter()
+        .map(|a| serde_json::json!({ "address": a, "server_name": "gpu-cluster.wrong.internal" }))
+        .collect();
     let text = config_text(
         &cluster,
         true,
         "300ms",
         "privatelink",
-        &regions(Some("gpu-cluster.wrong.internal")),
+        local_and_public(wrong_name, &public[0]),
+    );
+    let fixed_text = config_text(
+        &cluster,
+        true,
+        "300ms",
+        "privatelink",
+        local_and_public(&local, &public[0]),
     );
     let bench = Bench::start(cluster, text).await;
-    let (served, failed) = bench.load(20, 2).await;
-    assert_eq!(
-        failed, 0,
-        "requests failed with a wrong server name on the local tier"
-    );
-    assert_all_in(
-        &served,
-        &public,
-        "while the local tier has a wrong server name",
-    );
-    bench
-        .wait_for(&local, "out for the data path", |e| {
-            e["data_path"]["state"] == "failed"
-        })
-        .await;
-    assert_out_for_data_path(
-        &bench,
-        &local,
-        "tls_wrong_name",
-        &["wrong server name", "gpu-cluster.wrong.internal"],
+    out_until_a_reload_fixes_it(
+        bench,
+        Mistake {
+            breakage: Breakage {
+                what: "verifying a wrong server name",
+                serving_meanwhile: &public,
+                broken: &local,
+                problem: "tls_wrong_name",
+                words: &["wrong server name", "gpu-cluster.wrong.internal"],
+            },
+            fixed_text,
+            fixed: &local,
+        },
     )
     .await;
-
-    let text = config_text(&bench.cluster, true, "300ms", "privatelink", &regions(None));
-    bench.reload(text).await;
-    bench
-        .wait_for(&local, "serving after the reload", |e| e["serving"] == true)
-        .await;
-    let (served, failed) = bench.load(20, 2).await;
-    assert_eq!(failed, 0);
-    assert_all_in(&served, &local, "once the name is fixed");
-    bench.stop().await;
 }
 
 /// No check runs during this test (`health.interval` is a minute), so only the request
@@ -696,24 +590,15 @@ async fn one_request_learns_a_broken_tier_and_is_served_by_the_next() {
     let local_ips = cluster.layout.enis();
     let local = addresses(&local_ips, 8443);
     let remote = addresses(&[cluster.layout.remote_eni()], 8443);
-    let regions = format!(
-        "[[regions]]\nname = \"us-east-1\"\nprivatelink = [{}]\n[[regions]]\nname = \"us-west-2\"\nprivatelink = [{}]\n",
-        list(&local),
-        list(&remote)
-    );
-    let text = config_text(&cluster, true, "60s", "privatelink-only", &regions);
+    let regions = two_regions(&local, &remote);
+    let text = config_text(&cluster, true, "60s", "privatelink-only", regions);
     let bench = Bench::start(cluster, text).await;
     bench
         .wait_for(&local, "serving at start", |e| e["serving"] == true)
         .await;
-    for ip in local_ips {
-        bench
-            .cluster
-            .sim
-            .set_state(ip, EndpointState::InferenceRefused)
-            .await
-            .expect("state");
-    }
+    bench
+        .set_states(&local_ips, EndpointState::InferenceRefused)
+        .await;
 
     let reply = bench.post().await;
     reply.assert_status(200);

@@ -182,18 +182,24 @@ fn authorities(ips: &[IpAddr]) -> Vec<String> {
     v
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_endpoint_id_alone_serves_traffic_through_the_discovered_enis() {
+/// The stand-in EC2 with the endpoint in `state` and the layout's three ENIs, one per
+/// zone (us-east-1a, b, c), and a proxy that discovers them on a block of its own.
+async fn discovering(state: &str) -> (Ec2StandIn, World) {
     let block = next_block();
     let layout = Layout::new(block);
-    let [a, b, c] = layout.enis();
-    let enis = vec![
-        StandInEni::new(a, 1),
-        StandInEni::new(b, 2),
-        StandInEni::new(c, 3),
-    ];
-    let stand_in = Ec2StandIn::start(layout.ip(30, 1), "available", enis).await;
+    let enis = (1..)
+        .zip(layout.enis())
+        .map(|(zone, ip)| StandInEni::new(ip, zone))
+        .collect();
+    let stand_in = Ec2StandIn::start(layout.ip(30, 1), state, enis).await;
     let world = World::start(block, discovered(&stand_in)).await;
+    (stand_in, world)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_id_alone_serves_traffic_through_the_discovered_enis() {
+    let (stand_in, world) = discovering("available").await;
+    let [a, b, c] = world.layout.enis();
     assert_eq!(privatelink_addresses(&world), authorities(&[a, b, c]));
     // Each ENI carries its zone id (what zone-aware routing compares).
     for (ip, zone) in [(a, "use1-az1"), (b, "use1-az2"), (c, "use1-az3")] {
@@ -317,16 +323,8 @@ async fn a_refresh_that_adds_and_removes_an_eni_under_load_drops_no_request() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_refresh_keeps_the_last_good_set_and_says_so() {
-    let block = next_block();
-    let layout = Layout::new(block);
-    let [a, b, c] = layout.enis();
-    let enis = vec![
-        StandInEni::new(a, 1),
-        StandInEni::new(b, 2),
-        StandInEni::new(c, 3),
-    ];
-    let stand_in = Ec2StandIn::start(layout.ip(30, 1), "available", enis).await;
-    let world = World::start(block, discovered(&stand_in)).await;
+    let (stand_in, world) = discovering("available").await;
+    let [a, b, c] = world.layout.enis();
     let ok = discovery_status(&world).await;
     assert_eq!(ok["condition"], "ok", "{ok}");
     assert_eq!(ok["source"], "ec2");
@@ -376,16 +374,8 @@ async fn a_failing_refresh_keeps_the_last_good_set_and_says_so() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pending_acceptance_gives_no_traffic_until_available() {
-    let block = next_block();
-    let layout = Layout::new(block);
-    let [a, b, c] = layout.enis();
-    let enis = vec![
-        StandInEni::new(a, 1),
-        StandInEni::new(b, 2),
-        StandInEni::new(c, 3),
-    ];
-    let stand_in = Ec2StandIn::start(layout.ip(30, 1), "pendingAcceptance", enis).await;
-    let world = World::start(block, discovered(&stand_in)).await;
+    let (stand_in, world) = discovering("pendingAcceptance").await;
+    let [a, b, c] = world.layout.enis();
     assert!(privatelink_addresses(&world).is_empty());
     let pending = discovery_status(&world).await;
     assert_eq!(pending["condition"], "not_available", "{pending}");

@@ -40,6 +40,18 @@ impl Setup {
         setup
     }
 
+    /// moto, one recording upstream on a block of the test's own, and the proxy in front
+    /// of it.
+    async fn recorded() -> (RecordingUpstream, Setup) {
+        let moto = Moto::get().await;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pki = Pki::new(dir.path());
+        let ip = IpAddr::from([127, next_block(), 10, 50]);
+        let upstream = RecordingUpstream::start(ip, &pki, CertFault::None).await;
+        let setup = Setup::start(&[ip], moto, dir, &pki).await;
+        (upstream, setup)
+    }
+
     fn addr(&self) -> SocketAddr {
         self.proxy.listen_addr
     }
@@ -95,12 +107,7 @@ fn post_raw(target: &str, request_id: &str, extra_headers: &str, body: &[u8]) ->
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_is_refused_before_kms_with_a_json_body() {
-    let moto = Moto::get().await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let pki = Pki::new(dir.path());
-    let ip = IpAddr::from([127, next_block(), 10, 50]);
-    let upstream = RecordingUpstream::start(ip, &pki, CertFault::None).await;
-    let setup = Setup::start(&[ip], moto, dir, &pki).await;
+    let (upstream, setup) = Setup::recorded().await;
     let limit = Duration::from_secs(20);
     let body = GUIDE_REQUEST.as_bytes();
 
@@ -258,12 +265,7 @@ fn json_refusal(raw: &[u8]) -> (u16, String) {
 /// request on the same keep-alive connection, and pipelined behind one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn heads_hyper_cannot_parse_get_the_json_error_body() {
-    let moto = Moto::get().await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let pki = Pki::new(dir.path());
-    let ip = IpAddr::from([127, next_block(), 10, 50]);
-    let upstream = RecordingUpstream::start(ip, &pki, CertFault::None).await;
-    let setup = Setup::start(&[ip], moto, dir, &pki).await;
+    let (upstream, setup) = Setup::recorded().await;
     let limit = Duration::from_secs(20);
     let body = GUIDE_REQUEST.as_bytes();
     let keep_alive = |id: &str, extra: &str| {
@@ -410,12 +412,7 @@ async fn raw_exchange_bytes(addr: SocketAddr, bytes: &[u8], limit: Duration) -> 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn identity_header_look_alikes_never_reach_the_cluster() {
-    let moto = Moto::get().await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let pki = Pki::new(dir.path());
-    let ip = IpAddr::from([127, next_block(), 10, 50]);
-    let upstream = RecordingUpstream::start(ip, &pki, CertFault::None).await;
-    let setup = Setup::start(&[ip], moto, dir, &pki).await;
+    let (upstream, setup) = Setup::recorded().await;
     let spoofed = "X_Tenant_ID: evil\r\nX_KMS_Key_ID: evil\r\nX_Model_Pool: evil\r\n\
                    X_Encryption_Format: none\r\nX_Gpulink_Route: public\r\n";
     let raw = raw_exchange(
@@ -541,8 +538,7 @@ async fn a_large_503_is_relayed_whole_and_a_cut_one_is_replaced() {
     let ip = IpAddr::from([127, next_block(), 10, 50]);
     let tasks = start_503_upstream(ip, &pki).await;
     let setup = Setup::start(&[ip], moto, dir, &pki).await;
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .build_http();
+    let client = http_client();
 
     // Longer than the no_capacity peek: relayed whole, its Content-Length true.
     let reply = send(

@@ -13,12 +13,6 @@ use std::time::Duration;
 
 use crate::common::*;
 use bytes::Bytes;
-use gpulink::config::Config;
-use gpulink::seal::{KeyService, KmsKeys};
-use http_body_util::Full;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -51,42 +45,13 @@ fn config_text(
     )
 }
 
-/// moto, the simulator and an in-process proxy with extra `[listen]`/`[admin]` lines.
+/// moto, the simulator and an in-process proxy whose listeners are on the test's block.
 async fn world(block: u8, options: ProxyOptions) -> World {
-    let cluster = Cluster::start(block).await;
-    let ip = cluster.layout.ip(0, 2);
-    let text = config_text(
-        &cluster,
-        SocketAddr::new(ip, 0),
-        SocketAddr::new(ip, 0),
-        &options,
-    );
-    let config = Config::from_toml(&text, std::path::Path::new("test.toml")).expect("valid config");
-    let keys = KmsKeys::new("us-east-1", Some(&cluster.moto.url), Duration::from_secs(3)).await;
-    let options = gpulink::proxy::StartOptions {
-        random_seed: Some(test_seed()),
-        ..Default::default()
-    };
-    let proxy = gpulink::proxy::start_with(config, KeyService::Kms(keys), options)
-        .await
-        .expect("proxy starts");
-    let Cluster {
-        moto,
-        key_arn,
-        layout,
-        dir,
-        sim,
-    } = cluster;
-    World {
-        moto,
-        key_arn,
-        sim,
-        proxy: Some(proxy),
-        layout,
-        dir,
-        client: Client::builder(TokioExecutor::new()).build_http(),
-        kms_relay: None,
-    }
+    let ip = Layout::new(block).ip(0, 2);
+    let options = options
+        .set("listen.address", SocketAddr::new(ip, 0))
+        .set("admin.address", SocketAddr::new(ip, 0));
+    World::start(block, options).await
 }
 
 /// Reads until the server closes the connection (EOF or reset); returns what it sent.
@@ -352,10 +317,7 @@ impl Proxy {
             .arg(format!("{shell}\nexec \"$0\" run --config \"$1\""))
             .arg(env!("CARGO_BIN_EXE_gpulink"))
             .arg(&path)
-            .env(
-                "RUST_LOG",
-                std::env::var("GPULINK_TEST_PROXY_LOG").unwrap_or_else(|_| "warn".into()),
-            )
+            .env("RUST_LOG", proxy_log("warn"))
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
@@ -366,7 +328,7 @@ impl Proxy {
             admin: admin_addr,
             _config: path,
         };
-        let client = Client::builder(TokioExecutor::new()).build_http();
+        let client = http_client();
         assert_eventually!(
             within = Duration::from_secs(60),
             {
@@ -406,7 +368,7 @@ async fn admin_crowd_cannot_take_file_descriptors_from_the_data_path() {
             Err(_) => break,
         }
     }
-    let client = Client::builder(TokioExecutor::new()).build_http();
+    let client = http_client();
     let url = format!("http://{}/inference", proxy.listen);
     for _ in 0..5 {
         let reply = tokio::time::timeout(
@@ -427,22 +389,11 @@ async fn admin_crowd_cannot_take_file_descriptors_from_the_data_path() {
 
 /// The proxy process's resident set, in bytes.
 fn rss(child: &Child) -> u64 {
-    let status =
-        std::fs::read_to_string(format!("/proc/{}/status", child.id())).expect("proc status");
-    let line = status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .expect("VmRSS");
-    let kib: u64 = line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|n| n.parse().ok())
-        .expect("VmRSS value");
-    kib * 1024
+    crate::reliability::rss_kib(child.id()).expect("VmRSS in /proc/<pid>/status") * 1024
 }
 
 /// What `/status` says the requests in flight hold.
-async fn held_bytes(client: &Client<HttpConnector, Full<Bytes>>, admin: SocketAddr) -> u64 {
+async fn held_bytes(client: &HttpClient, admin: SocketAddr) -> u64 {
     let url = format!("http://{admin}/status");
     let reply = send(client, "GET", &url, Vec::new(), &[]).await;
     reply.json()["request_bodies"]["held_bytes"]
@@ -532,7 +483,7 @@ async fn stalled_uploads_cannot_hold_more_than_the_in_flight_budget() {
         "",
     )
     .await;
-    let client = Client::builder(TokioExecutor::new()).build_http();
+    let client = http_client();
     let url = format!("http://{}/inference", proxy.listen);
     let reply = send(&client, "POST", &url, GUIDE_REQUEST.into(), &[]).await;
     reply.assert_status(200);

@@ -10,24 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::common::*;
-
-struct Guard(Child);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn signal(child: &Child, name: &str) {
-    let status = Command::new("kill")
-        .arg(format!("-{name}"))
-        .arg(child.id().to_string())
-        .status()
-        .expect("kill");
-    assert!(status.success());
-}
+use crate::reliability::{set_sim_state, signal, spawn_sim, Guard};
 
 /// A simulated cluster (`gpulink sim`) on `127.<block>.x.y` and a proxy (`gpulink run`)
 /// configured for it.
@@ -45,10 +28,7 @@ struct Processes {
     /// The proxy's settings over the shared configuration, kept across rewrites.
     options: ProxyOptions,
     _dir: tempfile::TempDir,
-    client: hyper_util::client::legacy::Client<
-        hyper_util::client::legacy::connect::HttpConnector,
-        http_body_util::Full<bytes::Bytes>,
-    >,
+    client: HttpClient,
 }
 
 impl Processes {
@@ -76,27 +56,7 @@ impl Processes {
         let key_arn = moto.create_key().await;
         let layout = Layout::new(block);
         let dir = tempfile::tempdir().expect("tempdir");
-        let control = SocketAddr::from(([127, block, 0, 1], 9950));
-        let mut sim = Command::new(env!("CARGO_BIN_EXE_gpulink"));
-        sim.arg("sim")
-            .arg("--ca-dir")
-            .arg(dir.path().join("ca"))
-            .arg("--control")
-            .arg(control.to_string())
-            .arg("--kms-endpoint-url")
-            .arg(&moto.url);
-        for ip in layout.enis() {
-            sim.arg("--endpoint").arg(format!("{ip}=us-east-1"));
-        }
-        sim.arg("--endpoint")
-            .arg(format!("{}=us-east-1:public", layout.public()));
-        let sim = Guard(
-            sim.stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("gpulink sim"),
-        );
-        wait_for_listener(control, Duration::from_secs(30)).await;
+        let (sim, control) = spawn_sim(&layout, &dir.path().join("ca"), &moto.url).await;
         let ca_file = dir.path().join("ca/ca.pem");
 
         let listen = SocketAddr::from(([127, block, 0, 2], 8000));
@@ -117,10 +77,7 @@ impl Processes {
             ca_file,
             options,
             _dir: dir,
-            client: hyper_util::client::legacy::Client::builder(
-                hyper_util::rt::TokioExecutor::new(),
-            )
-            .build_http(),
+            client: http_client(),
         };
         processes.write_config(phase);
         let mut proxy = match hosts {
@@ -143,9 +100,7 @@ impl Processes {
             .arg(&processes.config_path)
             .env(
                 "RUST_LOG",
-                rust_log.map(str::to_string).unwrap_or_else(|| {
-                    std::env::var("GPULINK_TEST_PROXY_LOG").unwrap_or_else(|_| "warn".into())
-                }),
+                rust_log.map_or_else(|| proxy_log("warn"), str::to_string),
             )
             .stdout(Stdio::null())
             .stderr(stderr)
@@ -187,17 +142,7 @@ impl Processes {
             .body(http_body_util::Full::new(bytes::Bytes::new()))
             .ok()?;
         let response = self.client.request(request).await.ok()?;
-        let status = response.status().as_u16();
-        let headers = response.headers().clone();
-        let body = http_body_util::BodyExt::collect(response.into_body())
-            .await
-            .ok()?
-            .to_bytes();
-        Some(Reply {
-            status,
-            headers,
-            body,
-        })
+        Reply::read(response).await.ok()
     }
 
     async fn wait_ready(&self) {
@@ -238,13 +183,7 @@ impl Processes {
     }
 
     async fn set_state(&self, ip: IpAddr, state: &str) {
-        let request = http::Request::put(format!("http://{}/endpoints/{ip}/state", self.control))
-            .body(http_body_util::Full::new(bytes::Bytes::from(
-                state.to_string(),
-            )))
-            .expect("request");
-        let response = self.client.request(request).await.expect("sim control");
-        assert!(response.status().is_success(), "{}", response.status());
+        set_sim_state(&self.client, self.control, ip, state).await;
     }
 
     async fn sim_in_flight(&self) -> u64 {
@@ -903,8 +842,7 @@ async fn sim_print_config_is_a_configuration_run_serves_with() {
             .spawn()
             .expect("gpulink run"),
     );
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .build_http();
+    let client = http_client();
     let served = assert_eventually!(
         within = Duration::from_secs(60),
         {

@@ -4,7 +4,7 @@
 #![allow(dead_code)]
 
 use std::io::Write;
-use std::process::{Command, Stdio};
+use std::process::{Command, Output, Stdio};
 
 /// One parsed exposition.
 pub struct Exposition {
@@ -28,6 +28,11 @@ impl Exposition {
                         .all(|(k, v)| l.get(*k).and_then(|x| x.as_str()) == Some(*v))
             })
             .map(|(_, _, value)| *value)
+    }
+
+    /// Whether some sample is named `name`.
+    pub fn has_sample(&self, name: &str) -> bool {
+        self.samples.iter().any(|(n, _, _)| n == name)
     }
 
     /// The sum of [`Exposition::matching`].
@@ -61,29 +66,29 @@ impl Exposition {
 
 /// Parses `text` with the official parser (`text` = the classic format 0.0.4).
 pub fn parse(text: &str) -> Exposition {
+    parse_as(text.as_bytes(), "text")
+}
+
+/// Parses `exposition` with the official parser for `mode`: `text` (the classic format
+/// 0.0.4) or `openmetrics`. Panics with the parser's message and the exposition when it
+/// does not parse.
+pub fn parse_as(exposition: &[u8], mode: &str) -> Exposition {
     let script = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/tests/support/parse_metrics.py"
     );
-    let python = concat!(env!("CARGO_MANIFEST_DIR"), "/.venv/bin/python");
-    let mut child = Command::new(python)
-        .args([script, "text"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("python from .venv (run scripts/test.sh, which installs it)");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(text.as_bytes())
-        .expect("write exposition");
-    let out = child.wait_with_output().expect("parser runs");
+    let mut parser = Command::new(crate::common::venv_bin("python"));
+    parser.args([script, mode]);
+    let out = run_with_input(
+        &mut parser,
+        exposition,
+        "python from .venv (run scripts/test.sh, which installs prometheus_client)",
+    );
     assert!(
         out.status.success(),
-        "the exposition does not parse: {}",
-        String::from_utf8_lossy(&out.stderr)
+        "the {mode} parser rejected the exposition: {}\n---\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(exposition)
     );
     let parsed: serde_json::Value = serde_json::from_slice(&out.stdout).expect("parser JSON");
     let families = parsed["families"].as_object().cloned().unwrap_or_default();
@@ -102,6 +107,24 @@ pub fn parse(text: &str) -> Exposition {
     Exposition { families, samples }
 }
 
+/// Runs `command` with `input` on its stdin and returns its output (`expect`: what to
+/// say when it cannot start).
+fn run_with_input(command: &mut Command, input: &[u8], expect: &str) -> Output {
+    let mut child = command
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect(expect);
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(input)
+        .expect("write exposition");
+    child.wait_with_output().expect("the parser runs")
+}
+
 /// The proxy's `/metrics` in the classic text format, parsed.
 pub async fn scrape(admin: std::net::SocketAddr) -> Exposition {
     parse(&scrape_text(admin).await)
@@ -109,19 +132,11 @@ pub async fn scrape(admin: std::net::SocketAddr) -> Exposition {
 
 /// The proxy's `/metrics` in the classic text format.
 pub async fn scrape_text(admin: std::net::SocketAddr) -> String {
-    use http_body_util::BodyExt;
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .build_http::<http_body_util::Empty<bytes::Bytes>>();
-    let uri: http::Uri = format!("http://{admin}/metrics").parse().expect("URI");
-    let response = client.get(uri).await.expect("/metrics answers");
-    assert_eq!(response.status(), 200);
-    let body = response
-        .into_body()
-        .collect()
-        .await
-        .expect("body")
-        .to_bytes();
-    String::from_utf8(body.to_vec()).expect("UTF-8 exposition")
+    let client = crate::common::http_client();
+    let url = format!("http://{admin}/metrics");
+    let reply = crate::common::send(&client, "GET", &url, Vec::new(), &[]).await;
+    assert_eq!(reply.status, 200);
+    String::from_utf8(reply.body.to_vec()).expect("UTF-8 exposition")
 }
 
 /// `promtool check metrics` (Prometheus's own linter, from Debian's `prometheus`
@@ -133,20 +148,9 @@ pub fn promtool_check(text: &str) {
         .expect(
             "promtool is not installed: run scripts/test.sh, which installs Debian's prometheus",
         );
-    let mut child = Command::new(promtool)
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("promtool runs");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(text.as_bytes())
-        .expect("write exposition");
-    let out = child.wait_with_output().expect("promtool runs");
+    let mut check = Command::new(promtool);
+    check.args(["check", "metrics"]);
+    let out = run_with_input(&mut check, text.as_bytes(), "promtool runs");
     assert!(
         out.status.success(),
         "promtool check metrics: {}{}",

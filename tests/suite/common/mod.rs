@@ -472,6 +472,19 @@ pub fn proxy_config(
             "privatelink": [authority(layout.remote_eni())],
         }));
     }
+    config_with_regions(regions, kms_url, key_id, ca_file, options)
+}
+
+/// [`proxy_config`] around `regions` (the `[[regions]]` tables) instead of a layout's:
+/// for tests whose cluster is not the simulator's layout (their own upstreams, or
+/// per-endpoint settings). `options` still apply last, and may change any key.
+pub fn config_with_regions(
+    regions: Vec<serde_json::Value>,
+    kms_url: &str,
+    key_id: &str,
+    ca_file: &std::path::Path,
+    options: &ProxyOptions,
+) -> toml::Table {
     let config = serde_json::json!({
         "listen": {
             "address": "127.0.0.1:0",
@@ -517,6 +530,11 @@ pub fn proxy_config(
     }
 }
 
+/// A configuration table as the text of a configuration file.
+pub fn toml_text(config: &toml::Table) -> String {
+    toml::to_string(config).expect("a table serialises")
+}
+
 /// [`proxy_config`] as the text of a configuration file.
 pub fn proxy_toml(
     layout: &Layout,
@@ -525,8 +543,7 @@ pub fn proxy_toml(
     ca_file: &std::path::Path,
     options: &ProxyOptions,
 ) -> String {
-    toml::to_string(&proxy_config(layout, kms_url, key_id, ca_file, options))
-        .expect("a table serialises")
+    toml_text(&proxy_config(layout, kms_url, key_id, ca_file, options))
 }
 
 /// moto with a fresh key, and the simulator on `127.<block>.x.y` opening bodies through
@@ -559,6 +576,25 @@ impl Cluster {
     }
 }
 
+/// An in-process proxy running `config` with KMS at `kms_url`, its randomness seeded as
+/// `options` say ([`test_seed`] unless told) and the instance metadata they name.
+pub async fn start_proxy(config: Config, kms_url: &str, options: &ProxyOptions) -> ProxyHandle {
+    let keys = KmsKeys::new("us-east-1", Some(kms_url), Duration::from_secs(3)).await;
+    let options = gpulink::proxy::StartOptions {
+        random_seed: Some(options.seed.unwrap_or_else(test_seed)),
+        imds: options.imds.clone(),
+    };
+    gpulink::proxy::start_with(config, KeyService::Kms(keys), options)
+        .await
+        .expect("proxy starts")
+}
+
+/// What `RUST_LOG` a proxy started as a process gets: `GPULINK_TEST_PROXY_LOG` when set
+/// (to see a failing test's proxy), else `quiet`, the level the test reads or ignores.
+pub fn proxy_log(quiet: &str) -> String {
+    std::env::var("GPULINK_TEST_PROXY_LOG").unwrap_or_else(|_| quiet.into())
+}
+
 /// Waits until `proxy`'s health checks agree with `serving` for `ip`'s endpoint.
 pub async fn wait_serving(proxy: &ProxyHandle, ip: IpAddr, serving: bool) {
     let authority = format!("{ip}:8443");
@@ -583,7 +619,7 @@ pub struct World {
     pub proxy: Option<ProxyHandle>,
     pub layout: Layout,
     pub dir: tempfile::TempDir,
-    pub client: Client<HttpConnector, Full<Bytes>>,
+    pub client: HttpClient,
     pub kms_relay: Option<CountingRelay>,
 }
 
@@ -619,14 +655,7 @@ impl World {
         let text = proxy_toml(&layout, &kms_url, &key_arn, &sim.ca_file(), &options);
         let config =
             Config::from_toml(&text, std::path::Path::new("test.toml")).expect("valid config");
-        let proxy_keys = KmsKeys::new("us-east-1", Some(&kms_url), Duration::from_secs(3)).await;
-        let options = gpulink::proxy::StartOptions {
-            random_seed: Some(options.seed.unwrap_or_else(test_seed)),
-            imds: options.imds.clone(),
-        };
-        let proxy = gpulink::proxy::start_with(config, KeyService::Kms(proxy_keys), options)
-            .await
-            .expect("proxy starts");
+        let proxy = start_proxy(config, &kms_url, &options).await;
         // The start-up KMS proof runs in the background: wait for its first outcome, so
         // that KMS call counts and cache states are the same in every run.
         tokio::time::timeout(Duration::from_secs(30), proxy.proxy().kms_proof_attempted())
@@ -639,7 +668,7 @@ impl World {
             proxy: Some(proxy),
             layout,
             dir,
-            client: Client::builder(TokioExecutor::new()).build_http(),
+            client: http_client(),
             kms_relay,
         }
     }
@@ -684,6 +713,14 @@ impl World {
     }
 }
 
+/// The plain-HTTP client the tests talk to the proxy, its admin server and the
+/// simulator's control API with.
+pub type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
+pub fn http_client() -> HttpClient {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
 pub struct Reply {
     pub status: u16,
     pub headers: http::HeaderMap,
@@ -691,6 +728,21 @@ pub struct Reply {
 }
 
 impl Reply {
+    /// The whole of `response`: its status, headers and body (an error if the body was
+    /// cut short).
+    pub async fn read<B: hyper::body::Body>(
+        response: http::Response<B>,
+    ) -> Result<Reply, B::Error> {
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let body = response.into_body().collect().await?.to_bytes();
+        Ok(Reply {
+            status,
+            headers,
+            body,
+        })
+    }
+
     /// Fails unless the answer's status is `status`, showing the body.
     #[track_caller]
     pub fn assert_status(&self, status: u16) {
@@ -718,7 +770,7 @@ impl Reply {
 }
 
 pub async fn send(
-    client: &Client<HttpConnector, Full<Bytes>>,
+    client: &HttpClient,
     method: &str,
     url: &str,
     body: Vec<u8>,
@@ -730,19 +782,7 @@ pub async fn send(
     }
     let request = builder.body(Full::new(Bytes::from(body))).expect("request");
     let response = client.request(request).await.expect("proxy answers");
-    let status = response.status().as_u16();
-    let headers = response.headers().clone();
-    let body = response
-        .into_body()
-        .collect()
-        .await
-        .expect("body")
-        .to_bytes();
-    Reply {
-        status,
-        headers,
-        body,
-    }
+    Reply::read(response).await.expect("body")
 }
 
 /// The guide's example request.

@@ -29,7 +29,10 @@ use rcgen::{
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::common::{assert_eventually, Moto, Reply};
+use crate::common::{
+    assert_eventually, config_with_regions, http_client, proxy_config, proxy_log, toml_text,
+    HttpClient, Layout, Moto, ProxyOptions, Reply,
+};
 
 /// The TLS name the proxy verifies in these tests.
 pub const SERVER_NAME: &str = "gpu-cluster.yourcompany.internal";
@@ -527,56 +530,19 @@ impl RecordingUpstream {
 /// A proxy configuration with one PrivateLink endpoint per `ip` (port 8443, health 8080),
 /// moto as KMS and `ca_file` as the cluster CA.
 pub fn upstream_config(ips: &[IpAddr], moto_url: &str, key_arn: &str, ca_file: &Path) -> String {
-    let endpoints: Vec<String> = ips.iter().map(|ip| format!("\"{ip}:8443\"")).collect();
-    format!(
-        r#"
-[listen]
-address = "127.0.0.1:0"
-drain_delay = "0s"
-shutdown_grace = "5s"
-
-[admin]
-address = "127.0.0.1:0"
-
-[tenant]
-id = "tenant-123"
-model_pool = "model-a"
-model_pools = ["model-a", "model-b"]
-
-[kms]
-key_id = "{key_arn}"
-region = "us-east-1"
-format = "kms-direct"
-timeout = "3s"
-endpoint_url = "{moto_url}"
-
-[upstream]
-server_name = "{SERVER_NAME}"
-ca_file = "{ca}"
-connect_timeout = "1s"
-request_timeout = "10s"
-
-[health]
-interval = "200ms"
-timeout = "500ms"
-healthy_threshold = 1
-unhealthy_threshold = 1
-
-[[regions]]
-name = "us-east-1"
-privatelink = [{endpoints}]
-
-[migration]
-phase = "privatelink"
-"#,
-        ca = ca_file.display(),
-        endpoints = endpoints.join(", "),
-    )
+    let endpoints: Vec<String> = ips.iter().map(|ip| format!("{ip}:8443")).collect();
+    let regions = vec![serde_json::json!({ "name": "us-east-1", "privatelink": endpoints })];
+    // The name the leaves of [`Pki`] carry.
+    let options = ProxyOptions::default().set("upstream.server_name", SERVER_NAME);
+    toml_text(&config_with_regions(
+        regions, moto_url, key_arn, ca_file, &options,
+    ))
 }
 
 // ---------------------------------------------------------------------------------------
 // The real binaries
 
+/// A child process, killed and reaped when the test lets go of it (also when it fails).
 pub struct Guard(pub Child);
 
 impl Drop for Guard {
@@ -593,6 +559,47 @@ pub fn signal(child: &Child, name: &str) {
         .status()
         .expect("kill");
     assert!(status.success(), "kill -{name} failed");
+}
+
+/// `gpulink sim` as a process: the `layout`'s three ENIs in us-east-1 and its public
+/// endpoint, its CA written to `ca_dir`, bodies opened with KMS at `kms_url`. Returns once
+/// its control API (`127.<block>.0.1:9950`) listens.
+pub async fn spawn_sim(layout: &Layout, ca_dir: &Path, kms_url: &str) -> (Guard, SocketAddr) {
+    let control = SocketAddr::from(([127, layout.block, 0, 1], 9950));
+    let mut sim = Command::new(env!("CARGO_BIN_EXE_gpulink"));
+    sim.arg("sim")
+        .arg("--ca-dir")
+        .arg(ca_dir)
+        .arg("--control")
+        .arg(control.to_string())
+        .arg("--kms-endpoint-url")
+        .arg(kms_url);
+    for ip in layout.enis() {
+        sim.arg("--endpoint").arg(format!("{ip}=us-east-1"));
+    }
+    sim.arg("--endpoint")
+        .arg(format!("{}=us-east-1:public", layout.public()));
+    let sim = Guard(
+        sim.stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("gpulink sim"),
+    );
+    crate::common::wait_for_listener(control, Duration::from_secs(30)).await;
+    (sim, control)
+}
+
+/// Puts the simulated endpoint `ip` into `state` (the JSON of its control API at
+/// `control`).
+pub async fn set_sim_state(client: &HttpClient, control: SocketAddr, ip: IpAddr, state: &str) {
+    let request = http::Request::put(format!("http://{control}/endpoints/{ip}/state"))
+        .body(Full::new(Bytes::from(state.to_string())))
+        .expect("request");
+    let response = tokio::time::timeout(Duration::from_secs(60), client.request(request))
+        .await
+        .expect("the sim answers its control API")
+        .expect("sim control");
+    assert!(response.status().is_success(), "{}", response.status());
 }
 
 /// Resident set size of a process in KiB (Linux `/proc/<pid>/status`).
@@ -621,50 +628,20 @@ pub struct Deployment {
     pub key_arn: String,
     pub ca_file: PathBuf,
     pub dir: tempfile::TempDir,
-    pub client: hyper_util::client::legacy::Client<
-        hyper_util::client::legacy::connect::HttpConnector,
-        Full<Bytes>,
-    >,
+    pub client: HttpClient,
 }
 
 impl Deployment {
     pub fn enis(block: u8) -> [IpAddr; 3] {
-        [
-            IpAddr::from([127, block, 10, 50]),
-            IpAddr::from([127, block, 11, 50]),
-            IpAddr::from([127, block, 12, 50]),
-        ]
-    }
-
-    pub fn public(block: u8) -> IpAddr {
-        IpAddr::from([127, block, 20, 1])
+        Layout::new(block).enis()
     }
 
     pub async fn start(block: u8, phase: &str) -> Deployment {
         let moto = Moto::get().await;
         let key_arn = moto.create_key().await;
         let dir = tempfile::tempdir().expect("tempdir");
-        let control = SocketAddr::from(([127, block, 0, 1], 9950));
-        let mut sim = Command::new(env!("CARGO_BIN_EXE_gpulink"));
-        sim.arg("sim")
-            .arg("--ca-dir")
-            .arg(dir.path().join("ca"))
-            .arg("--control")
-            .arg(control.to_string())
-            .arg("--kms-endpoint-url")
-            .arg(&moto.url);
-        for ip in Self::enis(block) {
-            sim.arg("--endpoint").arg(format!("{ip}=us-east-1"));
-        }
-        sim.arg("--endpoint")
-            .arg(format!("{}=us-east-1:public", Self::public(block)));
-        let sim = Guard(
-            sim.stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("gpulink sim"),
-        );
-        crate::common::wait_for_listener(control, Duration::from_secs(30)).await;
+        let layout = Layout::new(block);
+        let (sim, control) = spawn_sim(&layout, &dir.path().join("ca"), &moto.url).await;
         let ca_file = dir.path().join("ca/ca.pem");
         let listen = SocketAddr::from(([127, block, 0, 2], 8000));
         let admin = SocketAddr::from(([127, block, 0, 2], 9901));
@@ -676,10 +653,7 @@ impl Deployment {
             .arg("run")
             .arg("--config")
             .arg(&config_path)
-            .env(
-                "RUST_LOG",
-                std::env::var("GPULINK_TEST_PROXY_LOG").unwrap_or_else(|_| "error".into()),
-            )
+            .env("RUST_LOG", proxy_log("error"))
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
@@ -696,7 +670,7 @@ impl Deployment {
             key_arn,
             ca_file,
             dir,
-            client: hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build_http(),
+            client: http_client(),
         };
         deployment.wait_ready().await;
         // Ready does not wait for the cluster: under load the first health round may
@@ -728,52 +702,21 @@ impl Deployment {
         ca_file: &Path,
         phase: &str,
     ) -> String {
-        let [a, b, c] = Self::enis(block);
-        let public = Self::public(block);
-        format!(
-            r#"
-[listen]
-address = "{listen}"
-drain_delay = "0s"
-shutdown_grace = "5s"
-
-[admin]
-address = "{admin}"
-
-[tenant]
-id = "tenant-123"
-model_pool = "model-a"
-
-[kms]
-key_id = "{key_arn}"
-region = "us-east-1"
-format = "kms-direct"
-timeout = "3s"
-endpoint_url = "{moto_url}"
-
-[upstream]
-server_name = "{SERVER_NAME}"
-ca_file = "{ca}"
-connect_timeout = "1s"
-request_timeout = "2s"
-
-[health]
-interval = "200ms"
-timeout = "1s"
-healthy_threshold = 1
-unhealthy_threshold = 1
-
-[[regions]]
-name = "us-east-1"
-privatelink = ["{a}:8443", "{b}:8443", "{c}:8443"]
-public = [{{ address = "{public}:8443", server_name = "gpu-cluster.public.example.com" }}]
-
-[migration]
-phase = "{phase}"
-canary_percent = 50
-"#,
-            ca = ca_file.display(),
-        )
+        let options = ProxyOptions::default()
+            .set("listen.address", listen)
+            .set("admin.address", admin)
+            .set("upstream.server_name", SERVER_NAME)
+            .set("upstream.request_timeout", "2s")
+            .set("health.timeout", "1s")
+            .set("migration.phase", phase)
+            .set("migration.canary_percent", 50);
+        toml_text(&proxy_config(
+            &Layout::new(block),
+            moto_url,
+            key_arn,
+            ca_file,
+            &options,
+        ))
     }
 
     /// Rewrites the configuration with another phase (write to a temporary file, then
@@ -812,14 +755,7 @@ canary_percent = 50
             .await
             .ok()?
             .ok()?;
-        let status = response.status().as_u16();
-        let headers = response.headers().clone();
-        let body = response.into_body().collect().await.ok()?.to_bytes();
-        Some(Reply {
-            status,
-            headers,
-            body,
-        })
+        Reply::read(response).await.ok()
     }
 
     pub async fn wait_ready(&self) {
@@ -857,14 +793,7 @@ canary_percent = 50
     /// Puts a simulated endpoint into `state` (the control API's JSON) and waits for it
     /// to be in effect.
     pub async fn set_state(&self, ip: IpAddr, state: &str) {
-        let request = http::Request::put(format!("http://{}/endpoints/{ip}/state", self.control))
-            .body(Full::new(Bytes::from(state.to_string())))
-            .expect("request");
-        let response = tokio::time::timeout(Duration::from_secs(60), self.client.request(request))
-            .await
-            .expect("the sim answers its control API")
-            .expect("sim control");
-        assert!(response.status().is_success(), "{}", response.status());
+        set_sim_state(&self.client, self.control, ip, state).await;
     }
 
     /// How many times the cluster received the request with this id.
@@ -891,19 +820,9 @@ canary_percent = 50
                 .request(request)
                 .await
                 .map_err(|e| format!("no answer: {e}"))?;
-            let status = response.status().as_u16();
-            let headers = response.headers().clone();
-            let body = response
-                .into_body()
-                .collect()
+            Reply::read(response)
                 .await
-                .map_err(|e| format!("answer cut short: {e}"))?
-                .to_bytes();
-            Ok(Reply {
-                status,
-                headers,
-                body,
-            })
+                .map_err(|e| format!("answer cut short: {e}"))
         };
         tokio::time::timeout(Duration::from_secs(30), exchange)
             .await
