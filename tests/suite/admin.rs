@@ -247,33 +247,23 @@ fn exposes(parsed: &Exposition, name: &str) -> bool {
     })
 }
 
-async fn admin_get(client: &AdminClient, url: &str) -> Option<(u16, String)> {
+/// A GET's status and body, `None` while nothing answers (the proxy is still starting).
+async fn admin_get(client: &HttpClient, url: &str) -> Option<(u16, String)> {
     let request = http::Request::get(url)
         .body(http_body_util::Full::new(bytes::Bytes::new()))
         .ok()?;
     let response = client.request(request).await.ok()?;
-    let status = response.status().as_u16();
-    let body = http_body_util::BodyExt::collect(response.into_body())
-        .await
-        .ok()?
-        .to_bytes();
-    Some((status, String::from_utf8_lossy(&body).into_owned()))
+    let reply = Reply::read(response).await.ok()?;
+    Some((
+        reply.status,
+        String::from_utf8_lossy(&reply.body).into_owned(),
+    ))
 }
-
-type AdminClient = hyper_util::client::legacy::Client<
-    hyper_util::client::legacy::connect::HttpConnector,
-    http_body_util::Full<bytes::Bytes>,
->;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ready_follows_start_outage_and_drain() {
-    let Cluster {
-        moto,
-        key_arn,
-        layout,
-        dir: _dir,
-        sim,
-    } = Cluster::start(next_block()).await;
+    let cluster = Cluster::start(next_block()).await;
+    let (layout, sim) = (&cluster.layout, &cluster.sim);
     // Every endpoint accepts and never answers: the first health round can only end
     // by its timeout, so the proxy is observably "starting" until then.
     for endpoint in sim.endpoints() {
@@ -283,11 +273,7 @@ async fn ready_follows_start_outage_and_drain() {
     }
     let admin = std::net::SocketAddr::new(layout.ip(0, 2), 9901).to_string();
     let admin = admin.as_str();
-    let text = proxy_toml(
-        &layout,
-        &moto.url,
-        &key_arn,
-        &sim.ca_file(),
+    let text = cluster.config_toml(
         &ProxyOptions::default()
             .set("admin.address", admin)
             .set("health.timeout", "4s")
@@ -296,10 +282,8 @@ async fn ready_follows_start_outage_and_drain() {
     assert!(text.contains(admin) && text.contains("drain_delay = \"3s\""));
     let config = gpulink::config::Config::from_toml(&text, std::path::Path::new("ready.toml"))
         .expect("valid config");
-    let keys = gpulink::seal::KeyService::Kms(moto.keys().await);
-    let client: AdminClient =
-        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-            .build_http();
+    let keys = gpulink::seal::KeyService::Kms(cluster.moto.keys().await);
+    let client = http_client();
     let ready_url = format!("http://{admin}/ready");
 
     // Start, and meanwhile take the first answer /ready gives.
@@ -355,7 +339,7 @@ async fn ready_follows_start_outage_and_drain() {
         }
     }
     shutdown.await.expect("shutdown completes");
-    sim.shutdown().await;
+    cluster.sim.shutdown().await;
 }
 
 /// Polls `/status` until `condition` holds for the endpoint `authority`.

@@ -575,16 +575,7 @@ async fn certificate_faults_on_the_cluster_side_refuse_the_request_and_send_noth
             .reload(world.config(&[good]))
             .await
             .expect("reload to the good endpoint");
-        assert_eventually!(
-            proxy
-                .proxy()
-                .current()
-                .endpoints
-                .iter()
-                .any(|e| e.is_serving()),
-            |serving| *serving,
-            "good endpoint never serving"
-        );
+        wait_serving(&proxy, good, true).await;
         assert_serves(proxy.listen_addr, &format!("{fault:?}")).await;
         assert!(upstream.requests().is_empty());
         proxy.shutdown().await;

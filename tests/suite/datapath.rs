@@ -12,8 +12,6 @@
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use crate::common::*;
@@ -153,37 +151,27 @@ impl Bench {
     /// Sends `total` requests, `concurrency` at a time; returns the `X-Gpulink-Endpoint`
     /// of each success and the number of failures.
     async fn load(&self, total: u64, concurrency: usize) -> (Vec<String>, u64) {
-        let next = Arc::new(AtomicU64::new(0));
-        let failed = Arc::new(AtomicU64::new(0));
-        let served = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let mut workers = tokio::task::JoinSet::new();
-        for _ in 0..concurrency {
-            let url = format!("http://{}/inference", self.proxy.listen_addr);
-            let client = self.client.clone();
-            let (next, failed, served) = (next.clone(), failed.clone(), served.clone());
-            workers.spawn(async move {
-                while next.fetch_add(1, Ordering::SeqCst) < total {
-                    let reply = send(&client, "POST", &url, GUIDE_REQUEST.into(), &[]).await;
-                    if reply.status == 200 {
-                        let endpoint = reply
-                            .header("x-gpulink-endpoint")
-                            .unwrap_or("?")
-                            .to_string();
-                        served.lock().expect("lock").push(endpoint);
-                    } else {
-                        eprintln!(
-                            "failed: {} {}",
-                            reply.status,
-                            String::from_utf8_lossy(&reply.body)
-                        );
-                        failed.fetch_add(1, Ordering::SeqCst);
-                    }
-                }
-            });
+        let url = format!("http://{}/inference", self.proxy.listen_addr);
+        let mut served = Vec::new();
+        let mut failed = 0;
+        for reply in load(&self.client, &url, total, concurrency).await {
+            if reply.status == 200 {
+                served.push(
+                    reply
+                        .header("x-gpulink-endpoint")
+                        .unwrap_or("?")
+                        .to_string(),
+                );
+            } else {
+                eprintln!(
+                    "failed: {} {}",
+                    reply.status,
+                    String::from_utf8_lossy(&reply.body)
+                );
+                failed += 1;
+            }
         }
-        while workers.join_next().await.is_some() {}
-        let served = served.lock().expect("lock").clone();
-        (served, failed.load(Ordering::SeqCst))
+        (served, failed)
     }
 
     /// The sum of the samples `name` with `labels`, as the official Prometheus client

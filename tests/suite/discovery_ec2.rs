@@ -419,6 +419,25 @@ async fn pending_acceptance_gives_no_traffic_until_available() {
     world.stop().await;
 }
 
+/// [`discover_cli`] for the endpoint `id` in us-east-1 with EC2 at `endpoint_url`, then
+/// `extra` arguments.
+async fn discover_in_us_east_1(
+    id: &str,
+    endpoint_url: &str,
+    extra: &[&str],
+) -> (i32, String, String) {
+    let mut args = vec![
+        "--vpc-endpoint-id",
+        id,
+        "--region",
+        "us-east-1",
+        "--endpoint-url",
+        endpoint_url,
+    ];
+    args.extend_from_slice(extra);
+    discover_cli(&args).await
+}
+
 /// `gpulink discover` with `args`, the test's credentials and no EC2 endpoint from the
 /// environment: (exit code, stdout, stderr).
 async fn discover_cli(args: &[&str]) -> (i32, String, String) {
@@ -446,16 +465,7 @@ async fn discover_cli(args: &[&str]) -> (i32, String, String) {
 async fn gpulink_discover_shows_moto_s_endpoint_and_a_block_that_compiles() {
     let moto = Moto::get().await;
     let created = create_endpoint(&moto).await;
-    let (code, out, err) = discover_cli(&[
-        "--vpc-endpoint-id",
-        &created.id,
-        "--region",
-        "us-east-1",
-        "--endpoint-url",
-        &moto.url,
-        "--json",
-    ])
-    .await;
+    let (code, out, err) = discover_in_us_east_1(&created.id, &moto.url, &["--json"]).await;
     let usable = EndpointState::parse(&created.state).is_usable();
     assert_eq!(code, if usable { 0 } else { 1 }, "{out}{err}");
     let answer: serde_json::Value = serde_json::from_str(&out).expect("JSON");
@@ -483,15 +493,7 @@ async fn gpulink_discover_shows_moto_s_endpoint_and_a_block_that_compiles() {
     assert_eq!(config.discovery[0].source.target(), created.id);
 
     // Text: the state, each ENI with its subnet and zone.
-    let (code_text, text, _) = discover_cli(&[
-        "--vpc-endpoint-id",
-        &created.id,
-        "--region",
-        "us-east-1",
-        "--endpoint-url",
-        &moto.url,
-    ])
-    .await;
+    let (code_text, text, _) = discover_in_us_east_1(&created.id, &moto.url, &[]).await;
     assert_eq!(code_text, code);
     assert!(
         text.contains(&format!("state:    {}", created.state)),
@@ -507,15 +509,7 @@ async fn gpulink_discover_shows_moto_s_endpoint_and_a_block_that_compiles() {
     assert!(text.contains("[[regions]]"), "{text}");
 
     // An id EC2 does not know: 3; not an id at all, or no region: 2.
-    let (code, _, err) = discover_cli(&[
-        "--vpc-endpoint-id",
-        "vpce-0123456789abcdef0",
-        "--region",
-        "us-east-1",
-        "--endpoint-url",
-        &moto.url,
-    ])
-    .await;
+    let (code, _, err) = discover_in_us_east_1("vpce-0123456789abcdef0", &moto.url, &[]).await;
     assert_eq!(code, 3, "{err}");
     assert!(err.contains("not found"), "{err}");
     let (code, _, err) =
@@ -535,15 +529,7 @@ async fn gpulink_discover_exits_1_for_an_endpoint_waiting_for_acceptance() {
         vec![StandInEni::new(layout.enis()[0], 1)],
     )
     .await;
-    let (code, out, err) = discover_cli(&[
-        "--vpc-endpoint-id",
-        ENDPOINT_ID,
-        "--region",
-        "us-east-1",
-        "--endpoint-url",
-        &stand_in.url,
-    ])
-    .await;
+    let (code, out, err) = discover_in_us_east_1(ENDPOINT_ID, &stand_in.url, &[]).await;
     assert_eq!(code, 1, "{out}{err}");
     assert!(out.contains("state:    pendingAcceptance"), "{out}");
     assert!(
@@ -552,15 +538,7 @@ async fn gpulink_discover_exits_1_for_an_endpoint_waiting_for_acceptance() {
     );
     assert!(out.contains("use1-az1"), "{out}");
     stand_in.set(|v| v.state = "available".into());
-    let (code, out, _) = discover_cli(&[
-        "--vpc-endpoint-id",
-        ENDPOINT_ID,
-        "--region",
-        "us-east-1",
-        "--endpoint-url",
-        &stand_in.url,
-    ])
-    .await;
+    let (code, out, _) = discover_in_us_east_1(ENDPOINT_ID, &stand_in.url, &[]).await;
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("usable: yes"), "{out}");
 }

@@ -170,16 +170,17 @@ async fn http2_header_list_limit_matches_the_http1_head_limit() {
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new())
         .http2_only(true)
         .build_http();
+    // The guide request with an `X-Padding` header of `n` bytes.
+    let padded = |n: usize| {
+        let (client, url) = (client.clone(), world.url("/inference"));
+        async move {
+            let padding = "a".repeat(n);
+            let headers = [("x-padding", padding.as_str())];
+            send(&client, "POST", &url, GUIDE_REQUEST.into(), &headers).await
+        }
+    };
     // (The simulated cluster's own h2 list limit is hyper's default 16 KiB.)
-    let padding = "a".repeat(12_000);
-    let reply = send(
-        &client,
-        "POST",
-        &world.url("/inference"),
-        GUIDE_REQUEST.into(),
-        &[("x-padding", &padding)],
-    )
-    .await;
+    let reply = padded(12_000).await;
     assert_eq!(
         reply.status,
         200,
@@ -187,15 +188,7 @@ async fn http2_header_list_limit_matches_the_http1_head_limit() {
         String::from_utf8_lossy(&reply.body)
     );
     let before = world.total_requests();
-    let padding = "a".repeat(40_000);
-    let reply = send(
-        &client,
-        "POST",
-        &world.url("/inference"),
-        GUIDE_REQUEST.into(),
-        &[("x-padding", &padding)],
-    )
-    .await;
+    let reply = padded(40_000).await;
     assert_eq!(reply.status, 431);
     assert_eq!(reply.error_code(), "headers_too_large");
     assert_eq!(world.total_requests(), before, "refused before the cluster");

@@ -36,13 +36,7 @@ fn config_text(
         .clone()
         .set("listen.address", listen)
         .set("admin.address", admin);
-    proxy_toml(
-        &cluster.layout,
-        &cluster.moto.url,
-        &cluster.key_arn,
-        &cluster.sim.ca_file(),
-        &options,
-    )
+    cluster.config_toml(&options)
 }
 
 /// moto, the simulator and an in-process proxy whose listeners are on the test's block.

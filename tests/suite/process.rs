@@ -43,6 +43,14 @@ impl Processes {
         Self::launch_with(block, phase, options, hosts, Stdio::inherit(), None).await
     }
 
+    /// Phase `privatelink` on a block of its own, the proxy's stderr going to `stderr`
+    /// at `RUST_LOG` `level`: for the tests that read or choke the proxy's log.
+    async fn logging_to(stderr: Stdio, level: &str) -> Processes {
+        let block = next_block();
+        let options = ProxyOptions::default();
+        Self::launch_with(block, "privatelink", options, None, stderr, Some(level)).await
+    }
+
     /// As [`Processes::launch`], with the proxy's stderr and `RUST_LOG` chosen by the test.
     async fn launch_with(
         block: u8,
@@ -321,15 +329,7 @@ async fn sighup_with_an_unchanged_file_is_a_no_op() {
     let dir = tempfile::tempdir().expect("tempdir");
     let log_path = dir.path().join("proxy.log");
     let log = std::fs::File::create(&log_path).expect("log file");
-    let p = Processes::launch_with(
-        next_block(),
-        "privatelink",
-        ProxyOptions::default(),
-        None,
-        Stdio::from(log),
-        Some("info"),
-    )
-    .await;
+    let p = Processes::logging_to(Stdio::from(log), "info").await;
     p.write_config("public");
     signal(p.proxy(), "HUP");
     p.wait_generation(2).await;
@@ -572,15 +572,7 @@ async fn a_closed_log_reader_never_stops_the_proxy() {
     // fails with EPIPE.
     let (reader, writer) = std::io::pipe().expect("pipe");
     drop(reader);
-    let p = Processes::launch_with(
-        next_block(),
-        "privatelink",
-        ProxyOptions::default(),
-        None,
-        Stdio::from(writer),
-        Some("info"),
-    )
-    .await;
+    let p = Processes::logging_to(Stdio::from(writer), "info").await;
     for i in 0..40 {
         assert_eq!(
             post_within(&p, Duration::from_secs(20)).await,
@@ -606,15 +598,7 @@ async fn a_stalled_log_reader_never_stalls_requests() {
     // The reader exists but never reads: the pipe's buffer fills and stays full. At
     // `trace` every request writes many lines, so it fills within the first requests.
     let (reader, writer) = std::io::pipe().expect("pipe");
-    let p = Processes::launch_with(
-        next_block(),
-        "privatelink",
-        ProxyOptions::default(),
-        None,
-        Stdio::from(writer),
-        Some("trace"),
-    )
-    .await;
+    let p = Processes::logging_to(Stdio::from(writer), "trace").await;
     // Requests until lines are being dropped (the stall is real), then some more.
     let mut i = 0;
     assert_eventually!(

@@ -4,36 +4,10 @@
 //! fixed request counts; none asserts on time.
 
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use crate::common::*;
 use gpulink_sim::EndpointState;
-
-/// Sends `total` requests with `concurrency` workers; returns (ok, failed).
-async fn load(world: &World, total: u64, concurrency: usize) -> (u64, u64) {
-    let next = Arc::new(AtomicU64::new(0));
-    let ok = Arc::new(AtomicU64::new(0));
-    let failed = Arc::new(AtomicU64::new(0));
-    let mut workers = tokio::task::JoinSet::new();
-    for _ in 0..concurrency {
-        let (client, url) = (world.client.clone(), world.url("/inference"));
-        let (next, ok, failed) = (next.clone(), ok.clone(), failed.clone());
-        workers.spawn(async move {
-            while next.fetch_add(1, Ordering::SeqCst) < total {
-                let reply = send(&client, "POST", &url, GUIDE_REQUEST.into(), &[]).await;
-                if reply.status == 200 {
-                    ok.fetch_add(1, Ordering::SeqCst);
-                } else {
-                    failed.fetch_add(1, Ordering::SeqCst);
-                }
-            }
-        });
-    }
-    while workers.join_next().await.is_some() {}
-    (ok.load(Ordering::SeqCst), failed.load(Ordering::SeqCst))
-}
 
 async fn set(world: &World, ip: IpAddr, state: EndpointState) {
     world.sim.set_state(ip, state).await.expect("sim state");
@@ -54,9 +28,9 @@ async fn an_eni_that_starts_refusing_under_load_costs_no_request() {
             failed
         })
     };
-    let (ok, failed) = load(&world, 60, 3).await;
+    let (ok, failed) = world.load(60, 3).await;
     set(&world, a, EndpointState::Down).await;
-    let (ok2, failed2) = load(&world, 90, 3).await;
+    let (ok2, failed2) = world.load(90, 3).await;
     let background_failed = background.await.expect("join");
     assert_eq!(failed + failed2 + background_failed, 0, "ok {ok}+{ok2}");
     world.wait_serving(a, false).await;
@@ -67,10 +41,10 @@ async fn an_eni_that_starts_refusing_under_load_costs_no_request() {
 async fn a_blackholed_eni_costs_only_what_it_swallowed_before_ejection() {
     let world = World::with(ProxyOptions::default().set("upstream.request_timeout", "2s")).await;
     let [a, ..] = world.layout.enis();
-    let (_, failed_before) = load(&world, 30, 4).await;
+    let (_, failed_before) = world.load(30, 4).await;
     assert_eq!(failed_before, 0);
     set(&world, a, EndpointState::Blackhole).await;
-    let (_, failed_during) = load(&world, 60, 4).await;
+    let (_, failed_during) = world.load(60, 4).await;
     // Requests sent to the blackhole before health checks took it out time out (504);
     // in-flight-aware balancing keeps that to a handful.
     assert!(
@@ -79,7 +53,7 @@ async fn a_blackholed_eni_costs_only_what_it_swallowed_before_ejection() {
     );
     world.wait_serving(a, false).await;
     let swallowed = world.requests_at(a);
-    let (_, failed_after) = load(&world, 60, 4).await;
+    let (_, failed_after) = world.load(60, 4).await;
     assert_eq!(failed_after, 0);
     assert_eq!(
         world.requests_at(a),
@@ -96,12 +70,12 @@ async fn a_slow_eni_gets_a_small_share() {
     let world = World::with(ProxyOptions::default().seed(93)).await;
     let [slow, ..] = world.layout.enis();
     // Warm every endpoint's latency estimate first.
-    let (_, failed) = load(&world, 30, 3).await;
+    let (_, failed) = world.load(30, 3).await;
     assert_eq!(failed, 0);
     let before = world.requests_at(slow);
     // The others answer in a few ms (KMS Decrypt via moto): 40x slower is ~400 ms.
     set(&world, slow, EndpointState::Slow { delay_ms: 400 }).await;
-    let (_, failed) = load(&world, 150, 3).await;
+    let (_, failed) = world.load(150, 3).await;
     assert_eq!(failed, 0);
     let share = world.requests_at(slow) - before;
     assert!(share < 15, "the slow ENI got {share} of 150 requests");
@@ -127,7 +101,7 @@ async fn a_full_eni_gets_nothing_while_others_have_capacity() {
         "capacity 0 never seen"
     );
     let before = world.requests_at(full);
-    let (_, failed) = load(&world, 60, 3).await;
+    let (_, failed) = world.load(60, 3).await;
     assert_eq!(failed, 0);
     assert_eq!(world.requests_at(full), before);
     world.stop().await;

@@ -34,25 +34,16 @@ async fn await_notification(socket: &UnixDatagram, wanted: &str, seen: &mut Vec<
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn run_notifies_systemd_and_logs_json_with_request_ids() {
-    let Cluster {
-        moto,
-        key_arn,
-        layout,
-        dir,
-        sim,
-    } = Cluster::start(next_block()).await;
-    let ip = layout.ip(0, 2);
+    let cluster = Cluster::start(next_block()).await;
+    let ip = cluster.layout.ip(0, 2);
     let (listen, admin) = (format!("{ip}:8000"), format!("{ip}:9901"));
     let (listen, admin) = (listen.as_str(), admin.as_str());
-    let text = proxy_toml(
-        &layout,
-        &moto.url,
-        &key_arn,
-        &sim.ca_file(),
+    let text = cluster.config_toml(
         &ProxyOptions::default()
             .set("listen.address", listen)
             .set("admin.address", admin),
     );
+    let dir = &cluster.dir;
     assert!(text.contains(listen) && text.contains(admin));
     let config = dir.path().join("gpulink.toml");
     std::fs::write(&config, text).expect("write config");
@@ -76,8 +67,7 @@ async fn run_notifies_systemd_and_logs_json_with_request_ids() {
     let mut seen = Vec::new();
     await_notification(&socket, "READY=1", &mut seen).await;
     // READY=1 means serving: /ready agrees at once.
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .build_http();
+    let client = http_client();
     let ready = send(
         &client,
         "GET",
@@ -99,12 +89,7 @@ async fn run_notifies_systemd_and_logs_json_with_request_ids() {
     .await;
     reply.assert_status(200);
 
-    let pid = child.id().to_string();
-    let killed = Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .expect("kill");
-    assert!(killed.success());
+    crate::reliability::signal(&child, "TERM");
     await_notification(&socket, "STOPPING=1", &mut seen).await;
     let status = tokio::task::spawn_blocking(move || child.wait())
         .await
@@ -152,5 +137,5 @@ async fn run_notifies_systemd_and_logs_json_with_request_ids() {
         !logs.contains("Hello") && !logs.contains("max_tokens"),
         "a body reached the logs:\n{logs}"
     );
-    sim.shutdown().await;
+    cluster.sim.shutdown().await;
 }

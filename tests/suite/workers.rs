@@ -2,8 +2,6 @@
 //! its own bound socket and serves, and serving, reloading and draining across workers
 //! lose no request.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use crate::common::*;
@@ -14,26 +12,6 @@ async fn status(world: &World) -> serde_json::Value {
     let reply = send(&world.client, "GET", &url, Vec::new(), &[]).await;
     reply.assert_status(200);
     reply.json()
-}
-
-/// `total` requests over `concurrency` connections at once: (ok, failed).
-async fn load(world: &World, total: u64, concurrency: usize) -> (u64, u64) {
-    let next = Arc::new(AtomicU64::new(0));
-    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-    let mut clients = tokio::task::JoinSet::new();
-    for _ in 0..concurrency {
-        let (client, url) = (world.client.clone(), world.url("/inference"));
-        let (next, ok, failed) = (next.clone(), ok.clone(), failed.clone());
-        clients.spawn(async move {
-            while next.fetch_add(1, Ordering::SeqCst) < total {
-                let reply = send(&client, "POST", &url, GUIDE_REQUEST.into(), &[]).await;
-                let counter = if reply.status == 200 { &ok } else { &failed };
-                counter.fetch_add(1, Ordering::SeqCst);
-            }
-        });
-    }
-    while clients.join_next().await.is_some() {}
-    (ok.load(Ordering::SeqCst), failed.load(Ordering::SeqCst))
 }
 
 fn in_flight(world: &World) -> u64 {
@@ -56,7 +34,7 @@ async fn two_workers_bind_serve_reload_and_drain_without_a_failed_request() {
 
     // Serving: 32 connections at once; the kernel spreads them over both sockets (all
     // 32 on one of two has a chance of 2^-31).
-    let (ok, failed) = load(&world, 96, 32).await;
+    let (ok, failed) = world.load(96, 32).await;
     assert_eq!((ok, failed), (96, 0));
     let doc = status(&world).await;
     let by_worker: Vec<u64> = doc["runtime"]["connections_by_worker"]
@@ -84,7 +62,7 @@ async fn two_workers_bind_serve_reload_and_drain_without_a_failed_request() {
             }
         })
     };
-    let (ok, failed) = load(&world, 120, 8).await;
+    let (ok, failed) = world.load(120, 8).await;
     reloads.await.expect("reloads");
     assert_eq!((ok, failed), (120, 0));
     assert_eq!(proxy.current().number, generation + 3);
@@ -131,7 +109,7 @@ async fn two_workers_bind_serve_reload_and_drain_without_a_failed_request() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_worker_is_one_socket() {
     let world = World::with(ProxyOptions::default().set("runtime.workers", 1)).await;
-    let (ok, failed) = load(&world, 20, 4).await;
+    let (ok, failed) = world.load(20, 4).await;
     assert_eq!((ok, failed), (20, 0));
     let doc = status(&world).await;
     assert_eq!(doc["runtime"]["workers"], 1, "{}", doc["runtime"]);

@@ -595,6 +595,41 @@ pub fn proxy_log(quiet: &str) -> String {
     std::env::var("GPULINK_TEST_PROXY_LOG").unwrap_or_else(|_| quiet.into())
 }
 
+/// Sends `total` copies of the guide request to `url`, `concurrency` at a time, and
+/// returns the answers in the order they came.
+pub async fn load(client: &HttpClient, url: &str, total: u64, concurrency: usize) -> Vec<Reply> {
+    let next = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut workers = tokio::task::JoinSet::new();
+    for _ in 0..concurrency {
+        let (client, url, next) = (client.clone(), url.to_string(), next.clone());
+        workers.spawn(async move {
+            let mut replies = Vec::new();
+            while next.fetch_add(1, Ordering::SeqCst) < total {
+                replies.push(send(&client, "POST", &url, GUIDE_REQUEST.into(), &[]).await);
+            }
+            replies
+        });
+    }
+    let mut replies = Vec::new();
+    while let Some(answered) = workers.join_next().await {
+        replies.extend(answered.expect("a load worker"));
+    }
+    replies
+}
+
+impl Cluster {
+    /// The shared configuration ([`proxy_toml`]) for this cluster with `options`' changes.
+    pub fn config_toml(&self, options: &ProxyOptions) -> String {
+        proxy_toml(
+            &self.layout,
+            &self.moto.url,
+            &self.key_arn,
+            &self.sim.ca_file(),
+            options,
+        )
+    }
+}
+
 /// Waits until `proxy`'s health checks agree with `serving` for `ip`'s endpoint.
 pub async fn wait_serving(proxy: &ProxyHandle, ip: IpAddr, serving: bool) {
     let authority = format!("{ip}:8443");
@@ -690,6 +725,13 @@ impl World {
             headers,
         )
         .await
+    }
+
+    /// Sends `total` guide requests to `/inference`, `concurrency` at a time: (ok, failed).
+    pub async fn load(&self, total: u64, concurrency: usize) -> (u64, u64) {
+        let replies = load(&self.client, &self.url("/inference"), total, concurrency).await;
+        let ok = replies.iter().filter(|r| r.status == 200).count() as u64;
+        (ok, replies.len() as u64 - ok)
     }
 
     /// Waits until the proxy's health checks agree with `serving` for `ip`.
