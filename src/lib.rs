@@ -96,3 +96,7 @@ pub mod discover;
 pub mod ec2;
 pub mod healthcheck;
 pub mod probe;
+
+// What the unit tests above share: a minimal configuration and its endpoints.
+#[cfg(test)]
+mod testing;

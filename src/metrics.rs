@@ -1228,23 +1228,13 @@ mod tests {
     /// endpoints are built but never contacted.
     #[tokio::test]
     async fn renders_the_state_of_a_snapshot() {
-        let config = crate::config::Config::from_toml(
+        let config = crate::testing::config(
             r#"
-            [tenant]
-            id = "tenant-123"
-            model_pool = "model-a"
-            [kms]
-            key_id = "arn:aws:kms:us-east-1:111122223333:key/k"
-            region = "us-east-1"
-            [upstream]
-            server_name = "gpu.internal"
             [[regions]]
             name = "us-east-1"
             privatelink = ["127.220.0.1"]
             "#,
-            std::path::Path::new("test.toml"),
-        )
-        .expect("config");
+        );
         let keys =
             crate::seal::KeyService::Kms(crate::seal::KmsKeys::from_config(&config.kms).await);
         let generation = Generation::build(

@@ -6,6 +6,7 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
@@ -127,7 +128,6 @@ impl Proxy {
         )
     }
 
-    /// The generation new requests use.
     /// The host's zone for `config`: `[placement] zone`, else what IMDS said (asked once).
     async fn host_zone(&self, config: &Config) -> HostZone {
         if let Some(configured) = HostZone::configured(&config.placement) {
@@ -142,8 +142,17 @@ impl Proxy {
             .clone()
     }
 
+    /// The generation new requests use.
     pub fn current(&self) -> Arc<Generation> {
         self.current.get()
+    }
+
+    /// Completes at the next reload. Registered before it returns, so a loop that calls
+    /// it before reading the configuration is woken by a reload in between too.
+    fn next_reload(&self) -> Pin<Box<tokio::sync::futures::OwnedNotified>> {
+        let mut notified = Box::pin(self.generation_changed.clone().notified_owned());
+        notified.as_mut().enable();
+        notified
     }
 
     /// The cell holding the generation in service, for readers that outlive one.
@@ -477,10 +486,7 @@ async fn prove_kms(proxy: Weak<Proxy>, stop: CancellationToken) {
         let Some(proxy_now) = proxy.upgrade() else {
             return;
         };
-        let changed = proxy_now.generation_changed.clone();
-        let notified = changed.notified();
-        tokio::pin!(notified);
-        notified.as_mut().enable();
+        let reloaded = proxy_now.next_reload();
         let generation = proxy_now.current();
         let kms = &generation.config.kms;
         let result = tokio::select! {
@@ -526,7 +532,7 @@ async fn prove_kms(proxy: Weak<Proxy>, stop: CancellationToken) {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(delay) => {}
-            _ = notified => {}
+            _ = reloaded => {}
         }
         delay = delay.saturating_mul(2).min(PROOF_RETRY_MAX);
     }
@@ -940,12 +946,8 @@ async fn rediscover_periodically(proxy: Weak<Proxy>, stop: CancellationToken) {
         let Some(proxy_now) = proxy.upgrade() else {
             return;
         };
-        // Registered before the configuration is read, so a reload in between still
-        // wakes this loop.
-        let changed = proxy_now.generation_changed.clone();
-        let notified = changed.notified();
-        tokio::pin!(notified);
-        notified.as_mut().enable();
+        // Before the configuration is read, so a reload in between still wakes this loop.
+        let reloaded = proxy_now.next_reload();
         let regions = proxy_now.current().config.discovery.clone();
         let due: Vec<_> = regions
             .iter()
@@ -975,7 +977,7 @@ async fn rediscover_periodically(proxy: Weak<Proxy>, stop: CancellationToken) {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(next) => {}
             // A reload may add a DNS region or change its refresh interval.
-            _ = notified => {}
+            _ = reloaded => {}
         }
     }
 }

@@ -127,15 +127,7 @@ fn ready(readiness: Readiness) -> Response<ProxyBody> {
 
 fn metrics<S: Source>(source: &S, format: Format) -> Response<ProxyBody> {
     match source.metrics(format) {
-        Ok(body) => {
-            let mut response = Response::new(ProxyBody::full(Bytes::from(body)));
-            response.headers_mut().insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static(format.content_type()),
-            );
-            no_store(&mut response);
-            response
-        }
+        Ok(body) => answer(StatusCode::OK, format.content_type(), body),
         Err(error) => {
             tracing::error!(%error, "cannot encode metrics");
             text(
@@ -146,46 +138,36 @@ fn metrics<S: Source>(source: &S, format: Format) -> Response<ProxyBody> {
     }
 }
 
-fn no_store(response: &mut Response<ProxyBody>) {
+/// Every admin answer: `body` as `content_type`, never cached (each one is the state
+/// at the moment it was asked for).
+fn answer(
+    status: StatusCode,
+    content_type: &'static str,
+    body: impl Into<Bytes>,
+) -> Response<ProxyBody> {
+    let mut response = Response::new(ProxyBody::full(body.into()));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     response
-        .headers_mut()
-        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
 }
 
 fn text(status: StatusCode, body: &'static str) -> Response<ProxyBody> {
-    let mut response = Response::new(ProxyBody::full(Bytes::from_static(body.as_bytes())));
-    *response.status_mut() = status;
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    no_store(&mut response);
-    response
+    answer(status, "text/plain; charset=utf-8", body)
 }
 
 fn json_response(value: Value) -> Response<ProxyBody> {
-    let mut response = Response::new(ProxyBody::full(Bytes::from(value.to_string())));
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    no_store(&mut response);
-    response
+    answer(StatusCode::OK, "application/json", value.to_string())
 }
 
 fn html_response(page: String) -> Response<ProxyBody> {
-    let mut response = Response::new(ProxyBody::full(Bytes::from(page)));
-    let headers = response.headers_mut();
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/html; charset=utf-8"),
-    );
+    let mut response = answer(StatusCode::OK, "text/html; charset=utf-8", page);
     // Self-contained by design: forbid anything external, and scripts entirely.
-    headers.insert(
+    response.headers_mut().insert(
         header::CONTENT_SECURITY_POLICY,
         HeaderValue::from_static("default-src 'none'; style-src 'unsafe-inline'"),
     );
-    no_store(&mut response);
     response
 }
 

@@ -482,21 +482,10 @@ impl Plan<'_> {
 mod tests {
     use super::*;
     use crate::config::Config;
-    use std::path::Path;
 
     fn table(phase: &str, extra: &str) -> (RouteTable, Vec<Arc<Endpoint>>) {
-        crate::tls::install_crypto_provider();
-        let text = format!(
+        let config = crate::testing::config(&format!(
             r#"
-            [tenant]
-            id = "t"
-            model_pool = "m"
-            [kms]
-            key_id = "arn:aws:kms:us-east-1:111122223333:key/k"
-            region = "us-east-1"
-            format = "kms-direct"
-            [upstream]
-            server_name = "gpu.internal"
             [[regions]]
             name = "us-east-1"
             privatelink = ["10.0.0.1", "10.0.0.2"]
@@ -509,18 +498,17 @@ mod tests {
             canary_percent = 25
             {extra}
             "#
-        );
-        let config = Config::from_toml(&text, Path::new("t.toml")).expect("config");
-        let endpoints = crate::upstream::build_endpoints(
-            &config.endpoints,
-            &config.discovery,
-            &config.upstream,
-            &[],
-            &Default::default(),
-        )
-        .expect("endpoints");
-        let host_zone = crate::placement::HostZone::default();
-        let policy = crate::generation::route_policy(&config, &host_zone);
+        ));
+        route_table(&config, &crate::placement::HostZone::default())
+    }
+
+    /// The table a generation would build from `config` on a host in `host_zone`.
+    fn route_table(
+        config: &Config,
+        host_zone: &crate::placement::HostZone,
+    ) -> (RouteTable, Vec<Arc<Endpoint>>) {
+        let endpoints = crate::testing::endpoints(config);
+        let policy = crate::generation::route_policy(config, host_zone);
         (RouteTable::new(policy, &endpoints), endpoints)
     }
 
@@ -689,17 +677,8 @@ mod tests {
 
     /// Three local ENIs, one per zone, a remote region and public; the host in `host`.
     fn zoned(host: Option<&str>) -> (RouteTable, Vec<Arc<Endpoint>>) {
-        crate::tls::install_crypto_provider();
-        let text = r#"
-            [tenant]
-            id = "t"
-            model_pool = "m"
-            [kms]
-            key_id = "arn:aws:kms:us-east-1:111122223333:key/k"
-            region = "us-east-1"
-            format = "kms-direct"
-            [upstream]
-            server_name = "gpu.internal"
+        let config = crate::testing::config(
+            r#"
             [[regions]]
             name = "us-east-1"
             privatelink = [
@@ -713,23 +692,14 @@ mod tests {
             privatelink = [{ address = "10.1.0.1", zone = "usw2-az1" }]
             [migration]
             phase = "privatelink"
-            "#;
-        let config = Config::from_toml(text, Path::new("t.toml")).expect("config");
-        let endpoints = crate::upstream::build_endpoints(
-            &config.endpoints,
-            &config.discovery,
-            &config.upstream,
-            &[],
-            &Default::default(),
-        )
-        .expect("endpoints");
+            "#,
+        );
         let host_zone = crate::placement::HostZone {
             zone: host.and_then(|z| crate::config::Zone::new(z).ok()),
             source: crate::placement::ZoneSource::Config,
             ..Default::default()
         };
-        let policy = crate::generation::route_policy(&config, &host_zone);
-        (RouteTable::new(policy, &endpoints), endpoints)
+        route_table(&config, &host_zone)
     }
 
     fn picks(t: &RouteTable, rng: &mut StdRng, n: usize) -> Vec<String> {

@@ -378,21 +378,9 @@ mod tests {
     use super::*;
 
     fn endpoint() -> Arc<Endpoint> {
-        crate::tls::install_crypto_provider();
-        let text = "[tenant]\nid = \"t\"\nmodel_pool = \"m\"\n[kms]\nkey_id = \"k\"\nregion = \"us-east-1\"\n\
-                    format = \"kms-direct\"\n[upstream]\nserver_name = \"gpu.internal\"\n[[regions]]\nname = \"r\"\n\
-                    privatelink = [\"10.0.0.1\"]\n";
         let config =
-            crate::config::Config::from_toml(text, std::path::Path::new("t.toml")).expect("config");
-        crate::upstream::build_endpoints(
-            &config.endpoints,
-            &config.discovery,
-            &config.upstream,
-            &[],
-            &Default::default(),
-        )
-        .expect("endpoints")
-        .remove(0)
+            crate::testing::config("[[regions]]\nname = \"r\"\nprivatelink = [\"10.0.0.1\"]\n");
+        crate::testing::endpoints(&config).remove(0)
     }
 
     fn refused() -> ConnectError {

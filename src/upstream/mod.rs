@@ -20,18 +20,6 @@ pub use endpoint::{Endpoint, InFlightGuard};
 use crate::config::{Discovery, EndpointConfig, Upstream};
 use crate::tls::{client_config, TlsError};
 
-/// [`build_endpoints_with_pools`] with one pool per endpoint: the tests' shorthand.
-#[cfg(test)]
-pub fn build_endpoints(
-    listed: &[EndpointConfig],
-    discovery: &[Discovery],
-    upstream: &Upstream,
-    reusable: &[Arc<Endpoint>],
-    resolved: &discovery::Resolved,
-) -> Result<Vec<Arc<Endpoint>>, UpstreamError> {
-    build_endpoints_with_pools(listed, discovery, upstream, reusable, resolved, 1)
-}
-
 /// Builds every endpoint a configuration lists (`listed`, and the addresses discovery
 /// found for the regions in `discovery`), sharing one TLS client
 /// configuration per distinct set of trusted CA files. An endpoint in `reusable` with

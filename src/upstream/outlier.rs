@@ -116,25 +116,15 @@ pub fn record_failure(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{Config, HumanDuration};
+    use crate::config::HumanDuration;
 
     fn tier(n: usize) -> Vec<Arc<Endpoint>> {
-        crate::tls::install_crypto_provider();
         let addresses: Vec<String> = (1..=n).map(|i| format!("\"10.0.0.{i}\"")).collect();
-        let text = format!(
-            "[tenant]\nid = \"t\"\nmodel_pool = \"m\"\n[kms]\nkey_id = \"k\"\nregion = \"us-east-1\"\nformat = \"kms-direct\"\n\
-             [upstream]\nserver_name = \"gpu.internal\"\n[[regions]]\nname = \"r\"\nprivatelink = [{}]\n",
+        let config = crate::testing::config(&format!(
+            "[[regions]]\nname = \"r\"\nprivatelink = [{}]\n",
             addresses.join(", ")
-        );
-        let config = Config::from_toml(&text, std::path::Path::new("t.toml")).expect("config");
-        crate::upstream::build_endpoints(
-            &config.endpoints,
-            &config.discovery,
-            &config.upstream,
-            &[],
-            &Default::default(),
-        )
-        .expect("endpoints")
+        ));
+        crate::testing::endpoints(&config)
     }
 
     fn settings(percent: u32) -> Outlier {

@@ -116,16 +116,7 @@ const TARPIT_MAX_FILLERS: usize = 8;
 
 impl Tarpit {
     async fn bind(addr: SocketAddr) -> Result<Tarpit, SimError> {
-        let bind_error = |source| SimError::Bind { addr, source };
-        let socket = if addr.is_ipv4() {
-            TcpSocket::new_v4()
-        } else {
-            TcpSocket::new_v6()
-        }
-        .map_err(bind_error)?;
-        socket.set_reuseaddr(true).map_err(bind_error)?;
-        socket.bind(addr).map_err(bind_error)?;
-        let listener = socket.listen(0).map_err(bind_error)?;
+        let listener = listen_with_backlog(addr, 0)?;
         // Fill the queue until a connect no longer completes: from then on SYNs drop.
         let mut fillers = Vec::new();
         while fillers.len() < TARPIT_MAX_FILLERS {
@@ -383,6 +374,11 @@ impl Drop for InFlight {
 /// SO_REUSEADDR, so that leaving `down` can bind again while old connections sit in
 /// TIME_WAIT.
 pub(crate) fn listen(addr: SocketAddr) -> Result<TcpListener, SimError> {
+    listen_with_backlog(addr, LISTEN_BACKLOG)
+}
+
+/// [`listen`] with an accept queue of `backlog` (the tarpit's is 0).
+fn listen_with_backlog(addr: SocketAddr, backlog: u32) -> Result<TcpListener, SimError> {
     let bind_error = |source| SimError::Bind { addr, source };
     let socket = if addr.is_ipv4() {
         TcpSocket::new_v4()
@@ -392,7 +388,7 @@ pub(crate) fn listen(addr: SocketAddr) -> Result<TcpListener, SimError> {
     .map_err(bind_error)?;
     socket.set_reuseaddr(true).map_err(bind_error)?;
     socket.bind(addr).map_err(bind_error)?;
-    socket.listen(LISTEN_BACKLOG).map_err(bind_error)
+    socket.listen(backlog).map_err(bind_error)
 }
 
 impl Hangup {
