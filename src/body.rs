@@ -247,7 +247,7 @@ pub fn refuse_for_budget(body: Incoming, version: http::Version, tasks: &TaskTra
 /// Reads and discards up to a bounded amount of the rest of a refused body in the
 /// background, so the client gets to read the error answer. The task is one of `tasks`
 /// (the runtime's, which shutdown waits for, bounded), and ends by itself within
-/// [`DRAIN_MAX_TIME`].
+/// `DRAIN_MAX_TIME`.
 pub fn drain_in_background(mut body: Incoming, tasks: &TaskTracker) {
     use http_body_util::BodyExt as _;
     tasks.spawn(async move {

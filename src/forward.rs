@@ -18,13 +18,13 @@
 //!    which is not counted as failing), or the endpoint answered `503 no_capacity`. A
 //!    connect or TLS failure takes the endpoint's data path out at once, and when every
 //!    attempt failed unsent the last one falls through to the next tier (see
-//!    [`crate::route`]).
+//!    `crate::route`).
 //! 4. **Relay** (`relay`): the answer as a stream, bounded by `upstream.idle_timeout`
 //!    per silence, with gpulink's headers.
 //!
 //! The request's `Context` carries what the phases share and what the edge
 //! ([`handle`]) reports: the generation, the request id, and where the answer is
-//! counted. Errors are typed ([`crate::error`]) and become the JSON answer once, in
+//! counted. Errors are typed (`crate::error`) and become the JSON answer once, in
 //! [`handle`].
 
 use std::sync::Arc;

@@ -4,8 +4,8 @@
 //! For every configured endpoint it resolves the address, times a TCP connect, completes
 //! a TLS handshake exactly as the proxy would (same trust store from
 //! [`crate::tls::client_config`], same TLS name), runs the proxy's own health check
-//! ([`crate::upstream::health::check`]), and samples latency. Each failure gets one line
-//! of diagnosis naming its likely causes ([`crate::upstream::diagnose`], shared with the
+//! (`crate::upstream::health::check`), and samples latency. Each failure gets one line
+//! of diagnosis naming its likely causes (`crate::upstream::diagnose`, shared with the
 //! proxy's own health checker so `/status` says the same), because the symptoms are ambiguous in ways an
 //! operator should not have to rediscover: a TCP connect that times out looks the same
 //! whether a security group drops the packets or the VPC endpoint is still

@@ -1,8 +1,8 @@
-//! The running proxy: it owns the generation in service ([`crate::generation`]) and the
+//! The running proxy: it owns the generation in service (`crate::generation`) and the
 //! lifecycle flags, starts the listeners and the background tasks, and applies reloads
 //! and shutdown in the order `docs/design.md` gives. Only `main`, the demo and the reload
 //! triggers see it: the request path gets a [`Forwarder`], the admin server the
-//! [`admin::Source`] this type implements.
+//! `admin::Source` this type implements.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -477,9 +477,9 @@ fn kms_settings_changed(old: &Config, new: &Config) -> bool {
         || old.tenant.model_pool != new.tenant.model_pool
 }
 
-/// Proves KMS ([`Sealer::prove`]) with the current generation until it works, backing
-/// off from 0.5 s to 30 s, and trying again at once after a reload (which may fix the
-/// key). Each failure is one log line naming `kms.key_id`.
+/// Proves KMS ([`crate::seal::Sealer::prove`]) with the current generation until it
+/// works, backing off from 0.5 s to 30 s, and trying again at once after a reload (which
+/// may fix the key). Each failure is one log line naming `kms.key_id`.
 async fn prove_kms(proxy: Weak<Proxy>, stop: CancellationToken) {
     let mut delay = PROOF_RETRY_FIRST;
     loop {

@@ -7,7 +7,7 @@
 //! What is logged never includes bodies, keys or ciphertext: only ids, sizes, addresses
 //! and outcomes.
 //!
-//! Logging can never stop or stall the proxy: lines go through [`crate::logwriter`]
+//! Logging can never stop or stall the proxy: lines go through `crate::logwriter`
 //! (bounded queue, dropped and counted when full, write errors ignored). Colours only
 //! when stderr is a terminal and `NO_COLOR` is unset. Text that came from the network is
 //! logged in its escaped (`Debug`) form at the call site; the writer also escapes any

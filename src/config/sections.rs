@@ -100,7 +100,7 @@ pub struct Log {
     pub format: LogFormat,
 }
 
-/// `[runtime]`: the threads that serve requests (see [`crate::runtime`]).
+/// `[runtime]`: the threads that serve requests (see `crate::runtime`).
 #[derive(Debug, Clone, Copy, Deserialize, Default, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Runtime {

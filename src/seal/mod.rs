@@ -72,7 +72,7 @@ pub const FORMAT_AWS_ESDK: &str = WireFormat::AwsEsdkV2.as_str();
 /// not hold up the other requests on the same runtime worker: inside
 /// `tokio::task::block_in_place` on the multi-threaded runtime, on the blocking pool
 /// (`spawn_blocking`) on a single-threaded one (the request-path workers,
-/// [`crate::runtime`], where `block_in_place` is not allowed), for bodies passed as
+/// `crate::runtime`, where `block_in_place` is not allowed), for bodies passed as
 /// [`Bytes`] ([`Sealer::seal_bytes`]).
 ///
 /// Measured (`cargo bench --bench seal`, release, this 2-core Xeon; see BENCHMARKS.md):
