@@ -9,27 +9,40 @@
 //! named plainly; what other crates use of them is re-exported by name below):
 //!
 //! * `ingress`: the loopback listener: HTTP/1.1 and HTTP/2, graceful drain; with
-//!   `listener`, the connection limits and time bounds every client is held to, and
-//!   with [`body`], the bounded request body reader.
+//!   `listener`, the connection limits and time bounds every client is held to, with
+//!   [`h1guard`], the HTTP/1.1 head guard that refuses a bad head with the JSON error
+//!   body, and with [`body`], the bounded request body reader.
+//! * [`headers`]: the header names of the tenant API and of gpulink, and inbound
+//!   hygiene; `inflight`: the in-flight body budget (`listen.max_in_flight_bytes`).
 //! * [`forward`]: **the one place that tells a request's journey**: validate, seal, route,
-//!   send with safe retries, relay.
+//!   send with safe retries, relay. `error`: the typed errors it answers with, each code
+//!   and its status in one place.
 //! * `generation`: one configuration's endpoints, routes and sealer, built once per load
 //!   or reload; a request keeps the generation it started with.
 //! * [`seal`]: KMS (or the development key provider) and the sealed-body formats.
-//! * `route`: migration phases and the ordered tiers of endpoints a request may use.
+//! * `route`: migration phases and the ordered tiers of endpoints a request may use;
+//!   [`placement`]: the host's availability zone the local tier prefers.
 //! * `upstream`: endpoints, TLS, per-endpoint connection pools, active health checks and
-//!   the choice among healthy endpoints.
+//!   the choice among healthy endpoints; [`tls`]: the crypto provider and the client
+//!   configurations.
 //! * `admin`: `/live`, `/ready`, `/metrics`, `/status` and the HTML status page on the
 //!   admin address; `metrics` holds the Prometheus metrics it exposes, `history` the
 //!   last 15 minutes of request outcomes the status page charts.
-//! * [`probe`]: `gpulink probe`, the guide's connectivity test and troubleshooting.
-//! * [`healthcheck`]: `gpulink health`, the readiness probe for containers and exec.
-//! * [`systemd`]: readiness, watchdog and reload notifications for `Type=notify` units.
+//! * [`telemetry`]: logging (filter, text or JSON, one span per request); `logwriter`,
+//!   the bounded queue and thread that write it, so a stalled stderr never stalls a
+//!   request.
 //! * [`config`]: the TOML contract and its validation; [`check`], the warnings of
 //!   `gpulink check` about a valid file that is likely not what was meant.
-//! * [`proxy`]: the runtime that starts all of the above, reloads and shuts down; only
-//!   `main`, the demo and [`reload`] see it. `runtime`: its request-path threads (one
-//!   single-threaded runtime per core, `[runtime] workers`).
+//! * [`proxy`]: the running proxy that starts all of the above, reloads and shuts down;
+//!   only `main`, the demo and [`reload`] (SIGHUP and the directory watch) see it.
+//!   `runtime`: its request-path threads (one single-threaded runtime per core,
+//!   `[runtime] workers`); `rlimit`: the file-descriptor limit raised at start (the one
+//!   module with unsafe code); [`systemd`]: readiness, watchdog and reload notifications
+//!   for `Type=notify` units.
+//! * The other subcommands: [`probe`] (`gpulink probe`, the guide's connectivity test and
+//!   troubleshooting), [`healthcheck`] (`gpulink health`, the readiness probe for
+//!   containers and exec) and [`discover`] (`gpulink discover`, a VPC endpoint as EC2
+//!   lists it) with [`ec2`], the small EC2 client discovery uses.
 //!
 //! Not here, on purpose: the cluster simulator (the `gpulink-sim` crate, `crates/sim`)
 //! and `gpulink demo` (the binary's `src/demo.rs`), test equipment behind the binary's
