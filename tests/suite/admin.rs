@@ -14,8 +14,14 @@ const OPENMETRICS_ACCEPT: &str =
     "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5";
 
 async fn get(world: &World, path: &str, headers: &[(&str, &str)]) -> Reply {
-    let url = format!("http://{}{}", world.proxy().admin_addr, path);
-    send(&world.client, "GET", &url, Vec::new(), headers).await
+    send(
+        &world.client,
+        "GET",
+        &world.admin_url(path),
+        Vec::new(),
+        headers,
+    )
+    .await
 }
 
 /// Scrapes in both formats, checks both parse, returns the OpenMetrics view.

@@ -119,11 +119,7 @@ impl Bench {
 
     /// `/status`'s entry for `address`.
     async fn endpoint(&self, address: &str) -> Value {
-        let status = self.status().await;
-        status["endpoints"]
-            .as_array()
-            .and_then(|all| all.iter().find(|e| e["address"] == address).cloned())
-            .unwrap_or_else(|| panic!("{address} is not in /status: {status}"))
+        endpoint_in(&self.status().await, address).clone()
     }
 
     /// Polls `/status` until `condition` holds for every one of `addresses`.

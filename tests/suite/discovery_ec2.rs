@@ -10,7 +10,8 @@ use gpulink::ec2::{Ec2Client, Ec2Error, EndpointState};
 
 use crate::common::ec2::{Ec2StandIn, StandInEni, ENDPOINT_ID};
 use crate::common::{
-    assert_eventually, next_block, send, venv_bin, Layout, Moto, ProxyOptions, World, GUIDE_REQUEST,
+    assert_eventually, assert_success, next_block, venv_bin, Layout, Moto, ProxyOptions, World,
+    GUIDE_REQUEST,
 };
 
 /// What boto3 created in moto: the endpoint and its ENIs as EC2 lists them.
@@ -62,11 +63,7 @@ async fn create_endpoint(moto: &Moto) -> Created {
         .output()
         .await
         .expect("python from .venv");
-    assert!(
-        output.status.success(),
-        "boto3 could not create the endpoint: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    assert_success(&output, "boto3 could not create the endpoint");
     serde_json::from_slice(&output.stdout).expect("the script's JSON")
 }
 
@@ -231,14 +228,9 @@ async fn an_endpoint_id_alone_serves_traffic_through_the_discovered_enis() {
     world.stop().await;
 }
 
-async fn admin(world: &World, path: &str) -> crate::common::Reply {
-    let url = format!("http://{}{}", world.proxy().admin_addr, path);
-    send(&world.client, "GET", &url, Vec::new(), &[]).await
-}
-
 /// The region's entry in `/status` `discovery`.
 async fn discovery_status(world: &World) -> serde_json::Value {
-    let status = admin(world, "/status").await.json();
+    let status = world.status().await;
     status["discovery"]
         .as_array()
         .and_then(|regions| regions.iter().find(|r| r["region"] == "us-east-1"))
@@ -349,7 +341,7 @@ async fn a_failing_refresh_keeps_the_last_good_set_and_says_so() {
     let reply = world.post("/inference", GUIDE_REQUEST, &[]).await;
     reply.assert_status(200);
     assert_eq!(reply.header("x-gpulink-route"), Some("privatelink"));
-    let metrics = String::from_utf8_lossy(&admin(&world, "/metrics").await.body).into_owned();
+    let metrics = String::from_utf8_lossy(&world.admin("/metrics").await.body).into_owned();
     let failures = metrics
         .lines()
         .find(|l| {
@@ -384,7 +376,7 @@ async fn pending_acceptance_gives_no_traffic_until_available() {
     let message = pending["message"].as_str().unwrap_or_default();
     assert!(message.contains("accept"), "{pending}");
     // The status page says it too.
-    let page = String::from_utf8_lossy(&admin(&world, "/").await.body).into_owned();
+    let page = String::from_utf8_lossy(&world.admin("/").await.body).into_owned();
     assert!(
         page.contains("data-discovery=\"not_available\"") && page.contains("pendingAcceptance"),
         "{page}"

@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::common::*;
+use crate::reliability::{set_sim_state, CertFault, Pki};
 use gpulink::config::Config;
 use gpulink::seal::{KeyService, KmsKeys};
 
@@ -27,10 +28,7 @@ struct Outcome {
 
 /// Sends `total` requests with `concurrency` workers, each with its own request id.
 async fn load(
-    client: &hyper_util::client::legacy::Client<
-        hyper_util::client::legacy::connect::HttpConnector,
-        http_body_util::Full<bytes::Bytes>,
-    >,
+    client: &HttpClient,
     url: &str,
     prefix: &str,
     total: u64,
@@ -113,35 +111,14 @@ fn assert_delivered_once(sim: &gpulink_sim::Sim, ids: &[String]) {
 /// A TLS name the front's certificate carries (and the proxy verifies).
 const FRONT_NAME: &str = "gpu-cluster.yourcompany.internal";
 
-/// A CA and a leaf for the nginx front, made for this test.
+/// A CA and a leaf for the nginx front, made for this test: (CA, certificate, key).
 fn front_pki(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
-    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
-    let ca_key = KeyPair::generate().expect("CA key");
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(DnType::CommonName, "gpulink nginx test CA");
-    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    let ca = ca_params.self_signed(&ca_key).expect("CA");
-    let leaf_key = KeyPair::generate().expect("leaf key");
-    let mut leaf_params =
-        CertificateParams::new(vec![FRONT_NAME.to_string()]).expect("leaf params");
-    leaf_params
-        .distinguished_name
-        .push(DnType::CommonName, FRONT_NAME);
-    let leaf = leaf_params
-        .signed_by(&leaf_key, &ca, &ca_key)
-        .expect("leaf");
-    let (ca_file, cert_file, key_file) = (
-        dir.join("front-ca.pem"),
-        dir.join("front.pem"),
-        dir.join("front.key"),
-    );
-    std::fs::write(&ca_file, ca.pem()).expect("write CA");
-    std::fs::write(&cert_file, leaf.pem()).expect("write leaf");
-    std::fs::write(&key_file, leaf_key.serialize_pem()).expect("write key");
-    (ca_file, cert_file, key_file)
+    let pki = Pki::new(dir);
+    let (cert, key) = pki.leaf(CertFault::None);
+    let (cert_file, key_file) = (dir.join("front.pem"), dir.join("front.key"));
+    std::fs::write(&cert_file, cert).expect("write leaf");
+    std::fs::write(&key_file, key).expect("write key");
+    (pki.ca_file, cert_file, key_file)
 }
 
 fn nginx_binary() -> PathBuf {
@@ -173,11 +150,7 @@ impl Nginx {
             .arg("-t")
             .output()
             .expect("nginx -t runs");
-        assert!(
-            test.status.success(),
-            "nginx rejects the test's configuration: {}",
-            String::from_utf8_lossy(&test.stderr)
-        );
+        assert_success(&test, "nginx rejects the test's configuration");
         let child = Command::new(nginx_binary())
             .arg("-p")
             .arg(dir)
@@ -310,48 +283,34 @@ async fn nginx_rotating_http2_connections_costs_no_request() {
         wait_for_listener((ip, 8443).into(), Duration::from_secs(20)).await;
     }
 
-    let text = format!(
-        r#"
-[listen]
-address = "127.0.0.1:0"
-drain_delay = "0s"
-[admin]
-address = "127.0.0.1:0"
-[tenant]
-id = "tenant-123"
-model_pool = "model-a"
-[kms]
-key_id = "{key}"
-region = "us-east-1"
-format = "aws-esdk"
-endpoint_url = "{kms}"
-[upstream]
-server_name = "{name}"
-ca_file = "{ca}"
-connect_timeout = "2s"
-request_timeout = "20s"
-[health]
-interval = "500ms"
-[[regions]]
-name = "us-east-1"
-privatelink = ["{a}:8443", "{b}:8443"]
-[migration]
-phase = "privatelink-only"
-"#,
-        key = cluster.key_arn,
-        kms = cluster.moto.url,
-        name = FRONT_NAME,
-        ca = front_ca.display(),
-        a = fronts[0],
-        b = fronts[1],
-    );
+    let fronts_authorities: Vec<String> = fronts.iter().map(|ip| format!("{ip}:8443")).collect();
+    let regions =
+        vec![serde_json::json!({ "name": "us-east-1", "privatelink": fronts_authorities })];
+    let options = ProxyOptions::default()
+        .set("kms.format", "aws-esdk")
+        .set("upstream.server_name", FRONT_NAME)
+        .set("upstream.connect_timeout", "2s")
+        .set("upstream.request_timeout", "20s")
+        // Checks through nginx as the defaults have them: a front under this load must
+        // not drop out on one slow answer.
+        .set("health.interval", "500ms")
+        .set("health.timeout", "1s")
+        .set("health.healthy_threshold", 2)
+        .set("health.unhealthy_threshold", 2)
+        .set("migration.phase", "privatelink-only");
+    let text = toml_text(&config_with_regions(
+        regions,
+        &cluster.moto.url,
+        &cluster.key_arn,
+        &front_ca,
+        &options,
+    ));
     let config = Config::from_toml(&text, Path::new("nginx.toml")).expect("config");
     let keys = KmsKeys::new("us-east-1", Some(&cluster.moto.url), Duration::from_secs(3)).await;
     let proxy = gpulink::proxy::start(config, KeyService::Kms(keys))
         .await
         .expect("proxy starts");
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .build_http();
+    let client = http_client();
     let url = format!("http://{}/inference", proxy.listen_addr);
 
     let outcome = load(&client, &url, "nginx", 400, 16).await;
@@ -439,15 +398,10 @@ async fn eni_kills_and_reloads_under_load_replay_nothing_and_retry_every_refusal
         let base = proxy.current().config.clone();
         tokio::spawn(async move {
             let mut rounds = 0u64;
-            let http =
-                hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-                    .build_http();
+            let http = http_client();
             while !stop.load(Ordering::SeqCst) {
                 let ip = sim_ips[(rounds % 3) as usize];
-                let state = |s: &str| format!(r#"{{"state":"{s}"}}"#);
-                let url = format!("http://{control}/endpoints/{ip}/state");
-                let r = send(&http, "PUT", &url, state("down").into_bytes(), &[]).await;
-                r.assert_status(200);
+                set_sim_state(&http, control, ip, r#"{"state":"down"}"#).await;
                 tokio::time::sleep(Duration::from_millis(150)).await;
                 let mut config = (*base).clone();
                 if rounds % 2 == 1 {
@@ -456,8 +410,7 @@ async fn eni_kills_and_reloads_under_load_replay_nothing_and_retry_every_refusal
                         gpulink::config::HumanDuration::from_millis(1500 + rounds);
                 }
                 proxy.reload(config).await.expect("reload");
-                let r = send(&http, "PUT", &url, state("healthy").into_bytes(), &[]).await;
-                r.assert_status(200);
+                set_sim_state(&http, control, ip, r#"{"state":"healthy"}"#).await;
                 tokio::time::sleep(Duration::from_millis(150)).await;
                 rounds += 1;
             }

@@ -27,11 +27,7 @@ async fn python_requests_reads_the_413_for_a_huge_body() {
         .await
         .expect("run python");
     let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "python failed: {stdout} {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    assert_success(&output, "python failed");
     assert_eq!(stdout.trim(), "413 body_too_large");
     assert_eq!(world.total_requests(), 0);
     world.stop().await;

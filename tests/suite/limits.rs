@@ -209,9 +209,7 @@ async fn an_http2_peer_that_stops_answering_pings_is_closed() {
 
 /// `/status`'s count of open connections on a listener (`listen` or `admin`).
 async fn open_connections(world: &World, listener: &str) -> u64 {
-    let url = format!("http://{}/status", world.proxy().admin_addr);
-    let reply = send(&world.client, "GET", &url, Vec::new(), &[]).await;
-    reply.json()["connections"][listener]["open"]
+    world.status().await["connections"][listener]["open"]
         .as_u64()
         .unwrap_or(0)
 }
@@ -255,17 +253,11 @@ async fn idle_sockets_cannot_lock_out_the_listeners() {
     for _ in 0..50 {
         crowd.push(connect(world.proxy().admin_addr).await);
     }
-    let ready = format!("http://{}/ready", world.proxy().admin_addr);
-    let reply = tokio::time::timeout(
-        CLOSE_BOUND,
-        send(&world.client, "GET", &ready, Vec::new(), &[]),
-    )
-    .await
-    .expect("/ready was never answered with the admin listener crowded");
+    let reply = tokio::time::timeout(CLOSE_BOUND, world.admin("/ready"))
+        .await
+        .expect("/ready was never answered with the admin listener crowded");
     assert_eq!(reply.status, 200);
-    let status = format!("http://{}/status", world.proxy().admin_addr);
-    let reply = send(&world.client, "GET", &status, Vec::new(), &[]).await;
-    let connections = &reply.json()["connections"];
+    let connections = &world.status().await["connections"];
     assert!(
         connections["admin"]["open"].as_u64() <= Some(8),
         "{connections}"

@@ -6,21 +6,14 @@
 //! real systemd is tests/suite/systemd_boot.rs) and the Grafana dashboard.
 //! Nothing here listens on the network.
 
+use crate::common::{assert_success, repo_root as root, venv_bin};
 use crate::deb;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
 fn read(path: &str) -> String {
     std::fs::read_to_string(root().join(path)).unwrap_or_else(|e| panic!("{path}: {e}"))
-}
-
-fn venv_bin(name: &str) -> PathBuf {
-    root().join(".venv/bin").join(name)
 }
 
 fn which(program: &str) -> Option<PathBuf> {
@@ -41,17 +34,20 @@ fn unit_directives(unit: &str) -> Vec<(String, String)> {
         .collect()
 }
 
+/// The values of `key` among `directives`, in order.
+fn values<'a>(directives: &'a [(String, String)], key: &str) -> Vec<&'a str> {
+    directives
+        .iter()
+        .filter(|(k, _)| k == key)
+        .map(|(_, v)| v.as_str())
+        .collect()
+}
+
 #[test]
 fn systemd_unit_is_hardened_notify_and_reloadable() {
     let unit = read("packaging/systemd/gpulink.service");
     let directives = unit_directives(&unit);
-    let value = |key: &str| -> Vec<&str> {
-        directives
-            .iter()
-            .filter(|(k, _)| k == key)
-            .map(|(_, v)| v.as_str())
-            .collect()
-    };
+    let value = |key: &str| values(&directives, key);
     for (key, expected) in [
         ("Type", "notify"),
         ("DynamicUser", "yes"),
@@ -104,13 +100,7 @@ fn systemd_unit_is_hardened_notify_and_reloadable() {
 fn credentials_recipe_hands_over_aws_credentials_and_a_ca_the_reload_check_can_read() {
     let dropin = read("packaging/systemd/credentials.conf");
     let directives = unit_directives(&dropin);
-    let value = |key: &str| -> Vec<&str> {
-        directives
-            .iter()
-            .filter(|(k, _)| k == key)
-            .map(|(_, v)| v.as_str())
-            .collect()
-    };
+    let value = |key: &str| values(&directives, key);
     let credentials = value("LoadCredential");
     assert!(
         credentials.contains(&"aws:/etc/gpulink/aws-credentials"),
@@ -366,11 +356,7 @@ fn manifests(path: &Path) -> Vec<serde_json::Value> {
         .arg(path)
         .output()
         .expect(".venv/bin/python (run scripts/test.sh)");
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    assert_success(&output, "reading the YAML failed");
     serde_json::from_slice(&output.stdout).expect("JSON")
 }
 
@@ -401,13 +387,8 @@ fn kubernetes_manifests_validate_against_the_schemas() {
     for version in ["1.29.0", "1.37.0"] {
         for file in &files {
             let output = kubernetes_validate(file, version);
-            assert!(
-                output.status.success(),
-                "{} is not valid for Kubernetes {version}:\n{}{}",
-                file.display(),
-                String::from_utf8_lossy(&output.stdout),
-                String::from_utf8_lossy(&output.stderr)
-            );
+            let what = format!("{} is not valid for Kubernetes {version}", file.display());
+            assert_success(&output, &what);
         }
     }
 
@@ -487,11 +468,7 @@ fn kubernetes_manifests_validate_against_the_schemas() {
         .arg(&config_path)
         .output()
         .expect("gpulink check");
-    assert!(
-        check.status.success(),
-        "{}",
-        String::from_utf8_lossy(&check.stderr)
-    );
+    assert_success(&check, "gpulink check rejected the file");
     let config = gpulink::config::Config::load(&config_path).expect("valid");
     assert!(config.listen.address.ip().is_loopback());
 
@@ -636,11 +613,7 @@ fn dpkg_deb(args: &[&str], deb: &Path) -> String {
         .arg(deb)
         .output()
         .expect("dpkg-deb runs");
-    assert!(
-        output.status.success(),
-        "dpkg-deb {args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    assert_success(&output, &format!("dpkg-deb {args:?}"));
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
@@ -909,11 +882,7 @@ fn dockerfile_base_images_are_pinned_by_digest_or_say_they_are_not() {
     assert!(chmod.success());
     for _ in 0..2 {
         let output = pin(&resolver);
-        assert!(
-            output.status.success(),
-            "{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
+        assert_success(&output, "pin-images.sh failed");
         let pinned = std::fs::read_to_string(&copy).expect("pinned");
         assert_eq!(image_pins(&pinned), Ok(0), "{pinned}");
         assert!(pinned.contains("ARG BUILD_IMAGE=rust:${RUST_VERSION}-bookworm@sha256:"));

@@ -6,10 +6,10 @@
 //! No KMS: probe never calls it.
 
 use std::path::Path;
-use std::process::Command;
+
 use std::sync::Arc;
 
-use crate::common::{next_block, Layout};
+use crate::common::{endpoint_in, next_block, Layout};
 use gpulink::seal::{DevKeys, KeyService};
 use gpulink_sim::{EndpointState, Sim};
 
@@ -59,8 +59,9 @@ zone = "use1-az1"
     )
 }
 
-fn probe(config: &Path, json: bool) -> (i32, String, String) {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_gpulink"));
+/// `gpulink probe` with `config` (and `--json`): (exit code, stdout, stderr).
+async fn probe(config: &Path, json: bool) -> (i32, String, String) {
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_gpulink"));
     command
         .args(["probe", "--config"])
         .arg(config)
@@ -68,21 +69,12 @@ fn probe(config: &Path, json: bool) -> (i32, String, String) {
     if json {
         command.arg("--json");
     }
-    let output = command.output().expect("gpulink probe runs");
+    let output = command.output().await.expect("gpulink probe runs");
     (
         output.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&output.stdout).into_owned(),
         String::from_utf8_lossy(&output.stderr).into_owned(),
     )
-}
-
-fn endpoint<'a>(report: &'a serde_json::Value, address: &str) -> &'a serde_json::Value {
-    report["endpoints"]
-        .as_array()
-        .expect("endpoints")
-        .iter()
-        .find(|e| e["address"] == address)
-        .unwrap_or_else(|| panic!("{address} not in the report: {report:#}"))
 }
 
 fn problems(endpoint: &serde_json::Value) -> Vec<String> {
@@ -123,11 +115,7 @@ async fn probe_diagnoses_a_down_eni_and_a_wrong_certificate_name() {
         .await
         .expect("full");
 
-    let config_for_blocking = config.clone();
-    let (code, stdout, stderr) =
-        tokio::task::spawn_blocking(move || probe(&config_for_blocking, true))
-            .await
-            .expect("probe task");
+    let (code, stdout, stderr) = probe(&config, true).await;
     assert_eq!(
         code, 0,
         "something can serve, so exit 0\n{stdout}\n{stderr}"
@@ -139,7 +127,7 @@ async fn probe_diagnoses_a_down_eni_and_a_wrong_certificate_name() {
         .unwrap_or("")
         .starts_with("DEGRADED"));
 
-    let ok = endpoint(&report, &format!("{good}:8443"));
+    let ok = endpoint_in(&report, &format!("{good}:8443"));
     assert_eq!(ok["can_serve"], true, "{ok:#}");
     assert_eq!(ok["tcp"]["ok"], true);
     assert_eq!(ok["tls"]["ok"], true);
@@ -158,7 +146,7 @@ async fn probe_diagnoses_a_down_eni_and_a_wrong_certificate_name() {
     assert_eq!(ok["zone"], "use1-az1");
     assert_eq!(ok["locality"], "same_zone");
 
-    let named = endpoint(&report, &format!("{wrong_name}:8443"));
+    let named = endpoint_in(&report, &format!("{wrong_name}:8443"));
     assert_eq!(named["can_serve"], false);
     assert_eq!(named["tcp"]["ok"], true);
     assert_eq!(named["tls"]["ok"], false);
@@ -174,7 +162,7 @@ async fn probe_diagnoses_a_down_eni_and_a_wrong_certificate_name() {
     // Health is plain HTTP on 8080: it passes, which is what points at TLS naming.
     assert_eq!(named["health"]["ok"], true);
 
-    let refused = endpoint(&report, &format!("{down}:8443"));
+    let refused = endpoint_in(&report, &format!("{down}:8443"));
     assert_eq!(refused["can_serve"], false);
     assert_eq!(refused["tls"]["skipped"], true);
     let refused_problems = problems(refused);
@@ -187,11 +175,11 @@ async fn probe_diagnoses_a_down_eni_and_a_wrong_certificate_name() {
     assert_eq!(refused["zone"], "use1-az2");
     assert_eq!(refused["locality"], "cross_zone");
     assert_eq!(
-        endpoint(&report, &format!("{wrong_name}:8443"))["locality"],
+        endpoint_in(&report, &format!("{wrong_name}:8443"))["locality"],
         "unknown"
     );
 
-    let full = endpoint(&report, &format!("{}:8443", layout.public()));
+    let full = endpoint_in(&report, &format!("{}:8443", layout.public()));
     assert_eq!(
         full["can_serve"], true,
         "a full endpoint still serves, last"
@@ -205,10 +193,7 @@ async fn probe_diagnoses_a_down_eni_and_a_wrong_certificate_name() {
     assert!(report["privatelink_faster_by_ms"].is_number());
 
     // The human report says the same in words.
-    let config_for_blocking = config.clone();
-    let (code, text, _) = tokio::task::spawn_blocking(move || probe(&config_for_blocking, false))
-        .await
-        .expect("probe task");
+    let (code, text, _) = probe(&config, false).await;
     assert_eq!(code, 0);
     for needle in [
         "wrong server name",
@@ -231,25 +216,20 @@ async fn probe_diagnoses_a_down_eni_and_a_wrong_certificate_name() {
     sim.set_state(layout.public(), EndpointState::Down)
         .await
         .expect("down");
-    let config_for_blocking = config.clone();
-    let (code, stdout, _) = tokio::task::spawn_blocking(move || probe(&config_for_blocking, true))
-        .await
-        .expect("probe task");
+    let (code, stdout, _) = probe(&config, true).await;
     assert_eq!(code, 1, "{stdout}");
     let report: serde_json::Value = serde_json::from_str(&stdout).expect("JSON");
     assert_eq!(report["can_serve"], false);
     assert!(report["verdict"].as_str().unwrap_or("").starts_with("FAIL"));
     assert_eq!(
-        problems(endpoint(&report, &format!("{good}:8443"))),
+        problems(endpoint_in(&report, &format!("{good}:8443"))),
         ["unhealthy"]
     );
 
     // A broken configuration is EX_CONFIG, as for `gpulink check`.
     let broken = dir.path().join("broken.toml");
     std::fs::write(&broken, "[listen]\nnot_a_key = 1\n").expect("write");
-    let (code, _, stderr) = tokio::task::spawn_blocking(move || probe(&broken, false))
-        .await
-        .expect("probe task");
+    let (code, _, stderr) = probe(&broken, false).await;
     assert_eq!(code, 78, "{stderr}");
     sim.shutdown().await;
 }

@@ -151,10 +151,5 @@ pub fn promtool_check(text: &str) {
     let mut check = Command::new(promtool);
     check.args(["check", "metrics"]);
     let out = run_with_input(&mut check, text.as_bytes(), "promtool runs");
-    assert!(
-        out.status.success(),
-        "promtool check metrics: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    crate::common::assert_success(&out, "promtool check metrics");
 }

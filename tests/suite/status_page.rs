@@ -17,22 +17,6 @@ use gpulink_sim::EndpointState;
 
 const BLOCK: u8 = 235;
 
-async fn status(world: &World) -> serde_json::Value {
-    let url = format!("http://{}/status", world.proxy().admin_addr);
-    send(&world.client, "GET", &url, Vec::new(), &[])
-        .await
-        .json()
-}
-
-fn endpoint<'a>(status: &'a serde_json::Value, authority: &str) -> &'a serde_json::Value {
-    status["endpoints"]
-        .as_array()
-        .expect("endpoints")
-        .iter()
-        .find(|e| e["address"] == authority)
-        .unwrap_or_else(|| panic!("{authority} in /status"))
-}
-
 fn chromium() -> PathBuf {
     for candidate in ["/usr/bin/chromium", "/usr/bin/chromium-browser"] {
         if Path::new(candidate).exists() {
@@ -71,11 +55,7 @@ fn run_chromium(profile: &Path, args: &[&str], url: &str) -> std::process::Outpu
         .arg(url)
         .output()
         .expect("chromium runs");
-    assert!(
-        output.status.success(),
-        "chromium failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    assert_success(&output, "chromium failed");
     output
 }
 
@@ -141,7 +121,7 @@ async fn status_page_renders_outcomes_and_charts_in_chromium() {
             let reply = world.post("/inference", GUIDE_REQUEST, &[]).await;
             reply.assert_status(200);
         }
-        let s = status(&world).await;
+        let s = world.status().await;
         let routes = &s["traffic"]["routes"];
         if routes["privatelink"]["2xx"].as_u64() >= Some(5)
             && routes["public"]["2xx"].as_u64() >= Some(5)
@@ -182,10 +162,10 @@ async fn status_page_renders_outcomes_and_charts_in_chromium() {
                 String::from_utf8_lossy(&reply.body)
             );
         }
-        let s = status(&world).await;
-        let failed = |e: &str| !endpoint(&s, e)["last_failed_request"].is_null();
+        let s = world.status().await;
+        let failed = |e: &str| !endpoint_in(&s, e)["last_failed_request"].is_null();
         if (failed(&a_auth) || failed(&b_auth))
-            && !endpoint(&s, &public_auth)["last_request_error"].is_null()
+            && !endpoint_in(&s, &public_auth)["last_request_error"].is_null()
         {
             break s;
         }
@@ -206,13 +186,13 @@ async fn status_page_renders_outcomes_and_charts_in_chromium() {
     assert!(codes.contains("cluster_500"), "{codes}");
     assert!(codes.contains("invalid_json"), "{codes}");
     // The ENI that answered 500 (either of the two may have been picked first).
-    let failing_auth = if endpoint(&snapshot, &a_auth)["last_failed_request"].is_null() {
+    let failing_auth = if endpoint_in(&snapshot, &a_auth)["last_failed_request"].is_null() {
         b_auth.clone()
     } else {
         a_auth.clone()
     };
     assert_eq!(
-        endpoint(&snapshot, &failing_auth)["last_failed_request"]["code"],
+        endpoint_in(&snapshot, &failing_auth)["last_failed_request"]["code"],
         "cluster_500"
     );
     let series = &traffic["series"]["privatelink"]["requests_per_second"];
@@ -227,7 +207,7 @@ async fn status_page_renders_outcomes_and_charts_in_chromium() {
     // The page in a real browser. No requests flow from here on, so the counts in the
     // DOM are the ones /status just gave.
     let profile = tempfile::tempdir().expect("profile dir");
-    let page_url = format!("http://{}/", world.proxy().admin_addr);
+    let page_url = world.admin_url("/");
     let dom = run_chromium(profile.path(), &["--dump-dom"], &page_url);
     let dom = String::from_utf8_lossy(&dom.stdout).into_owned();
     for chart in ["requests_per_second", "error_rate", "latency"] {

@@ -7,13 +7,6 @@ use std::time::Duration;
 use crate::common::*;
 use gpulink_sim::EndpointState;
 
-async fn status(world: &World) -> serde_json::Value {
-    let url = format!("http://{}/status", world.proxy().admin_addr);
-    let reply = send(&world.client, "GET", &url, Vec::new(), &[]).await;
-    reply.assert_status(200);
-    reply.json()
-}
-
 fn in_flight(world: &World) -> u64 {
     world
         .proxy()
@@ -28,7 +21,7 @@ fn in_flight(world: &World) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_workers_bind_serve_reload_and_drain_without_a_failed_request() {
     let mut world = World::with(ProxyOptions::default().set("runtime.workers", 2)).await;
-    let doc = status(&world).await;
+    let doc = world.status().await;
     assert_eq!(doc["runtime"]["workers"], 2, "{}", doc["runtime"]);
     assert_eq!(doc["runtime"]["listener_sockets"], 2, "{}", doc["runtime"]);
 
@@ -36,7 +29,7 @@ async fn two_workers_bind_serve_reload_and_drain_without_a_failed_request() {
     // 32 on one of two has a chance of 2^-31).
     let (ok, failed) = world.load(96, 32).await;
     assert_eq!((ok, failed), (96, 0));
-    let doc = status(&world).await;
+    let doc = world.status().await;
     let by_worker: Vec<u64> = doc["runtime"]["connections_by_worker"]
         .as_array()
         .expect("connections_by_worker")
@@ -67,7 +60,7 @@ async fn two_workers_bind_serve_reload_and_drain_without_a_failed_request() {
     assert_eq!((ok, failed), (120, 0));
     assert_eq!(proxy.current().number, generation + 3);
     assert_eq!(proxy.current().config.runtime.workers, 2);
-    assert_eq!(status(&world).await["runtime"]["workers"], 2);
+    assert_eq!(world.status().await["runtime"]["workers"], 2);
 
     // Draining: requests in flight on both workers when the shutdown starts all finish.
     for ip in world.layout.enis() {
@@ -111,7 +104,7 @@ async fn one_worker_is_one_socket() {
     let world = World::with(ProxyOptions::default().set("runtime.workers", 1)).await;
     let (ok, failed) = world.load(20, 4).await;
     assert_eq!((ok, failed), (20, 0));
-    let doc = status(&world).await;
+    let doc = world.status().await;
     assert_eq!(doc["runtime"]["workers"], 1, "{}", doc["runtime"]);
     assert_eq!(doc["runtime"]["listener_sockets"], 1, "{}", doc["runtime"]);
     let by_worker = doc["runtime"]["connections_by_worker"]

@@ -127,13 +127,6 @@ fn zoned(block: u8, options: ProxyOptions) -> ProxyOptions {
     options.set("regions.0.privatelink", zoned_enis(&Layout::new(block)))
 }
 
-async fn status(world: &World) -> serde_json::Value {
-    let url = format!("http://{}/status", world.proxy().admin_addr);
-    send(&world.client, "GET", &url, Vec::new(), &[])
-        .await
-        .json()
-}
-
 /// Sends `n` requests one after another; all must succeed.
 async fn send_all(world: &World, n: usize) {
     for _ in 0..n {
@@ -158,7 +151,7 @@ async fn the_imds_zone_gets_the_traffic_and_it_spills_when_that_eni_goes_down() 
     // One token, then the id and the name with it.
     assert!((1..=2).contains(&imds.tokens.load(Ordering::SeqCst)));
     assert_eq!(imds.reads.load(Ordering::SeqCst), 2);
-    let placement = &status(&world).await["placement"];
+    let placement = &world.status().await["placement"];
     assert_eq!(placement["zone"], "use1-az2", "{placement}");
     assert_eq!(placement["alias"], "us-east-1b");
     assert_eq!(placement["source"], "imds");
@@ -172,8 +165,7 @@ async fn the_imds_zone_gets_the_traffic_and_it_spills_when_that_eni_goes_down() 
     );
     assert_eq!(world.requests_at(a), before[0]);
     assert_eq!(world.requests_at(c), before[2]);
-    let url = format!("http://{}/metrics", world.proxy().admin_addr);
-    let metrics = send(&world.client, "GET", &url, Vec::new(), &[]).await;
+    let metrics = world.admin("/metrics").await;
     let text = String::from_utf8_lossy(&metrics.body).to_string();
     assert!(
         text.contains("gpulink_privatelink_locality_total{locality=\"same_zone\"} 40"),
@@ -228,7 +220,7 @@ async fn a_slow_same_zone_eni_spills_to_the_other_zones() {
         ),
     )
     .await;
-    assert_eq!(status(&world).await["placement"]["source"], "config");
+    assert_eq!(world.status().await["placement"]["source"], "config");
     // Warm the others' latency estimates: with the zone healthy they get nothing, so
     // take the zone out for a moment.
     world
@@ -264,7 +256,7 @@ async fn no_zone_known_spreads_as_before_and_a_silent_imds_costs_one_deadline() 
     // The harness disables IMDS (AWS_EC2_METADATA_DISABLED): no host zone.
     let block = next_block();
     let world = World::start(block, zoned(block, ProxyOptions::default())).await;
-    let placement = &status(&world).await["placement"];
+    let placement = &world.status().await["placement"];
     assert_eq!(placement["source"], "none", "{placement}");
     assert!(placement["note"]
         .as_str()
@@ -277,7 +269,7 @@ async fn no_zone_known_spreads_as_before_and_a_silent_imds_costs_one_deadline() 
             "{ip} got nothing: zones were not ignored"
         );
     }
-    assert_eq!(status(&world).await["endpoints"][0]["locality"], "unknown");
+    assert_eq!(world.status().await["endpoints"][0]["locality"], "unknown");
     world.stop().await;
 
     // A metadata service that accepts and never answers: the proxy starts without a
@@ -290,7 +282,7 @@ async fn no_zone_known_spreads_as_before_and_a_silent_imds_costs_one_deadline() 
         zoned(block, ProxyOptions::default().imds_url(&silent.url)),
     )
     .await;
-    let placement = &status(&world).await["placement"];
+    let placement = &world.status().await["placement"];
     assert_eq!(placement["source"], "none", "{placement}");
     assert!(
         placement["note"]

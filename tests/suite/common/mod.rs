@@ -137,7 +137,8 @@ impl Drop for Moto {
     }
 }
 
-fn repo_root() -> PathBuf {
+/// The repository's root (the package's manifest directory).
+pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
@@ -716,6 +717,23 @@ impl World {
         format!("http://{}{}", self.proxy().listen_addr, path)
     }
 
+    /// `path` on the admin server.
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{}", self.proxy().admin_addr, path)
+    }
+
+    /// `GET path` on the admin server.
+    pub async fn admin(&self, path: &str) -> Reply {
+        send(&self.client, "GET", &self.admin_url(path), Vec::new(), &[]).await
+    }
+
+    /// The admin server's `/status` document.
+    pub async fn status(&self) -> serde_json::Value {
+        let reply = self.admin("/status").await;
+        reply.assert_status(200);
+        reply.json()
+    }
+
     pub async fn post(&self, path: &str, body: &str, headers: &[(&str, &str)]) -> Reply {
         send(
             &self.client,
@@ -825,6 +843,31 @@ pub async fn send(
     let request = builder.body(Full::new(Bytes::from(body))).expect("request");
     let response = client.request(request).await.expect("proxy answers");
     Reply::read(response).await.expect("body")
+}
+
+/// Fails the test unless `output` is that of a command that exited 0; the message is
+/// `what`, then how it exited and everything it printed.
+#[track_caller]
+pub fn assert_success(output: &std::process::Output, what: &str) {
+    assert!(
+        output.status.success(),
+        "{what} ({}):\n{}{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// The entry for `address` among the `endpoints` of a `/status` document or a probe
+/// report.
+#[track_caller]
+pub fn endpoint_in<'a>(doc: &'a serde_json::Value, address: &str) -> &'a serde_json::Value {
+    doc["endpoints"]
+        .as_array()
+        .expect("endpoints")
+        .iter()
+        .find(|e| e["address"] == address)
+        .unwrap_or_else(|| panic!("{address} is not among the endpoints of: {doc:#}"))
 }
 
 /// The guide's example request.

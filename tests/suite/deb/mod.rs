@@ -57,12 +57,7 @@ pub fn build(version: &str, out: &Path) -> PathBuf {
         .arg(out)
         .output()
         .expect("cargo deb runs");
-    assert!(
-        output.status.success(),
-        "cargo deb failed:\n{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
+    crate::common::assert_success(&output, "cargo deb failed");
     let deb = std::fs::read_dir(out)
         .expect("cargo deb output directory")
         .filter_map(|e| e.ok().map(|e| e.path()))

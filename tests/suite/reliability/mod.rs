@@ -599,7 +599,7 @@ pub async fn set_sim_state(client: &HttpClient, control: SocketAddr, ip: IpAddr,
         .await
         .expect("the sim answers its control API")
         .expect("sim control");
-    assert!(response.status().is_success(), "{}", response.status());
+    assert_eq!(response.status(), 200, "the sim refused {state} for {ip}");
 }
 
 /// Resident set size of a process in KiB (Linux `/proc/<pid>/status`).
