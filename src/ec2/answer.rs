@@ -128,14 +128,24 @@ fn list(item: &Element, set: &str) -> Vec<String> {
         .collect()
 }
 
+/// Whether `doc` is the answer to `action` (`<{action}Response>`). Any other document is
+/// refused whole: read as an answer, it would say "no endpoints" instead of "wrong".
+fn answer_to(doc: &Element, action: &str) -> Result<(), Ec2Error> {
+    if doc.name.strip_suffix("Response") == Some(action) {
+        Ok(())
+    } else {
+        Err(invalid(format!("`{}` is not a {action} answer", doc.name)))
+    }
+}
+
+/// The token of the next page, when the answer has one.
+fn next_token(doc: &Element) -> Option<String> {
+    doc.text_of("nextToken").map(str::to_string)
+}
+
 /// A DescribeVpcEndpoints answer: its endpoints, and the next page's token.
 pub fn vpc_endpoints(doc: &Element) -> Result<(Vec<VpcEndpoint>, Option<String>), Ec2Error> {
-    if doc.name != "DescribeVpcEndpointsResponse" {
-        return Err(invalid(format!(
-            "`{}` is not a DescribeVpcEndpoints answer",
-            doc.name
-        )));
-    }
+    answer_to(doc, "DescribeVpcEndpoints")?;
     let mut out = Vec::new();
     for item in doc.items("vpcEndpointSet") {
         let id = item
@@ -159,19 +169,14 @@ pub fn vpc_endpoints(doc: &Element) -> Result<(Vec<VpcEndpoint>, Option<String>)
             subnet_ids: list(item, "subnetIdSet"),
         });
     }
-    Ok((out, doc.text_of("nextToken").map(str::to_string)))
+    Ok((out, next_token(doc)))
 }
 
 /// A DescribeNetworkInterfaces answer: its interfaces, and the next page's token.
 pub fn network_interfaces(
     doc: &Element,
 ) -> Result<(Vec<NetworkInterface>, Option<String>), Ec2Error> {
-    if doc.name != "DescribeNetworkInterfacesResponse" {
-        return Err(invalid(format!(
-            "`{}` is not a DescribeNetworkInterfaces answer",
-            doc.name
-        )));
-    }
+    answer_to(doc, "DescribeNetworkInterfaces")?;
     let mut out = Vec::new();
     for item in doc.items("networkInterfaceSet") {
         let id = item
@@ -194,7 +199,7 @@ pub fn network_interfaces(
             status: text(item, "status"),
         });
     }
-    Ok((out, doc.text_of("nextToken").map(str::to_string)))
+    Ok((out, next_token(doc)))
 }
 
 /// EC2's error document (`<Response><Errors><Error><Code/><Message/>`): the code and
@@ -288,6 +293,24 @@ mod tests {
         let wrong = parse("<DescribeSubnetsResponse/>").unwrap();
         assert!(vpc_endpoints(&wrong).is_err());
         assert!(network_interfaces(&wrong).is_err());
+        // Each call's answer is refused as the other's, by name.
+        let endpoints = parse(ENDPOINTS).unwrap();
+        let err = network_interfaces(&endpoints).unwrap_err().to_string();
+        assert!(
+            err.contains(
+                "`DescribeVpcEndpointsResponse` is not a DescribeNetworkInterfaces answer"
+            ),
+            "{err}"
+        );
+        let enis = parse("<DescribeNetworkInterfacesResponse/>").unwrap();
+        assert!(network_interfaces(&enis).is_ok());
+        let err = vpc_endpoints(&enis).unwrap_err().to_string();
+        assert!(
+            err.contains(
+                "`DescribeNetworkInterfacesResponse` is not a DescribeVpcEndpoints answer"
+            ),
+            "{err}"
+        );
         let bad_ip = parse(
             "<DescribeNetworkInterfacesResponse><networkInterfaceSet><item>\
              <networkInterfaceId>eni-a</networkInterfaceId><privateIpAddress>ten</privateIpAddress>\

@@ -512,6 +512,16 @@ mod tests {
         (RouteTable::new(policy, &endpoints), endpoints)
     }
 
+    /// Every PrivateLink endpoint fails its health check; public ones stay up.
+    fn privatelink_down(endpoints: &[Arc<Endpoint>]) {
+        for e in endpoints
+            .iter()
+            .filter(|e| e.kind() == RouteKind::Privatelink)
+        {
+            e.set_healthy(false);
+        }
+    }
+
     fn first_choice(table: &RouteTable, rng: &mut StdRng) -> Option<Arc<Endpoint>> {
         table.plan(Utc::now(), rng).select(&[], rng)
     }
@@ -574,12 +584,7 @@ mod tests {
             closed.fallback_window_notice(Utc::now()),
             Some(WindowNotice::Closed(_))
         ));
-        for e in endpoints
-            .iter()
-            .filter(|e| e.kind() == RouteKind::Privatelink)
-        {
-            e.set_healthy(false);
-        }
+        privatelink_down(&endpoints);
         let mut rng = StdRng::seed_from_u64(4);
         assert!(first_choice(&closed, &mut rng).is_none());
         let soon = (Utc::now() + chrono::TimeDelta::hours(3)).to_rfc3339();
@@ -777,12 +782,7 @@ mod tests {
     #[test]
     fn privatelink_only_never_uses_public() {
         let (t, endpoints) = table("privatelink-only", "");
-        for e in endpoints
-            .iter()
-            .filter(|e| e.kind() == RouteKind::Privatelink)
-        {
-            e.set_healthy(false);
-        }
+        privatelink_down(&endpoints);
         let mut rng = StdRng::seed_from_u64(5);
         assert!(first_choice(&t, &mut rng).is_none());
     }

@@ -567,14 +567,12 @@ impl KmsKeys {
         plaintext: &[u8],
         context: &EncryptionContext,
     ) -> Result<Encrypted, KeyError> {
-        let mut request = self
+        let request = self
             .client
             .encrypt()
             .key_id(key_id)
-            .plaintext(Blob::new(plaintext));
-        if !context.is_empty() {
-            request = request.set_encryption_context(Some(context.clone().into_iter().collect()));
-        }
+            .plaintext(Blob::new(plaintext))
+            .set_encryption_context(sdk_context(context));
         let output = self.bounded(KmsOperation::Encrypt, request.send()).await?;
         let invalid = || KeyError::kms(KmsOperation::Encrypt, KmsErrorKind::InvalidResponse);
         let ciphertext = output.ciphertext_blob.ok_or_else(invalid)?.into_inner();
@@ -596,14 +594,12 @@ impl KmsKeys {
         key_id: &str,
         context: &EncryptionContext,
     ) -> Result<DataKey, KeyError> {
-        let mut request = self
+        let request = self
             .client
             .generate_data_key()
             .key_id(key_id)
-            .key_spec(DataKeySpec::Aes256);
-        if !context.is_empty() {
-            request = request.set_encryption_context(Some(context.clone().into_iter().collect()));
-        }
+            .key_spec(DataKeySpec::Aes256)
+            .set_encryption_context(sdk_context(context));
         let output = self
             .bounded(KmsOperation::GenerateDataKey, request.send())
             .await?;
@@ -635,13 +631,20 @@ impl KmsKeys {
         ciphertext: &[u8],
         context: &EncryptionContext,
     ) -> Result<Vec<u8>, KeyError> {
-        let mut request = self.client.decrypt().ciphertext_blob(Blob::new(ciphertext));
-        if !context.is_empty() {
-            request = request.set_encryption_context(Some(context.clone().into_iter().collect()));
-        }
+        let request = self
+            .client
+            .decrypt()
+            .ciphertext_blob(Blob::new(ciphertext))
+            .set_encryption_context(sdk_context(context));
         let output = self.bounded(KmsOperation::Decrypt, request.send()).await?;
         output.plaintext.map(Blob::into_inner).ok_or(KeyError::Open)
     }
+}
+
+/// The encryption context as a KMS request takes it. With none (`kms.context = "none"`)
+/// the field is left out rather than sent as an empty map, as it always was.
+fn sdk_context(context: &EncryptionContext) -> Option<std::collections::HashMap<String, String>> {
+    (!context.is_empty()).then(|| context.clone().into_iter().collect())
 }
 
 /// Copies a 32-byte data key into zeroizing storage; anything else is refused.

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 
 use super::endpoint::{Endpoint, Hangup};
@@ -26,15 +26,7 @@ pub(crate) async fn handle(
         ));
     }
     if request.method() != Method::GET {
-        let mut response = error_response(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "method_not_allowed",
-            "use GET /health",
-        );
-        response
-            .headers_mut()
-            .insert(header::ALLOW, HeaderValue::from_static("GET"));
-        return Ok(response);
+        return Ok(crate::method_not_allowed("GET", "use GET /health"));
     }
     endpoint.count(|c| &c.health_checks);
 

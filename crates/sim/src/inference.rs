@@ -50,15 +50,10 @@ pub(crate) async fn handle(
     let request_id = header_text(request.headers(), &X_REQUEST_ID).map(str::to_owned);
 
     if request.method() != Method::POST {
-        let mut response = error_response(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "method_not_allowed",
+        return Ok(crate::method_not_allowed(
+            "POST",
             "the inference API takes POST",
-        );
-        response
-            .headers_mut()
-            .insert(header::ALLOW, HeaderValue::from_static("POST"));
-        return Ok(response);
+        ));
     }
 
     match endpoint.state() {

@@ -538,6 +538,22 @@ impl Reject {
     }
 }
 
+/// 405 for a port that takes one method: `Allow: {allow}`, and `message` saying which.
+pub(crate) fn method_not_allowed(
+    allow: &'static str,
+    message: &str,
+) -> http::Response<gpulink::body::ProxyBody> {
+    let mut response = error_response(
+        http::StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        message,
+    );
+    response
+        .headers_mut()
+        .insert(http::header::ALLOW, http::HeaderValue::from_static(allow));
+    response
+}
+
 /// The cluster's error shape, the same as gpulink's own:
 /// `{"error": {"code": "...", "message": "..."}}`.
 pub(crate) fn error_response(
@@ -549,4 +565,20 @@ pub(crate) fn error_response(
         status,
         &serde_json::json!({ "error": { "code": code, "message": message } }),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_wrong_method_is_told_the_one_allowed() {
+        let response = method_not_allowed("POST", "the inference API takes POST");
+        assert_eq!(response.status(), http::StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(response.headers()[http::header::ALLOW], "POST");
+        assert_eq!(
+            response.headers()[http::header::CONTENT_TYPE],
+            "application/json"
+        );
+    }
 }
