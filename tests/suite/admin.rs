@@ -397,11 +397,7 @@ async fn status_and_page_follow_endpoint_state() {
     assert!(html.contains("aws-kms"));
 
     // An ENI goes down: /status, the page and the metrics say so.
-    world
-        .sim
-        .set_state(a, EndpointState::Down)
-        .await
-        .expect("down");
+    world.set_state(a, EndpointState::Down).await;
     let status = await_endpoint(&world, &a_auth, "unhealthy", |e| {
         e["health"] == "unhealthy" && e["serving"] == false
     })
@@ -423,26 +419,14 @@ async fn status_and_page_follow_endpoint_state() {
     );
 
     // Another reports no capacity: shown as full.
-    world
-        .sim
-        .set_state(b, EndpointState::Full)
-        .await
-        .expect("full");
+    world.set_state(b, EndpointState::Full).await;
     await_endpoint(&world, &b_auth, "full", |e| e["capacity"] == 0).await;
     let html = String::from_utf8_lossy(&get(&world, "/", &[]).await.body).into_owned();
     assert!(page_row(&html, &b_auth).contains(">full<"));
 
     // And both recover.
-    world
-        .sim
-        .set_state(a, EndpointState::Healthy)
-        .await
-        .expect("healthy");
-    world
-        .sim
-        .set_state(b, EndpointState::Healthy)
-        .await
-        .expect("healthy");
+    world.set_state(a, EndpointState::Healthy).await;
+    world.set_state(b, EndpointState::Healthy).await;
     await_endpoint(&world, &a_auth, "healthy again", |e| {
         e["health"] == "healthy" && e["serving"] == true
     })

@@ -90,11 +90,7 @@ async fn privatelink_failures_are_attributed_to_their_route_region_and_endpoint(
     // Every ENI starts refusing connections. The first request tries them all and gets
     // 502; the failures take their data paths out, so the next finds none: 503.
     for ip in world.layout.enis() {
-        world
-            .sim
-            .set_state(ip, EndpointState::Down)
-            .await
-            .expect("sim state");
+        world.set_state(ip, EndpointState::Down).await;
     }
     let first = world.post("/inference", GUIDE_REQUEST, &[]).await;
     first.assert_status(502);

@@ -192,22 +192,16 @@ fn nginx_conf(
     key: &Path,
     sim_ca: &Path,
 ) -> String {
-    let listens: String = fronts
-        .iter()
-        .map(|ip| format!("        listen {ip}:8443 ssl http2;\n"))
-        .collect();
-    let servers: String = enis
-        .iter()
-        .map(|ip| format!("        server {ip}:8443;\n"))
-        .collect();
-    let health_listens: String = fronts
-        .iter()
-        .map(|ip| format!("        listen {ip}:8080;\n"))
-        .collect();
-    let health_servers: String = enis
-        .iter()
-        .map(|ip| format!("        server {ip}:8080;\n"))
-        .collect();
+    // One directive line per address, `{ip}` replaced, indented for the blocks below.
+    let per_ip = |ips: &[IpAddr], directive: &str| -> String {
+        ips.iter()
+            .map(|ip| format!("        {};\n", directive.replace("{ip}", &ip.to_string())))
+            .collect()
+    };
+    let listens = per_ip(fronts, "listen {ip}:8443 ssl http2");
+    let servers = per_ip(enis, "server {ip}:8443");
+    let health_listens = per_ip(fronts, "listen {ip}:8080");
+    let health_servers = per_ip(enis, "server {ip}:8080");
     format!(
         r#"
 # One process, so that killing it leaves no worker holding the ports.

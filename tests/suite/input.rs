@@ -13,7 +13,6 @@ use gpulink::config::Config;
 use gpulink::proxy::ProxyHandle;
 use gpulink::seal::{KeyService, KmsKeys};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
 
 /// moto, upstreams answering on `ips`, and an in-process proxy in front of them.
 struct Setup {
@@ -454,12 +453,7 @@ async fn start_503_upstream(ip: IpAddr, pki: &Pki) -> Vec<tokio::task::JoinHandl
     let mut config = (*gpulink::tls::server_config(&cert, &key).expect("server config")).clone();
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     let tls = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-    let inference = TcpListener::bind(SocketAddr::new(ip, 8443))
-        .await
-        .expect("bind 8443");
-    let health = TcpListener::bind(SocketAddr::new(ip, 8080))
-        .await
-        .expect("bind 8080");
+    let (inference, health) = bind_upstream_ports(ip).await;
     let inference_task = tokio::spawn(async move {
         while let Ok((stream, _)) = inference.accept().await {
             let tls = tls.clone();
@@ -506,27 +500,7 @@ async fn start_503_upstream(ip: IpAddr, pki: &Pki) -> Vec<tokio::task::JoinHandl
             });
         }
     });
-    let health_task = tokio::spawn(async move {
-        while let Ok((mut stream, _)) = health.accept().await {
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 4096];
-                let _ = stream.read(&mut buf).await;
-                let now = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_secs())
-                    .unwrap_or(0);
-                let body = format!(
-                    r#"{{"status":"healthy","region":"us-east-1","available_capacity":5,"timestamp":{now}}}"#
-                );
-                let answer = format!(
-                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-                let _ = stream.write_all(answer.as_bytes()).await;
-                let _ = stream.shutdown().await;
-            });
-        }
-    });
+    let health_task = serve_healthy(health, 5);
     vec![inference_task, health_task]
 }
 

@@ -141,12 +141,7 @@ async fn answer(
     moto_url: String,
     exchanges: Arc<Mutex<Vec<Exchange>>>,
 ) -> Result<http::Response<Full<Bytes>>, std::convert::Infallible> {
-    let (parts, body) = request.into_parts();
-    let body = body
-        .collect()
-        .await
-        .map(|b| b.to_bytes())
-        .unwrap_or_default();
+    let (parts, body) = read_request(request).await;
     let target = parts
         .headers
         .get("x-amz-target")

@@ -298,16 +298,12 @@ impl Proxy {
         let text = config_text(cluster, listen_addr, admin_addr, &options);
         let path = cluster.dir.path().join("gpulink.toml");
         std::fs::write(&path, text).expect("write config");
-        let child = Command::new("sh")
-            .arg("-c")
+        let mut run = Command::new("sh");
+        run.arg("-c")
             .arg(format!("{shell}\nexec \"$0\" run --config \"$1\""))
             .arg(env!("CARGO_BIN_EXE_gpulink"))
-            .arg(&path)
-            .env("RUST_LOG", proxy_log("warn"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("gpulink run");
+            .arg(&path);
+        let child = crate::reliability::spawn_proxy(&mut run, &proxy_log("warn"), Stdio::inherit());
         let proxy = Proxy {
             child,
             listen: listen_addr,

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::common::*;
-use crate::reliability::{set_sim_state, signal, spawn_sim, Guard};
+use crate::reliability::{set_sim_state, signal, spawn_proxy, spawn_sim, Guard};
 
 /// A simulated cluster (`gpulink sim`) on `127.<block>.x.y` and a proxy (`gpulink run`)
 /// configured for it.
@@ -102,18 +102,9 @@ impl Processes {
                 c
             }
         };
-        let proxy = proxy
-            .arg("run")
-            .arg("--config")
-            .arg(&processes.config_path)
-            .env(
-                "RUST_LOG",
-                rust_log.map_or_else(|| proxy_log("warn"), str::to_string),
-            )
-            .stdout(Stdio::null())
-            .stderr(stderr)
-            .spawn()
-            .expect("gpulink run");
+        proxy.arg("run").arg("--config").arg(&processes.config_path);
+        let rust_log = rust_log.map_or_else(|| proxy_log("warn"), str::to_string);
+        let proxy = spawn_proxy(&mut proxy, &rust_log, stderr);
         processes.proxy = Some(Guard(proxy));
         processes.wait_ready().await;
         processes
@@ -143,6 +134,23 @@ impl Processes {
 
     fn proxy(&self) -> &Child {
         &self.proxy.as_ref().expect("proxy").0
+    }
+
+    /// Waits for the proxy process to exit: its exit status.
+    fn wait_exit(&mut self) -> std::process::ExitStatus {
+        self.proxy.as_mut().expect("proxy").0.wait().expect("wait")
+    }
+
+    /// `n` requests one after another, each answered 200 within 20 s; `after` ends the
+    /// failure message ("after the log backed up").
+    async fn assert_serves(&self, n: usize, after: &str) {
+        for i in 0..n {
+            assert_eq!(
+                post_within(self, Duration::from_secs(20)).await,
+                200,
+                "request {i}{after}"
+            );
+        }
     }
 
     async fn get(&self, addr: SocketAddr, path: &str) -> Option<Reply> {
@@ -279,7 +287,7 @@ impl Load {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn run_and_sim_serve_the_guide_request() {
-    let p = Processes::start(next_block(), "privatelink").await;
+    let mut p = Processes::start(next_block(), "privatelink").await;
     let reply = p.post().await;
     reply.assert_status(200);
     assert_eq!(reply.json()["sha256"], sha256_hex(GUIDE_REQUEST.as_bytes()));
@@ -288,11 +296,7 @@ async fn run_and_sim_serve_the_guide_request() {
     assert_eq!(status["generation"], 1);
     assert_eq!(status["phase"], "privatelink");
     signal(p.proxy(), "TERM");
-    let mut proxy = p.proxy;
-    let code = proxy
-        .as_mut()
-        .map(|g| g.0.wait().expect("wait"))
-        .expect("proxy");
+    let code = p.wait_exit();
     assert!(code.success(), "{code:?}");
     drop(p.sim);
 }
@@ -397,7 +401,7 @@ async fn file_change_reloads_and_an_invalid_file_changes_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_in_flight_requests_finish() {
-    let p = Processes::start(next_block(), "privatelink-only").await;
+    let mut p = Processes::start(next_block(), "privatelink-only").await;
     for ip in p.layout.enis() {
         p.set_state(ip, r#"{"state": "slow", "delay_ms": 1500}"#)
             .await;
@@ -433,11 +437,7 @@ async fn sigterm_lets_in_flight_requests_finish() {
         |accepting| !*accepting,
         "the listener closes after the drain delay (observed: still accepting)"
     );
-    let mut proxy = p.proxy;
-    let code = proxy
-        .as_mut()
-        .map(|g| g.0.wait().expect("wait"))
-        .expect("proxy");
+    let code = p.wait_exit();
     assert!(code.success(), "exit status {code:?}");
 }
 
@@ -572,24 +572,17 @@ async fn a_closed_log_reader_never_stops_the_proxy() {
     // fails with EPIPE.
     let (reader, writer) = std::io::pipe().expect("pipe");
     drop(reader);
-    let p = Processes::logging_to(Stdio::from(writer), "info").await;
-    for i in 0..40 {
-        assert_eq!(
-            post_within(&p, Duration::from_secs(20)).await,
-            200,
-            "request {i}"
-        );
-    }
+    let mut p = Processes::logging_to(Stdio::from(writer), "info").await;
+    p.assert_serves(40, "").await;
     assert_eq!(p.get(p.admin, "/ready").await.map(|r| r.status), Some(200));
     assert!(log_lines_dropped(&p).await > 0, "no write ever failed");
-    let mut proxy = p.proxy;
-    let guard = proxy.as_mut().expect("proxy");
+    let guard = p.proxy.as_mut().expect("proxy");
     assert!(
         guard.0.try_wait().expect("try_wait").is_none(),
         "the proxy died"
     );
-    signal(&guard.0, "TERM");
-    let code = guard.0.wait().expect("wait");
+    signal(p.proxy(), "TERM");
+    let code = p.wait_exit();
     assert!(code.success(), "{code:?}");
 }
 
@@ -615,13 +608,7 @@ async fn a_stalled_log_reader_never_stalls_requests() {
         |dropped| *dropped > 0,
         "the log never backed up ({i} requests)"
     );
-    for i in 0..20 {
-        assert_eq!(
-            post_within(&p, Duration::from_secs(20)).await,
-            200,
-            "request {i} after the log backed up"
-        );
-    }
+    p.assert_serves(20, " after the log backed up").await;
     assert_eq!(p.get(p.admin, "/ready").await.map(|r| r.status), Some(200));
     drop(reader);
 }
@@ -673,7 +660,7 @@ async fn health_answers_cannot_forge_log_lines_or_colour_the_log() {
         let _ = reader.read_to_end(&mut all);
         all
     });
-    let p = Processes::launch_with(
+    let mut p = Processes::launch_with(
         block,
         "privatelink",
         options,
@@ -689,11 +676,9 @@ async fn health_answers_cannot_forge_log_lines_or_colour_the_log() {
         "never health-checked"
     );
     assert_eq!(p.post().await.status, 200);
-    let mut proxy = p.proxy;
-    let guard = proxy.as_mut().expect("proxy");
-    signal(&guard.0, "TERM");
-    assert!(guard.0.wait().expect("wait").success());
-    drop(proxy);
+    signal(p.proxy(), "TERM");
+    assert!(p.wait_exit().success());
+    drop(p.proxy.take());
     server.abort();
     let log = log.join().expect("log reader");
     let text = String::from_utf8_lossy(&log);

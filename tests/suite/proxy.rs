@@ -182,10 +182,8 @@ async fn one_eni_down_is_served_by_another() {
     let world = World::with(ProxyOptions::default()).await;
     let [down, ..] = world.layout.enis();
     world
-        .sim
         .set_state(down, gpulink_sim::EndpointState::Down)
-        .await
-        .expect("set state");
+        .await;
     // Before health notices, a request routed to the dead ENI fails to connect and is
     // retried elsewhere; after, the ENI is skipped. Either way: no error.
     for i in 0..12 {
@@ -213,11 +211,7 @@ async fn one_eni_down_is_served_by_another() {
 
 async fn all_enis_down(world: &World) {
     for ip in world.layout.enis() {
-        world
-            .sim
-            .set_state(ip, gpulink_sim::EndpointState::Down)
-            .await
-            .expect("set state");
+        world.set_state(ip, gpulink_sim::EndpointState::Down).await;
     }
     for ip in world.layout.enis() {
         world.wait_serving(ip, false).await;

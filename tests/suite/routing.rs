@@ -3,15 +3,10 @@
 //! awaits state changes (the proxy's endpoint state, the simulator's counters) and uses
 //! fixed request counts; none asserts on time.
 
-use std::net::IpAddr;
 use std::time::Duration;
 
 use crate::common::*;
 use gpulink_sim::EndpointState;
-
-async fn set(world: &World, ip: IpAddr, state: EndpointState) {
-    world.sim.set_state(ip, state).await.expect("sim state");
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_eni_that_starts_refusing_under_load_costs_no_request() {
@@ -29,7 +24,7 @@ async fn an_eni_that_starts_refusing_under_load_costs_no_request() {
         })
     };
     let (ok, failed) = world.load(60, 3).await;
-    set(&world, a, EndpointState::Down).await;
+    world.set_state(a, EndpointState::Down).await;
     let (ok2, failed2) = world.load(90, 3).await;
     let background_failed = background.await.expect("join");
     assert_eq!(failed + failed2 + background_failed, 0, "ok {ok}+{ok2}");
@@ -43,7 +38,7 @@ async fn a_blackholed_eni_costs_only_what_it_swallowed_before_ejection() {
     let [a, ..] = world.layout.enis();
     let (_, failed_before) = world.load(30, 4).await;
     assert_eq!(failed_before, 0);
-    set(&world, a, EndpointState::Blackhole).await;
+    world.set_state(a, EndpointState::Blackhole).await;
     let (_, failed_during) = world.load(60, 4).await;
     // Requests sent to the blackhole before health checks took it out time out (504);
     // in-flight-aware balancing keeps that to a handful.
@@ -74,7 +69,9 @@ async fn a_slow_eni_gets_a_small_share() {
     assert_eq!(failed, 0);
     let before = world.requests_at(slow);
     // The others answer in a few ms (KMS Decrypt via moto): 40x slower is ~400 ms.
-    set(&world, slow, EndpointState::Slow { delay_ms: 400 }).await;
+    world
+        .set_state(slow, EndpointState::Slow { delay_ms: 400 })
+        .await;
     let (_, failed) = world.load(150, 3).await;
     assert_eq!(failed, 0);
     let share = world.requests_at(slow) - before;
@@ -86,7 +83,7 @@ async fn a_slow_eni_gets_a_small_share() {
 async fn a_full_eni_gets_nothing_while_others_have_capacity() {
     let world = World::with(ProxyOptions::default()).await;
     let [full, ..] = world.layout.enis();
-    set(&world, full, EndpointState::Full).await;
+    world.set_state(full, EndpointState::Full).await;
     // Await the health check that reports capacity 0.
     assert_eventually!(
         world
@@ -118,8 +115,8 @@ async fn no_capacity_answers_are_retried_elsewhere_and_never_double_delivered() 
     )
     .await;
     let [a, b, c] = world.layout.enis();
-    set(&world, a, EndpointState::Full).await;
-    set(&world, b, EndpointState::Full).await;
+    world.set_state(a, EndpointState::Full).await;
+    world.set_state(b, EndpointState::Full).await;
     for i in 0..12 {
         let id = format!("capacity-{i}");
         let reply = world
@@ -148,7 +145,7 @@ async fn a_request_the_cluster_started_is_never_replayed() {
     )
     .await;
     for ip in world.layout.enis() {
-        set(&world, ip, EndpointState::Blackhole).await;
+        world.set_state(ip, EndpointState::Blackhole).await;
     }
     let request = {
         let (client, url) = (world.client.clone(), world.url("/inference"));
@@ -175,7 +172,7 @@ async fn a_request_the_cluster_started_is_never_replayed() {
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     };
-    set(&world, target, EndpointState::Healthy).await;
+    world.set_state(target, EndpointState::Healthy).await;
     let reply = request.await.expect("join");
     reply.assert_status(502);
     assert_eq!(reply.error_code(), "upstream_connect");
@@ -187,7 +184,7 @@ async fn a_request_the_cluster_started_is_never_replayed() {
 async fn losing_the_local_region_fails_over_to_the_other_region_then_public() {
     let world = World::with(ProxyOptions::default().remote_region()).await;
     for ip in world.layout.enis() {
-        set(&world, ip, EndpointState::Down).await;
+        world.set_state(ip, EndpointState::Down).await;
     }
     for ip in world.layout.enis() {
         world.wait_serving(ip, false).await;
@@ -199,7 +196,7 @@ async fn losing_the_local_region_fails_over_to_the_other_region_then_public() {
         assert_eq!(reply.header("x-gpulink-route"), Some("privatelink"));
     }
     let remote = world.layout.remote_eni();
-    set(&world, remote, EndpointState::Down).await;
+    world.set_state(remote, EndpointState::Down).await;
     world.wait_serving(remote, false).await;
     let reply = world.post("/inference", GUIDE_REQUEST, &[]).await;
     assert_eq!(reply.status, 200);
@@ -216,7 +213,9 @@ async fn automatic_rollback_fires_on_slow_privatelink_but_not_below_the_minimum(
     )
     .await;
     for ip in world.layout.enis() {
-        set(&world, ip, EndpointState::Slow { delay_ms: 300 }).await;
+        world
+            .set_state(ip, EndpointState::Slow { delay_ms: 300 })
+            .await;
     }
     let rolled_back = |world: &World| {
         world
@@ -258,7 +257,9 @@ async fn no_automatic_rollback_in_privatelink_only() {
     )
     .await;
     for ip in world.layout.enis() {
-        set(&world, ip, EndpointState::Slow { delay_ms: 300 }).await;
+        world
+            .set_state(ip, EndpointState::Slow { delay_ms: 300 })
+            .await;
     }
     for _ in 0..10 {
         let reply = world.post("/inference", GUIDE_REQUEST, &[]).await;

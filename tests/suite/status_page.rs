@@ -100,10 +100,8 @@ async fn status_page_renders_outcomes_and_charts_in_chromium() {
 
     // Successes on both routes; the public route a little slower, as in the guide.
     world
-        .sim
         .set_state(public, EndpointState::Slow { delay_ms: 20 })
-        .await
-        .expect("slow");
+        .await;
     // For the README's picture, traffic spread over two minutes so the charts have
     // lines to show; otherwise as fast as it goes.
     let picture = std::env::var_os("GPULINK_UPDATE_SCREENSHOT").is_some();
@@ -140,17 +138,9 @@ async fn status_page_renders_outcomes_and_charts_in_chromium() {
     }
     // Two ENIs answer 500, the public endpoint refuses connections: requests meet both.
     for eni in [a, b] {
-        world
-            .sim
-            .set_state(eni, EndpointState::Failing)
-            .await
-            .expect("failing");
+        world.set_state(eni, EndpointState::Failing).await;
     }
-    world
-        .sim
-        .set_state(public, EndpointState::Down)
-        .await
-        .expect("down");
+    world.set_state(public, EndpointState::Down).await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     let snapshot = loop {
         for _ in 0..5 {

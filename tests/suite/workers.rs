@@ -65,10 +65,8 @@ async fn two_workers_bind_serve_reload_and_drain_without_a_failed_request() {
     // Draining: requests in flight on both workers when the shutdown starts all finish.
     for ip in world.layout.enis() {
         world
-            .sim
             .set_state(ip, EndpointState::Slow { delay_ms: 300 })
-            .await
-            .expect("sim state");
+            .await;
     }
     let mut in_flight_requests = tokio::task::JoinSet::new();
     for _ in 0..8 {

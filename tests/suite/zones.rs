@@ -173,11 +173,7 @@ async fn the_imds_zone_gets_the_traffic_and_it_spills_when_that_eni_goes_down() 
     );
 
     // The same-zone ENI goes down: the other local zones carry everything, nothing fails.
-    world
-        .sim
-        .set_state(b, EndpointState::Down)
-        .await
-        .expect("sim");
+    world.set_state(b, EndpointState::Down).await;
     world.wait_serving(b, false).await;
     let (a0, c0) = (world.requests_at(a), world.requests_at(c));
     send_all(&world, 40).await;
@@ -189,11 +185,7 @@ async fn the_imds_zone_gets_the_traffic_and_it_spills_when_that_eni_goes_down() 
     );
     // Back: its latency estimate (peak EWMA) fades while it is idle, and the zone
     // takes the traffic again.
-    world
-        .sim
-        .set_state(b, EndpointState::Healthy)
-        .await
-        .expect("sim");
+    world.set_state(b, EndpointState::Healthy).await;
     world.wait_serving(b, true).await;
     let b0 = world.requests_at(b);
     assert_eventually!(
@@ -223,18 +215,12 @@ async fn a_slow_same_zone_eni_spills_to_the_other_zones() {
     assert_eq!(world.status().await["placement"]["source"], "config");
     // Warm the others' latency estimates: with the zone healthy they get nothing, so
     // take the zone out for a moment.
-    world
-        .sim
-        .set_state(a, EndpointState::Down)
-        .await
-        .expect("sim");
+    world.set_state(a, EndpointState::Down).await;
     world.wait_serving(a, false).await;
     send_all(&world, 10).await;
     world
-        .sim
         .set_state(a, EndpointState::Slow { delay_ms: 400 })
-        .await
-        .expect("sim");
+        .await;
     world.wait_serving(a, true).await;
     let before = [a, b, c].map(|ip| world.requests_at(ip));
     send_all(&world, 30).await;

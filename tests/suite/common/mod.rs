@@ -757,6 +757,14 @@ impl World {
         wait_serving(self.proxy(), ip, serving).await;
     }
 
+    /// Puts the simulated endpoint `ip` into `state`.
+    pub async fn set_state(&self, ip: IpAddr, state: gpulink_sim::EndpointState) {
+        self.sim
+            .set_state(ip, state)
+            .await
+            .unwrap_or_else(|e| panic!("the simulator refused {state:?} for {ip}: {e}"));
+    }
+
     pub fn requests_at(&self, ip: IpAddr) -> u64 {
         self.sim.stats(ip).map(|s| s.requests).unwrap_or(0)
     }
@@ -868,6 +876,20 @@ pub fn endpoint_in<'a>(doc: &'a serde_json::Value, address: &str) -> &'a serde_j
         .iter()
         .find(|e| e["address"] == address)
         .unwrap_or_else(|| panic!("{address} is not among the endpoints of: {doc:#}"))
+}
+
+/// A request's head and whole body (empty if the body was cut short): what the stand-in
+/// servers of the tests look at.
+pub async fn read_request(
+    request: http::Request<hyper::body::Incoming>,
+) -> (http::request::Parts, Bytes) {
+    let (parts, body) = request.into_parts();
+    let body = body
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    (parts, body)
 }
 
 /// The guide's example request.

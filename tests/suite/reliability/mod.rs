@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
@@ -30,8 +30,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::common::{
-    assert_eventually, config_with_regions, http_client, proxy_config, proxy_log, toml_text,
-    HttpClient, Layout, Moto, ProxyOptions, Reply,
+    assert_eventually, config_with_regions, http_client, proxy_config, proxy_log, read_request,
+    toml_text, HttpClient, Layout, Moto, ProxyOptions, Reply,
 };
 
 /// The TLS name the proxy verifies in these tests.
@@ -413,6 +413,46 @@ pub struct Recorded {
     pub body_len: usize,
 }
 
+/// A cluster endpoint's two ports on `ip`: inference (8443) and health (8080).
+pub async fn bind_upstream_ports(ip: IpAddr) -> (TcpListener, TcpListener) {
+    let inference = TcpListener::bind(SocketAddr::new(ip, 8443))
+        .await
+        .expect("bind the upstream's inference port");
+    let health = TcpListener::bind(SocketAddr::new(ip, 8080))
+        .await
+        .expect("bind the upstream's health port");
+    (inference, health)
+}
+
+/// Answers every request on `health` as the cluster's health service does for a
+/// healthy endpoint with `capacity` free (a fresh timestamp each time).
+pub fn serve_healthy(health: TcpListener, capacity: u32) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = health.accept().await {
+            tokio::spawn(async move {
+                let service = service_fn(move |_request| async move {
+                    let now = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| d.as_secs())
+                        .unwrap_or(0);
+                    let body = format!(
+                        r#"{{"status":"healthy","region":"us-east-1","available_capacity":{capacity},"timestamp":{now}}}"#
+                    );
+                    Ok::<_, std::convert::Infallible>(
+                        http::Response::builder()
+                            .header("content-type", "application/json")
+                            .body(Full::new(Bytes::from(body)))
+                            .expect("response"),
+                    )
+                });
+                let _ = auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    })
+}
+
 /// A cluster endpoint on `ip`: TLS inference on 8443 (h2 and HTTP/1.1), plain health on
 /// 8080 answering healthy. Answers every inference request 200 with a small JSON body.
 pub struct RecordingUpstream {
@@ -437,12 +477,7 @@ impl RecordingUpstream {
             gpulink::tls::server_config(&cert, &key).expect("server config"),
         );
         let received = Arc::new(Mutex::new(Vec::new()));
-        let inference = TcpListener::bind(SocketAddr::new(ip, 8443))
-            .await
-            .expect("bind the upstream's inference port");
-        let health = TcpListener::bind(SocketAddr::new(ip, 8080))
-            .await
-            .expect("bind the upstream's health port");
+        let (inference, health) = bind_upstream_ports(ip).await;
         let log = received.clone();
         let inference_task = tokio::spawn(async move {
             while let Ok((stream, _)) = inference.accept().await {
@@ -458,12 +493,7 @@ impl RecordingUpstream {
                         service_fn(move |request: http::Request<hyper::body::Incoming>| {
                             let log = log.clone();
                             async move {
-                                let (parts, body) = request.into_parts();
-                                let body = body
-                                    .collect()
-                                    .await
-                                    .map(|b| b.to_bytes())
-                                    .unwrap_or_default();
+                                let (parts, body) = read_request(request).await;
                                 log.lock().expect("log").push(Recorded {
                                     method: parts.method.to_string(),
                                     path: parts.uri.path().to_string(),
@@ -483,30 +513,7 @@ impl RecordingUpstream {
                 });
             }
         });
-        let health_task = tokio::spawn(async move {
-            while let Ok((stream, _)) = health.accept().await {
-                tokio::spawn(async move {
-                    let service = service_fn(|_request| async {
-                        let now = std::time::SystemTime::now()
-                            .duration_since(std::time::UNIX_EPOCH)
-                            .map(|d| d.as_secs())
-                            .unwrap_or(0);
-                        let body = format!(
-                            r#"{{"status":"healthy","region":"us-east-1","available_capacity":45,"timestamp":{now}}}"#
-                        );
-                        Ok::<_, std::convert::Infallible>(
-                            http::Response::builder()
-                                .header("content-type", "application/json")
-                                .body(Full::new(Bytes::from(body)))
-                                .expect("response"),
-                        )
-                    });
-                    let _ = auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
-                });
-            }
-        });
+        let health_task = serve_healthy(health, 45);
         RecordingUpstream {
             ip,
             received,
@@ -559,6 +566,17 @@ pub fn signal(child: &Child, name: &str) {
         .status()
         .expect("kill");
     assert!(status.success(), "kill -{name} failed");
+}
+
+/// Starts `command`, which runs `gpulink run` (perhaps behind a shell or in a namespace
+/// of its own), with `RUST_LOG` at `rust_log`, stdout discarded and stderr to `stderr`.
+pub fn spawn_proxy(command: &mut Command, rust_log: &str, stderr: Stdio) -> Child {
+    command
+        .env("RUST_LOG", rust_log)
+        .stdout(Stdio::null())
+        .stderr(stderr)
+        .spawn()
+        .expect("gpulink run")
 }
 
 /// `gpulink sim` as a process: the `layout`'s three ENIs in us-east-1 and its public
@@ -649,15 +667,9 @@ impl Deployment {
         let text =
             Self::config_text_for(block, listen, admin, &moto.url, &key_arn, &ca_file, phase);
         std::fs::write(&config_path, text).expect("write config");
-        let proxy = Command::new(env!("CARGO_BIN_EXE_gpulink"))
-            .arg("run")
-            .arg("--config")
-            .arg(&config_path)
-            .env("RUST_LOG", proxy_log("error"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("gpulink run");
+        let mut run = Command::new(env!("CARGO_BIN_EXE_gpulink"));
+        run.arg("run").arg("--config").arg(&config_path);
+        let proxy = spawn_proxy(&mut run, &proxy_log("error"), Stdio::inherit());
         let deployment = Deployment {
             sim,
             proxy: Guard(proxy),
