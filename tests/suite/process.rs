@@ -10,24 +10,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::common::*;
-use crate::reliability::{set_sim_state, signal, spawn_proxy, spawn_sim, Guard};
+use crate::reliability::{get_within, set_sim_state, signal, spawn_proxy, Guard, SimProcess};
 
 /// A simulated cluster (`gpulink sim`) on `127.<block>.x.y` and a proxy (`gpulink run`)
 /// configured for it.
 struct Processes {
-    sim: Guard,
+    cluster: SimProcess,
     proxy: Option<Guard>,
-    layout: Layout,
-    control: SocketAddr,
     listen: SocketAddr,
     admin: SocketAddr,
     config_path: PathBuf,
-    moto: Moto,
-    key_arn: String,
-    ca_file: PathBuf,
     /// The proxy's settings over the shared configuration, kept across rewrites.
     options: ProxyOptions,
-    _dir: tempfile::TempDir,
     client: HttpClient,
 }
 
@@ -60,31 +54,18 @@ impl Processes {
         stderr: Stdio,
         rust_log: Option<&str>,
     ) -> Processes {
-        let moto = Moto::get().await;
-        let key_arn = moto.create_key().await;
-        let layout = Layout::new(block);
-        let dir = tempfile::tempdir().expect("tempdir");
-        let (sim, control) = spawn_sim(&layout, &dir.path().join("ca"), &moto.url).await;
-        let ca_file = dir.path().join("ca/ca.pem");
-
-        let listen = SocketAddr::from(([127, block, 0, 2], 8000));
-        let admin = SocketAddr::from(([127, block, 0, 2], 9901));
-        let config_dir = dir.path().join("config");
+        let cluster = SimProcess::start(block).await;
+        let (listen, admin) = cluster.proxy_addresses();
+        let config_dir = cluster.dir.path().join("config");
         std::fs::create_dir_all(&config_dir).expect("config dir");
         let config_path = config_dir.join("gpulink.toml");
         let mut processes = Processes {
-            sim,
+            cluster,
             proxy: None,
-            layout,
-            control,
             listen,
             admin,
             config_path,
-            moto,
-            key_arn,
-            ca_file,
             options,
-            _dir: dir,
             client: http_client(),
         };
         processes.write_config(phase);
@@ -119,13 +100,7 @@ impl Processes {
             .set("listen.address", self.listen)
             .set("admin.address", self.admin)
             .set("listen.drain_delay", "500ms");
-        proxy_toml(
-            &self.layout,
-            &self.moto.url,
-            &self.key_arn,
-            &self.ca_file,
-            &options,
-        )
+        self.cluster.config_toml(&options)
     }
 
     fn write_config(&self, phase: &str) {
@@ -154,11 +129,7 @@ impl Processes {
     }
 
     async fn get(&self, addr: SocketAddr, path: &str) -> Option<Reply> {
-        let request = http::Request::get(format!("http://{addr}{path}"))
-            .body(http_body_util::Full::new(bytes::Bytes::new()))
-            .ok()?;
-        let response = self.client.request(request).await.ok()?;
-        Reply::read(response).await.ok()
+        get_within(&self.client, addr, path).await
     }
 
     async fn wait_ready(&self) {
@@ -199,12 +170,12 @@ impl Processes {
     }
 
     async fn set_state(&self, ip: IpAddr, state: &str) {
-        set_sim_state(&self.client, self.control, ip, state).await;
+        set_sim_state(&self.client, self.cluster.control, ip, state).await;
     }
 
     async fn sim_in_flight(&self) -> u64 {
         let reply = self
-            .get(self.control, "/endpoints")
+            .get(self.cluster.control, "/endpoints")
             .await
             .expect("sim stats");
         reply
@@ -298,7 +269,7 @@ async fn run_and_sim_serve_the_guide_request() {
     signal(p.proxy(), "TERM");
     let code = p.wait_exit();
     assert!(code.success(), "{code:?}");
-    drop(p.sim);
+    drop(p.cluster);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -402,7 +373,7 @@ async fn file_change_reloads_and_an_invalid_file_changes_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_in_flight_requests_finish() {
     let mut p = Processes::start(next_block(), "privatelink-only").await;
-    for ip in p.layout.enis() {
+    for ip in p.cluster.layout.enis() {
         p.set_state(ip, r#"{"state": "slow", "delay_ms": 1500}"#)
             .await;
     }

@@ -125,7 +125,7 @@ impl Load {
 /// One round: each ENI fails in one way and recovers, one at a time, and the proxy is
 /// reloaded through every phase by SIGHUP, all under load.
 async fn round(d: &Deployment, load: &Load, reloads: &mut u64) {
-    let enis = Deployment::enis(d.block);
+    let enis = d.cluster.layout.enis();
     let faults = [
         (enis[0], r#"{"state":"down"}"#),
         (enis[1], r#"{"state":"blackhole"}"#),

@@ -632,56 +632,98 @@ pub fn rss_kib(pid: u32) -> Option<u64> {
         .ok()
 }
 
-/// `gpulink sim` (three ENIs in us-east-1 and a public endpoint) and `gpulink run` as
-/// separate processes on `127.<block>.x.y`, with moto as KMS.
-pub struct Deployment {
-    pub sim: Guard,
-    pub proxy: Guard,
-    pub block: u8,
+/// `gpulink sim` as a process on `127.<block>.x.y` (the layout's three ENIs in us-east-1
+/// and its public endpoint), with moto as KMS and a fresh key: the cluster of the tests
+/// that run the real binaries.
+pub struct SimProcess {
+    pub guard: Guard,
+    /// The simulator's control API.
     pub control: SocketAddr,
-    pub listen: SocketAddr,
-    pub admin: SocketAddr,
-    pub config_path: PathBuf,
+    pub layout: Layout,
     pub moto: Moto,
     pub key_arn: String,
+    /// The CA the simulator's certificates chain to, for the proxy's `upstream.ca_file`.
     pub ca_file: PathBuf,
     pub dir: tempfile::TempDir,
-    pub client: HttpClient,
 }
 
-impl Deployment {
-    pub fn enis(block: u8) -> [IpAddr; 3] {
-        Layout::new(block).enis()
-    }
-
-    pub async fn start(block: u8, phase: &str) -> Deployment {
+impl SimProcess {
+    pub async fn start(block: u8) -> SimProcess {
         let moto = Moto::get().await;
         let key_arn = moto.create_key().await;
         let dir = tempfile::tempdir().expect("tempdir");
         let layout = Layout::new(block);
-        let (sim, control) = spawn_sim(&layout, &dir.path().join("ca"), &moto.url).await;
+        let (guard, control) = spawn_sim(&layout, &dir.path().join("ca"), &moto.url).await;
         let ca_file = dir.path().join("ca/ca.pem");
-        let listen = SocketAddr::from(([127, block, 0, 2], 8000));
-        let admin = SocketAddr::from(([127, block, 0, 2], 9901));
-        let config_path = dir.path().join("gpulink.toml");
-        let text =
-            Self::config_text_for(block, listen, admin, &moto.url, &key_arn, &ca_file, phase);
+        SimProcess {
+            guard,
+            control,
+            layout,
+            moto,
+            key_arn,
+            ca_file,
+            dir,
+        }
+    }
+
+    /// The shared configuration ([`proxy_config`]) for this cluster with `options`.
+    pub fn config_toml(&self, options: &ProxyOptions) -> String {
+        toml_text(&proxy_config(
+            &self.layout,
+            &self.moto.url,
+            &self.key_arn,
+            &self.ca_file,
+            options,
+        ))
+    }
+
+    /// The proxy's two fixed addresses on this cluster's block: (listen, admin).
+    pub fn proxy_addresses(&self) -> (SocketAddr, SocketAddr) {
+        let ip = self.layout.ip(0, 2);
+        (SocketAddr::new(ip, 8000), SocketAddr::new(ip, 9901))
+    }
+}
+
+/// `GET http://{addr}{path}` with `client`: the whole answer, or `None` when nothing
+/// answered within 10 s (the process is starting, or gone).
+pub async fn get_within(client: &HttpClient, addr: SocketAddr, path: &str) -> Option<Reply> {
+    let request = http::Request::get(format!("http://{addr}{path}"))
+        .body(Full::new(Bytes::new()))
+        .ok()?;
+    let response = tokio::time::timeout(Duration::from_secs(10), client.request(request))
+        .await
+        .ok()?
+        .ok()?;
+    Reply::read(response).await.ok()
+}
+
+/// `gpulink sim` and `gpulink run` as separate processes ([`SimProcess`]), the proxy in
+/// `phase` with canary routing at 50 %.
+pub struct Deployment {
+    pub cluster: SimProcess,
+    pub proxy: Guard,
+    pub listen: SocketAddr,
+    pub admin: SocketAddr,
+    pub config_path: PathBuf,
+    pub client: HttpClient,
+}
+
+impl Deployment {
+    pub async fn start(block: u8, phase: &str) -> Deployment {
+        let cluster = SimProcess::start(block).await;
+        let (listen, admin) = cluster.proxy_addresses();
+        let config_path = cluster.dir.path().join("gpulink.toml");
+        let text = Self::config_text_for(&cluster, listen, admin, phase);
         std::fs::write(&config_path, text).expect("write config");
         let mut run = Command::new(env!("CARGO_BIN_EXE_gpulink"));
         run.arg("run").arg("--config").arg(&config_path);
         let proxy = spawn_proxy(&mut run, &proxy_log("error"), Stdio::inherit());
         let deployment = Deployment {
-            sim,
+            cluster,
             proxy: Guard(proxy),
-            block,
-            control,
             listen,
             admin,
             config_path,
-            moto,
-            key_arn,
-            ca_file,
-            dir,
             client: http_client(),
         };
         deployment.wait_ready().await;
@@ -704,31 +746,22 @@ impl Deployment {
         );
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn config_text_for(
-        block: u8,
+        cluster: &SimProcess,
         listen: SocketAddr,
         admin: SocketAddr,
-        moto_url: &str,
-        key_arn: &str,
-        ca_file: &Path,
         phase: &str,
     ) -> String {
-        let options = ProxyOptions::default()
-            .set("listen.address", listen)
-            .set("admin.address", admin)
-            .set("upstream.server_name", SERVER_NAME)
-            .set("upstream.request_timeout", "2s")
-            .set("health.timeout", "1s")
-            .set("migration.phase", phase)
-            .set("migration.canary_percent", 50);
-        toml_text(&proxy_config(
-            &Layout::new(block),
-            moto_url,
-            key_arn,
-            ca_file,
-            &options,
-        ))
+        cluster.config_toml(
+            &ProxyOptions::default()
+                .set("listen.address", listen)
+                .set("admin.address", admin)
+                .set("upstream.server_name", SERVER_NAME)
+                .set("upstream.request_timeout", "2s")
+                .set("health.timeout", "1s")
+                .set("migration.phase", phase)
+                .set("migration.canary_percent", 50),
+        )
     }
 
     /// Rewrites the configuration with another phase (write to a temporary file, then
@@ -740,15 +773,7 @@ impl Deployment {
     /// As [`Deployment::write_phase`], with a comment line that makes the file differ
     /// (gpulink applies a reload only when the file's content changed).
     pub fn write_phase_noted(&self, phase: &str, note: &str) {
-        let mut text = Self::config_text_for(
-            self.block,
-            self.listen,
-            self.admin,
-            &self.moto.url,
-            &self.key_arn,
-            &self.ca_file,
-            phase,
-        );
+        let mut text = Self::config_text_for(&self.cluster, self.listen, self.admin, phase);
         text.push_str(&format!("# {note}\n"));
         let tmp = self.config_path.with_extension("tmp");
         std::fs::write(&tmp, text).expect("write config");
@@ -760,14 +785,7 @@ impl Deployment {
     }
 
     pub async fn get(&self, addr: SocketAddr, path: &str) -> Option<Reply> {
-        let request = http::Request::get(format!("http://{addr}{path}"))
-            .body(Full::new(Bytes::new()))
-            .ok()?;
-        let response = tokio::time::timeout(Duration::from_secs(10), self.client.request(request))
-            .await
-            .ok()?
-            .ok()?;
-        Reply::read(response).await.ok()
+        get_within(&self.client, addr, path).await
     }
 
     pub async fn wait_ready(&self) {
@@ -805,12 +823,12 @@ impl Deployment {
     /// Puts a simulated endpoint into `state` (the control API's JSON) and waits for it
     /// to be in effect.
     pub async fn set_state(&self, ip: IpAddr, state: &str) {
-        set_sim_state(&self.client, self.control, ip, state).await;
+        set_sim_state(&self.client, self.cluster.control, ip, state).await;
     }
 
     /// How many times the cluster received the request with this id.
     pub async fn deliveries(&self, request_id: &str) -> u64 {
-        self.get(self.control, &format!("/deliveries/{request_id}"))
+        self.get(self.cluster.control, &format!("/deliveries/{request_id}"))
             .await
             .map(|r| r.json()["deliveries"].as_u64().unwrap_or(0))
             .unwrap_or(0)
