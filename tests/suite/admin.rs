@@ -273,9 +273,7 @@ async fn ready_follows_start_outage_and_drain() {
     // Every endpoint accepts and never answers: the first health round can only end
     // by its timeout, so the proxy is observably "starting" until then.
     for endpoint in sim.endpoints() {
-        sim.set_state(endpoint.ip, EndpointState::Blackhole)
-            .await
-            .expect("blackhole");
+        put_state(sim, endpoint.ip, EndpointState::Blackhole).await;
     }
     let admin = std::net::SocketAddr::new(layout.ip(0, 2), 9901).to_string();
     let admin = admin.as_str();

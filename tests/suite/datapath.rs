@@ -89,7 +89,7 @@ impl Bench {
     /// Puts every one of `ips` into `state` in the simulator.
     async fn set_states(&self, ips: &[IpAddr], state: EndpointState) {
         for ip in ips {
-            self.cluster.sim.set_state(*ip, state).await.expect("state");
+            put_state(&self.cluster.sim, *ip, state).await;
         }
     }
 

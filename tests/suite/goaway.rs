@@ -140,25 +140,22 @@ impl Nginx {
         std::fs::create_dir_all(dir.join("logs")).expect("nginx dir");
         let conf_file = dir.join("nginx.conf");
         std::fs::write(&conf_file, conf).expect("write nginx.conf");
-        let test = Command::new(nginx_binary())
-            .arg("-p")
-            .arg(dir)
-            .arg("-e")
-            .arg(dir.join("logs/error.log"))
-            .arg("-c")
-            .arg(&conf_file)
-            .arg("-t")
-            .output()
-            .expect("nginx -t runs");
+        // nginx with this prefix, error log and configuration, then `extra`.
+        let nginx = |extra: &[&str]| {
+            let mut command = Command::new(nginx_binary());
+            command
+                .arg("-p")
+                .arg(dir)
+                .arg("-e")
+                .arg(dir.join("logs/error.log"))
+                .arg("-c")
+                .arg(&conf_file)
+                .args(extra);
+            command
+        };
+        let test = nginx(&["-t"]).output().expect("nginx -t runs");
         assert_success(&test, "nginx rejects the test's configuration");
-        let child = Command::new(nginx_binary())
-            .arg("-p")
-            .arg(dir)
-            .arg("-e")
-            .arg(dir.join("logs/error.log"))
-            .arg("-c")
-            .arg(&conf_file)
-            .args(["-g", "daemon off;"])
+        let child = nginx(&["-g", "daemon off;"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

@@ -362,6 +362,16 @@ impl Proxied {
         self.log.lock().expect("log").clone()
     }
 
+    /// Fails, showing the log, unless one line of it contains both `what` and `key`.
+    #[track_caller]
+    fn assert_logged(&self, what: &str, key: &str) {
+        let log = self.log();
+        assert!(
+            log.lines().any(|l| l.contains(what) && l.contains(key)),
+            "no line with `{what}` and {key}:\n{log}"
+        );
+    }
+
     async fn get(&self, path: &str) -> Reply {
         send(
             &self.client,
@@ -526,13 +536,7 @@ async fn a_missing_key_keeps_gpulink_unready_until_a_reload_fixes_it() {
     assert_eq!(status["kms"]["key_id"], good_key.as_str());
     assert_eq!(p.get("/ready").await.status, 200);
     assert_eq!(p.post(&request_body(3), &[]).await.status, 200);
-    assert!(
-        p.log()
-            .lines()
-            .any(|l| l.contains("failed their proof seal") && l.contains(MISSING_KEY)),
-        "{}",
-        p.log()
-    );
+    p.assert_logged("failed their proof seal", MISSING_KEY);
 }
 
 /// KMS unreachable at start (connections refused, then accepted and never answered):
@@ -572,13 +576,7 @@ async fn an_unreachable_kms_at_start_delays_ready_until_it_answers() {
 
     let ready = p.until_proof_failed(1).await;
     assert_waiting_for_kms(&ready, &["could not be reached"]);
-    assert!(
-        p.log()
-            .lines()
-            .any(|l| l.contains("KMS is not usable yet") && l.contains(&key)),
-        "{}",
-        p.log()
-    );
+    p.assert_logged("KMS is not usable yet", &key);
 
     kms.set(Mode::Blackhole);
     p.until("the proof times out against a silent KMS", || async {
@@ -651,13 +649,7 @@ async fn missing_credentials_say_where_they_are_looked_for() {
             "IMDS",
         ],
     );
-    assert!(
-        p.log()
-            .lines()
-            .any(|l| l.contains("no AWS credentials") && l.contains(&key)),
-        "{}",
-        p.log()
-    );
+    p.assert_logged("no AWS credentials", &key);
     let reply = p.post(&request_body(1), &[]).await;
     assert_eq!(reply.status, 503);
     assert_eq!(p.sent_upstream(), 0);

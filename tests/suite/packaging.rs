@@ -418,22 +418,11 @@ fn kubernetes_manifests_validate_against_the_schemas() {
         .expect("gpulink init container");
     assert_eq!(sidecar_container["restartPolicy"], "Always");
     let admin_port = sidecar_container["ports"][0]["name"].clone();
-    assert_eq!(
-        sidecar_container["readinessProbe"]["httpGet"]["path"],
-        "/ready"
-    );
-    assert_eq!(
-        sidecar_container["readinessProbe"]["httpGet"]["port"],
-        admin_port
-    );
-    assert_eq!(
-        sidecar_container["livenessProbe"]["httpGet"]["path"],
-        "/live"
-    );
-    assert_eq!(
-        sidecar_container["livenessProbe"]["httpGet"]["port"],
-        admin_port
-    );
+    for (probe, path) in [("readinessProbe", "/ready"), ("livenessProbe", "/live")] {
+        let get = &sidecar_container[probe]["httpGet"];
+        assert_eq!(get["path"], path, "{probe}");
+        assert_eq!(get["port"], admin_port, "{probe}");
+    }
     assert_eq!(sidecar_container["securityContext"]["runAsUser"], 65532);
     let mount = &sidecar_container["volumeMounts"][0];
     assert!(

@@ -9,7 +9,7 @@ use std::path::Path;
 
 use std::sync::Arc;
 
-use crate::common::{endpoint_in, next_block, Layout};
+use crate::common::{endpoint_in, next_block, put_state, Layout};
 use gpulink::seal::{DevKeys, KeyService};
 use gpulink_sim::{EndpointState, Sim};
 
@@ -108,12 +108,8 @@ async fn probe_diagnoses_a_down_eni_and_a_wrong_certificate_name() {
     let config = dir.path().join("gpulink.toml");
     std::fs::write(&config, config_text(&layout, &sim.ca_file())).expect("write config");
     let [good, wrong_name, down] = layout.enis();
-    sim.set_state(down, EndpointState::Down)
-        .await
-        .expect("down");
-    sim.set_state(layout.public(), EndpointState::Full)
-        .await
-        .expect("full");
+    put_state(&sim, down, EndpointState::Down).await;
+    put_state(&sim, layout.public(), EndpointState::Full).await;
 
     let (code, stdout, stderr) = probe(&config, true).await;
     assert_eq!(
@@ -210,12 +206,8 @@ async fn probe_diagnoses_a_down_eni_and_a_wrong_certificate_name() {
     }
 
     // Nothing can serve: exit 1, and an unhealthy endpoint is named as such.
-    sim.set_state(good, EndpointState::Failing)
-        .await
-        .expect("failing");
-    sim.set_state(layout.public(), EndpointState::Down)
-        .await
-        .expect("down");
+    put_state(&sim, good, EndpointState::Failing).await;
+    put_state(&sim, layout.public(), EndpointState::Down).await;
     let (code, stdout, _) = probe(&config, true).await;
     assert_eq!(code, 1, "{stdout}");
     let report: serde_json::Value = serde_json::from_str(&stdout).expect("JSON");

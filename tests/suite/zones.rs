@@ -137,17 +137,21 @@ async fn send_all(world: &World, n: usize) {
     }
 }
 
+/// A stand-in IMDS on a block of its own that places the host in use1-az2 (us-east-1b),
+/// or (`answer: false`) never answers, and a proxy on the zoned layout that asks it.
+async fn asking_imds(answer: bool) -> (Imds, World) {
+    let block = next_block();
+    let ip = Layout::new(block).ip(0, 2);
+    let imds = Imds::start(ip, "use1-az2", "us-east-1b", answer).await;
+    let options = zoned(block, ProxyOptions::default().imds_url(&imds.url));
+    let world = World::start(block, options).await;
+    (imds, world)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_imds_zone_gets_the_traffic_and_it_spills_when_that_eni_goes_down() {
-    let block = next_block();
-    let layout = Layout::new(block);
-    let imds = Imds::start(layout.ip(0, 2), "use1-az2", "us-east-1b", true).await;
-    let world = World::start(
-        block,
-        zoned(block, ProxyOptions::default().imds_url(&imds.url)),
-    )
-    .await;
-    let [a, b, c] = layout.enis();
+    let (imds, world) = asking_imds(true).await;
+    let [a, b, c] = world.layout.enis();
     // One token, then the id and the name with it.
     assert!((1..=2).contains(&imds.tokens.load(Ordering::SeqCst)));
     assert_eq!(imds.reads.load(Ordering::SeqCst), 2);
@@ -260,14 +264,7 @@ async fn no_zone_known_spreads_as_before_and_a_silent_imds_costs_one_deadline() 
 
     // A metadata service that accepts and never answers: the proxy starts without a
     // zone once the one deadline passes (the test would hang on a retry loop).
-    let block = next_block();
-    let layout = Layout::new(block);
-    let silent = Imds::start(layout.ip(0, 2), "use1-az2", "us-east-1b", false).await;
-    let world = World::start(
-        block,
-        zoned(block, ProxyOptions::default().imds_url(&silent.url)),
-    )
-    .await;
+    let (_silent, world) = asking_imds(false).await;
     let placement = &world.status().await["placement"];
     assert_eq!(placement["source"], "none", "{placement}");
     assert!(

@@ -631,6 +631,13 @@ impl Cluster {
     }
 }
 
+/// Puts `sim`'s endpoint `ip` into `state`.
+pub async fn put_state(sim: &Sim, ip: IpAddr, state: gpulink_sim::EndpointState) {
+    sim.set_state(ip, state)
+        .await
+        .unwrap_or_else(|e| panic!("the simulator refused {state:?} for {ip}: {e}"));
+}
+
 /// Waits until `proxy`'s health checks agree with `serving` for `ip`'s endpoint.
 pub async fn wait_serving(proxy: &ProxyHandle, ip: IpAddr, serving: bool) {
     let authority = format!("{ip}:8443");
@@ -759,10 +766,7 @@ impl World {
 
     /// Puts the simulated endpoint `ip` into `state`.
     pub async fn set_state(&self, ip: IpAddr, state: gpulink_sim::EndpointState) {
-        self.sim
-            .set_state(ip, state)
-            .await
-            .unwrap_or_else(|e| panic!("the simulator refused {state:?} for {ip}: {e}"));
+        put_state(&self.sim, ip, state).await;
     }
 
     pub fn requests_at(&self, ip: IpAddr) -> u64 {
