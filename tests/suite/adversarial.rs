@@ -77,6 +77,14 @@ impl Recorded {
         wait_serving(self.proxy.as_ref().expect("proxy"), ip, true).await;
     }
 
+    /// One well-behaved upstream on a block of its own, serving through the proxy: where
+    /// each attack starts.
+    async fn serving_one() -> Recorded {
+        let world = Recorded::start(next_block(), &[CertFault::None]).await;
+        world.wait_serving(world.upstream().ip).await;
+        world
+    }
+
     async fn stop(mut self) {
         if let Some(proxy) = self.proxy.take() {
             proxy.shutdown().await;
@@ -84,10 +92,16 @@ impl Recorded {
     }
 }
 
+/// After `what`, an ordinary request is served over HTTP/1.1 and over a fresh HTTP/2
+/// connection.
+async fn assert_still_serves(addr: SocketAddr, what: &str) {
+    assert_serves(addr, what).await;
+    assert_serves_h2(addr, what).await;
+}
+
 /// An ordinary request over HTTP/1.1 (hyper's client) is answered 200 by the cluster.
 async fn assert_serves(addr: SocketAddr, what: &str) {
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .build_http();
+    let client = http_client();
     let reply = tokio::time::timeout(
         Duration::from_secs(20),
         send(
@@ -155,8 +169,7 @@ fn hidden_request(id: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http1_smuggling_and_framing_tricks_never_reach_the_cluster() {
-    let world = Recorded::start(next_block(), &[CertFault::None]).await;
-    world.wait_serving(world.upstream().ip).await;
+    let world = Recorded::serving_one().await;
     let addr = world.addr();
     let head = "POST /inference HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n";
 
@@ -271,8 +284,7 @@ async fn http1_smuggling_and_framing_tricks_never_reach_the_cluster() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hop_by_hop_and_identity_headers_from_the_app_never_reach_the_cluster() {
-    let world = Recorded::start(next_block(), &[CertFault::None]).await;
-    world.wait_serving(world.upstream().ip).await;
+    let world = Recorded::serving_one().await;
     let addr = world.addr();
 
     // HTTP/1.1 over a raw socket, so that no client library tidies anything up.
@@ -362,8 +374,7 @@ async fn hop_by_hop_and_identity_headers_from_the_app_never_reach_the_cluster() 
     );
     assert_eq!(world.upstream().requests().len(), before);
 
-    assert_serves(addr, "header spoofing").await;
-    assert_serves_h2(addr, "header spoofing").await;
+    assert_still_serves(addr, "header spoofing").await;
     world.stop().await;
 }
 
@@ -409,8 +420,7 @@ async fn closed_within(h2: &mut H2, limit: Duration) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http2_rapid_reset_reaches_nothing_and_others_are_served() {
-    let world = Recorded::start(next_block(), &[CertFault::None]).await;
-    world.wait_serving(world.upstream().ip).await;
+    let world = Recorded::serving_one().await;
     let addr = world.addr();
 
     // CVE-2023-44487: open streams and cancel them at once, as fast as the socket takes.
@@ -437,15 +447,13 @@ async fn http2_rapid_reset_reaches_nothing_and_others_are_served() {
     eprintln!("rapid reset: connection closed by the proxy: {closed}");
     // None of the cancelled requests had a body: none may reach the cluster.
     assert_eq!(world.upstream().with_request_id("hidden-rapid-reset"), 0);
-    assert_serves(addr, "a rapid reset").await;
-    assert_serves_h2(addr, "a rapid reset").await;
+    assert_still_serves(addr, "a rapid reset").await;
     world.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hpack_bomb_closes_that_connection_only() {
-    let world = Recorded::start(next_block(), &[CertFault::None]).await;
-    world.wait_serving(world.upstream().ip).await;
+    let world = Recorded::serving_one().await;
     let addr = world.addr();
 
     // One 4 KB entry in the dynamic table, then referenced with one byte each: 16 KB on
@@ -470,15 +478,13 @@ async fn hpack_bomb_closes_that_connection_only() {
     let closed = closed_while_sending || closed_within(&mut h2, Duration::from_secs(20)).await;
     assert!(closed, "the HPACK bomb's connection stayed open");
     assert_eq!(world.upstream().with_request_id("hidden-hpack-bomb"), 0);
-    assert_serves(addr, "an HPACK bomb").await;
-    assert_serves_h2(addr, "an HPACK bomb").await;
+    assert_still_serves(addr, "an HPACK bomb").await;
     world.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn continuation_flood_closes_that_connection_only() {
-    let world = Recorded::start(next_block(), &[CertFault::None]).await;
-    world.wait_serving(world.upstream().ip).await;
+    let world = Recorded::serving_one().await;
     let addr = world.addr();
 
     // CVE-2024-27316 and friends: a header block that never ends, fresh literal headers
@@ -522,8 +528,7 @@ async fn continuation_flood_closes_that_connection_only() {
     assert!(sent < limit, "the proxy took 64 MB of one header block");
     let _ = tokio::time::timeout(Duration::from_secs(60), watcher).await;
     assert_eq!(world.upstream().with_request_id("hidden-continuation"), 0);
-    assert_serves(addr, "a CONTINUATION flood").await;
-    assert_serves_h2(addr, "a CONTINUATION flood").await;
+    assert_still_serves(addr, "a CONTINUATION flood").await;
     world.stop().await;
 }
 

@@ -217,10 +217,7 @@ async fn an_endpoint_id_alone_serves_traffic_through_the_discovered_enis() {
         assert_eq!(reply.header("x-gpulink-route"), Some("privatelink"));
     }
     assert_eq!(
-        [a, b, c]
-            .iter()
-            .map(|ip| world.requests_at(*ip))
-            .sum::<u64>(),
+        world.requests_to(&[a, b, c]),
         6,
         "every request went to a discovered ENI"
     );
@@ -386,10 +383,7 @@ async fn pending_acceptance_gives_no_traffic_until_available() {
         assert_ne!(reply.header("x-gpulink-route"), Some("privatelink"));
     }
     assert_eq!(
-        [a, b, c]
-            .iter()
-            .map(|ip| world.requests_at(*ip))
-            .sum::<u64>(),
+        world.requests_to(&[a, b, c]),
         0,
         "nothing went to the ENIs of an endpoint that is not available"
     );

@@ -159,6 +159,19 @@ fn xml(status: u16, text: String) -> Response<Full<Bytes>> {
         .expect("response")
 }
 
+/// A 200 answer to `action` (`DescribeVpcEndpoints`) with `content` inside EC2's
+/// `<{action}Response>` envelope.
+fn answered(action: &str, content: &str) -> Response<Full<Bytes>> {
+    xml(
+        200,
+        format!(
+            "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<{action}Response \
+             xmlns=\"http://ec2.amazonaws.com/doc/2016-11-15/\"><requestId>r</requestId>\
+             {content}</{action}Response>"
+        ),
+    )
+}
+
 fn error(status: u16, code: &str, message: &str) -> Response<Full<Bytes>> {
     xml(
         status,
@@ -236,20 +249,16 @@ async fn answer(
                 .iter()
                 .map(|e| format!("<item>{}</item>", e.id()))
                 .collect();
-            xml(
-                200,
-                format!(
-                    "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<DescribeVpcEndpointsResponse \
-                     xmlns=\"http://ec2.amazonaws.com/doc/2016-11-15/\"><requestId>r</requestId>\
-                     <vpcEndpointSet><item><vpcEndpointId>{}</vpcEndpointId>\
-                     <vpcEndpointType>Interface</vpcEndpointType><vpcId>vpc-12345678</vpcId>\
-                     <serviceName>com.amazonaws.vpce.us-east-1.vpce-svc-0123456789abcdef0</serviceName>\
-                     <state>{}</state><networkInterfaceIdSet>{enis}</networkInterfaceIdSet>\
-                     <dnsEntrySet><item><dnsName>{}.vpce-svc-0123456789abcdef0.us-east-1.vpce.amazonaws.com</dnsName>\
-                     </item></dnsEntrySet></item></vpcEndpointSet></DescribeVpcEndpointsResponse>",
-                    view.endpoint_id, view.state, view.endpoint_id
-                ),
-            )
+            let endpoint = format!(
+                "<vpcEndpointSet><item><vpcEndpointId>{}</vpcEndpointId>\
+                 <vpcEndpointType>Interface</vpcEndpointType><vpcId>vpc-12345678</vpcId>\
+                 <serviceName>com.amazonaws.vpce.us-east-1.vpce-svc-0123456789abcdef0</serviceName>\
+                 <state>{}</state><networkInterfaceIdSet>{enis}</networkInterfaceIdSet>\
+                 <dnsEntrySet><item><dnsName>{}.vpce-svc-0123456789abcdef0.us-east-1.vpce.amazonaws.com</dnsName>\
+                 </item></dnsEntrySet></item></vpcEndpointSet>",
+                view.endpoint_id, view.state, view.endpoint_id
+            );
+            answered("DescribeVpcEndpoints", &endpoint)
         }
         "DescribeNetworkInterfaces" => {
             let asked: Vec<String> = params
@@ -274,14 +283,8 @@ async fn answer(
                     )
                 })
                 .collect();
-            xml(
-                200,
-                format!(
-                    "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<DescribeNetworkInterfacesResponse \
-                     xmlns=\"http://ec2.amazonaws.com/doc/2016-11-15/\"><requestId>r</requestId>\
-                     <networkInterfaceSet>{items}</networkInterfaceSet></DescribeNetworkInterfacesResponse>"
-                ),
-            )
+            let interfaces = format!("<networkInterfaceSet>{items}</networkInterfaceSet>");
+            answered("DescribeNetworkInterfaces", &interfaces)
         }
         _ => error(400, "InvalidAction", "unknown action"),
     }

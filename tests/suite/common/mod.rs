@@ -773,6 +773,11 @@ impl World {
         self.sim.stats(ip).map(|s| s.requests).unwrap_or(0)
     }
 
+    /// The requests the simulator received at any of `ips`.
+    pub fn requests_to(&self, ips: &[IpAddr]) -> u64 {
+        ips.iter().map(|ip| self.requests_at(*ip)).sum()
+    }
+
     pub fn total_requests(&self) -> u64 {
         self.sim.all_stats().iter().map(|s| s.requests).sum()
     }
