@@ -19,7 +19,7 @@ use std::time::Duration;
 use crate::common::*;
 use base64::Engine as _;
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
@@ -224,12 +224,7 @@ async fn answer(
         return Ok(json(500, serde_json::json!({"__type": "InternalFailure"})));
     };
     let status = response.status().as_u16();
-    let answer = response
-        .into_body()
-        .collect()
-        .await
-        .map(|b| b.to_bytes())
-        .unwrap_or_default();
+    let answer = body_bytes(response.into_body()).await;
     let mut value: serde_json::Value = serde_json::from_slice(&answer).unwrap_or_default();
     exchanges.lock().expect("exchanges").push(Exchange {
         target: target.clone(),

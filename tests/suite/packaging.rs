@@ -34,6 +34,14 @@ fn unit_directives(unit: &str) -> Vec<(String, String)> {
         .collect()
 }
 
+/// Writes an executable script (mode 0755) to `path`.
+fn write_script(path: &Path, text: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755))
+        .unwrap_or_else(|e| panic!("chmod {}: {e}", path.display()));
+}
+
 /// The values of `key` among `directives`, in order.
 fn values<'a>(directives: &'a [(String, String)], key: &str) -> Vec<&'a str> {
     directives
@@ -847,14 +855,13 @@ fn dockerfile_base_images_are_pinned_by_digest_or_say_they_are_not() {
     std::fs::write(&copy, &dockerfile).expect("copy");
     let resolver = dir.path().join("resolve");
     let asked = dir.path().join("asked");
-    std::fs::write(
+    write_script(
         &resolver,
-        format!(
+        &format!(
             "#!/bin/sh\necho \"$1\" >> {}\nprintf 'sha256:%s\\n' \"$(printf %s \"$1\" | sha256sum | cut -c1-64)\"\n",
             asked.display()
         ),
-    )
-    .expect("resolver");
+    );
     let pin = |resolver: &Path| {
         Command::new("bash")
             .arg(root().join("scripts/pin-images.sh"))
@@ -863,12 +870,6 @@ fn dockerfile_base_images_are_pinned_by_digest_or_say_they_are_not() {
             .output()
             .expect("pin-images.sh runs")
     };
-    let chmod = Command::new("chmod")
-        .arg("+x")
-        .arg(&resolver)
-        .status()
-        .expect("chmod");
-    assert!(chmod.success());
     for _ in 0..2 {
         let output = pin(&resolver);
         assert_success(&output, "pin-images.sh failed");
@@ -892,13 +893,7 @@ fn dockerfile_base_images_are_pinned_by_digest_or_say_they_are_not() {
     // An answer that is not a digest writes nothing.
     std::fs::write(&copy, &dockerfile).expect("copy");
     let liar = dir.path().join("liar");
-    std::fs::write(&liar, "#!/bin/sh\necho sha256:not-a-digest\n").expect("liar");
-    let chmod = Command::new("chmod")
-        .arg("+x")
-        .arg(&liar)
-        .status()
-        .expect("chmod");
-    assert!(chmod.success());
+    write_script(&liar, "#!/bin/sh\necho sha256:not-a-digest\n");
     assert!(!pin(&liar).status.success());
     assert_eq!(std::fs::read_to_string(&copy).expect("copy"), dockerfile);
 }

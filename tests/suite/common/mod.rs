@@ -893,12 +893,15 @@ pub async fn read_request(
     request: http::Request<hyper::body::Incoming>,
 ) -> (http::request::Parts, Bytes) {
     let (parts, body) = request.into_parts();
-    let body = body
-        .collect()
+    (parts, body_bytes(body).await)
+}
+
+/// All of `body`, or nothing if it was cut short.
+pub async fn body_bytes<B: hyper::body::Body>(body: B) -> Bytes {
+    body.collect()
         .await
         .map(|b| b.to_bytes())
-        .unwrap_or_default();
-    (parts, body)
+        .unwrap_or_default()
 }
 
 /// The guide's example request.
