@@ -21,7 +21,6 @@ use base64::Engine as _;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -96,15 +95,11 @@ impl FaultKms {
                     }
                     _ => {
                         let (client, moto_url, ex) = (client.clone(), moto_url.clone(), ex.clone());
-                        tokio::spawn(async move {
-                            let service = hyper::service::service_fn(move |request| {
-                                let mode = *watcher.borrow();
-                                answer(request, mode, client.clone(), moto_url.clone(), ex.clone())
-                            });
-                            let _ = hyper::server::conn::http1::Builder::new()
-                                .serve_connection(TokioIo::new(stream), service)
-                                .await;
+                        let service = hyper::service::service_fn(move |request| {
+                            let mode = *watcher.borrow();
+                            answer(request, mode, client.clone(), moto_url.clone(), ex.clone())
                         });
+                        spawn_http1(stream, service);
                     }
                 }
             }

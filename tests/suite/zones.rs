@@ -11,7 +11,6 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
 
 use crate::common::*;
 use gpulink_sim::EndpointState;
@@ -48,51 +47,45 @@ impl Imds {
                     continue;
                 }
                 let (t, r) = (t.clone(), r.clone());
-                tokio::spawn(async move {
-                    let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                        let (t, r) = (t.clone(), r.clone());
-                        async move {
-                            let ttl = req
-                                .headers()
-                                .get("x-aws-ec2-metadata-token-ttl-seconds")
-                                .cloned();
-                            let header =
-                                |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok());
-                            let (status, body) = match (req.method().as_str(), req.uri().path()) {
-                                ("PUT", "/latest/api/token")
-                                    if header("x-aws-ec2-metadata-token-ttl-seconds").is_some() =>
-                                {
-                                    t.fetch_add(1, Ordering::SeqCst);
-                                    (200, TOKEN)
-                                }
-                                ("GET", path)
-                                    if header("x-aws-ec2-metadata-token") == Some(TOKEN) =>
-                                {
-                                    r.fetch_add(1, Ordering::SeqCst);
-                                    match path {
-                                        "/latest/meta-data/placement/availability-zone-id" => {
-                                            (200, zone_id)
-                                        }
-                                        "/latest/meta-data/placement/availability-zone" => {
-                                            (200, zone_name)
-                                        }
-                                        _ => (404, ""),
-                                    }
-                                }
-                                _ => (401, ""),
-                            };
-                            let mut answer = hyper::Response::builder().status(status);
-                            // IMDS echoes the token's lifetime; the SDK reads it.
-                            if let Some(ttl) = ttl {
-                                answer = answer.header("x-aws-ec2-metadata-token-ttl-seconds", ttl);
+                let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let (t, r) = (t.clone(), r.clone());
+                    async move {
+                        let ttl = req
+                            .headers()
+                            .get("x-aws-ec2-metadata-token-ttl-seconds")
+                            .cloned();
+                        let header =
+                            |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok());
+                        let (status, body) = match (req.method().as_str(), req.uri().path()) {
+                            ("PUT", "/latest/api/token")
+                                if header("x-aws-ec2-metadata-token-ttl-seconds").is_some() =>
+                            {
+                                t.fetch_add(1, Ordering::SeqCst);
+                                (200, TOKEN)
                             }
-                            answer.body(Full::new(Bytes::from_static(body.as_bytes())))
+                            ("GET", path) if header("x-aws-ec2-metadata-token") == Some(TOKEN) => {
+                                r.fetch_add(1, Ordering::SeqCst);
+                                match path {
+                                    "/latest/meta-data/placement/availability-zone-id" => {
+                                        (200, zone_id)
+                                    }
+                                    "/latest/meta-data/placement/availability-zone" => {
+                                        (200, zone_name)
+                                    }
+                                    _ => (404, ""),
+                                }
+                            }
+                            _ => (401, ""),
+                        };
+                        let mut answer = hyper::Response::builder().status(status);
+                        // IMDS echoes the token's lifetime; the SDK reads it.
+                        if let Some(ttl) = ttl {
+                            answer = answer.header("x-aws-ec2-metadata-token-ttl-seconds", ttl);
                         }
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
+                        answer.body(Full::new(Bytes::from_static(body.as_bytes())))
+                    }
                 });
+                spawn_http1(stream, service);
             }
         });
         Imds {

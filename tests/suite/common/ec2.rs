@@ -12,7 +12,6 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::{Request, Response};
-use hyper_util::rt::TokioIo;
 
 /// One network interface of the stand-in's endpoint.
 #[derive(Debug, Clone)]
@@ -89,15 +88,11 @@ impl Ec2StandIn {
         let task = tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
                 let (v, s) = (v.clone(), s.clone());
-                tokio::spawn(async move {
-                    let service = hyper::service::service_fn(move |request| {
-                        let (v, s) = (v.clone(), s.clone());
-                        async move { Ok::<_, Infallible>(answer(request, &v, &s).await) }
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
+                let service = hyper::service::service_fn(move |request| {
+                    let (v, s) = (v.clone(), s.clone());
+                    async move { Ok::<_, Infallible>(answer(request, &v, &s).await) }
                 });
+                super::spawn_http1(stream, service);
             }
         });
         Ec2StandIn {

@@ -887,6 +887,26 @@ pub fn endpoint_in<'a>(doc: &'a serde_json::Value, address: &str) -> &'a serde_j
         .unwrap_or_else(|| panic!("{address} is not among the endpoints of: {doc:#}"))
 }
 
+/// Serves `stream` over HTTP/1.1 with `service`, in a task of its own: how the tests'
+/// stand-in servers (KMS, IMDS, EC2) answer each connection they accept.
+pub fn spawn_http1<S, B>(stream: tokio::net::TcpStream, service: S)
+where
+    S: hyper::service::Service<http::Request<hyper::body::Incoming>, Response = http::Response<B>>
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    tokio::spawn(async move {
+        let _ = hyper::server::conn::http1::Builder::new()
+            .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+            .await;
+    });
+}
+
 /// A request's head and whole body (empty if the body was cut short): what the stand-in
 /// servers of the tests look at.
 pub async fn read_request(
