@@ -324,3 +324,121 @@ fn client_limits(c: &RawConfig, p: &mut Problems) {
         );
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every key `check` bounds, each set outside its range (one region discovers through
+    /// EC2 and one through DNS, so both refresh keys are checked).
+    const OUT_OF_RANGE: &str = r#"
+        [listen]
+        max_body = "2GB"
+        max_connections = 2000000
+        max_in_flight_bytes = 1
+        header_read_timeout = "1ms"
+        body_read_timeout = "1ms"
+        body_min_rate = "2GiB"
+        idle_timeout = "1ms"
+        h2_keepalive_interval = "1ms"
+        h2_keepalive_timeout = "1ms"
+        send_timeout = "1ms"
+        drain_delay = "11m"
+        shutdown_grace = "2h"
+        [admin]
+        max_connections = 0
+        header_read_timeout = "1ms"
+        idle_timeout = "1ms"
+        [runtime]
+        workers = 1000
+        [tenant]
+        id = "t"
+        model_pool = "m"
+        [kms]
+        key_id = "arn:aws:kms:us-east-1:111122223333:key/k"
+        region = "us-east-1"
+        timeout = "2m"
+        [kms.cache]
+        max_age = "25h"
+        max_messages = 0
+        max_bytes = 0
+        [upstream]
+        max_body = 0
+        connect_timeout = "2m"
+        request_timeout = "2h"
+        idle_timeout = "2h"
+        pool_idle_timeout = "350s"
+        [health]
+        port = 0
+        interval = "1ms"
+        timeout = "1ms"
+        healthy_threshold = 0
+        unhealthy_threshold = 0
+        max_staleness = "25h"
+        [outlier]
+        consecutive_failures = 0
+        base_ejection = "2h"
+        max_ejection = "25h"
+        max_ejected_percent = 101
+        [retry]
+        max_attempts = 11
+        budget_percent = 101
+        min_per_second = 100001
+        [migration]
+        canary_percent = 101
+        [rollback]
+        window = "2h"
+        min_requests = 2000000000
+        max_error_rate = 2.0
+        max_p99 = "2h"
+        cooldown = "25h"
+        [[regions]]
+        name = "us-east-1"
+        privatelink_endpoint_id = "vpce-0abcd1234ef567890"
+        discovery_refresh = "25h"
+        [[regions]]
+        name = "us-west-2"
+        privatelink_dns = "vpce.example.com"
+        dns_refresh = "25h"
+    "#;
+
+    /// The row of `name` in docs/design.md's table under `heading` (that section only).
+    fn documented_row(heading: &str, name: &str) -> Option<String> {
+        let design = include_str!("../../docs/design.md");
+        let start = design.find(heading)? + heading.len();
+        let section = &design[start..];
+        let section = &section[..section.find("\n### ").unwrap_or(section.len())];
+        section
+            .lines()
+            .find(|l| l.starts_with(&format!("| `{name}` |")))
+            .map(str::to_string)
+    }
+
+    /// The range column is the contract `check` enforces: every key it bounds has a
+    /// non-empty range in docs/design.md's configuration reference, and `check` still
+    /// bounds every key listed here (a key dropped from `check` fails the count).
+    #[test]
+    fn every_bounded_key_is_refused_out_of_range_and_documented_with_its_range() {
+        let raw: RawConfig = toml::from_str(OUT_OF_RANGE).expect("the TOML parses");
+        let mut problems = Problems::default();
+        check(&raw, &mut problems);
+        let keys: Vec<String> = problems.into_vec().into_iter().map(|(k, _)| k).collect();
+        assert_eq!(keys.len(), 46, "{keys:#?}");
+        for key in &keys {
+            let (heading, name) = match key.split_once('.') {
+                Some((region, name)) if region.starts_with("regions[") => {
+                    ("### `[[regions]]`".to_string(), name)
+                }
+                Some((section, name)) => (format!("### `[{section}]`"), name),
+                None => panic!("a key without a section: {key}"),
+            };
+            let row = documented_row(&heading, name)
+                .unwrap_or_else(|| panic!("docs/design.md {heading} has no row for `{name}`"));
+            let range = row.split('|').nth(3).unwrap_or_default().trim();
+            assert!(
+                !range.is_empty(),
+                "docs/design.md documents `{key}` without a range: {row}"
+            );
+        }
+    }
+}
