@@ -179,31 +179,43 @@ async fn silent_partial_and_slow_clients_are_closed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_http2_peer_that_stops_answering_pings_is_closed() {
-    // Long head and idle bounds: only the keep-alive ping can close this connection.
+    // Long head and idle bounds on both listeners: only the keep-alive ping (the admin
+    // listener uses `[listen]`'s) can close these connections.
     let world = world(
         next_block(),
         ProxyOptions::default()
             .set("listen.header_read_timeout", "5m")
             .set("listen.idle_timeout", "1h")
             .set("listen.h2_keepalive_interval", "200ms")
-            .set("listen.h2_keepalive_timeout", "200ms"),
+            .set("listen.h2_keepalive_timeout", "200ms")
+            .set("admin.header_read_timeout", "5m")
+            .set("admin.idle_timeout", "1h"),
     )
     .await;
-    let mut peer = connect(world.proxy().listen_addr).await;
-    peer.write_all(H2_PREFACE).await.expect("write");
-    peer.write_all(H2_SETTINGS).await.expect("write");
-    let received = await_close(&mut peer, "an HTTP/2 peer that never acknowledges a ping").await;
-    // Frame type 6 is PING: the server asked before giving up.
-    let mut offset = 0;
-    let mut pinged = false;
-    while offset + 9 <= received.len() {
-        let length = usize::from(received[offset]) << 16
-            | usize::from(received[offset + 1]) << 8
-            | usize::from(received[offset + 2]);
-        pinged |= received[offset + 3] == 6;
-        offset += 9 + length;
+    for (addr, name) in [
+        (world.proxy().listen_addr, "app"),
+        (world.proxy().admin_addr, "admin"),
+    ] {
+        let mut peer = connect(addr).await;
+        peer.write_all(H2_PREFACE).await.expect("write");
+        peer.write_all(H2_SETTINGS).await.expect("write");
+        let received = await_close(
+            &mut peer,
+            &format!("{name}: an HTTP/2 peer that never acknowledges a ping"),
+        )
+        .await;
+        // Frame type 6 is PING: the server asked before giving up.
+        let mut offset = 0;
+        let mut pinged = false;
+        while offset + 9 <= received.len() {
+            let length = usize::from(received[offset]) << 16
+                | usize::from(received[offset + 1]) << 8
+                | usize::from(received[offset + 2]);
+            pinged |= received[offset + 3] == 6;
+            offset += 9 + length;
+        }
+        assert!(pinged, "{name}: the server closed without pinging");
     }
-    assert!(pinged, "the server closed without pinging");
     world.stop().await;
 }
 
