@@ -20,6 +20,7 @@ struct Created {
     id: String,
     state: String,
     service: String,
+    dns_names: Vec<String>,
     enis: Vec<CreatedEni>,
 }
 
@@ -51,6 +52,7 @@ print(json.dumps({
     "id": ep["VpcEndpointId"],
     "state": ep["State"],
     "service": ep["ServiceName"],
+    "dns_names": [d["DnsName"] for d in ep.get("DnsEntries", [])],
     "enis": [{"ip": e["PrivateIpAddress"], "subnet": e["SubnetId"], "zone": e["AvailabilityZone"]} for e in enis],
 }))
 "#;
@@ -427,6 +429,11 @@ async fn discover_in_us_east_1(
 /// `gpulink discover` with `args`, the test's credentials and no EC2 endpoint from the
 /// environment: (exit code, stdout, stderr).
 async fn discover_cli(args: &[&str]) -> (i32, String, String) {
+    discover_cli_with(args, &[]).await
+}
+
+/// [`discover_cli`] with `env` set on top.
+async fn discover_cli_with(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
     let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_gpulink"))
         .arg("discover")
         .args(args)
@@ -437,6 +444,7 @@ async fn discover_cli(args: &[&str]) -> (i32, String, String) {
         .env_remove("AWS_ENDPOINT_URL_EC2")
         .env_remove("AWS_REGION")
         .env_remove("AWS_DEFAULT_REGION")
+        .envs(env.iter().copied())
         .output()
         .await
         .expect("gpulink runs");
@@ -457,6 +465,8 @@ async fn gpulink_discover_shows_moto_s_endpoint_and_a_block_that_compiles() {
     let answer: serde_json::Value = serde_json::from_str(&out).expect("JSON");
     assert_eq!(answer["vpc_endpoint_id"], created.id.as_str());
     assert_eq!(answer["service_name"], created.service.as_str());
+    assert!(!created.dns_names.is_empty(), "moto gave no DNS names");
+    assert_eq!(answer["dns_names"], serde_json::json!(created.dns_names));
     assert_eq!(answer["usable"], usable);
     let mut ips: Vec<&str> = answer["network_interfaces"]
         .as_array()
@@ -493,6 +503,12 @@ async fn gpulink_discover_shows_moto_s_endpoint_and_a_block_that_compiles() {
         assert!(text.contains(&eni.zone), "{text}");
     }
     assert!(text.contains("[[regions]]"), "{text}");
+    for name in &created.dns_names {
+        assert!(
+            text.contains(name.as_str()),
+            "DNS name {name} not shown: {text}"
+        );
+    }
 
     // An id EC2 does not know: 3; not an id at all, or no region: 2.
     let (code, _, err) = discover_in_us_east_1("vpce-0123456789abcdef0", &moto.url, &[]).await;
@@ -527,4 +543,15 @@ async fn gpulink_discover_exits_1_for_an_endpoint_waiting_for_acceptance() {
     let (code, out, _) = discover_in_us_east_1(ENDPOINT_ID, &stand_in.url, &[]).await;
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("usable: yes"), "{out}");
+
+    // No --endpoint-url: AWS_ENDPOINT_URL_EC2 says where EC2 is (issue 12's override).
+    let asked = stand_in.count("DescribeVpcEndpoints");
+    let (code, out, err) = discover_cli_with(
+        &["--vpc-endpoint-id", ENDPOINT_ID, "--region", "us-east-1"],
+        &[("AWS_ENDPOINT_URL_EC2", stand_in.url.as_str())],
+    )
+    .await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("usable: yes"), "{out}");
+    assert_eq!(stand_in.count("DescribeVpcEndpoints"), asked + 1);
 }
