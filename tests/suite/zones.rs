@@ -120,6 +120,17 @@ fn zoned(block: u8, options: ProxyOptions) -> ProxyOptions {
     options.set("regions.0.privatelink", zoned_enis(&Layout::new(block)))
 }
 
+/// `gpulink_privatelink_locality_total{locality}` from `/metrics` (0 when absent).
+async fn locality_count(world: &World, locality: &str) -> u64 {
+    let metrics = world.admin("/metrics").await;
+    let prefix = format!("gpulink_privatelink_locality_total{{locality=\"{locality}\"}} ");
+    String::from_utf8_lossy(&metrics.body)
+        .lines()
+        .find_map(|l| l.strip_prefix(prefix.as_str()))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map_or(0, |v| v as u64)
+}
+
 /// Sends `n` requests one after another; all must succeed.
 async fn send_all(world: &World, n: usize) {
     for _ in 0..n {
@@ -162,12 +173,8 @@ async fn the_imds_zone_gets_the_traffic_and_it_spills_when_that_eni_goes_down() 
     );
     assert_eq!(world.requests_at(a), before[0]);
     assert_eq!(world.requests_at(c), before[2]);
-    let metrics = world.admin("/metrics").await;
-    let text = String::from_utf8_lossy(&metrics.body).to_string();
-    assert!(
-        text.contains("gpulink_privatelink_locality_total{locality=\"same_zone\"} 40"),
-        "{text}"
-    );
+    assert_eq!(locality_count(&world, "same_zone").await, 40);
+    assert_eq!(locality_count(&world, "cross_zone").await, 0);
 
     // The same-zone ENI goes down: the other local zones carry everything, nothing fails.
     world.set_state(b, EndpointState::Down).await;
@@ -180,6 +187,9 @@ async fn the_imds_zone_gets_the_traffic_and_it_spills_when_that_eni_goes_down() 
         da > 0 && dc > 0,
         "spill went to both other zones: {da} / {dc}"
     );
+    // The spilled requests are counted as crossing zones, the earlier ones stay same-zone.
+    assert_eq!(locality_count(&world, "cross_zone").await, 40);
+    assert_eq!(locality_count(&world, "same_zone").await, 40);
     // Back: its latency estimate (peak EWMA) fades while it is idle, and the zone
     // takes the traffic again.
     world.set_state(b, EndpointState::Healthy).await;
@@ -253,6 +263,10 @@ async fn no_zone_known_spreads_as_before_and_a_silent_imds_costs_one_deadline() 
         );
     }
     assert_eq!(world.status().await["endpoints"][0]["locality"], "unknown");
+    // No host zone: every attempt is of unknown locality, none same or cross zone.
+    assert!(locality_count(&world, "unknown").await >= 60);
+    assert_eq!(locality_count(&world, "same_zone").await, 0);
+    assert_eq!(locality_count(&world, "cross_zone").await, 0);
     world.stop().await;
 
     // A metadata service that accepts and never answers: the proxy starts without a
