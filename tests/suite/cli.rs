@@ -210,6 +210,35 @@ fn unreadable_ca_under_tmp_names_the_key_and_the_private_tmp() {
     assert!(text.contains("PrivateTmp=yes"), "{text}");
 }
 
+/// The systemd sandbox hides a shared credentials file that works from a shell (a 0600
+/// file under DynamicUser=, or one under the private /tmp): `run` names the variable and
+/// the sandbox cause and exits 78, where the AWS SDK would only say "the credential
+/// provider was not enabled" (issue 13).
+#[test]
+fn an_unreadable_aws_credentials_file_names_the_variable_and_the_sandbox() {
+    let config = root().join("tests/fixtures/valid/minimal.toml");
+    for variable in ["AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE"] {
+        let missing = "/tmp/gpulink-test-no-such-dir/aws-file";
+        let out = Command::new("timeout")
+            .arg("60")
+            .arg(env!("CARGO_BIN_EXE_gpulink"))
+            .arg("run")
+            .arg("--config")
+            .arg(&config)
+            .env(variable, missing)
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .output()
+            .expect("gpulink runs");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(78), "{variable}: {stderr}");
+        assert!(
+            stderr.contains(&format!("cannot read {variable}={missing}")),
+            "{stderr}"
+        );
+        assert!(stderr.contains("PrivateTmp=yes"), "{stderr}");
+    }
+}
+
 /// Warnings go to stderr, one per line, labelled; the status stays 0.
 fn warnings_of(text: &str) -> Vec<&str> {
     text.lines()
