@@ -503,6 +503,33 @@ fn deb_under_real_systemd_starts_reloads_restarts_drains_upgrades_and_purges() {
     let status = c.status();
     assert_eq!(status["generation"].as_u64(), Some(2), "{status}");
     assert_eq!(status["reloads"]["applied"].as_u64(), Some(1), "{status}");
+    // STATUS= is kept current, not only sent at READY=1: `systemctl status` shows the
+    // new phase and generation (brought up to date every 2 s).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = c.property("StatusText");
+        if text.starts_with("phase public, ") && text.contains("generation 2;") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "STATUS= stayed {text:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // journald gets plain text: every MESSAGE is a string (a byte array would mean
+    // control bytes such as ANSI colour codes), none with an escape.
+    let journal = c.ok("journalctl --no-pager -o json -u gpulink");
+    let mut messages = 0;
+    for line in journal.lines().filter(|l| !l.trim().is_empty()) {
+        let entry: serde_json::Value = serde_json::from_str(line).expect("journal JSON");
+        let message = entry["MESSAGE"].as_str().unwrap_or_else(|| {
+            panic!("a MESSAGE that is not text: {line}");
+        });
+        assert!(
+            !message.contains('\u{1b}'),
+            "an escape in the journal: {message:?}"
+        );
+        messages += 1;
+    }
+    assert!(messages > 0, "no journal entries for gpulink");
 
     // A rejected file fails `systemctl reload`; the old configuration keeps serving.
     write_file(
