@@ -55,7 +55,8 @@ use crate::listener::ConnectionSettings;
 use crate::metrics::{Attribution, Metrics};
 use crate::route::Plan;
 use crate::seal::Sealed;
-use crate::upstream::{health, outlier, ConnectError, ConnectedPeer, Endpoint};
+use crate::upstream::pool::{Lease, Pooled, SendError};
+use crate::upstream::{health, outlier, ConnectedPeer, Endpoint};
 
 /// The request path: what a request needs from the running gpulink, and nothing more.
 pub struct Forwarder {
@@ -640,10 +641,13 @@ fn settle(
     }
 }
 
-/// A response with headers, and the in-flight guard that must live as long as its body.
+/// A response with headers, the connection it came over, and what must live as long as
+/// its body: the in-flight guard and the pooled connection's lease.
 struct Upstream {
     response: Response<ProxyBody>,
+    peer: Arc<ConnectedPeer>,
     guard: crate::upstream::InFlightGuard,
+    lease: Lease,
 }
 
 async fn send(
@@ -662,12 +666,14 @@ async fn send(
     let started = tokio::time::Instant::now();
     let timeout = upstream.request_timeout.get();
     match pooled(endpoint, request, timeout).await {
-        Ok(Ok(response)) => {
+        Ok(Ok(Pooled {
+            response,
+            peer,
+            lease,
+        })) => {
             let mut latency = started.elapsed();
-            if let Some(peer) = response.extensions().get::<ConnectedPeer>() {
-                if peer.established >= started {
-                    latency = latency.saturating_sub(peer.setup);
-                }
+            if peer.established >= started {
+                latency = latency.saturating_sub(peer.setup);
             }
             endpoint.record_latency(latency);
             cx.metrics.upstream_response(endpoint, latency);
@@ -675,7 +681,12 @@ async fn send(
             // The idle bound starts with the body: the first byte may take as long as
             // the generation needs, each later silence at most `idle_timeout`.
             let response = response.map(|body| IdleTimeoutBody::new(body, idle).boxed());
-            Ok(Upstream { response, guard })
+            Ok(Upstream {
+                response,
+                peer,
+                guard,
+                lease,
+            })
         }
         Ok(Err(error)) => Err(classify(error, endpoint)),
         Err(_) => Err(attempt_error(
@@ -712,7 +723,12 @@ enum Capacity {
 }
 
 async fn check_no_capacity(endpoint: &Endpoint, upstream: Upstream) -> Capacity {
-    let Upstream { response, guard } = upstream;
+    let Upstream {
+        response,
+        peer,
+        guard,
+        lease,
+    } = upstream;
     let (mut parts, mut body) = response.into_parts();
     let mut peeked = bytes::BytesMut::new();
     // How the peek ended: the whole body read, more than the peek holds (with the data
@@ -756,7 +772,12 @@ async fn check_no_capacity(endpoint: &Endpoint, upstream: Upstream) -> Capacity 
                 parts,
                 crate::body::Prefixed::new(head.freeze(), body).boxed(),
             );
-            return Capacity::Relay(Upstream { response, guard });
+            return Capacity::Relay(Upstream {
+                response,
+                peer,
+                guard,
+                lease,
+            });
         }
         Peek::Whole => peeked,
     };
@@ -779,7 +800,12 @@ async fn check_no_capacity(endpoint: &Endpoint, upstream: Upstream) -> Capacity 
         // The whole body, re-sent from memory: its length is what hyper frames.
         parts.headers.remove(header::CONTENT_LENGTH);
         let response = Response::from_parts(parts, ProxyBody::full(body));
-        Capacity::Relay(Upstream { response, guard })
+        Capacity::Relay(Upstream {
+            response,
+            peer,
+            guard,
+            lease,
+        })
     }
 }
 
@@ -790,16 +816,14 @@ async fn pooled(
     endpoint: &Endpoint,
     request: Request<Full<Bytes>>,
     timeout: std::time::Duration,
-) -> Result<
-    Result<Response<Incoming>, hyper_util::client::legacy::Error>,
-    tokio::time::error::Elapsed,
-> {
-    let result = tokio::time::timeout(timeout, endpoint.client().request(request)).await;
+) -> Result<Result<Pooled, SendError>, tokio::time::error::Elapsed> {
+    let result = tokio::time::timeout(timeout, endpoint.pool().send(request)).await;
     match &result {
         Ok(Ok(_)) => {}
         Ok(Err(error)) => {
-            let diagnosis =
-                connect_error(error).map(|e| health::data_path_failed_by_request(endpoint, e));
+            let diagnosis = error
+                .connect_error()
+                .map(|e| health::data_path_failed_by_request(endpoint, e));
             endpoint.record_request_error(Causes(Some(error)).to_string(), diagnosis.as_ref());
         }
         Err(_) => endpoint.record_request_error(
@@ -810,27 +834,15 @@ async fn pooled(
     result
 }
 
-/// The connector's own error among `error`'s causes: the connection (TCP or TLS) was
-/// never made.
-fn connect_error(error: &hyper_util::client::legacy::Error) -> Option<&ConnectError> {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(error);
-    while let Some(cause) = source {
-        if let Some(connect) = cause.downcast_ref::<ConnectError>() {
-            return Some(connect);
-        }
-        source = cause.source();
-    }
-    None
-}
-
 /// 4. Relay: the cluster's answer as a stream, with gpulink's headers added.
 fn relay(cx: &Context<'_>, endpoint: &Endpoint, upstream: Upstream) -> Response<ProxyBody> {
-    let Upstream { response, guard } = upstream;
-    let dialed = response
-        .extensions()
-        .get::<ConnectedPeer>()
-        .map(|peer| peer.header.clone())
-        .unwrap_or_else(|| endpoint.authority_header.clone());
+    let Upstream {
+        response,
+        peer,
+        guard,
+        lease,
+    } = upstream;
+    let dialed = peer.header.clone();
     let (mut parts, body) = response.into_parts();
     headers::strip_hop_by_hop(&mut parts.headers);
     parts.headers.insert(
@@ -844,10 +856,11 @@ fn relay(cx: &Context<'_>, endpoint: &Endpoint, upstream: Upstream) -> Response<
         parts.status = StatusCode::BAD_GATEWAY;
     }
     // The guard rides in the body so the endpoint counts the request as in flight until
-    // the last byte is relayed.
+    // the last byte is relayed; the lease too, so an HTTP/1.1 connection goes back to
+    // the pool only once its response is done (the closure drops after the body).
     let body = body
         .map_frame(move |frame| {
-            let _in_flight = &guard;
+            let _in_flight = (&guard, &lease);
             frame
         })
         .boxed();
@@ -880,8 +893,8 @@ fn content_length(headers: &HeaderMap) -> Option<u64> {
         .and_then(|v| v.parse().ok())
 }
 
-/// What a failed attempt means, from hyper's error and its causes.
-fn classify(error: hyper_util::client::legacy::Error, endpoint: &Endpoint) -> AttemptError {
+/// What a failed attempt means, from the pool's error and its causes.
+fn classify(error: SendError, endpoint: &Endpoint) -> AttemptError {
     let kind = match never_sent(&error) {
         Some(why) => AttemptKind::NotSent(why),
         None => AttemptKind::FailedAfterSend,
@@ -896,11 +909,14 @@ fn classify(error: hyper_util::client::legacy::Error, endpoint: &Endpoint) -> At
 ///   opened after the GOAWAY arrived (h2 fails both with the GOAWAY as a remote error,
 ///   and only those: streams the server may have processed end with an I/O or reset
 ///   error), or RST_STREAM with REFUSED_STREAM (RFC 9113 6.8, 8.7);
-/// * hyper cancelled it before writing it (its `Canceled` kind means exactly that; the
-///   legacy client already retries those on a reused connection by itself).
-fn never_sent(error: &hyper_util::client::legacy::Error) -> Option<NotSent> {
-    if error.is_connect() {
-        return Some(NotSent::Unreachable);
+/// * hyper handed it back unwritten: a fresh connection closed before the request was
+///   written (the pool already retries those on a reused connection by itself, as the
+///   legacy client did).
+fn never_sent(error: &SendError) -> Option<NotSent> {
+    match error {
+        SendError::Connect(_) => return Some(NotSent::Unreachable),
+        SendError::Canceled(_) => return Some(NotSent::Unprocessed(Unprocessed::Closed)),
+        SendError::Send(_) => {}
     }
     let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(error);
     while let Some(cause) = source {
@@ -1015,6 +1031,20 @@ mod tests {
         let message = error.to_string();
         assert!(message.contains("X-KMS-Key-ID"), "{message}");
         assert!(!message.contains("secret-ish"), "{message}");
+    }
+
+    #[test]
+    fn a_connection_never_made_is_never_sent_and_says_so() {
+        let error = SendError::Connect(crate::upstream::connector::ConnectError::NoAddress {
+            host: "eni.example".into(),
+        });
+        assert!(matches!(never_sent(&error), Some(NotSent::Unreachable)));
+        // The legacy client's wording, with the connector's cause, as `/status` showed it.
+        let text = Causes(Some(&error)).to_string();
+        assert_eq!(
+            text,
+            "client error (Connect): eni.example resolved to no address"
+        );
     }
 
     #[test]

@@ -1,8 +1,7 @@
-//! The TLS connector behind each endpoint's pool: it dials the endpoint's own address and
-//! verifies the certificate against the endpoint's TLS name, whatever the request URI
-//! says. Errors name the phase that failed (resolve, TCP, TLS) for the operator.
+//! The TLS connector behind each endpoint's pool ([`super::pool`]): it dials the
+//! endpoint's own address and verifies the certificate against the endpoint's TLS name.
+//! Errors name the phase that failed (resolve, TCP, TLS) for the operator.
 
-use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -11,8 +10,6 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use hyper::rt::{Read, ReadBufCursor, Write};
-use hyper::Uri;
-use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::rt::TokioIo;
 use rustls::pki_types::ServerName;
 use rustls::ClientConfig;
@@ -52,7 +49,7 @@ pub enum ConnectError {
     },
 }
 
-/// Connects to one endpoint. Cheap to clone: the pool clones it per connection.
+/// Connects to one endpoint. Cheap to clone.
 #[derive(Clone)]
 pub struct EndpointConnector {
     inner: Arc<ConnectorInner>,
@@ -87,6 +84,11 @@ impl EndpointConnector {
 }
 
 impl EndpointConnector {
+    /// A new connection for the pool: TCP, then TLS, each within `connect_timeout`.
+    pub(crate) async fn connect(&self) -> Result<TlsConnection, ConnectError> {
+        self.inner.connect().await
+    }
+
     /// One fresh connection exactly as the pool would make it (same address, TLS name,
     /// trust and timeouts), dropped at once: the data-path health check.
     pub async fn check(&self) -> Result<Duration, ConnectError> {
@@ -163,36 +165,20 @@ pub fn server_name_text(name: &ServerName<'_>) -> String {
     }
 }
 
-impl tower_service::Service<Uri> for EndpointConnector {
-    type Response = TlsConnection;
-    type Error = ConnectError;
-    type Future = Pin<Box<dyn Future<Output = Result<TlsConnection, ConnectError>> + Send>>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), ConnectError>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, _uri: Uri) -> Self::Future {
-        let inner = self.inner.clone();
-        Box::pin(async move { inner.connect().await })
-    }
-}
-
-/// A TLS connection that tells the pool whether HTTP/2 was negotiated.
+/// A TLS connection, with what the pool needs to know about it.
 pub struct TlsConnection {
     io: TokioIo<TlsStream<TcpStream>>,
     peer: ConnectedPeer,
 }
 
-impl Connection for TlsConnection {
-    fn connected(&self) -> Connected {
-        let connected = Connected::new().extra(self.peer.clone());
-        let (_, session) = self.io.inner().get_ref();
-        if session.alpn_protocol() == Some(b"h2") {
-            connected.negotiated_h2()
-        } else {
-            connected
-        }
+impl TlsConnection {
+    /// Whether ALPN chose HTTP/2.
+    pub(crate) fn is_h2(&self) -> bool {
+        self.io.inner().get_ref().1.alpn_protocol() == Some(b"h2")
+    }
+
+    pub(crate) fn peer(&self) -> &ConnectedPeer {
+        &self.peer
     }
 }
 

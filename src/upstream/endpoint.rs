@@ -5,20 +5,15 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use http::HeaderValue;
-use http_body_util::Full;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rustls::pki_types::ServerName;
 use serde::Serialize;
 
 use super::connector::EndpointConnector;
 use super::diagnose::{Diagnosis, Problem};
+use super::pool::Pool;
 use super::state::{DataPathState, FailedBy, HealthState};
 use crate::config::{EndpointConfig, RouteKind};
-
-pub type PoolClient = Client<EndpointConnector, Full<Bytes>>;
 
 /// What the last active health check said, for `/status` and logs.
 #[derive(Debug, Clone, Serialize, Default)]
@@ -79,9 +74,9 @@ pub struct Endpoint {
     /// as Host / `:authority`. Parsed once, here, not per request.
     uri_authority: http::uri::Authority,
     /// One connection pool per request-path worker, then one for every other thread
-    /// ([`crate::runtime::pool_index`]): hyper runs a pooled connection as a task on the
+    /// ([`crate::runtime::pool_index`]): a pooled connection runs as a task on the
     /// runtime that opened it, so a worker's requests only use connections of its own.
-    clients: Box<[PoolClient]>,
+    pools: Box<[Arc<Pool>]>,
     /// Makes the pool's connections; the data-path check uses it too, so the check dials
     /// exactly what a request would.
     connector: EndpointConnector,
@@ -118,22 +113,6 @@ impl Endpoint {
             .map_err(|e| format!("invalid TLS name `{}`: {e}", config.server_name))?;
         let connector =
             EndpointConnector::new(&config.host, config.port, server_name, tls, connect_timeout);
-        let pool = || {
-            Client::builder(TokioExecutor::new())
-                .pool_idle_timeout(pool_idle_timeout)
-                .pool_timer(TokioTimer::new())
-                .timer(TokioTimer::new())
-                // Bodies reach 10 MB: let HTTP/2 flow control grow with the
-                // bandwidth-delay product instead of stalling on the default 64 KiB
-                // windows.
-                .http2_adaptive_window(true)
-                // Pings while a stream is open find a connection that died silently (an
-                // ENI lost under an open connection) before request_timeout does.
-                .http2_keep_alive_interval(Duration::from_secs(20))
-                .http2_keep_alive_timeout(Duration::from_secs(10))
-                .build(connector.clone())
-        };
-        let clients = (0..settings.pools.max(1)).map(|_| pool()).collect();
         let authority = config.authority();
         let authority_header = HeaderValue::from_str(&authority)
             .map_err(|_| format!("endpoint `{authority}` is not a valid header value"))?;
@@ -144,12 +123,17 @@ impl Endpoint {
         };
         let uri_authority = http::uri::Authority::try_from(origin.as_str())
             .map_err(|e| format!("`{origin}` is not a valid URI authority: {e}"))?;
+        let pools = (0..settings.pools.max(1))
+            .map(|_| {
+                Pool::new(connector.clone(), uri_authority.clone(), pool_idle_timeout).map(Arc::new)
+            })
+            .collect::<Result<_, _>>()?;
         Ok(Self {
             config,
             authority,
             authority_header,
             uri_authority,
-            clients,
+            pools,
             connector,
             healthy: AtomicBool::new(true),
             data_path_ok: AtomicBool::new(true),
@@ -191,8 +175,8 @@ impl Endpoint {
     }
 
     /// The connection pool of the thread asking (see [`crate::runtime::pool_index`]).
-    pub fn client(&self) -> &PoolClient {
-        &self.clients[crate::runtime::pool_index(self.clients.len())]
+    pub fn pool(&self) -> &Arc<Pool> {
+        &self.pools[crate::runtime::pool_index(self.pools.len())]
     }
 
     /// `https://server_name[:port]/path?query` for a request to this endpoint.

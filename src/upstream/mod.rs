@@ -8,13 +8,14 @@ pub mod discovery;
 pub mod endpoint;
 pub mod health;
 pub mod outlier;
+pub mod pool;
 pub mod state;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-pub use connector::{ConnectError, ConnectedPeer};
+pub use connector::ConnectedPeer;
 pub use endpoint::{Endpoint, InFlightGuard};
 
 use crate::config::{Discovery, EndpointConfig, Upstream};

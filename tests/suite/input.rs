@@ -1,7 +1,8 @@
 //! Framing and input: what gpulink refuses before KMS (each refusal with the JSON error
 //! body), what it never lets through to the cluster (identity-header look-alikes), and a
-//! cluster 503 relayed whole and well-formed. Raw sockets where client libraries refuse
-//! to send the bad input.
+//! cluster 503 relayed whole and well-formed; an HTTP/1.1-only cluster endpoint sent the
+//! origin form over one reused pooled connection. Raw sockets where client libraries
+//! refuse to send the bad input.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -542,4 +543,61 @@ async fn a_large_503_is_relayed_whole_and_a_cut_one_is_replaced() {
     for task in tasks {
         task.abort();
     }
+}
+
+/// A cluster endpoint that speaks HTTP/1.1 only (ALPN without h2, as the benchmark's
+/// nginx): gpulink's pool sends the origin form with `Host` set to the TLS name, and
+/// requests one after another on one app connection (one worker) reuse one pooled
+/// connection: each response's lease puts it back once the answer is relayed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http1_endpoint_gets_the_origin_form_and_one_reused_connection() {
+    let moto = Moto::get().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = Pki::new(dir.path());
+    let ip = IpAddr::from([127, next_block(), 10, 50]);
+    let upstream = RecordingUpstream::start_with(ip, &pki, CertFault::None, Alpn::Http1Only).await;
+    let setup = Setup::start(&[ip], moto, dir, &pki).await;
+    // One app connection, so one worker and its pool (a pooling client might open a
+    // second connection, which the kernel could give to the other worker).
+    let tcp = tokio::net::TcpStream::connect(setup.addr())
+        .await
+        .expect("connect to gpulink");
+    let (mut app, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .expect("HTTP/1.1 handshake");
+    tokio::spawn(connection);
+    for n in 0..10 {
+        let id = format!("h1-{n}");
+        app.ready().await.expect("the app connection stays open");
+        let request = http::Request::post(format!("/inference?n={n}"))
+            .header("host", "localhost")
+            .header("content-type", "application/json")
+            .header("x-request-id", &id)
+            .body(http_body_util::Full::new(bytes::Bytes::from(GUIDE_REQUEST)))
+            .expect("request");
+        let response = app.send_request(request).await.expect("an answer");
+        let status = response.status();
+        let body = http_body_util::BodyExt::collect(response.into_body())
+            .await
+            .expect("the whole answer")
+            .to_bytes();
+        assert_eq!(status, 200, "{id}: {}", String::from_utf8_lossy(&body));
+    }
+    let requests = upstream.requests();
+    assert_eq!(requests.len(), 10);
+    for request in &requests {
+        assert_eq!(request.version, http::Version::HTTP_11);
+        assert_eq!(request.path, "/inference");
+        assert_eq!(request.headers["host"], format!("{SERVER_NAME}:8443"));
+        assert_eq!(request.headers["x-tenant-id"], "tenant-123");
+    }
+    let connections: std::collections::BTreeSet<u64> =
+        requests.iter().map(|r| r.connection).collect();
+    assert_eq!(
+        connections.len(),
+        1,
+        "one pooled connection, reused: {connections:?}"
+    );
+    setup.proxy.shutdown().await;
 }

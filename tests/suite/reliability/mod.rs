@@ -409,6 +409,9 @@ impl Pki {
 pub struct Recorded {
     pub method: String,
     pub path: String,
+    pub version: http::Version,
+    /// Which of the upstream's accepted connections carried it (numbered from 0).
+    pub connection: u64,
     pub headers: http::HeaderMap,
     pub body_len: usize,
 }
@@ -453,6 +456,15 @@ pub fn serve_healthy(health: TcpListener, capacity: u32) -> tokio::task::JoinHan
     })
 }
 
+/// What a recording upstream offers by ALPN.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Alpn {
+    /// h2 and HTTP/1.1 (a client offering h2 gets it).
+    H2AndHttp1,
+    /// HTTP/1.1 only, as the cluster's nginx on :8443 in the benchmark.
+    Http1Only,
+}
+
 /// A cluster endpoint on `ip`: TLS inference on 8443 (h2 and HTTP/1.1), plain health on
 /// 8080 answering healthy. Answers every inference request 200 with a small JSON body.
 pub struct RecordingUpstream {
@@ -471,18 +483,33 @@ impl Drop for RecordingUpstream {
 
 impl RecordingUpstream {
     pub async fn start(ip: IpAddr, pki: &Pki, fault: CertFault) -> RecordingUpstream {
+        Self::start_with(ip, pki, fault, Alpn::H2AndHttp1).await
+    }
+
+    pub async fn start_with(
+        ip: IpAddr,
+        pki: &Pki,
+        fault: CertFault,
+        alpn: Alpn,
+    ) -> RecordingUpstream {
         gpulink::tls::install_crypto_provider();
         let (cert, key) = pki.leaf(fault);
-        let tls = tokio_rustls::TlsAcceptor::from(
-            gpulink::tls::server_config(&cert, &key).expect("server config"),
-        );
+        let mut config =
+            (*gpulink::tls::server_config(&cert, &key).expect("server config")).clone();
+        if alpn == Alpn::Http1Only {
+            config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        }
+        let tls = tokio_rustls::TlsAcceptor::from(Arc::new(config));
         let received = Arc::new(Mutex::new(Vec::new()));
         let (inference, health) = bind_upstream_ports(ip).await;
         let log = received.clone();
         let inference_task = tokio::spawn(async move {
+            let mut accepted = 0u64;
             while let Ok((stream, _)) = inference.accept().await {
                 let tls = tls.clone();
                 let log = log.clone();
+                let connection = accepted;
+                accepted += 1;
                 tokio::spawn(async move {
                     let Ok(Ok(stream)) =
                         tokio::time::timeout(Duration::from_secs(5), tls.accept(stream)).await
@@ -497,6 +524,8 @@ impl RecordingUpstream {
                                 log.lock().expect("log").push(Recorded {
                                     method: parts.method.to_string(),
                                     path: parts.uri.path().to_string(),
+                                    version: parts.version,
+                                    connection,
                                     headers: parts.headers,
                                     body_len: body.len(),
                                 });
