@@ -407,6 +407,9 @@ def main():
     ap.add_argument("--workers", default="",
                     help="--instructions: comma-separated [runtime] workers values, one gpulink each "
                          "(default: one gpulink with the default configuration)")
+    ap.add_argument("--baseline", metavar="BINARY",
+                    help="--instructions: also measure this gpulink binary (an older build) with each "
+                         "--workers value, in the same run, for a before/after")
     a = ap.parse_args()
     if a.instructions:
         d = tempfile.mkdtemp(prefix="gpulink-instructions-")
@@ -669,14 +672,15 @@ def run_instructions(a, d, procs):
     nginx_cg = ["nginx", "-p", px_dir, "-c", "nginx.conf", "-g", "daemon off; master_process off;"]
     variants = [("nginx", NGINX_PROXY, None, nginx_cmd, nginx_cg, lambda: tcp_open(NGINX_PROXY, 8000))]
     workers = [w.strip() for w in a.workers.split(",") if w.strip()] or [None]
-    for i, w in enumerate(workers):
+    binaries = [("gpulink", a.gpulink)] + ([("gpulink baseline", a.baseline)] if a.baseline else [])
+    for i, (w, (label, binary)) in enumerate((w, lb) for lb in binaries for w in workers):
         address = f"127.253.0.{20 + i}"
-        name = "gpulink" if w is None else f"gpulink workers={w}"
+        name = label if w is None else f"{label} workers={w}"
         conf = os.path.join(d, f"gpulink-{i}.toml")
         with open(conf, "w") as f:
             f.write(gpulink_conf(b["ca"], b["key_arn"], address,
                                  "" if w is None else f"[runtime]\nworkers = {w}\n\n"))
-        cmd = [a.gpulink, "run", "--config", conf]
+        cmd = [binary, "run", "--config", conf]
         variants.append((name, address, conf, cmd, cmd,
                          (lambda address=address: http_ok(f"http://{address}:9901/ready"))))
     if a.one_worker:
