@@ -47,7 +47,7 @@ fn run_chromium(profile: &Path, args: &[&str], url: &str) -> std::process::Outpu
             "--metrics-recording-only",
             "--no-pings",
             "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
-            "--window-size=1400,1150",
+            "--window-size=1600,1150",
             "--hide-scrollbars",
         ])
         .arg(format!("--user-data-dir={}", profile.display()))
