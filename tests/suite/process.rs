@@ -813,3 +813,70 @@ async fn sim_print_config_is_a_configuration_run_serves_with() {
     let json: serde_json::Value = serde_json::from_slice(&reply.1).expect("JSON");
     assert_eq!(json["sha256"], sha256_hex(GUIDE_REQUEST.as_bytes()));
 }
+
+/// A discovery refresh that fails says so in the log too (issue 12: "log, metric,
+/// `/status`"; the metric and `/status` are asserted in `discovery_ec2`): `gpulink run`
+/// discovers its ENIs from the EC2 stand-in, EC2 starts failing, and the warning names
+/// the region and the endpoint id, carries no raw EC2 answer, and the last good set
+/// keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_discovery_refresh_is_logged_and_the_last_good_set_serves() {
+    use crate::common::ec2::{Ec2StandIn, StandInEni, ENDPOINT_ID};
+    use std::io::Read;
+    let block = next_block();
+    let layout = Layout::new(block);
+    let enis = (1..)
+        .zip(layout.enis())
+        .map(|(zone, ip)| StandInEni::new(ip, zone))
+        .collect();
+    let stand_in = Ec2StandIn::start(layout.ip(30, 1), "available", enis).await;
+    let options = ProxyOptions::default()
+        .remove("regions.0.privatelink")
+        .set("regions.0.privatelink_endpoint_id", ENDPOINT_ID)
+        .set("regions.0.privatelink_port", 8443)
+        .set("regions.0.ec2_endpoint_url", stand_in.url.as_str())
+        .set("regions.0.discovery_refresh", "1s");
+    let (mut reader, writer) = std::io::pipe().expect("pipe");
+    let log = std::thread::spawn(move || {
+        let mut all = Vec::new();
+        let _ = reader.read_to_end(&mut all);
+        all
+    });
+    let mut p = Processes::launch_with(
+        block,
+        "privatelink",
+        options,
+        None,
+        Stdio::from(writer),
+        Some("info"),
+    )
+    .await;
+    let discovery = |status: serde_json::Value| status["discovery"][0].clone();
+    assert_eq!(discovery(p.status().await)["condition"], "ok");
+
+    stand_in.set(|v| v.failing = true);
+    assert_eventually!(
+        discovery(p.status().await),
+        |d| d["condition"] == "failing",
+        "the failed refresh never showed in /status"
+    );
+    let reply = p.post().await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.header("x-gpulink-route"), Some("privatelink"));
+    signal(p.proxy(), "TERM");
+    assert!(p.wait_exit().success());
+    drop(p.proxy.take());
+    let log = String::from_utf8_lossy(&log.join().expect("log reader")).into_owned();
+    let warning = log
+        .lines()
+        .find(|l| l.contains("PrivateLink discovery failed; keeping the last known addresses"))
+        .unwrap_or_else(|| panic!("no warning for the failed refresh:\n{log}"));
+    assert!(warning.contains("WARN"), "{warning}");
+    assert!(warning.contains(ENDPOINT_ID), "{warning}");
+    assert!(warning.contains("us-east-1"), "{warning}");
+    assert!(warning.contains("Unavailable"), "{warning}");
+    assert!(
+        !log.contains("<Response>"),
+        "a raw EC2 answer in the log:\n{log}"
+    );
+}
