@@ -237,6 +237,57 @@ fn an_unreadable_aws_credentials_file_names_the_variable_and_the_sandbox() {
         );
         assert!(stderr.contains("PrivateTmp=yes"), "{stderr}");
     }
+
+    // The finding itself: a root-owned 0600 credentials file, read by another user, as
+    // the unit's dynamic user reads it. Only root can make that user (CI runs as root).
+    let uid = Command::new("id").arg("-u").output().expect("id -u");
+    if String::from_utf8_lossy(&uid.stdout).trim() != "0" {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI runs the suite as root"
+        );
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .expect("chmod dir");
+    let credentials = dir.path().join("aws-credentials");
+    std::fs::write(&credentials, "[default]\naws_access_key_id = x\n").expect("write");
+    std::fs::set_permissions(
+        &credentials,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .expect("chmod file");
+    let out = Command::new("timeout")
+        .args([
+            "60",
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+        ])
+        .arg(env!("CARGO_BIN_EXE_gpulink"))
+        .arg("run")
+        .arg("--config")
+        .arg(&config)
+        .env("AWS_SHARED_CREDENTIALS_FILE", &credentials)
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .output()
+        .expect("setpriv runs gpulink");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{stderr}");
+    assert!(
+        stderr.contains("cannot read AWS_SHARED_CREDENTIALS_FILE=")
+            && stderr.contains("Permission denied"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("DynamicUser=yes") && stderr.contains("LoadCredential="),
+        "{stderr}"
+    );
 }
 
 /// Warnings go to stderr, one per line, labelled; the status stays 0.
