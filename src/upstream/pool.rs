@@ -31,8 +31,11 @@ use super::connector::{ConnectError, ConnectedPeer, EndpointConnector};
 type Body = Full<Bytes>;
 
 /// At most this many idle HTTP/1.1 connections per pool; one returned to a full list is
-/// closed. Far above what one worker keeps busy towards one endpoint (each holds a file
-/// descriptor, which `listener::fit_file_descriptors` budgets per pool).
+/// closed. The legacy client had no bound; a pool holds about as many as its worker had
+/// requests in flight to the endpoint at once. Each holds a file descriptor, and
+/// `listener::fit_file_descriptors` reserves only 8 per pool (`FD_PER_ENDPOINT`), so a
+/// burst of HTTP/1.1 concurrency beyond that is paid from the reserve until the idle
+/// timeout closes the extra connections.
 const MAX_IDLE: usize = 256;
 
 /// Why a request got no response headers from the pool. The `Display` texts are the
