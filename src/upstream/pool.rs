@@ -361,8 +361,9 @@ impl Pool {
     }
 
     /// Closes idle connections once they have been idle for `idle_timeout` (the NLB
-    /// drops them silently at 350 s), checking every `idle_timeout`; it ends when the
-    /// pool is empty or gone. Spawned on the runtime of the thread that filled the pool.
+    /// drops them silently at 350 s), checking every `idle_timeout` (at least 90 ms); it
+    /// ends when the pool is empty or gone. Spawned on the runtime of the thread that
+    /// filled the pool.
     fn start_reaper(self: &Arc<Self>) {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             // No runtime (a drop on some other thread): checkout prunes instead.
@@ -372,7 +373,9 @@ impl Pool {
             return;
         };
         let weak = Arc::downgrade(self);
-        let every = self.idle_timeout;
+        // Not more often than every 90 ms (as hyper-util's idle task): `pool_idle_timeout`
+        // may be as short as 1 ms, and checkout drops expired connections anyway.
+        let every = self.idle_timeout.max(Duration::from_millis(90));
         runtime.spawn(async move {
             loop {
                 tokio::time::sleep(every).await;
