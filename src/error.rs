@@ -395,10 +395,17 @@ impl fmt::Display for Causes<'_> {
         let Some(error) = self.0 else {
             return Ok(());
         };
-        write!(f, "{error}")?;
+        // An error whose message already ends with its cause's (`"TCP connect to … failed:
+        // {source}"`) would otherwise show that cause twice.
+        let mut written = error.to_string();
+        f.write_str(&written)?;
         let mut source = error.source();
         while let Some(cause) = source {
-            write!(f, ": {cause}")?;
+            let text = cause.to_string();
+            if !written.ends_with(&text) {
+                write!(f, ": {text}")?;
+            }
+            written = text;
             source = cause.source();
         }
         Ok(())
@@ -432,6 +439,23 @@ pub fn json_error(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cause_already_in_its_errors_message_is_shown_once() {
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        let refused_text = refused.to_string();
+        let connect = crate::upstream::connector::ConnectError::Tcp {
+            addr: "127.0.0.1:9".parse().expect("address"),
+            source: refused,
+        };
+        let error = crate::upstream::pool::SendError::Connect(connect);
+        let text = Causes(Some(&error)).to_string();
+        assert_eq!(
+            text,
+            format!("client error (Connect): TCP connect to 127.0.0.1:9 failed: {refused_text}")
+        );
+        assert_eq!(text.matches(&refused_text).count(), 1, "{text}");
+    }
 
     #[test]
     fn every_code_has_one_status_and_a_distinct_name() {
