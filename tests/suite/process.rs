@@ -45,6 +45,31 @@ impl Processes {
         Self::launch_with(block, "privatelink", options, None, stderr, Some(level)).await
     }
 
+    /// Phase `privatelink` at `RUST_LOG=info`, the proxy's stderr read to its end on a
+    /// thread: join it after the proxy has exited for the whole log.
+    async fn launch_reading_log(
+        block: u8,
+        options: ProxyOptions,
+    ) -> (Processes, std::thread::JoinHandle<Vec<u8>>) {
+        use std::io::Read;
+        let (mut reader, writer) = std::io::pipe().expect("pipe");
+        let log = std::thread::spawn(move || {
+            let mut all = Vec::new();
+            let _ = reader.read_to_end(&mut all);
+            all
+        });
+        let processes = Self::launch_with(
+            block,
+            "privatelink",
+            options,
+            None,
+            Stdio::from(writer),
+            Some("info"),
+        )
+        .await;
+        (processes, log)
+    }
+
     /// As [`Processes::launch`], with the proxy's stderr and `RUST_LOG` chosen by the test.
     async fn launch_with(
         block: u8,
@@ -586,7 +611,6 @@ async fn a_stalled_log_reader_never_stalls_requests() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_answers_cannot_forge_log_lines_or_colour_the_log() {
-    use std::io::Read;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     // An endpoint whose health port answers a status with a line break, a forged line
     // and an ANSI colour code.
@@ -625,21 +649,7 @@ async fn health_answers_cannot_forge_log_lines_or_colour_the_log() {
             }],
         }),
     );
-    let (mut reader, writer) = std::io::pipe().expect("pipe");
-    let log = std::thread::spawn(move || {
-        let mut all = Vec::new();
-        let _ = reader.read_to_end(&mut all);
-        all
-    });
-    let mut p = Processes::launch_with(
-        block,
-        "privatelink",
-        options,
-        None,
-        Stdio::from(writer),
-        Some("info"),
-    )
-    .await;
+    let (mut p, log) = Processes::launch_reading_log(block, options).await;
     // Two answers: the first check's result has been recorded (and logged).
     assert_eventually!(
         answered.load(Ordering::SeqCst),
@@ -822,7 +832,6 @@ async fn sim_print_config_is_a_configuration_run_serves_with() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_discovery_refresh_is_logged_and_the_last_good_set_serves() {
     use crate::common::ec2::{Ec2StandIn, StandInEni, ENDPOINT_ID};
-    use std::io::Read;
     let block = next_block();
     let layout = Layout::new(block);
     let enis = (1..)
@@ -836,21 +845,7 @@ async fn a_failing_discovery_refresh_is_logged_and_the_last_good_set_serves() {
         .set("regions.0.privatelink_port", 8443)
         .set("regions.0.ec2_endpoint_url", stand_in.url.as_str())
         .set("regions.0.discovery_refresh", "1s");
-    let (mut reader, writer) = std::io::pipe().expect("pipe");
-    let log = std::thread::spawn(move || {
-        let mut all = Vec::new();
-        let _ = reader.read_to_end(&mut all);
-        all
-    });
-    let mut p = Processes::launch_with(
-        block,
-        "privatelink",
-        options,
-        None,
-        Stdio::from(writer),
-        Some("info"),
-    )
-    .await;
+    let (mut p, log) = Processes::launch_reading_log(block, options).await;
     let discovery = |status: serde_json::Value| status["discovery"][0].clone();
     assert_eq!(discovery(p.status().await)["condition"], "ok");
 
